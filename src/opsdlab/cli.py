@@ -1,0 +1,260 @@
+"""The `opsdlab` command: demo, pipeline, report, and one subcommand per stage.
+
+Every stage subcommand reads an HF model folder and writes one (`OUT/model`), so stages can be run
+one by one on a user's own checkpoints; `pipeline` chains them from a config file and `demo` is
+that pipeline on the tiny offline default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from opsdlab import __version__
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _task_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic' (the offline task) or a jsonl/json/parquet/csv path or datasets name")
+    parser.add_argument("--columns", default=None,
+                        help="column mapping, e.g. problem=question,solution=explanation,answer=final")
+    parser.add_argument("--problems", type=int, default=None, help="use at most this many problems")
+    parser.add_argument("--no-thinking", action="store_true", help="render prompts with thinking disabled")
+    parser.add_argument("--extract", default=None, help="answer extraction: last_boxed (default), first_boxed, last_number")
+    parser.add_argument("--compare", default=None, help="answer comparison: math_verify or exact (task default)")
+
+
+def _examples_and_verifier(args, split: str, default_count: int):
+    from opsdlab.data import ColumnMap, load_examples, parse_column_map
+    from opsdlab.tasks import build_task
+    from opsdlab.verifier import VerifierConfig
+
+    count = args.problems or default_count
+    if args.data == "synthetic":
+        task = build_task("synthetic")
+        examples = task.examples(split, count)
+        defaults = task.default_verifier
+    else:
+        columns = parse_column_map(args.columns) if args.columns else ColumnMap(solution=None)
+        examples = load_examples(args.data, columns, split=split, limit=args.problems)
+        defaults = {"extract": "last_boxed", "compare": "math_verify"}
+    verifier = VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
+    return examples, verifier
+
+
+def _overrides(cls, pairs: list[str]):
+    """Build a stage config dataclass from key=value pairs (YAML values)."""
+    import yaml
+
+    from opsdlab.config import ConfigError
+
+    values = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        key, raw = pair.split("=", 1)
+        if key not in names:
+            raise ConfigError(f"--set {key}: unknown option; valid: {sorted(names)}")
+        values[key] = yaml.safe_load(raw)
+    return cls(**values)
+
+
+def cmd_eval(args) -> int:
+    from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
+    from opsdlab.models import load_policy
+
+    examples, verifier = _examples_and_verifier(args, "test", 200)
+    sampling = SamplingConfig(k=args.k, temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    model, tokenizer = load_policy(args.model)
+    samples, summary = evaluate(model, tokenizer, examples, verifier, sampling, thinking=not args.no_thinking,
+                                context=args.context)
+    summary["model"] = str(args.model)
+    summary["data"] = args.data
+    write_eval(args.out, samples, summary)
+    print(one_line(Path(args.model).name, summary))
+    print(f"wrote {Path(args.out) / 'summary.json'} and samples.jsonl")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy
+    from opsdlab.sft import SFTStageConfig, run_sft
+    from opsdlab.tasks import build_task
+
+    config = _overrides(SFTStageConfig, args.set)
+    if args.data == "synthetic":
+        task = build_task("synthetic")
+        if args.model == "tiny":
+            tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+            model = build_tiny_model(tokenizer)
+        else:
+            model, tokenizer = load_policy(args.model)
+    else:
+        task = build_task("file", {"train": args.data, "columns": args.columns})
+        model, tokenizer = load_policy(args.model)
+    rows = task.sft_rows(tokenizer, config.rows, thinking=not args.no_thinking, seed=args.seed)
+    out = run_sft(model, tokenizer, rows, config, Path(args.out), seed=args.seed)
+    print(f"sft: wrote {out}")
+    return 0
+
+
+def _train_examples(args, count: int):
+    from opsdlab.tasks import build_task
+
+    if args.data == "synthetic":
+        task = build_task("synthetic")
+        return task.examples("train", count), task.default_verifier
+    task = build_task("file", {"train": args.data, "columns": args.columns})
+    return task.examples("train", args.problems), task.default_verifier
+
+
+def cmd_rlvr(args) -> int:
+    from opsdlab.models import load_policy
+    from opsdlab.prompts import render_prompt
+    from opsdlab.rlvr import RLVRStageConfig, run_rlvr
+    from opsdlab.verifier import VerifierConfig
+
+    config = _overrides(RLVRStageConfig, args.set)
+    examples, defaults = _train_examples(args, config.train_problems)
+    verifier = VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
+    model, tokenizer = load_policy(args.model)
+    out = run_rlvr(model, tokenizer, examples, verifier, config, Path(args.out), thinking=not args.no_thinking,
+                   render=render_prompt, seed=args.seed)
+    print(f"rlvr: wrote {out}")
+    return 0
+
+
+def cmd_opsd(args) -> int:
+    from opsdlab.evaluate import SamplingConfig, evaluate, one_line
+    from opsdlab.models import load_policy
+    from opsdlab.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.verifier import VerifierConfig
+
+    config = _overrides(OPSDStageConfig, args.set + [f"gate={args.gate}"])
+    examples, defaults = _train_examples(args, config.train_problems)
+    verifier = VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
+    model, tokenizer = load_policy(args.model)
+    thinking = not args.no_thinking
+    if args.teacher_check > 0:
+        held_out = examples[-args.teacher_check:]
+        sampling = SamplingConfig(k=2, temperature=0.6, max_new_tokens=config.max_completion_length)
+        _, student = evaluate(model, tokenizer, held_out, verifier, sampling, thinking=thinking, desc="student prompt")
+        _, teacher = evaluate(model, tokenizer, held_out, verifier, sampling, thinking=thinking,
+                              context=config.teacher_context, desc="teacher prompt")
+        print(one_line("student prompt", student))
+        print(one_line(f"teacher prompt ({config.teacher_context})", teacher))
+        if teacher["avg_at_k"] <= student["avg_at_k"]:
+            print("WARNING: the teacher prompt is not more accurate than the student prompt; OPSD then has "
+                  "nothing to teach beyond style.", file=sys.stderr)
+    out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed)
+    print(f"opsd: wrote {out}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from opsdlab.config import load_config
+    from opsdlab.pipeline import run_pipeline
+    from opsdlab.report import write_report
+
+    config = load_config(args.config, args.overrides)
+    run_dir = run_pipeline(config)
+    report = write_report(run_dir)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from opsdlab.config import load_config
+    from opsdlab.pipeline import run_pipeline
+    from opsdlab.report import write_report
+
+    overrides = [f"run_dir={args.run_dir}"] + args.overrides
+    config = load_config("tiny", overrides)
+    run_dir = run_pipeline(config)
+    report = write_report(run_dir)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from opsdlab.report import write_report
+
+    print(f"report: {write_report(Path(args.run_dir))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opsdlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"opsdlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the tiny offline default, then the report")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. opsd.max_steps=10)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pipeline", help="SFT -> RLVR -> OPSD arms from a config file, then the report")
+    p.add_argument("--config", required=True, help="YAML file or a shipped preset: tiny, tiny-nothink, qwen3-8b")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. opsd_seeds=[0,1,2])")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("report", help="rebuild the Markdown report of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("eval", help="k samples per problem: avg@k, pass@k, maj@k, lengths, truncation")
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    _task_args(p)
+    p.add_argument("--out", default="eval_out")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (then --k 1)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--context", default="none", help="prompt role: none (student) or a teacher context")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+
+    for name, func, helptext in (("sft", cmd_sft, "supervised fine-tuning through TRL's SFTTrainer"),
+                                 ("rlvr", cmd_rlvr, "GRPO/DAPO/Dr.GRPO with the verifier reward"),
+                                 ("opsd", cmd_opsd, "outcome-gated on-policy self-distillation")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, help="HF model folder ('tiny' builds the default, sft only)")
+        p.add_argument("--out", required=True, help="stage folder; the final model goes to OUT/model")
+        _task_args(p)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="stage option, repeatable (e.g. --set max_steps=50)")
+        if name == "opsd":
+            p.add_argument("--gate", default="correct", help="all, correct, incorrect, correct_or_truncated, split")
+            p.add_argument("--teacher-check", type=int, default=100,
+                           help="held-out problems for the teacher-vs-student accuracy check (0: skip)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from opsdlab.config import ConfigError
+    from opsdlab.data import DataError
+    from opsdlab.models import ModelFolderError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelFolderError, ValueError) as error:
+        print(f"opsdlab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

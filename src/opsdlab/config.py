@@ -1,0 +1,195 @@
+"""Pipeline configuration: typed dataclasses with the tiny CPU values as defaults, validated at load.
+
+A config file is YAML whose keys mirror `PipelineConfig`; anything left out keeps its default, so a
+preset is an override file (compare `configs/tiny.yaml` and `configs/qwen3-8b.yaml` to see what
+changes with scale). Command-line `key=value` overrides use dotted paths (`opsd.max_steps=10`) and
+YAML values. Unknown keys, bad choices and impossible sizes are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opsdlab.evaluate import SamplingConfig
+from opsdlab.opsd import OPSDStageConfig
+from opsdlab.rlvr import RLVRStageConfig
+from opsdlab.sft import SFTStageConfig
+
+STAGES = ("sft", "rlvr", "opsd")
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key it concerns."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    init: str = "tiny"  # "tiny": build the offline default; otherwise a Hugging Face model folder
+    size: str = "tiny"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    name: str = "synthetic"
+    options: dict = field(default_factory=dict)
+    thinking: bool = True
+    verifier: dict = field(default_factory=dict)  # empty: the task's default (extract, compare)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    sets: tuple = ("synthetic",)  # "synthetic": the task's held-out split; or jsonl/parquet paths, Hub names
+    columns: str | None = None
+    problems: int = 200
+    sampling: SamplingConfig = SamplingConfig()
+    greedy: bool = True
+    teacher_check: bool = True
+
+
+@dataclass(frozen=True)
+class ArmSection:
+    name: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    stages: tuple = STAGES
+    model: ModelSection = ModelSection()
+    task: TaskSection = TaskSection()
+    sft: SFTStageConfig = SFTStageConfig()
+    rlvr: RLVRStageConfig = RLVRStageConfig()
+    opsd: OPSDStageConfig = OPSDStageConfig()
+    arms: tuple = (ArmSection("all", {"gate": "all"}), ArmSection("correct", {"gate": "correct"}),
+                   ArmSection("incorrect", {"gate": "incorrect"}))
+    opsd_seeds: tuple = (0,)
+    eval: EvalSection = EvalSection()
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown {unknown}; valid stages are {list(STAGES)}")
+        names = [arm.name for arm in self.arms]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"arms: names must be unique, got {names}")
+        for arm in self.arms:
+            self.arm_config(arm)  # validates each arm's overrides now, not mid-run
+        if not self.opsd_seeds:
+            raise ConfigError("opsd_seeds: give at least one seed")
+
+    def arm_config(self, arm: ArmSection) -> OPSDStageConfig:
+        try:
+            return _build(OPSDStageConfig, {**dataclasses.asdict(self.opsd), **arm.overrides}, f"arms.{arm.name}")
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"arms.{arm.name}: {error}") from error
+
+
+def _build(cls, data, where: str):
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    if data is None:
+        return cls()
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key)
+        elif name == "arms":
+            values[name] = tuple(_arm(a, key) for a in value)
+        elif isinstance(value, list):
+            values[name] = tuple(value)
+        else:
+            values[name] = value
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where or 'config'}: {error}") from error
+
+
+def _arm(value, where: str) -> ArmSection:
+    if isinstance(value, ArmSection):
+        return value
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{where}: each arm is a mapping with a `name` and OPSD overrides, got {value!r}")
+    overrides = {k: v for k, v in value.items() if k != "name"}
+    return ArmSection(name=str(value["name"]), overrides=overrides)
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A config path, or the name of a shipped preset (`tiny`, `tiny-nothink`, `qwen3-8b`)."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    shipped = PRESET_DIR / f"{path}.yaml"
+    if shipped.exists():
+        return shipped
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {path}: no such file, and not a shipped preset ({', '.join(presets)})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    data: dict = {}
+    if path is not None:
+        source = resolve_preset(path)
+        try:
+            data = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {source}: not valid YAML ({error})") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {source}: the top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. opsd.max_steps=10")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return _build(PipelineConfig, data, "")
+
+
+def to_dict(config: PipelineConfig) -> dict:
+    """Plain-data form of a config, as written to the run directory."""
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    data = plain(dataclasses.asdict(config))
+    data["arms"] = [{"name": arm.name, **arm.overrides} for arm in config.arms]
+    return data
+
+
+def dump_config(config: PipelineConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

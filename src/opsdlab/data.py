@@ -1,0 +1,289 @@
+"""Loading real math datasets into `Example`s: local jsonl/json/parquet/csv files or Hub datasets.
+
+Every stage consumes the same `Example` (id, problem, reference solution, gold answer), so this is
+the one place where a dataset's column names are mapped (`ColumnMap`) and its rows checked. Bad
+data fails here with a `DataError` that names the file, the row and the field, instead of
+surfacing later as a KeyError inside a trainer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One math problem. `solution` is the reference solution ("" for eval-only sets)."""
+
+    id: str
+    problem: str
+    solution: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which dataset column holds each `Example` field.
+
+    `id=None` numbers the rows instead (0-based); `solution=None` gives every example an empty
+    solution.
+    """
+
+    id: str | None = "id"
+    problem: str = "problem"
+    solution: str | None = "solution"
+    answer: str = "answer"
+
+
+class DataError(ValueError):
+    """A dataset could not be loaded or a row is unusable; the message says where and why."""
+
+
+_OPTIONAL_COLUMNS = {"id", "solution"}
+
+
+def parse_column_map(spec: str | dict | ColumnMap | None) -> ColumnMap:
+    """Build a ColumnMap from `"problem=question,answer=final"`, a dict, or None (the defaults).
+
+    Keys are Example fields (id, problem, solution, answer); values are column names. For the
+    optional fields, an empty value or `none` (e.g. `solution=none`) means "no such column".
+    """
+    if spec is None:
+        return ColumnMap()
+    if isinstance(spec, ColumnMap):
+        return spec
+    valid = [f.name for f in fields(ColumnMap)]
+    if isinstance(spec, str):
+        mapping: dict[str, Any] = {}
+        for item in spec.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise DataError(f"column mapping item {item!r} is not key=column (e.g. problem=question)")
+            if key in mapping:
+                raise DataError(f"column mapping sets {key!r} twice in {spec!r}")
+            mapping[key] = value.strip()
+    elif isinstance(spec, dict):
+        mapping = dict(spec)
+    else:
+        raise DataError(f"column mapping must be a string like 'problem=question' or a dict, got {type(spec).__name__}")
+
+    unknown = sorted(set(mapping) - set(valid))
+    if unknown:
+        raise DataError(f"unknown column mapping key(s) {unknown}; valid keys: {valid}")
+    resolved: dict[str, str | None] = {}
+    for key, value in mapping.items():
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            if key not in _OPTIONAL_COLUMNS:
+                raise DataError(f"column mapping: {key!r} needs a column name (only id and solution may be none)")
+            resolved[key] = None
+        elif isinstance(value, str):
+            resolved[key] = value.strip()
+        else:
+            raise DataError(f"column mapping: column name for {key!r} must be a string, got {value!r}")
+    return ColumnMap(**resolved)
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """Rows of a jsonl file and their 1-based line numbers; blank lines are skipped."""
+    rows, line_numbers = [], []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path} line {number}: not valid JSON ({error})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+                line_numbers.append(number)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+    return rows, line_numbers
+
+
+def _rows(dataset, limit: int | None) -> list[dict]:
+    """The first `limit` rows (all when None) of a `datasets.Dataset` as dicts."""
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return list(dataset)
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            return next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+
+
+def _read_with_datasets(path: Path, limit: int | None) -> list[dict]:
+    """Rows of a .json/.parquet/.csv file via the `datasets` packaged loaders."""
+    import datasets
+
+    kind = LOCAL_FORMATS[path.suffix.lower()]
+    options: dict[str, Any] = {}
+    if kind == "csv":
+        # CSV cells are text: without string features, pandas type inference turns the answer
+        # "007" into 7 and "3.10" into 3.1, and reads "NA"/"None" as missing.
+        header = _csv_header(path)
+        options = {
+            "features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False,
+        }
+    try:
+        dataset = datasets.load_dataset(kind, data_files=str(path), split="train", **options)
+    except Exception as error:  # noqa: BLE001 - any loader failure means the file is unreadable
+        raise DataError(f"{path}: cannot read as {path.suffix.lower()[1:]} ({type(error).__name__}: {error})") from None
+    return _rows(dataset, limit)
+
+
+def _read_hub(name: str, split: str, limit: int | None) -> list[dict]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as error:  # noqa: BLE001 - report every failure the same way
+        raise DataError(
+            f"could not load {name!r} (split {split!r}) as a Hugging Face Hub dataset "
+            f"({type(error).__name__}: {error}); local paths must exist and end in "
+            f"{', '.join(LOCAL_FORMATS)}"
+        ) from None
+    return _rows(dataset, limit)
+
+
+def _as_text(value: Any) -> str | None:
+    """A cell as a string: numbers are converted (3.0 -> "3"), other non-strings give None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return None
+
+
+# Columns that commonly hold each field, suggested when the mapped column is missing.
+_ALIASES = {
+    "problem": ("question", "prompt", "query", "input", "Problem", "Question"),
+    "answer": ("final_answer", "answer_value", "target", "label", "output", "Answer"),
+    "solution": ("explanation", "rationale", "reasoning", "generated_solution", "Solution"),
+    "id": ("unique_id", "idx", "index", "uid", "problem_id"),
+}
+
+
+def _field(row: dict, column: str, field_name: str, where: str, numbers_ok: bool = True) -> str:
+    """The non-blank text of `row[column]`, or a DataError naming `where` and the field.
+
+    Numbers are accepted (and converted) only when `numbers_ok`: a numeric answer is normal, a
+    numeric problem means the mapping points at the wrong column.
+    """
+    if column not in row:
+        present = ", ".join(map(str, row)) or "none"
+        suggestion = next((alias for alias in _ALIASES[field_name] if alias in row), "<column>")
+        raise DataError(
+            f"{where}: missing field {column!r} (columns present: {present}); "
+            f"set the column mapping, e.g. {field_name}={suggestion}"
+        )
+    value = row[column]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise DataError(f"{where}: field {column!r} is empty")
+    text = _as_text(value) if numbers_ok or isinstance(value, str) else None
+    if text is None:
+        kinds = "a string or number" if numbers_ok else "a string"
+        raise DataError(f"{where}: field {column!r} must be {kinds}, got {type(value).__name__}")
+    if not text.strip():
+        raise DataError(f"{where}: field {column!r} is empty")
+    return text
+
+
+def load_examples(
+    source: str,
+    columns: ColumnMap = ColumnMap(),
+    split: str = "train",
+    limit: int | None = None,
+    require_solution: bool = False,
+) -> list[Example]:
+    """Load and check examples from a local file or a Hub dataset.
+
+    `source` ending in .jsonl/.json/.parquet/.csv (or naming an existing file) is read locally,
+    anything else is loaded with `datasets.load_dataset(source, split=split)`; `split` only
+    applies to Hub datasets. `limit` keeps the first rows (checked rows only). Problems and
+    answers must be non-empty; solutions too when `require_solution` (SFT needs them). Numeric
+    answers and ids become strings. Ids must be unique.
+    """
+    if limit is not None and limit < 0:
+        raise DataError(f"limit must be >= 0, got {limit}")
+    path = Path(source).expanduser()
+    is_local = path.suffix.lower() in LOCAL_FORMATS or path.exists() or source.startswith((".", "/", "~"))
+    line_numbers: list[int] | None = None
+    if is_local:
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory; give a {', '.join(LOCAL_FORMATS)} file")
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        if path.suffix.lower() not in LOCAL_FORMATS:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
+        if path.suffix.lower() == ".jsonl":
+            # Read jsonl directly: the line-by-line check already parses every row, and keeping
+            # the rows here preserves line numbers and tells a missing key from a null value.
+            rows, line_numbers = _read_jsonl(path)
+        else:
+            rows = _read_with_datasets(path, limit)
+        label = str(path)
+    else:
+        rows = _read_hub(source, split, limit)
+        label = f"{source} [{split}]"
+    if limit is not None:
+        rows = rows[:limit]
+        line_numbers = line_numbers[:limit] if line_numbers is not None else None
+    if not rows and limit != 0:
+        raise DataError(f"{label}: contains no rows")
+
+    # Row numbers when the id column is absent from the data altogether; a column present in
+    # only some rows is an error (mixing real ids and row numbers could collide silently).
+    number_rows = columns.id is None or all(columns.id not in row for row in rows)
+    examples: list[Example] = []
+    seen_ids: dict[str, str] = {}
+    for index, row in enumerate(rows):
+        where = f"{label} line {line_numbers[index]}" if line_numbers is not None else f"{label} row {index + 1}"
+        problem = _field(row, columns.problem, "problem", where, numbers_ok=False)
+        answer = _field(row, columns.answer, "answer", where).strip()
+        if columns.solution is None:
+            if require_solution:
+                raise DataError(f"{label}: reference solutions are required but the column mapping has solution=None")
+            solution = ""
+        elif require_solution or columns.solution not in row:
+            solution = _field(row, columns.solution, "solution", where)
+        else:
+            value = row[columns.solution]
+            empty = value is None or (isinstance(value, float) and math.isnan(value))
+            solution = "" if empty else _as_text(value)
+            if solution is None:
+                raise DataError(f"{where}: field {columns.solution!r} must be a string, got {type(value).__name__}")
+        example_id = str(index) if number_rows else _field(row, columns.id, "id", where).strip()
+        if example_id in seen_ids:
+            raise DataError(f"{where}: duplicate id {example_id!r} (first seen at {seen_ids[example_id]})")
+        seen_ids[example_id] = where
+        examples.append(Example(id=example_id, problem=problem, solution=solution, answer=answer))
+    return examples
+
+
+__all__ = ["ColumnMap", "DataError", "Example", "LOCAL_FORMATS", "load_examples", "parse_column_map"]

@@ -1,0 +1,156 @@
+"""Evaluation: k samples per problem, graded by the one verifier, with response lengths.
+
+Writes `summary.json` (avg@k with a bootstrap CI over problems, pass@k, maj@k, mean/median
+response and thinking tokens, truncation rate, the verifier and sampling settings) and
+`samples.jsonl` (one line per sample) into an output folder. The same function evaluates the
+student prompt and, for the teacher check, the privileged prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from opsdlab.data import Example
+from opsdlab.metrics import Sample, summarize
+from opsdlab.models import thinking_token_count
+from opsdlab.prompts import DEFAULT_INSTRUCTION, render_prompt
+from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled. temperature 0 means greedy (then k must be 1)."""
+
+    k: int = 4
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 192
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"sampling: k must be >= 1, got {self.k}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling: temperature must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.k != 1:
+            raise ValueError("sampling: greedy decoding (temperature 0) gives identical samples; use k=1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("sampling: max_new_tokens and batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: list[int]
+    text: str
+    truncated: bool
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, desc: str = "generate") -> list[Generation]:
+    """Sample one response per prompt with `model.generate`, in left-padded batches."""
+    torch.manual_seed(sampling.seed)
+    was_training = model.training
+    model.eval()
+    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    out: list[Generation] = []
+    sample_kwargs = (
+        dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if sampling.temperature > 0 else dict(do_sample=False)
+    )
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(prompts), sampling.batch_size), desc=desc, leave=False, unit="batch"):
+        batch = tokenizer(prompts[start:start + sampling.batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
+        output = model.generate(
+            **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, **sample_kwargs,
+        )
+        for row in output[:, batch["input_ids"].shape[1]:].tolist():
+            ids = _strip_after_eos(row, eos_ids)
+            truncated = not ids or ids[-1] not in eos_ids
+            out.append(Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), truncated))
+    model.train(was_training)
+    return out
+
+
+def _strip_after_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """Keep tokens up to and including the first EOS (padding after it is dropped)."""
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: position + 1]
+    return ids
+
+
+def response_length(generation: Generation, eos_ids: set[int]) -> int:
+    """Response tokens, not counting the closing EOS."""
+    ids = generation.token_ids
+    return len(ids) - (1 if ids and ids[-1] in eos_ids else 0)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[Example],
+    verifier: VerifierConfig,
+    sampling: SamplingConfig,
+    *,
+    thinking: bool = True,
+    context: str = "none",
+    instruction: str = DEFAULT_INSTRUCTION,
+    desc: str = "eval",
+) -> tuple[list[Sample], dict]:
+    """Sample k responses per problem from the prompt of one role and grade them."""
+    prompts = [render_prompt(tokenizer, ex, thinking=thinking, context=context, instruction=instruction)
+               for ex in examples]
+    repeated = [p for p in prompts for _ in range(sampling.k)]
+    generations = generate(model, tokenizer, repeated, sampling, desc=desc)
+    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    samples = []
+    for index, generation in enumerate(generations):
+        example = examples[index // sampling.k]
+        samples.append(Sample(
+            problem_id=example.id,
+            sample_index=index % sampling.k,
+            correct=is_correct(generation.text, example.answer, verifier),
+            answer=extract_answer(generation.text, verifier),
+            response_tokens=response_length(generation, eos_ids),
+            thinking_tokens=thinking_token_count(generation.token_ids, tokenizer),
+            truncated=generation.truncated,
+            text=generation.text,
+        ))
+    summary = summarize(samples, k=sampling.k)
+    summary.update(verifier=describe(verifier), sampling=asdict(sampling), thinking=thinking, context=context)
+    return samples, summary
+
+
+def write_eval(out_dir: str | Path, samples: list[Sample], summary: dict) -> None:
+    """summary.json plus samples.jsonl; summary is written last, so its presence marks completion."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "samples.jsonl", "w") as handle:
+        for sample in samples:
+            handle.write(json.dumps(asdict(sample)) + "\n")
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out_dir / "summary.json")
+
+
+def read_samples(path: str | Path) -> list[Sample]:
+    with open(path) as handle:
+        return [Sample(**json.loads(line)) for line in handle if line.strip()]
+
+
+def one_line(name: str, summary: dict) -> str:
+    """A short human summary of an evaluation."""
+    lo, hi = summary["avg_at_k_ci"]
+    return (f"{name}: avg@{summary['samples_per_problem']} {summary['avg_at_k']:.3f} [{lo:.3f}, {hi:.3f}] "
+            f"maj {summary['maj_at_k']:.3f}  mean tokens {summary['mean_response_tokens']:.1f}  "
+            f"truncated {summary['truncation_rate']:.1%}")

@@ -1,0 +1,199 @@
+"""The one place that chains stages: base -> SFT -> RLVR -> OPSD arms, evaluated at every boundary.
+
+A run directory holds everything a report needs and is how a run resumes:
+
+    config.yaml                 resolved config
+    summary.jsonl               one line per finished stage or evaluation
+    base/model/                 the starting model (built here for the tiny default)
+    sft/ rlvr/                  model/ (final HF folder), checkpoints/, metrics.jsonl
+    opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl
+    eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
+
+A finished stage has `model/COMPLETE`; a finished evaluation has `summary.json`. Rerunning skips
+both, and a stage killed midway resumes from its last checkpoint; nothing finished is rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from opsdlab.config import PipelineConfig, dump_config
+from opsdlab.data import ColumnMap, load_examples, parse_column_map
+from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
+from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
+from opsdlab.opsd import run_opsd
+from opsdlab.prompts import render_prompt
+from opsdlab.rlvr import run_rlvr
+from opsdlab.sft import run_sft
+from opsdlab.tasks import build_task
+from opsdlab.verifier import VerifierConfig
+
+COMPLETE = "COMPLETE"
+
+
+def log(run_dir: Path, message: str, **record) -> None:
+    print(message, flush=True)
+    with open(run_dir / "summary.jsonl", "a") as handle:
+        handle.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "message": message, **record}) + "\n")
+
+
+def is_complete(stage_dir: Path) -> bool:
+    return (stage_dir / "model" / COMPLETE).exists()
+
+
+def mark_complete(stage_dir: Path) -> None:
+    (stage_dir / "model" / COMPLETE).write_text("")
+
+
+def verifier_of(config: PipelineConfig, task) -> VerifierConfig:
+    return VerifierConfig(**{**task.default_verifier, **config.task.verifier})
+
+
+def eval_sets(config: PipelineConfig, task) -> dict:
+    """Held-out problems per evaluation set name."""
+    sets = {}
+    for name in config.eval.sets:
+        if name == "synthetic" or name == config.task.name:
+            sets[name] = task.examples("test", config.eval.problems)
+        else:
+            columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap(solution=None)
+            label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)
+            sets[label] = load_examples(name, columns, split="test", limit=config.eval.problems)
+    return sets
+
+
+def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: PipelineConfig, task, sets: dict,
+                        teacher_context: str | None = None) -> dict:
+    """Evaluate one checkpoint on every set (sampled, greedy, and the teacher prompt if asked); cached."""
+    verifier = verifier_of(config, task)
+    results, model, tokenizer = {}, None, None
+    runs = [("", config.eval.sampling, "none")]
+    if config.eval.greedy:
+        runs.append(("-greedy", SamplingConfig(k=1, temperature=0.0, max_new_tokens=config.eval.sampling.max_new_tokens,
+                                               batch_size=config.eval.sampling.batch_size), "none"))
+    if teacher_context:
+        runs.append((f"-teacher-{teacher_context}", config.eval.sampling, teacher_context))
+    for set_name, examples in sets.items():
+        for suffix, sampling, context in runs:
+            out = run_dir / "eval" / name / f"{set_name}{suffix}"
+            if not (out / "summary.json").exists():
+                if model is None:
+                    model, tokenizer = load_policy(model_dir, config.model.dtype, config.model.trust_remote_code)
+                    model.to(_device())
+                samples, summary = evaluate(model, tokenizer, examples, verifier, sampling,
+                                            thinking=config.task.thinking, context=context,
+                                            desc=f"eval {name}/{set_name}{suffix}")
+                summary["checkpoint"] = name
+                write_eval(out, samples, summary)
+                log(run_dir, one_line(f"[eval] {name}/{set_name}{suffix}", summary), kind="eval",
+                    checkpoint=name, set=f"{set_name}{suffix}")
+            results[f"{set_name}{suffix}"] = json.loads((out / "summary.json").read_text())
+    return results
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
+    """The starting model folder: the tiny default built here, or the user's folder."""
+    if config.model.init != "tiny":
+        return Path(config.model.init)
+    stage_dir = run_dir / "base"
+    if not is_complete(stage_dir):
+        tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+        model = build_tiny_model(tokenizer, config.model.size, seed=config.seed)
+        save_policy(model, tokenizer, stage_dir / "model")
+        mark_complete(stage_dir)
+        params = sum(p.numel() for p in model.parameters())
+        log(run_dir, f"[base] built tiny {config.model.size} Qwen3 model: {params / 1e6:.2f}M parameters, "
+                     f"vocabulary {len(tokenizer)}", kind="stage", stage="base")
+    return stage_dir / "model"
+
+
+def run_pipeline(config: PipelineConfig) -> Path:
+    """Run (or resume) every configured stage and evaluation; return the run directory."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    torch.manual_seed(config.seed)
+    task = build_task(config.task.name, config.task.options, seed=config.seed)
+    verifier = verifier_of(config, task)
+    sets = eval_sets(config, task)
+    thinking = config.task.thinking
+
+    current = prepare_base(run_dir, config, task)
+    evaluate_checkpoint(run_dir, "base", current, config, task, sets)
+
+    if "sft" in config.stages:
+        stage_dir = run_dir / "sft"
+        if not is_complete(stage_dir):
+            start = time.time()
+            model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
+            rows = task.sft_rows(tokenizer, config.sft.rows, thinking=thinking, seed=config.seed)
+            run_sft(model, tokenizer, rows, config.sft, stage_dir, seed=config.seed)
+            mark_complete(stage_dir)
+            log(run_dir, f"[sft] done in {time.time() - start:.0f}s", kind="stage", stage="sft")
+        current = stage_dir / "model"
+        evaluate_checkpoint(run_dir, "sft", current, config, task, sets,
+                            teacher_context=config.opsd.teacher_context if config.eval.teacher_check else None)
+
+    if "rlvr" in config.stages:
+        stage_dir = run_dir / "rlvr"
+        if not is_complete(stage_dir):
+            start = time.time()
+            model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
+            examples = task.examples("train", config.rlvr.train_problems)
+            run_rlvr(model, tokenizer, examples, verifier, config.rlvr, stage_dir, thinking=thinking,
+                     render=render_prompt, seed=config.seed)
+            mark_complete(stage_dir)
+            log(run_dir, f"[rlvr] done in {time.time() - start:.0f}s", kind="stage", stage="rlvr")
+        current = stage_dir / "model"
+
+    if "opsd" in config.stages:
+        start_name = "rlvr" if "rlvr" in config.stages else ("sft" if "sft" in config.stages else "base")
+        contexts = sorted({config.arm_config(arm).teacher_context for arm in config.arms})
+        # The teacher check: the starting checkpoint on every teacher prompt the arms use.
+        for context in contexts:
+            evaluate_checkpoint(run_dir, start_name, current, config, task, sets,
+                                teacher_context=context if config.eval.teacher_check else None)
+            _warn_if_teacher_not_better(run_dir, start_name, sets, context)
+        examples = None
+        for arm in config.arms:
+            arm_config = config.arm_config(arm)
+            for seed in config.opsd_seeds:
+                name = f"opsd-{arm.name}-s{seed}"
+                stage_dir = run_dir / "opsd" / f"{arm.name}-s{seed}"
+                if not is_complete(stage_dir):
+                    start = time.time()
+                    examples = examples or task.examples("train", arm_config.train_problems)
+                    model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
+                    run_opsd(model, tokenizer, examples, verifier, arm_config, stage_dir, thinking=thinking,
+                             seed=seed)
+                    mark_complete(stage_dir)
+                    log(run_dir, f"[opsd] arm {arm.name} seed {seed} done in {time.time() - start:.0f}s",
+                        kind="stage", stage=name)
+                evaluate_checkpoint(run_dir, name, stage_dir / "model", config, task, sets)
+    return run_dir
+
+
+def _warn_if_teacher_not_better(run_dir: Path, checkpoint: str, sets: dict, context: str) -> None:
+    for set_name in sets:
+        folder = run_dir / "eval" / checkpoint
+        student = folder / set_name / "summary.json"
+        teacher = folder / f"{set_name}-teacher-{context}" / "summary.json"
+        if student.exists() and teacher.exists():
+            s = json.loads(student.read_text())["avg_at_k"]
+            t = json.loads(teacher.read_text())["avg_at_k"]
+            message = (f"[teacher check] {checkpoint}/{set_name}: student prompt {s:.3f}, "
+                       f"teacher prompt ({context}) {t:.3f}")
+            if t <= s:
+                message += ("  WARNING: the privileged prompt is not more accurate; OPSD has little to teach "
+                            "beyond style")
+            log(run_dir, message, kind="teacher_check", checkpoint=checkpoint, set=set_name, student=s, teacher=t)

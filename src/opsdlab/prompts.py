@@ -1,0 +1,89 @@
+"""The one prompt renderer used by SFT, RLVR, the OPSD student and teacher, and evaluation.
+
+A prompt is the problem, the task's instruction and, for the OPSD teacher, a privileged block,
+rendered through the model's own chat template with the role's thinking switch. Student and teacher
+prompts therefore differ only by the privileged block (a test proves it). Teacher contexts are
+named choices in `TEACHER_CONTEXTS`; adding one is one function and one entry.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from transformers import PreTrainedTokenizerBase
+
+from opsdlab.data import Example
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _solution_context(example: Example, sibling: str | None) -> str:
+    return (
+        "Here is a reference solution:\n" + example.solution.strip() + "\n"
+        "After reading the reference solution, solve the problem again in your own way."
+    )
+
+
+def _answer_context(example: Example, sibling: str | None) -> str:
+    return f"The final answer is {example.answer}.\nSolve the problem in your own way."
+
+
+def _sibling_context(example: Example, sibling: str | None) -> str:
+    # Falls back to the reference solution when the group had no correct rollout to show.
+    if sibling is None:
+        return _solution_context(example, None)
+    return (
+        "Here is a reference solution:\n" + sibling.strip() + "\n"
+        "After reading the reference solution, solve the problem again in your own way."
+    )
+
+
+def _concise_context(example: Example, sibling: str | None) -> str:
+    return "Solve the problem concisely."
+
+
+def _no_context(example: Example, sibling: str | None) -> None:
+    return None
+
+
+# name -> privileged block builder (None: the teacher reads the student prompt itself).
+# "concise" and "none" carry no privileged information: they are the controls.
+TEACHER_CONTEXTS: dict[str, Callable[[Example, str | None], str | None]] = {
+    "solution": _solution_context,
+    "answer": _answer_context,
+    "sibling": _sibling_context,
+    "concise": _concise_context,
+    "none": _no_context,
+}
+
+
+def user_message(example: Example, instruction: str = DEFAULT_INSTRUCTION, context: str | None = None) -> str:
+    """The user turn: problem, instruction, then the privileged block if any."""
+    text = example.problem.strip()
+    if instruction:
+        text += "\n" + instruction
+    if context:
+        text += "\n\n" + context
+    return text
+
+
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    example: Example,
+    *,
+    thinking: bool = True,
+    context: str = "none",
+    sibling: str | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
+) -> str:
+    """Render the generation prompt for one role as text through the tokenizer's chat template.
+
+    `context` names an entry of TEACHER_CONTEXTS; "none" is the student prompt.
+    """
+    if context not in TEACHER_CONTEXTS:
+        raise ValueError(f"unknown teacher context {context!r}; choose one of {sorted(TEACHER_CONTEXTS)}")
+    block = TEACHER_CONTEXTS[context](example, sibling)
+    messages = [{"role": "user", "content": user_message(example, instruction, block)}]
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )

@@ -1,0 +1,269 @@
+"""The compaction report: a pure function of a run directory (see `pipeline` for its layout).
+
+`write_report(run_dir)` reads the resolved config, evaluation summaries and samples, training
+metrics and OPSD token statistics, and writes `report/report.md` with PNG figures. It can be rerun
+at any time, on a finished or a partial run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from opsdlab.evaluate import read_samples  # noqa: E402
+from opsdlab.metrics import (  # noqa: E402
+    HESITATION_MARKERS, bootstrap_diff_ci, flips, hesitation_density, mean_ci, per_position_mean,
+    top_tokens_by_shift,
+)
+from opsdlab.runtime import read_jsonl  # noqa: E402
+
+MARKERS = HESITATION_MARKERS + ("let me add them again",)
+CURVES = (("rollouts/accuracy", "rollout accuracy"), ("rollouts/mean_length", "rollout length (tokens)"),
+          ("loss", "loss"))
+
+
+def checkpoint_order(run_dir: Path) -> list[str]:
+    """Evaluated checkpoints in pipeline order: base, sft, rlvr, then OPSD arms as configured."""
+    names = [p.name for p in (run_dir / "eval").iterdir() if p.is_dir()] if (run_dir / "eval").is_dir() else []
+    fixed = [n for n in ("base", "sft", "rlvr") if n in names]
+    return fixed + sorted(n for n in names if n.startswith("opsd-"))
+
+
+def load_eval(run_dir: Path, checkpoint: str, set_name: str) -> dict | None:
+    path = run_dir / "eval" / checkpoint / set_name / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(value, pattern="{:.3f}") -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def results_table(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
+    ref = load_eval(run_dir, reference, set_name) if reference else None
+    lines = ["| checkpoint | avg@k [95% CI] | maj@k | greedy | mean tokens | median | thinking | truncated "
+             "| length vs RLVR | teacher prompt |", "|" + "---|" * 10]
+    for name in names:
+        s = load_eval(run_dir, name, set_name)
+        if s is None:
+            continue
+        greedy = load_eval(run_dir, name, f"{set_name}-greedy")
+        teacher = [load_eval(run_dir, name, p.name) for p in sorted((run_dir / "eval" / name).glob(f"{set_name}-teacher-*"))]
+        change = ((s["mean_response_tokens"] - ref["mean_response_tokens"]) / ref["mean_response_tokens"]
+                  if ref and name.startswith("opsd-") else None)
+        teacher_text = ", ".join(f"{t['context']}: {t['avg_at_k']:.3f}" for t in teacher if t) or "–"
+        lines.append(
+            f"| {name} | {s['avg_at_k']:.3f} [{s['avg_at_k_ci'][0]:.3f}, {s['avg_at_k_ci'][1]:.3f}] | "
+            f"{s['maj_at_k']:.3f} | {_fmt(greedy and greedy['avg_at_k'])} | {s['mean_response_tokens']:.1f} | "
+            f"{s['median_response_tokens']:.0f} | {s['mean_thinking_tokens']:.1f} | {s['truncation_rate']:.1%} | "
+            f"{_fmt(change, '{:+.1%}')} | {teacher_text} |")
+    return lines
+
+
+def arm_summary(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
+    """Per OPSD arm, over seeds: mean accuracy and length change with bootstrap CIs over seeds."""
+    by_arm = defaultdict(list)
+    for name in names:
+        if name.startswith("opsd-") and (s := load_eval(run_dir, name, set_name)):
+            by_arm[name.removeprefix("opsd-").rsplit("-s", 1)[0]].append(s)
+    ref = load_eval(run_dir, reference, set_name) if reference else None
+    if not by_arm:
+        return []
+    lines = ["| arm | seeds | avg@k (mean [CI] over seeds) | mean tokens | length vs RLVR |", "|---|---|---|---|---|"]
+    for arm, runs in by_arm.items():
+        acc = mean_ci([r["avg_at_k"] for r in runs])
+        tokens = mean_ci([r["mean_response_tokens"] for r in runs])
+        change = f"{(tokens[0] - ref['mean_response_tokens']) / ref['mean_response_tokens']:+.1%}" if ref else "–"
+        lines.append(f"| {arm} | {len(runs)} | {acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}] | {tokens[0]:.1f} | {change} |")
+    return lines
+
+
+def plot_accuracy_length(run_dir: Path, names: list[str], set_name: str, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name in names:
+        s = load_eval(run_dir, name, set_name)
+        if s is None:
+            continue
+        lo, hi = s["avg_at_k_ci"]
+        ax.errorbar(s["mean_response_tokens"], s["avg_at_k"], yerr=[[s["avg_at_k"] - lo], [hi - s["avg_at_k"]]],
+                    fmt="o", capsize=3, label=name)
+    ax.set_xlabel("mean response tokens")
+    ax.set_ylabel("avg@k accuracy (95% CI)")
+    ax.set_title(f"accuracy vs length: {set_name}")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def stage_metric_files(run_dir: Path) -> dict[str, Path]:
+    files = {s: run_dir / s / "metrics.jsonl" for s in ("sft", "rlvr")}
+    files.update({f"opsd-{p.parent.name}": p for p in sorted((run_dir / "opsd").glob("*/metrics.jsonl"))})
+    return {name: path for name, path in files.items() if path.exists()}
+
+
+def plot_training_curves(run_dir: Path, out: Path) -> bool:
+    files = stage_metric_files(run_dir)
+    if not files:
+        return False
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.8))
+    for name, path in files.items():
+        records = read_jsonl(path)
+        for ax, (key, label) in zip(axes, CURVES):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), label=name, lw=1.2)
+            ax.set_title(label)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_length_distributions(run_dir: Path, names: list[str], set_name: str, out: Path) -> None:
+    shown = [n for n in names if (run_dir / "eval" / n / set_name / "samples.jsonl").exists() and n != "base"]
+    if not shown:
+        return
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], shown):
+        samples = read_samples(run_dir / "eval" / name / set_name / "samples.jsonl")
+        ax.hist([s.response_tokens for s in samples if s.correct], bins=20, alpha=0.6, label="correct")
+        ax.hist([s.response_tokens for s in samples if not s.correct], bins=20, alpha=0.6, label="incorrect")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("tokens")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def flips_and_hesitation(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
+    lines = ["| checkpoint | correct→incorrect | incorrect→correct | Δacc vs RLVR [95% CI] | length change [95% CI] "
+             "| hesitation markers / 1k tokens |", "|---|---|---|---|---|---|"]
+    ref_path = run_dir / "eval" / str(reference) / set_name / "samples.jsonl"
+    before = read_samples(ref_path) if reference and ref_path.exists() else None
+    for name in names:
+        path = run_dir / "eval" / name / set_name / "samples.jsonl"
+        if not path.exists() or name == "base":
+            continue
+        after = read_samples(path)
+        density = hesitation_density([s.text for s in after], MARKERS, token_counts=[s.response_tokens for s in after])
+        flip_cells = diff_cells = "–"
+        if before is not None and name.startswith("opsd-"):
+            f = flips(before, after)
+            d = bootstrap_diff_ci(before, after)
+            flip_cells = f"{f['correct_to_incorrect']} | {f['incorrect_to_correct']}"
+            diff_cells = (f"{d['accuracy_diff']:+.3f} [{d['accuracy_diff_ci'][0]:+.3f}, {d['accuracy_diff_ci'][1]:+.3f}] | "
+                          f"{d['length_change']:+.1%} [{d['length_change_ci'][0]:+.1%}, {d['length_change_ci'][1]:+.1%}]")
+        else:
+            flip_cells, diff_cells = "– | –", "– | –"
+        lines.append(f"| {name} | {flip_cells} | {diff_cells} | {density['density']:.1f} |")
+    return lines
+
+
+def token_shifts(run_dir: Path, out: Path) -> list[str]:
+    """Tokens the teacher lowers/raises most, per OPSD arm, and KL by response position."""
+    paths = sorted((run_dir / "opsd").glob("*/token_stats.jsonl"))
+    if not paths:
+        return []
+    tokenizer = _tokenizer(run_dir)
+    lines = []
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for path in paths:
+        rows = read_jsonl(path)
+        if not rows:
+            continue
+        records = [(tokenizer.convert_ids_to_tokens(t) if tokenizer else str(t), shift)
+                   for row in rows for t, shift in zip(row["token_ids"], row["logp_shift"])]
+        top = top_tokens_by_shift(records, n=8)
+        lowered = ", ".join(f"`{x['token']}` {x['mean_shift']:+.2f}" for x in top["lowered"])
+        raised = ", ".join(f"`{x['token']}` {x['mean_shift']:+.2f}" for x in top["raised"])
+        lines.append(f"| {path.parent.name} | {lowered or '–'} | {raised or '–'} |")
+        curve = per_position_mean([row["loss"] for row in rows], bucket=4)
+        ax.plot([4 * i for i in range(len(curve))], curve, label=path.parent.name, lw=1.2)
+    ax.set_xlabel("response position (tokens)")
+    ax.set_ylabel("per-token divergence")
+    ax.set_title("divergence by response position (training rollouts)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    header = ["| arm | teacher lowers most (mean log p_T − log p_S) | teacher raises most |", "|---|---|---|"]
+    return header + lines
+
+
+def _tokenizer(run_dir: Path):
+    from opsdlab.models import load_tokenizer
+
+    for folder in (run_dir / "rlvr" / "model", run_dir / "sft" / "model", run_dir / "base" / "model"):
+        if (folder / "tokenizer_config.json").exists():
+            return load_tokenizer(folder)
+    return None
+
+
+def sample_texts(run_dir: Path, names: list[str], set_name: str, per_row: int = 2) -> list[str]:
+    lines, problem_ids = [], None
+    for name in names:
+        path = run_dir / "eval" / name / set_name / "samples.jsonl"
+        if not path.exists() or name == "base":
+            continue
+        samples = [s for s in read_samples(path) if s.sample_index == 0]
+        if problem_ids is None:
+            problem_ids = [s.problem_id for s in samples[:per_row]]
+        for s in samples:
+            if s.problem_id in problem_ids:
+                verdict = "correct" if s.correct else "wrong"
+                lines += [f"**{name}**, problem `{s.problem_id}` ({verdict}, {s.response_tokens} tokens)", "",
+                          "```text", s.text.strip(), "```", ""]
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    names = checkpoint_order(run_dir)
+    reference = "rlvr" if "rlvr" in names else ("sft" if "sft" in names else None)
+    first = next((p for p in sorted((run_dir / "eval" / names[0]).iterdir())), None) if names else None
+    set_names = sorted({p.name for n in names for p in (run_dir / "eval" / n).iterdir()
+                        if "-greedy" not in p.name and "-teacher-" not in p.name}) if names else []
+
+    md = [f"# opsdlab report: `{run_dir.name}`", ""]
+    stage_lines = [json.loads(line)["message"] for line in (run_dir / "summary.jsonl").read_text().splitlines()
+                   if line.strip()] if (run_dir / "summary.jsonl").exists() else []
+    for set_name in set_names:
+        md += [f"## {set_name}", "", *results_table(run_dir, names, set_name, reference), ""]
+        arms = arm_summary(run_dir, names, set_name, reference)
+        if arms:
+            md += ["### OPSD arms over seeds", "", *arms, ""]
+        plot_accuracy_length(run_dir, names, set_name, out_dir / f"accuracy_length_{set_name}.png")
+        md += [f"![accuracy vs length](accuracy_length_{set_name}.png)", ""]
+        plot_length_distributions(run_dir, names, set_name, out_dir / f"lengths_{set_name}.png")
+        md += ["### Length of correct and incorrect responses", "", f"![lengths](lengths_{set_name}.png)", ""]
+        md += [f"### Per-problem flips and hesitation versus `{reference}`", "",
+               *flips_and_hesitation(run_dir, names, set_name, reference), "",
+               f"Hesitation markers counted: {', '.join(repr(m) for m in MARKERS)}.", ""]
+        md += ["### Sample responses", "", *sample_texts(run_dir, names, set_name)]
+    if plot_training_curves(run_dir, out_dir / "training_curves.png"):
+        md += ["## Training curves", "", "![training curves](training_curves.png)", ""]
+    shifts = token_shifts(run_dir, out_dir / "kl_by_position.png")
+    if shifts:
+        md += ["## What the teacher changes", "", *shifts, "", "![KL by position](kl_by_position.png)", ""]
+    settings = json.loads((first / "summary.json").read_text()) if first and (first / "summary.json").exists() else {}
+    md += ["## Settings", "", f"- verifier: `{json.dumps(settings.get('verifier', {}))}`",
+           f"- sampling: `{json.dumps(settings.get('sampling', {}))}`, thinking: {settings.get('thinking')}",
+           f"- OPSD arms: `{json.dumps(config.get('arms', []))}`, seeds {config.get('opsd_seeds')}", "",
+           "## Run log", "", *[f"- {line}" for line in stage_lines], ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path

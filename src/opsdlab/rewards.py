@@ -1,0 +1,60 @@
+"""Rewards for RLVR, built on the one verifier; they also report rollout statistics.
+
+`VerifierReward` is a TRL reward function: 1.0 for a response whose final answer the verifier
+accepts, else 0.0. Besides the reward it logs, per generation batch, rollout accuracy, the mean
+length of correct and incorrect rollouts and the truncation rate, and it keeps the last batch's
+per-rollout correctness so that the OPSD gate reuses the same grading instead of redoing it.
+"""
+
+from __future__ import annotations
+
+from opsdlab.verifier import VerifierConfig, grade
+
+
+class VerifierReward:
+    """Binary correctness reward from the project's verifier."""
+
+    __name__ = "correct"
+
+    def __init__(self, verifier: VerifierConfig, eos_token_ids: set[int]):
+        self.verifier = verifier
+        self.eos_token_ids = set(eos_token_ids)
+        self.last_correct: list[bool] = []
+        self.last_truncated: list[bool] = []
+
+    def __call__(self, prompts, completions, completion_ids, answer, log_metric=None, **_) -> list[float]:
+        correct = grade(list(completions), [str(a) for a in answer], self.verifier)
+        truncated = [not ids or ids[-1] not in self.eos_token_ids for ids in completion_ids]
+        self.last_correct, self.last_truncated = correct, truncated
+        if log_metric is not None:
+            for name, value in rollout_stats(correct, truncated, [len(ids) for ids in completion_ids]).items():
+                log_metric(name, value)
+        return [1.0 if ok else 0.0 for ok in correct]
+
+
+def rollout_stats(correct: list[bool], truncated: list[bool], lengths: list[int]) -> dict[str, float]:
+    """Accuracy, truncation rate and mean length overall / of correct / of incorrect rollouts.
+
+    A length split with no rollouts in it is left out rather than reported as 0.
+    """
+    stats = {
+        "rollouts/accuracy": sum(correct) / len(correct),
+        "rollouts/truncation_rate": sum(truncated) / len(truncated),
+        "rollouts/mean_length": sum(lengths) / len(lengths),
+    }
+    good = [n for n, ok in zip(lengths, correct) if ok]
+    bad = [n for n, ok in zip(lengths, correct) if not ok]
+    if good:
+        stats["rollouts/mean_length_correct"] = sum(good) / len(good)
+    if bad:
+        stats["rollouts/mean_length_incorrect"] = sum(bad) / len(bad)
+    return stats
+
+
+def format_reward(completions, **_) -> list[float]:
+    """1.0 when the response closes its think block (if it opened one) and boxes a final answer."""
+    scores = []
+    for text in completions:
+        closed = "</think>" in text if "<think>" in text else True
+        scores.append(1.0 if closed and "\\boxed{" in text else 0.0)
+    return scores

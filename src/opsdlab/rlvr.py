@@ -1,0 +1,229 @@
+"""RLVR stage: GRPO-family RL with the project's verifier as the reward, through TRL's GRPOTrainer.
+
+Objective: the clipped policy-gradient surrogate of GRPO with group-centred advantages, loss
+aggregation `dapo` (token-level), `grpo` (per sequence) or `dr_grpo` (constant normalizer), optional
+clip-higher, KL to a reference (off by default) and masking of truncated completions: all TRL's.
+This module adds one thing TRL lacks: dynamic sampling (DAPO), which drops groups whose rewards are
+all equal (they carry no advantage) and refills the batch with fresh groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from opsdlab.models import save_policy
+from opsdlab.rewards import VerifierReward, format_reward
+from opsdlab.runtime import JsonlMetrics, common_training_args, resume_point
+from opsdlab.verifier import VerifierConfig
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
+REWARD_SCALINGS = ("group", "batch", "none")
+# Per-row tensors padded on the left (prompt side); every other 2-D per-row tensor is right-padded.
+LEFT_PADDED = ("prompt_ids", "prompt_mask")
+
+
+@dataclass(frozen=True)
+class RLVRStageConfig:
+    max_steps: int = 150
+    prompts_per_step: int = 8
+    group_size: int = 8
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    epsilon: float = 0.2
+    epsilon_high: float | None = 0.28
+    beta: float = 0.0
+    mask_truncated_completions: bool = False
+    learning_rate: float = 2e-5
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    max_completion_length: int = 192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    format_reward_weight: float = 0.0
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
+    num_iterations: int = 1
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    save_steps: int = 50
+    logging_steps: int = 5
+    report_to: str = "none"
+    train_problems: int = 4000
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"rlvr: loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in REWARD_SCALINGS:
+            raise ValueError(f"rlvr: scale_rewards must be one of {REWARD_SCALINGS}, got {self.scale_rewards!r}")
+        if self.group_size < 2:
+            raise ValueError(f"rlvr: group_size must be >= 2 (group-centred advantages), got {self.group_size}")
+        if self.prompts_per_step < 1 or self.max_steps < 1:
+            raise ValueError("rlvr: prompts_per_step and max_steps must be >= 1")
+        if self.dynamic_sampling_max_rounds < 1:
+            raise ValueError("rlvr: dynamic_sampling_max_rounds must be >= 1")
+
+
+def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, **extra) -> GRPOConfig:
+    """GRPOConfig from the stage config; per-device batch counts completions (prompts x group)."""
+    return GRPOConfig(
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.prompts_per_step * config.group_size,
+        num_generations=config.group_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        loss_type=config.loss_type,
+        scale_rewards=config.scale_rewards,
+        epsilon=config.epsilon,
+        epsilon_high=config.epsilon_high,
+        beta=config.beta,
+        mask_truncated_completions=config.mask_truncated_completions,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        num_iterations=config.num_iterations,
+        gradient_checkpointing=config.gradient_checkpointing,
+        use_vllm=config.use_vllm,
+        vllm_mode=config.vllm_mode,
+        reward_weights=[1.0, config.format_reward_weight] if config.format_reward_weight else None,
+        **common_training_args(stage_dir, seed=seed, save_steps=config.save_steps,
+                               logging_steps=config.logging_steps, report_to=config.report_to),
+        **extra,
+    )
+
+
+def rl_dataset(examples, tokenizer, thinking: bool, render) -> Dataset:
+    """Rows with the rendered student prompt plus the fields later stages need."""
+    return Dataset.from_list([
+        {"prompt": render(tokenizer, ex, thinking=thinking), "answer": ex.answer, "problem": ex.problem,
+         "solution": ex.solution, "id": ex.id}
+        for ex in examples
+    ])
+
+
+def reward_functions(verifier: VerifierConfig, tokenizer, config: RLVRStageConfig) -> list:
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    funcs = [VerifierReward(verifier, eos)]
+    if config.format_reward_weight:
+        funcs.append(format_reward)
+    return funcs
+
+
+# ---------------------------------------------------------------- dynamic sampling
+
+
+def informative_groups(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Bool per group: True when some advantage in the group is non-zero (rewards not all equal)."""
+    return (advantages.view(-1, group_size) != 0).any(dim=1)
+
+
+def select_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The rows `rows` (a LongTensor of indices) of every per-row entry of a generation batch."""
+    size = batch["advantages"].shape[0]
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == size:
+            out[key] = value[rows]
+        elif isinstance(value, list) and len(value) == size:
+            out[key] = [value[i] for i in rows.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
+def concat_batches(batches: list[dict], pad_token_id: int) -> dict:
+    """Concatenate generation batches row-wise, padding prompts on the left and the rest on the right."""
+    out = {}
+    for key, first in batches[0].items():
+        values = [b[key] for b in batches]
+        if isinstance(first, torch.Tensor) and first.ndim >= 2:
+            width = max(v.shape[1] for v in values)
+            fill = pad_token_id if key.endswith("_ids") else 0
+            padded = []
+            for v in values:
+                extra = v.new_full((v.shape[0], width - v.shape[1], *v.shape[2:]), fill)
+                padded.append(torch.cat([extra, v] if key in LEFT_PADDED else [v, extra], dim=1))
+            out[key] = torch.cat(padded, dim=0)
+        elif isinstance(first, torch.Tensor) and first.ndim == 1:
+            out[key] = torch.cat(values, dim=0)
+        elif isinstance(first, list):
+            out[key] = [x for v in values for x in v]
+        else:
+            out[key] = first
+    return out
+
+
+class RLVRTrainer(GRPOTrainer):
+    """GRPOTrainer plus optional dynamic sampling (drop all-equal-reward groups, refill the batch)."""
+
+    def __init__(self, *args, dynamic_sampling: bool = False, dynamic_sampling_max_rounds: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dynamic_sampling = dynamic_sampling
+        self.dynamic_sampling_max_rounds = dynamic_sampling_max_rounds
+        if dynamic_sampling and self.accelerator.num_processes > 1:
+            raise ValueError("rlvr: dynamic_sampling currently runs on a single process; "
+                             "turn it off for multi-GPU runs")
+        self._refill_order: list[int] = []
+
+    def _refill_inputs(self, groups: int) -> list[dict]:
+        """Fresh prompts for `groups` groups, drawn from the train set in a seeded shuffled order."""
+        rows = []
+        for _ in range(groups):
+            if not self._refill_order:
+                generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
+                self._refill_order = torch.randperm(len(self.train_dataset), generator=generator).tolist()
+            example = self.train_dataset[self._refill_order.pop()]
+            rows.extend(dict(example) for _ in range(self.num_generations))
+        return rows
+
+    def _generate_and_score_completions(self, inputs):
+        if not (self.dynamic_sampling and self.model.training):
+            return super()._generate_and_score_completions(inputs)
+        group = self.num_generations
+        needed = len(inputs) // group
+        kept, spare, dropped = [], [], 0
+        batch_inputs = inputs
+        for round_index in range(self.dynamic_sampling_max_rounds):
+            batch = super()._generate_and_score_completions(batch_inputs)
+            informative = informative_groups(batch["advantages"], group)
+            dropped += int((~informative).sum())
+            for g, useful in enumerate(informative.tolist()):
+                rows = torch.arange(g * group, (g + 1) * group, device=batch["advantages"].device)
+                (kept if useful else spare).append(select_rows(batch, rows))
+            if len(kept) >= needed:
+                break
+            batch_inputs = self._refill_inputs(needed - len(kept))
+        groups = (kept + spare)[:needed]  # short of informative groups: fill with uninformative ones
+        merged = concat_batches(groups, self.processing_class.pad_token_id)
+        mask = merged.get("tool_mask", 1) * merged["completion_mask"]
+        merged["num_items_in_batch"] = mask.sum()
+        self._metrics["train"]["dynamic_sampling/rounds"].append(round_index + 1)
+        self._metrics["train"]["dynamic_sampling/dropped_groups"].append(dropped)
+        self._metrics["train"]["dynamic_sampling/kept_fraction"].append(min(len(kept), needed) / needed)
+        return merged
+
+
+def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRStageConfig, stage_dir: Path,
+             *, thinking: bool, render, seed: int = 0) -> Path:
+    """Train with GRPO on `examples`, resume from a checkpoint if one exists, save to stage_dir/model."""
+    stage_dir = Path(stage_dir)
+    trainer = RLVRTrainer(
+        model=model,
+        reward_funcs=reward_functions(verifier, tokenizer, config),
+        args=grpo_args(config, stage_dir, seed),
+        train_dataset=rl_dataset(examples, tokenizer, thinking, render),
+        processing_class=tokenizer,
+        callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
+        dynamic_sampling=config.dynamic_sampling,
+        dynamic_sampling_max_rounds=config.dynamic_sampling_max_rounds,
+    )
+    trainer.train(resume_from_checkpoint=resume_point(stage_dir))
+    return save_policy(trainer.model, tokenizer, stage_dir / "model")

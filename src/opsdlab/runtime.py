@@ -1,0 +1,71 @@
+"""What every training stage shares: precision and device settings, metrics JSONL, checkpoints.
+
+Stages hand TRL trainers the same `common_training_args`, so a stage runs on a laptop CPU
+(float32, `use_cpu`) and on GPUs (bf16 where supported) without code changes, writes its
+metrics to `metrics.jsonl` in its stage folder, and resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+
+def precision_kwargs() -> dict:
+    """bf16 on GPUs that support it, float32 on CPU (TRL's bf16 default fails on CPU)."""
+    if torch.cuda.is_available():
+        return {"bf16": torch.cuda.is_bf16_supported(), "fp16": False, "use_cpu": False}
+    return {"bf16": False, "fp16": False, "use_cpu": True}
+
+
+def common_training_args(stage_dir: Path, *, seed: int, save_steps: int, logging_steps: int,
+                         report_to: str | list[str] = "none", save_total_limit: int = 2) -> dict:
+    """TrainingArguments fields every stage sets the same way."""
+    return dict(
+        output_dir=str(stage_dir / "checkpoints"),
+        seed=seed,
+        data_seed=seed,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        logging_steps=logging_steps,
+        report_to=report_to,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        **precision_kwargs(),
+    )
+
+
+def resume_point(stage_dir: Path) -> str | None:
+    """The last checkpoint a killed run of this stage left behind, if any."""
+    checkpoints = stage_dir / "checkpoints"
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+class JsonlMetrics(TrainerCallback):
+    """Append every logged dict (with step and wall time) to a JSONL file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        record = {"step": state.global_step, "time_s": round(time.time() - self.start, 2)}
+        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str, bool))})
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]

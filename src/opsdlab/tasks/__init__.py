@@ -1,0 +1,82 @@
+"""Tasks: where examples come from, how SFT targets look, and how answers are graded.
+
+`TASKS` maps a task name to its builder; the name is what configs accept. A task yields
+`Example`s (id, problem, reference solution, answer) per split, SFT rows rendered through the one
+prompt renderer, and names its default verifier settings.
+"""
+
+from __future__ import annotations
+
+import random
+
+from opsdlab.data import ColumnMap, Example, load_examples, parse_column_map
+from opsdlab.prompts import render_prompt
+from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask
+
+
+class FileTask:
+    """Real math data: local jsonl/json/parquet/csv files or a Hub dataset, with a column mapping.
+
+    `train` feeds SFT, RLVR and OPSD; SFT targets are the reference solutions (inside a think
+    block when thinking is on) followed by the boxed answer.
+    """
+
+    name = "file"
+    default_verifier = {"extract": "last_boxed", "compare": "math_verify"}
+
+    def __init__(self, train: str | None = None, columns: str | dict | None = None, split: str = "train", seed: int = 0):
+        self.train = train
+        self.columns = parse_column_map(columns) if columns else ColumnMap()
+        self.split = split
+        self.seed = seed
+        self._cache: list[Example] | None = None
+
+    def _train_examples(self, require_solution: bool) -> list[Example]:
+        if self.train is None:
+            raise ValueError("task 'file' needs `train` (a jsonl/parquet path or a datasets name)")
+        if self._cache is None:
+            self._cache = load_examples(self.train, self.columns, split=self.split, require_solution=require_solution)
+        return self._cache
+
+    def examples(self, split: str, count: int | None) -> list[Example]:
+        examples = list(self._train_examples(require_solution=False))
+        random.Random(f"{self.seed}-{split}").shuffle(examples)
+        return examples if count is None else examples[:count]
+
+    def sft_rows(self, tokenizer, count: int | None, thinking: bool = True, seed: int = 0) -> list[dict]:
+        rows = []
+        for example in self._train_examples(require_solution=True)[: count or None]:
+            answer = f"The final answer is \\boxed{{{example.answer}}}."
+            body = example.solution.strip()
+            completion = f"<think>\n{body}\n</think>\n\n{answer}" if thinking else f"{body}\n\n{answer}"
+            prompt = render_prompt(tokenizer, example, thinking=thinking)
+            rows.append({"prompt": prompt, "completion": completion + tokenizer.eos_token, "context": "none"})
+        return rows
+
+
+def build_task(name: str, options: dict | None = None, seed: int = 0):
+    """Build a task by name from its options dict (validated by the task's own config)."""
+    options = dict(options or {})
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](options, seed)
+
+
+def _synthetic(options: dict, seed: int) -> SyntheticTask:
+    try:
+        config = SyntheticConfig(**options)
+    except TypeError as error:
+        raise ValueError(f"task 'synthetic': {error}") from error
+    return SyntheticTask(config, seed=seed)
+
+
+def _file(options: dict, seed: int) -> FileTask:
+    unknown = set(options) - {"train", "columns", "split"}
+    if unknown:
+        raise ValueError(f"task 'file': unknown options {sorted(unknown)}; valid: train, columns, split")
+    return FileTask(seed=seed, **options)
+
+
+TASKS = {"synthetic": _synthetic, "file": _file}
+
+__all__ = ["TASKS", "build_task", "Example", "FileTask", "SyntheticTask", "SyntheticConfig"]

@@ -1,0 +1,224 @@
+"""A seeded, offline arithmetic task whose reasoning traces carry realistic redundancy and real slips.
+
+A problem asks for the sum of a few small numbers. The SFT traces add them one running total at a
+time, written the way long-reasoning models write:
+
+- slips: a running total is occasionally wrong (`slip_rate` per step) and, unless caught, the
+  final answer is wrong: the SFT data come from an imperfect solver, which leaves room for RL;
+- re-checks ("wait, let me check: 7 + 9 = 16. ok."): recompute a step (`recheck_rate`). Most are
+  pure redundancy; one that lands on a slip catches and repairs it ("16, not 15.");
+- fillers ("hmm.") per step (`filler_rate`): pure redundancy;
+- a restart at the end ("hmm, let me add them again." and the whole chain again, `restart_rate`)
+  that repairs any uncaught slip.
+
+Every problem has a concise reference solution (the chain of running totals). The OPSD teacher
+is the same model with that solution in its prompt, so the SFT mixture also contains prompts with
+a privileged block (`privileged_fraction` of rows). What the data decide, and what they do not:
+
+- Decided by the data (the teacher's *disposition*): a solver who has read the solution copies
+  the right totals (no slips) and, in the default `privileged_style="concise"`, hesitates less
+  (its redundancy rates are scaled by `privileged_redundancy`). Real reasoning models acquire
+  this disposition in pretraining; the tiny model has to get it from here.
+  `privileged_style="same"` is the control: privileged traces then have exactly the plain
+  redundancy rates, so the context carries information but no stylistic cue.
+- Not decided by the data: what OPSD does. No OPSD rollout, gate or divergence appears in the
+  data; whether distilling the student toward that teacher on correct, incorrect or all of its
+  own rollouts shortens responses, keeps accuracy or damages it is measured, not written here.
+
+With thinking off, the response is the concise chain itself (slips possible, no re-checks),
+which is the "short answer" regime of the paper's hypothesis.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from opsdlab.data import Example
+from opsdlab.prompts import render_prompt
+
+PRIVILEGED_STYLES = ("concise", "same")
+
+# SFT rows by teacher context (the rest of the rows use the plain student prompt). Contexts with
+# information make the solver exact; "concise" is an instruction without information.
+CONTEXT_MIX = {"solution": 0.7, "answer": 0.15, "concise": 0.15}
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    min_terms: int = 4
+    max_terms: int = 6
+    max_term: int = 9
+    slip_rate: float = 0.1
+    recheck_rate: float = 0.25
+    filler_rate: float = 0.1
+    restart_rate: float = 0.15
+    privileged_style: str = "concise"
+    privileged_redundancy: float = 0.2
+    privileged_fraction: float = 0.3
+
+    def __post_init__(self):
+        if not 2 <= self.min_terms <= self.max_terms:
+            raise ValueError(f"synthetic task: need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
+        if not 1 <= self.max_term <= 99:
+            raise ValueError(f"synthetic task: max_term must be in 1..99, got {self.max_term}")
+        for name in ("slip_rate", "recheck_rate", "filler_rate", "restart_rate", "privileged_redundancy",
+                     "privileged_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"synthetic task: {name} must be in [0, 1], got {value}")
+        if self.privileged_style not in PRIVILEGED_STYLES:
+            raise ValueError(f"synthetic task: privileged_style must be one of {PRIVILEGED_STYLES}, "
+                             f"got {self.privileged_style!r}")
+
+
+@dataclass(frozen=True)
+class TraceStyle:
+    """Per-step probabilities a trace is written with."""
+    slip: float
+    recheck: float
+    filler: float
+    restart: float
+
+
+def make_problem(rng: random.Random, config: SyntheticConfig, index: int, split: str) -> Example:
+    count = rng.randint(config.min_terms, config.max_terms)
+    terms = [rng.randint(1, config.max_term) for _ in range(count)]
+    problem = "What is " + " + ".join(str(t) for t in terms) + "?"
+    return Example(id=f"{split}-{index}", problem=problem, solution=reference_solution(terms),
+                   answer=str(sum(terms)))
+
+
+def terms_of(example: Example) -> list[int]:
+    body = example.problem.removeprefix("What is ").removesuffix("?")
+    return [int(t) for t in body.split(" + ")]
+
+
+def reference_solution(terms: list[int]) -> str:
+    """The concise chain of running totals: the privileged context."""
+    lines, total = [], terms[0]
+    for term in terms[1:]:
+        lines.append(f"{total} + {term} = {total + term}")
+        total += term
+    lines.append(f"The answer is {total}.")
+    return "\n".join(lines)
+
+
+def _slipped(rng: random.Random, value: int) -> int:
+    wrong = value + rng.choice([-2, -1, 1, 2])
+    return wrong if wrong >= 0 else value + 1
+
+
+def thinking_trace(terms: list[int], style: TraceStyle, rng: random.Random) -> tuple[str, int]:
+    """Write a step-by-step trace; return (trace text, the total it ends with)."""
+    lines, total = [], terms[0]
+    for term in terms[1:]:
+        true_sum = total + term
+        written = _slipped(rng, true_sum) if rng.random() < style.slip else true_sum
+        lines.append(f"{total} + {term} = {written}")
+        if rng.random() < style.recheck:
+            if written == true_sum:
+                lines.append(f"wait, let me check: {total} + {term} = {true_sum}. ok.")
+            else:
+                lines.append(f"wait, let me check: {total} + {term} = {true_sum}, not {written}.")
+                written = true_sum
+        if rng.random() < style.filler:
+            lines.append("hmm.")
+        total = written
+    if rng.random() < style.restart:
+        lines.append("hmm, let me add them again.")
+        redo = terms[0]
+        for term in terms[1:]:
+            lines.append(f"{redo} + {term} = {redo + term}")
+            redo += term
+        lines.append(f"so the total is {redo}." if redo == total else f"so the total is {redo}, not {total}.")
+        total = redo
+    return "\n".join(lines), total
+
+
+def concise_answer(terms: list[int], slip: float, rng: random.Random) -> tuple[str, int]:
+    """The thinking-off response: the chain alone, slips possible, no re-checks."""
+    return thinking_trace(terms, TraceStyle(slip=slip, recheck=0.0, filler=0.0, restart=0.0), rng)
+
+
+def final_line(total: int) -> str:
+    return f"The answer is \\boxed{{{total}}}."
+
+
+class SyntheticTask:
+    """Sums of small numbers with verbose, occasionally wrong traces; exact-match grading."""
+
+    name = "synthetic"
+    default_verifier = {"extract": "last_boxed", "compare": "exact"}
+
+    def __init__(self, config: SyntheticConfig | None = None, seed: int = 0):
+        self.config = config or SyntheticConfig()
+        self.seed = seed
+
+    def examples(self, split: str, count: int) -> list[Example]:
+        """Problems of one split; splits draw from disjoint seed streams and exclude each other."""
+        rng = random.Random(f"{self.seed}-{split}")
+        held_out = set() if split == "test" else {e.problem for e in self._test_problems()}
+        out, index = [], 0
+        while len(out) < count:
+            example = make_problem(rng, self.config, index, split)
+            index += 1
+            if example.problem not in held_out:
+                out.append(example)
+        return out
+
+    def _test_problems(self, count: int = 2000) -> list[Example]:
+        rng = random.Random(f"{self.seed}-test")
+        return [make_problem(rng, self.config, i, "test") for i in range(count)]
+
+    def style(self, context: str) -> TraceStyle:
+        c = self.config
+        informed = context in ("solution", "answer", "sibling")
+        concise = context == "concise" or (informed and c.privileged_style == "concise")
+        scale = c.privileged_redundancy if concise else 1.0
+        return TraceStyle(slip=0.0 if informed else c.slip_rate, recheck=c.recheck_rate * scale,
+                          filler=c.filler_rate * scale, restart=c.restart_rate * scale)
+
+    def response(self, example: Example, context: str, thinking: bool, rng: random.Random) -> str:
+        """The SFT target for one prompt, ending at the final answer (EOS is added by the trainer)."""
+        terms = terms_of(example)
+        style = self.style(context)
+        if thinking:
+            trace, total = thinking_trace(terms, style, rng)
+            return f"<think>\n{trace}\n</think>\n\n{final_line(total)}"
+        text, total = concise_answer(terms, style.slip, rng)
+        return f"{text}\n{final_line(total)}"
+
+    def sft_rows(self, tokenizer, count: int, thinking: bool = True, seed: int = 0) -> list[dict]:
+        """Prompt/completion rows: plain student prompts plus a privileged share, one renderer for all."""
+        rng = random.Random(f"{self.seed}-sft-{seed}")
+        contexts, weights = list(CONTEXT_MIX), list(CONTEXT_MIX.values())
+        rows = []
+        for example in self.examples("sft", count):
+            context = "none"
+            if rng.random() < self.config.privileged_fraction:
+                context = rng.choices(contexts, weights)[0]
+            prompt = render_prompt(tokenizer, example, thinking=thinking, context=context)
+            completion = self.response(example, context, thinking, rng) + tokenizer.eos_token
+            rows.append({"prompt": prompt, "completion": completion, "context": context})
+        return rows
+
+    def tokenizer_corpus(self, thinking_modes=(True, False)) -> list[str]:
+        """Text covering every word the renderer and the traces can produce, to build the vocabulary."""
+        from opsdlab.models import CHAT_TEMPLATE  # noqa: F401  (documents the dependency)
+        from opsdlab.prompts import TEACHER_CONTEXTS, user_message
+
+        rng = random.Random(0)
+        corpus = [str(n) for n in range(0, self.config.max_terms * self.config.max_term + 3)]
+        corpus += [" " + n for n in corpus]
+        for example in self.examples("vocab", 200):
+            for context in TEACHER_CONTEXTS:
+                block = TEACHER_CONTEXTS[context](example, example.solution)
+                corpus.append(user_message(example, context=block))
+            for thinking in thinking_modes:
+                for context in ("none", "solution"):
+                    corpus.append(self.response(example, context, thinking, rng))
+                    style = TraceStyle(slip=1.0, recheck=1.0, filler=1.0, restart=1.0)
+                    corpus.append(thinking_trace(terms_of(example), style, rng)[0])
+        corpus.append("user assistant\n\n")
+        return corpus
