@@ -205,7 +205,6 @@ class SyntheticTask:
 
     def tokenizer_corpus(self, thinking_modes=(True, False)) -> list[str]:
         """Text covering every word the renderer and the traces can produce, to build the vocabulary."""
-        from opsdlab.models import CHAT_TEMPLATE  # noqa: F401  (documents the dependency)
         from opsdlab.prompts import TEACHER_CONTEXTS, user_message
 
         rng = random.Random(0)
@@ -220,5 +219,5 @@ class SyntheticTask:
                     corpus.append(self.response(example, context, thinking, rng))
                     style = TraceStyle(slip=1.0, recheck=1.0, filler=1.0, restart=1.0)
                     corpus.append(thinking_trace(terms_of(example), style, rng)[0])
-        corpus.append("user assistant\n\n")
+        corpus += ["user", "assistant", "system", "\n\n"]  # role names follow <|im_start|> with no space
         return corpus

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from opsdlab.data import Example
+from opsdlab.models import (ModelFolderError, build_tiny_model, load_model, load_policy, load_tokenizer,
+                            save_policy, thinking_token_count)
+from opsdlab.prompts import render_prompt
+
+
+def test_tokenizer_round_trips_traces_exactly(task, tokenizer):
+    text = task.response(task.examples("test", 1)[0], "none", True, __import__("random").Random(0))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_numbers_are_single_tokens(tokenizer):
+    ids = tokenizer(" 34", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1
+
+
+def test_chat_template_thinking_switch(tokenizer):
+    example = Example("x", "What is 1 + 2?", "1 + 2 = 3", "3")
+    on = render_prompt(tokenizer, example, thinking=True)
+    off = render_prompt(tokenizer, example, thinking=False)
+    assert on.endswith("<|im_start|>assistant\n")
+    assert off == on + "<think>\n\n</think>\n\n"
+
+
+def test_save_and_reload_gives_same_ids_and_logits(tmp_path, tokenizer):
+    model = build_tiny_model(tokenizer)
+    save_policy(model, tokenizer, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    model2, tokenizer2 = load_policy(tmp_path / "m")
+    text = render_prompt(tokenizer, Example("x", "What is 1 + 2?", "", "3"))
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, tokenizer2(text, return_tensors="pt")["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, model2(ids).logits, atol=1e-6)
+
+
+def test_folder_without_chat_template_is_a_clear_error(tmp_path, tokenizer):
+    save_policy(build_tiny_model(tokenizer), tokenizer, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in (tmp_path / "m").glob("chat_template*"):
+        extra.unlink()
+    with pytest.raises(ModelFolderError, match="no chat template"):
+        load_tokenizer(tmp_path / "m")
+
+
+def test_missing_folder_and_missing_config_are_clear_errors(tmp_path):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFolderError, match="config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_thinking_token_count(tokenizer):
+    ids = tokenizer("<think>\n1 + 2 = 3\n</think>\n\nThe answer is \\boxed{3}.", add_special_tokens=False)["input_ids"]
+    inner = tokenizer("\n1 + 2 = 3\n", add_special_tokens=False)["input_ids"]
+    assert thinking_token_count(ids, tokenizer) == len(inner)
+    assert thinking_token_count(tokenizer("3", add_special_tokens=False)["input_ids"], tokenizer) == 0

@@ -1,0 +1,30 @@
+import pytest
+
+from opsdlab.data import Example
+from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
+
+EXAMPLE = Example("p1", "What is 2 + 3 + 4?", "2 + 3 = 5\n5 + 4 = 9\nThe answer is 9.", "9")
+
+
+@pytest.mark.parametrize("context", sorted(set(TEACHER_CONTEXTS) - {"none"}))
+@pytest.mark.parametrize("thinking", [True, False])
+def test_student_and_teacher_prompts_differ_only_by_the_privileged_block(tokenizer, context, thinking):
+    student = render_prompt(tokenizer, EXAMPLE, thinking=thinking)
+    teacher = render_prompt(tokenizer, EXAMPLE, thinking=thinking, context=context, sibling="2 + 3 = 5")
+    block = TEACHER_CONTEXTS[context](EXAMPLE, "2 + 3 = 5")
+    cut = student.index("<|im_end|>")
+    assert teacher == student[:cut] + "\n\n" + block + student[cut:]
+
+
+def test_none_context_is_the_student_prompt(tokenizer):
+    assert render_prompt(tokenizer, EXAMPLE, context="none") == render_prompt(tokenizer, EXAMPLE)
+
+
+def test_sibling_context_falls_back_to_reference_solution(tokenizer):
+    assert (render_prompt(tokenizer, EXAMPLE, context="sibling", sibling=None)
+            == render_prompt(tokenizer, EXAMPLE, context="solution"))
+
+
+def test_unknown_context_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="unknown teacher context"):
+        render_prompt(tokenizer, EXAMPLE, context="oracle")
