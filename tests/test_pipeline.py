@@ -1,0 +1,74 @@
+"""End to end: a 2-step pipeline is killed during OPSD, rerun, finishes, and the report is built."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from opsdlab.config import load_config
+from opsdlab.pipeline import run_pipeline
+from opsdlab.report import write_report
+
+TINY_RUN = {
+    "sft": {"rows": 64, "max_steps": 3, "batch_size": 8, "save_steps": 100, "logging_steps": 1},
+    "rlvr": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 16,
+             "train_problems": 16, "save_steps": 100, "logging_steps": 1},
+    "opsd": {"max_steps": 8, "prompts_per_step": 2, "rollouts_per_prompt": 2, "max_completion_length": 16,
+             "train_problems": 16, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3},
+    "arms": [{"name": "all", "gate": "all"}, {"name": "correct", "gate": "correct"}],
+    "eval": {"problems": 4, "sampling": {"k": 2, "max_new_tokens": 16}},
+}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_during_opsd_then_rerun_finishes_without_touching_finished_work(tmp_path):
+    run_dir = tmp_path / "run"
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump({**TINY_RUN, "run_dir": str(run_dir)}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "opsdlab.cli", "pipeline", "--config", str(config_path)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "opsd" / "all-s0" / "checkpoints" / "checkpoint-2"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "the pipeline never reached its first OPSD checkpoint"
+    assert not (run_dir / "opsd" / "all-s0" / "model" / "COMPLETE").exists(), "killed too late to test resuming"
+
+    finished = {p: _digest(p) for p in [run_dir / "sft" / "model" / "model.safetensors",
+                                        run_dir / "rlvr" / "model" / "model.safetensors",
+                                        *run_dir.glob("eval/*/*/summary.json")]}
+    run_pipeline(load_config(config_path))
+
+    assert {p: _digest(p) for p in finished} == finished, "a finished stage or evaluation was rewritten"
+    for arm in ("all-s0", "correct-s0"):
+        assert (run_dir / "opsd" / arm / "model" / "COMPLETE").exists()
+        state = json.loads(max((run_dir / "opsd" / arm / "checkpoints").glob("checkpoint-*"),
+                               key=lambda p: int(p.name.split("-")[1])).joinpath("trainer_state.json").read_text())
+        assert state["global_step"] == 8
+    steps = [json.loads(line)["step"] for line in (run_dir / "opsd" / "all-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(1) == 1, "the resumed run restarted from scratch instead of its checkpoint"
+    for name in ("base", "sft", "rlvr", "opsd-all-s0", "opsd-correct-s0"):
+        summary = json.loads((run_dir / "eval" / name / "synthetic" / "summary.json").read_text())
+        assert summary["num_problems"] == 4 and summary["verifier"]["compare"] == "exact"
+
+    report = write_report(run_dir)
+    text = report.read_text()
+    for expected in ("opsd-correct-s0", "avg@k", "accuracy_length_synthetic.png", "correct→incorrect",
+                     "What the teacher changes", "verifier"):
+        assert expected in text
+    for picture in ("accuracy_length_synthetic.png", "training_curves.png", "kl_by_position.png",
+                    "lengths_synthetic.png"):
+        assert (report.parent / picture).stat().st_size > 1000
+    assert write_report(run_dir).read_text() == text  # a pure function of the run directory
