@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -162,27 +162,27 @@ def cmd_opsd(args) -> int:
 
 def cmd_pipeline(args) -> int:
     from opsdlab.config import load_config
-    from opsdlab.pipeline import run_pipeline
-    from opsdlab.report import write_report
 
     config = load_config(args.config, args.overrides)
+    return _run_and_report(config)
+
+
+def _run_and_report(config) -> int:
+    from opsdlab.pipeline import run_pipeline, stage_summary
+    from opsdlab.report import write_report
+
     run_dir = run_pipeline(config)
     report = write_report(run_dir)
+    print("\n".join(stage_summary(run_dir)))
     print(f"report: {report}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from opsdlab.config import load_config
-    from opsdlab.pipeline import run_pipeline
-    from opsdlab.report import write_report
 
-    overrides = [f"run_dir={args.run_dir}"] + args.overrides
-    config = load_config("tiny", overrides)
-    run_dir = run_pipeline(config)
-    report = write_report(run_dir)
-    print(f"report: {report}")
-    return 0
+    config = load_config("tiny", [f"run_dir={args.run_dir}"] + args.overrides)
+    return _run_and_report(config)
 
 
 def cmd_report(args) -> int:
@@ -252,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelFolderError, ValueError) as error:
+        if os.environ.get("OPSDLAB_DEBUG"):
+            raise
         print(f"opsdlab {args.command}: error: {error}", file=sys.stderr)
+        print("(set OPSDLAB_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
 
 

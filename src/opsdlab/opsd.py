@@ -49,7 +49,7 @@ class OPSDStageConfig:
     max_steps: int = 40
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-5
     lr_scheduler_type: str = "constant"
     max_completion_length: int = 192
     temperature: float = 1.0

@@ -36,6 +36,11 @@ def checkpoint_order(run_dir: Path) -> list[str]:
     return fixed + sorted(n for n in names if n.startswith("opsd-"))
 
 
+def is_main_set(folder_name: str) -> bool:
+    """An evaluation folder of the student prompt with sampling (not -greedy, not a teacher prompt)."""
+    return not folder_name.endswith("-greedy") and "-teacher-" not in folder_name
+
+
 def load_eval(run_dir: Path, checkpoint: str, set_name: str) -> dict | None:
     path = run_dir / "eval" / checkpoint / set_name / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -117,7 +122,7 @@ def plot_training_curves(run_dir: Path, out: Path) -> bool:
     for name, path in files.items():
         records = read_jsonl(path)
         for ax, (key, label) in zip(axes, CURVES):
-            points = [(r["step"], r[key]) for r in records if key in r]
+            points = sorted({r["step"]: r[key] for r in records if key in r}.items())  # a resumed run relogs steps
             if points:
                 ax.plot(*zip(*points), label=name, lw=1.2)
             ax.set_title(label)
@@ -234,9 +239,7 @@ def write_report(run_dir: str | Path) -> Path:
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
     names = checkpoint_order(run_dir)
     reference = "rlvr" if "rlvr" in names else ("sft" if "sft" in names else None)
-    first = next((p for p in sorted((run_dir / "eval" / names[0]).iterdir())), None) if names else None
-    set_names = sorted({p.name for n in names for p in (run_dir / "eval" / n).iterdir()
-                        if "-greedy" not in p.name and "-teacher-" not in p.name}) if names else []
+    set_names = sorted({p.name for n in names for p in (run_dir / "eval" / n).iterdir() if is_main_set(p.name)})
 
     md = [f"# opsdlab report: `{run_dir.name}`", ""]
     stage_lines = [json.loads(line)["message"] for line in (run_dir / "summary.jsonl").read_text().splitlines()
@@ -259,7 +262,7 @@ def write_report(run_dir: str | Path) -> Path:
     shifts = token_shifts(run_dir, out_dir / "kl_by_position.png")
     if shifts:
         md += ["## What the teacher changes", "", *shifts, "", "![KL by position](kl_by_position.png)", ""]
-    settings = json.loads((first / "summary.json").read_text()) if first and (first / "summary.json").exists() else {}
+    settings = (load_eval(run_dir, names[0], set_names[0]) or {}) if names and set_names else {}
     md += ["## Settings", "", f"- verifier: `{json.dumps(settings.get('verifier', {}))}`",
            f"- sampling: `{json.dumps(settings.get('sampling', {}))}`, thinking: {settings.get('thinking')}",
            f"- OPSD arms: `{json.dumps(config.get('arms', []))}`, seeds {config.get('opsd_seeds')}", "",

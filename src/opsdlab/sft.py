@@ -21,7 +21,7 @@ from opsdlab.runtime import JsonlMetrics, common_training_args, resume_point
 @dataclass(frozen=True)
 class SFTStageConfig:
     rows: int = 8000
-    max_steps: int = 300
+    max_steps: int = 800
     batch_size: int = 32
     gradient_accumulation_steps: int = 1
     learning_rate: float = 3e-3

@@ -48,14 +48,14 @@ CONTEXT_MIX = {"solution": 0.7, "answer": 0.15, "concise": 0.15}
 class SyntheticConfig:
     min_terms: int = 4
     max_terms: int = 6
-    max_term: int = 9
+    max_term: int = 13
     slip_rate: float = 0.1
     recheck_rate: float = 0.25
     filler_rate: float = 0.1
     restart_rate: float = 0.15
     privileged_style: str = "concise"
     privileged_redundancy: float = 0.2
-    privileged_fraction: float = 0.3
+    privileged_fraction: float = 0.5
 
     def __post_init__(self):
         if not 2 <= self.min_terms <= self.max_terms:
