@@ -35,13 +35,14 @@ def test_trace_running_totals_follow_from_written_values():
             if step := re.fullmatch(r"(\d+) \+ (\d+) = (\d+)", line):
                 a, b, written = map(int, step.groups())
                 assert a == previous
+                step_a, step_b = a, b
                 added.append(b)
                 previous = written
-            elif check := re.fullmatch(r"wait, let me check: (\d+) \+ (\d+) = (\d+)(, not (\d+))?\. ?(ok\.)?", line):
+            elif check := re.fullmatch(r"wait, let me check: (\d+) \+ (\d+) = (\d+)(, not (\d+))?\.( ok\.)?", line):
                 a, b, true = int(check[1]), int(check[2]), int(check[3])
-                assert a + b == true
-                if check[5]:
-                    assert int(check[5]) == previous != true
+                assert (a, b) == (step_a, step_b) and a + b == true
+                if check[4]:
+                    assert int(check[5]) == previous != true  # a slip, caught and repaired
                 else:
                     assert previous == true
                 previous = true

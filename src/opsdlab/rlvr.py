@@ -29,7 +29,7 @@ LEFT_PADDED = ("prompt_ids", "prompt_mask")
 
 @dataclass(frozen=True)
 class RLVRStageConfig:
-    max_steps: int = 150
+    max_steps: int = 100
     prompts_per_step: int = 8
     group_size: int = 8
     loss_type: str = "dapo"

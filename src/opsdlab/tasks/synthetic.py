@@ -31,6 +31,7 @@ which is the "short answer" regime of the paper's hypothesis.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -89,6 +90,11 @@ def make_problem(rng: random.Random, config: SyntheticConfig, index: int, split:
                    answer=str(sum(terms)))
 
 
+def is_test_problem(problem: str) -> bool:
+    """Stable split assignment: about one problem in ten is held out for evaluation."""
+    return int(hashlib.sha256(problem.encode()).hexdigest(), 16) % 10 == 0
+
+
 def terms_of(example: Example) -> list[int]:
     body = example.problem.removeprefix("What is ").removesuffix("?")
     return [int(t) for t in body.split(" + ")]
@@ -109,6 +115,14 @@ def _slipped(rng: random.Random, value: int) -> int:
     return wrong if wrong >= 0 else value + 1
 
 
+def check_line(total: int, term: int, written: int) -> str:
+    """A re-check of one step: recompute it; repair the written total when they disagree."""
+    true_sum = total + term
+    if written == true_sum:
+        return f"wait, let me check: {total} + {term} = {true_sum}. ok."
+    return f"wait, let me check: {total} + {term} = {true_sum}, not {written}."
+
+
 def thinking_trace(terms: list[int], style: TraceStyle, rng: random.Random) -> tuple[str, int]:
     """Write a step-by-step trace; return (trace text, the total it ends with)."""
     lines, total = [], terms[0]
@@ -117,11 +131,8 @@ def thinking_trace(terms: list[int], style: TraceStyle, rng: random.Random) -> t
         written = _slipped(rng, true_sum) if rng.random() < style.slip else true_sum
         lines.append(f"{total} + {term} = {written}")
         if rng.random() < style.recheck:
-            if written == true_sum:
-                lines.append(f"wait, let me check: {total} + {term} = {true_sum}. ok.")
-            else:
-                lines.append(f"wait, let me check: {total} + {term} = {true_sum}, not {written}.")
-                written = true_sum
+            lines.append(check_line(total, term, written))
+            written = true_sum
         if rng.random() < style.filler:
             lines.append("hmm.")
         total = written
@@ -156,20 +167,22 @@ class SyntheticTask:
         self.seed = seed
 
     def examples(self, split: str, count: int) -> list[Example]:
-        """Problems of one split; splits draw from disjoint seed streams and exclude each other."""
+        """Problems of one split, from the split's own seeded stream.
+
+        A problem belongs to the test split iff a stable hash of its text falls in the test
+        bucket (about 1 in 10), so held-out problems never appear in any training split.
+        """
         rng = random.Random(f"{self.seed}-{split}")
-        held_out = set() if split == "test" else {e.problem for e in self._test_problems()}
         out, index = [], 0
-        while len(out) < count:
+        for _ in range(1000 * count + 1000):
+            if len(out) == count:
+                return out
             example = make_problem(rng, self.config, index, split)
             index += 1
-            if example.problem not in held_out:
+            if is_test_problem(example.problem) == (split == "test"):
                 out.append(example)
-        return out
-
-    def _test_problems(self, count: int = 2000) -> list[Example]:
-        rng = random.Random(f"{self.seed}-test")
-        return [make_problem(rng, self.config, i, "test") for i in range(count)]
+        raise ValueError(f"synthetic task: could not draw {count} {split} problems; the problem space "
+                         "(min_terms, max_terms, max_term) is too small")
 
     def style(self, context: str) -> TraceStyle:
         c = self.config
