@@ -29,7 +29,8 @@ def test_eval_runs_on_aime24_with_the_tiny_model(tmp_path, tiny_folder):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_problems"] == 30 and summary["samples_per_problem"] == 2
     assert summary["verifier"]["compare"] == "math_verify"
-    assert summary["truncation_rate"] == 1.0  # 8 new tokens are never enough
+    assert summary["truncation_rate"] > 0.5  # a random model rarely stops within 8 tokens
+    assert summary["mean_response_tokens"] <= 8
     assert len((out / "samples.jsonl").read_text().splitlines()) == 60
 
 

@@ -70,3 +70,40 @@ def test_step_with_no_kept_rollout_is_skipped_not_an_error(tmp_path, tiny_folder
     assert moved == 0
     assert max(r.get("opsd/skipped_steps", 0) for r in records) >= 1
     assert all(r.get("opsd/kept_fraction", 0) == 0 for r in records if "opsd/kept_fraction" in r)
+
+
+def test_lora_run_saves_a_merged_plain_folder(tmp_path, tiny_folder, task):
+    moved, records = _run(tmp_path, tiny_folder, task, gate="all", lora_r=4, lora_alpha=8, learning_rate=1e-2)
+    assert moved > 0
+    assert not (tmp_path / "opsd" / "model" / "adapter_config.json").exists()
+
+
+def test_frozen_teacher_of_a_lora_student_is_the_base_with_adapters_off(tiny_folder):
+    from peft import LoraConfig, get_peft_model
+
+    from opsdlab.teacher import build_teacher
+
+    base, _ = load_policy(tiny_folder)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = base(ids).logits
+    student = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    teacher = build_teacher("frozen", student)
+    assert teacher.copy is None  # no second copy of the weights
+    with torch.no_grad():
+        assert not torch.allclose(student(ids).logits, expected, atol=1e-4)  # the adapters change the student
+        with teacher.use(student) as model:
+            assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
+def test_ema_teacher_moves_toward_the_student(tiny_folder):
+    from opsdlab.teacher import build_teacher
+
+    student, _ = load_policy(tiny_folder)
+    teacher = build_teacher("ema", student, rate=0.5)
+    first = next(student.parameters())
+    with torch.no_grad():
+        first.add_(1.0)
+    teacher.after_step(student)
+    teacher_first = next(teacher.copy.parameters())
+    assert torch.allclose(teacher_first, first - 0.5)

@@ -17,16 +17,36 @@ def even_groups_constant(prompts, completions, completion_ids, id, **_):
     return [0.0 if int(i.split("-")[1]) % 2 == 0 else float(torch.rand(()).item() < 0.5) for i in id]
 
 
-def test_rlvr_moves_parameters(tmp_path, tiny_folder, task):
+def coin_reward(completions, **_):
+    """A reward with variance for a random model, which the verifier scores 0 everywhere."""
+    return [float(torch.rand(()).item() < 0.5) for _ in completions]
+
+
+def test_rlvr_moves_parameters_and_logs_rollout_stats(tmp_path, tiny_folder, task):
+    from opsdlab.rewards import VerifierReward
+    from opsdlab.runtime import JsonlMetrics
+
     model, tokenizer = load_policy(tiny_folder)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # Random weights solve nothing, so train on a reward with variance: the verifier plus a format bonus.
-    config = RLVRStageConfig(**SMALL, format_reward_weight=1.0)
-    out = run_rlvr(model, tokenizer, task.examples("train", 8), VerifierConfig(compare="exact"), config,
+    config = RLVRStageConfig(**SMALL)
+    verifier_reward = VerifierReward(VerifierConfig(compare="exact"), {tokenizer.eos_token_id})
+    trainer = RLVRTrainer(model=model, reward_funcs=[verifier_reward, coin_reward],
+                          args=grpo_args(config, tmp_path, 0),
+                          train_dataset=rl_dataset(task.examples("train", 8), tokenizer, True, render_prompt),
+                          processing_class=tokenizer, callbacks=[JsonlMetrics(tmp_path / "metrics.jsonl")])
+    trainer.train()
+    assert max((trainer.model.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    for key in ("rollouts/accuracy", "rollouts/truncation_rate", "rollouts/mean_length", "frac_reward_zero_std"):
+        assert key in logged
+
+
+def test_run_rlvr_writes_a_model_folder(tmp_path, tiny_folder, task):
+    model, tokenizer = load_policy(tiny_folder)
+    config = RLVRStageConfig(**{**SMALL, "max_steps": 1})
+    out = run_rlvr(model, tokenizer, task.examples("train", 4), VerifierConfig(compare="exact"), config,
                    tmp_path / "rlvr", thinking=True, render=render_prompt)
-    after, _ = load_policy(out)
-    assert max((after.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
-    assert (tmp_path / "rlvr" / "metrics.jsonl").read_text().count("rollouts/accuracy") >= 1
+    assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
 
 
 @pytest.mark.parametrize("rounds", [4])

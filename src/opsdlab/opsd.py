@@ -62,6 +62,9 @@ class OPSDStageConfig:
     logging_steps: int = 5
     report_to: str = "none"
     token_stats_rows: int = 8  # rollouts per step whose per-token teacher/student numbers are kept
+    lora_r: int = 0  # > 0: train LoRA adapters of this rank (the frozen teacher is then the base, adapters off)
+    lora_alpha: int = 128
+    lora_target_modules: str = "all-linear"
     train_problems: int = 4000
 
     def __post_init__(self):
@@ -72,12 +75,23 @@ class OPSDStageConfig:
                 raise ValueError(f"opsd: {name} must be one of {sorted(valid)}, got {value!r}")
         if self.rollouts_per_prompt < 2:
             raise ValueError("opsd: rollouts_per_prompt must be >= 2 (TRL's generation groups)")
+        if self.lora_r < 0:
+            raise ValueError(f"opsd: lora_r must be >= 0, got {self.lora_r}")
         if self.chunk_size < 1 or self.max_steps < 1 or self.prompts_per_step < 1:
             raise ValueError("opsd: chunk_size, max_steps and prompts_per_step must be >= 1")
         self.divergence_options()  # validates beta, clip_tau, top_k
 
     def divergence_options(self) -> DivergenceOptions:
         return DivergenceOptions(beta=self.jsd_beta, clip_tau=self.clip_tau, top_k=self.top_k)
+
+    def peft_config(self):
+        """A PEFT LoraConfig when lora_r > 0, else None (full fine-tuning)."""
+        if self.lora_r == 0:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=self.lora_target_modules,
+                          task_type="CAUSAL_LM")
 
     def as_rlvr(self) -> RLVRStageConfig:
         """The generation/optimizer settings expressed for TRL's GRPOConfig builder."""
@@ -153,8 +167,8 @@ class OPSDTrainer(GRPOTrainer):
         grader = next(f for f in self.reward_funcs if isinstance(f, VerifierReward))
         correct, truncated = list(grader.last_correct), list(grader.last_truncated)
         routes = route(self.opsd.gate, correct, truncated, self.opsd.divergence)
-        texts = self.processing_class.batch_decode(batch["completion_ids"] * batch["completion_mask"],
-                                                   skip_special_tokens=True)
+        texts = [self.processing_class.decode(ids[mask.bool()], skip_special_tokens=True)
+                 for ids, mask in zip(batch["completion_ids"], batch["completion_mask"])]
         teacher_prompts = [
             render_prompt(self.processing_class, _example(row), thinking=self.teacher_thinking,
                           context=self.opsd.teacher_context, sibling=_correct_sibling(i, correct, truncated, texts,
@@ -267,9 +281,13 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
         train_dataset=rl_dataset(examples, tokenizer, thinking, render_prompt),
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
+        peft_config=config.peft_config(),
         opsd=config,
         student_thinking=thinking,
         token_stats_path=stage_dir / "token_stats.jsonl",
     )
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))
-    return save_policy(trainer.model, tokenizer, stage_dir / "model")
+    model = trainer.model
+    if config.lora_r:  # save a plain HF folder that vLLM serves directly; the adapter stays in checkpoints/
+        model = trainer.accelerator.unwrap_model(model).merge_and_unload()
+    return save_policy(model, tokenizer, stage_dir / "model")

@@ -112,7 +112,7 @@ def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
         save_policy(model, tokenizer, stage_dir / "model")
         mark_complete(stage_dir)
         params = sum(p.numel() for p in model.parameters())
-        log(run_dir, f"[base] built tiny {config.model.size} Qwen3 model: {params / 1e6:.2f}M parameters, "
+        log(run_dir, f"[base] built the offline {config.model.size} Qwen3 model: {params / 1e6:.2f}M parameters, "
                      f"vocabulary {len(tokenizer)}", kind="stage", stage="base")
     return stage_dir / "model"
 
