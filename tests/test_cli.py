@@ -51,3 +51,23 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "opsdlab.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "opsdlab" in result.stdout
+
+
+def test_stage_commands_chain_through_model_folders(tmp_path, capsys):
+    """sft (building the tiny model) -> rlvr -> opsd from the command line, each a 1-2 step run."""
+    sft, rlvr, opsd = tmp_path / "sft", tmp_path / "rlvr", tmp_path / "opsd"
+    assert main(["sft", "--model", "tiny", "--out", str(sft), "--set", "max_steps=2", "--set", "rows=16",
+                 "--set", "batch_size=4"]) == 0
+    small = ["--set", "max_steps=1", "--set", "prompts_per_step=2", "--set", "max_completion_length=8"]
+    assert main(["rlvr", "--model", str(sft / "model"), "--out", str(rlvr), "--set", "group_size=2", *small]) == 0
+    assert main(["opsd", "--model", str(rlvr / "model"), "--out", str(opsd), "--gate", "all", "--teacher-check", "2",
+                 "--set", "rollouts_per_prompt=2", *small]) == 0
+    captured = capsys.readouterr()
+    assert "teacher prompt (solution)" in captured.out
+    assert "WARNING" in captured.err  # an untrained model's teacher prompt is no better than its student prompt
+    assert (opsd / "model" / "model.safetensors").exists()
+
+
+def test_unknown_stage_option_is_a_clear_error(tmp_path, tiny_folder, capsys):
+    assert main(["opsd", "--model", str(tiny_folder), "--out", str(tmp_path), "--set", "gaet=all"]) == 2
+    assert "gaet" in capsys.readouterr().err

@@ -145,7 +145,8 @@ def cmd_opsd(args) -> int:
     model, tokenizer = load_policy(args.model)
     thinking = not args.no_thinking
     if args.teacher_check > 0:
-        held_out = examples[-args.teacher_check:]
+        held_out, _ = _examples_and_verifier(argparse.Namespace(**{**vars(args), "problems": args.teacher_check}),
+                                             "test", args.teacher_check)
         sampling = SamplingConfig(k=2, temperature=0.6, max_new_tokens=config.max_completion_length)
         _, student = evaluate(model, tokenizer, held_out, verifier, sampling, thinking=thinking, desc="student prompt")
         _, teacher = evaluate(model, tokenizer, held_out, verifier, sampling, thinking=thinking,
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "opsd":
             p.add_argument("--gate", default="correct", help="all, correct, incorrect, correct_or_truncated, split")
             p.add_argument("--teacher-check", type=int, default=100,
-                           help="held-out problems for the teacher-vs-student accuracy check (0: skip)")
+                           help="problems for the teacher-vs-student accuracy check before training (0: skip)")
         p.set_defaults(func=func)
     return parser
 
