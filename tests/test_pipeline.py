@@ -37,8 +37,9 @@ def test_killed_during_opsd_then_rerun_finishes_without_touching_finished_work(t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "opsdlab.cli", "pipeline", "--config", str(config_path)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = run_dir / "opsd" / "all-s0" / "checkpoints" / "checkpoint-2"
-    deadline = time.time() + 300
+    # Kill once the first OPSD checkpoint is complete (the Trainer writes trainer_state.json last).
+    checkpoint = run_dir / "opsd" / "all-s0" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 600
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
@@ -72,3 +73,18 @@ def test_killed_during_opsd_then_rerun_finishes_without_touching_finished_work(t
                     "lengths_synthetic.png"):
         assert (report.parent / picture).stat().st_size > 1000
     assert write_report(run_dir).read_text() == text  # a pure function of the run directory
+
+
+def test_resume_point_skips_and_removes_a_checkpoint_killed_while_saving(tmp_path):
+    from opsdlab.runtime import resume_point
+
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "checkpoint-2").mkdir(parents=True)
+    (checkpoints / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (checkpoints / "checkpoint-10").mkdir()
+    (checkpoints / "checkpoint-10" / "model.safetensors").write_text("partial")
+    (checkpoints / "checkpoint-4").mkdir()
+    (checkpoints / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')  # cut mid-write
+    assert resume_point(tmp_path) == str(checkpoints / "checkpoint-2")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]
+    assert resume_point(tmp_path / "nothing") is None

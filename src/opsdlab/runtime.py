@@ -8,12 +8,12 @@ metrics to `metrics.jsonl` in its stage folder, and resumes from its last checkp
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 
 def precision_kwargs() -> dict:
@@ -42,9 +42,27 @@ def common_training_args(stage_dir: Path, *, seed: int, save_steps: int, logging
 
 
 def resume_point(stage_dir: Path) -> str | None:
-    """The last checkpoint a killed run of this stage left behind, if any."""
-    checkpoints = stage_dir / "checkpoints"
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    """The last complete checkpoint a killed run of this stage left behind, if any.
+
+    A run killed while saving leaves a checkpoint folder without its trainer_state.json (the
+    Trainer writes it last); such a folder cannot be resumed from and is removed.
+    """
+    checkpoints = Path(stage_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        return None
+    for folder in sorted(checkpoints.glob("checkpoint-*"), key=_step_of, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            print(f"removing incomplete checkpoint {folder} (the run was stopped while saving it)")
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _step_of(folder: Path) -> int:
+    suffix = folder.name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
 
 
 class JsonlMetrics(TrainerCallback):
