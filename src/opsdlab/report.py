@@ -53,7 +53,7 @@ def _fmt(value, pattern="{:.3f}") -> str:
 def results_table(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
     ref = load_eval(run_dir, reference, set_name) if reference else None
     lines = ["| checkpoint | avg@k [95% CI] | maj@k | greedy | mean tokens | median | thinking | truncated "
-             "| length vs RLVR | teacher prompt |", "|" + "---|" * 10]
+             f"| length vs {reference} | teacher prompt |", "|" + "---|" * 10]
     for name in names:
         s = load_eval(run_dir, name, set_name)
         if s is None:
@@ -80,7 +80,8 @@ def arm_summary(run_dir: Path, names: list[str], set_name: str, reference: str |
     ref = load_eval(run_dir, reference, set_name) if reference else None
     if not by_arm:
         return []
-    lines = ["| arm | seeds | avg@k (mean [CI] over seeds) | mean tokens | length vs RLVR |", "|---|---|---|---|---|"]
+    lines = [f"| arm | seeds | avg@k (mean [CI] over seeds) | mean tokens | length vs {reference} |",
+             "|---|---|---|---|---|"]
     for arm, runs in by_arm.items():
         acc = mean_ci([r["avg_at_k"] for r in runs])
         tokens = mean_ci([r["mean_response_tokens"] for r in runs])
@@ -152,8 +153,8 @@ def plot_length_distributions(run_dir: Path, names: list[str], set_name: str, ou
 
 
 def flips_and_hesitation(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
-    lines = ["| checkpoint | correct→incorrect | incorrect→correct | Δacc vs RLVR [95% CI] | length change [95% CI] "
-             "| hesitation markers / 1k tokens |", "|---|---|---|---|---|---|"]
+    lines = [f"| checkpoint | correct→incorrect | incorrect→correct | Δacc vs {reference} [95% CI] | length change "
+             "[95% CI] | hesitation markers / 1k tokens |", "|---|---|---|---|---|---|"]
     ref_path = run_dir / "eval" / str(reference) / set_name / "samples.jsonl"
     before = read_samples(ref_path) if reference and ref_path.exists() else None
     for name in names:
@@ -162,15 +163,13 @@ def flips_and_hesitation(run_dir: Path, names: list[str], set_name: str, referen
             continue
         after = read_samples(path)
         density = hesitation_density([s.text for s in after], MARKERS, token_counts=[s.response_tokens for s in after])
-        flip_cells = diff_cells = "–"
+        flip_cells, diff_cells = "– | –", "– | –"
         if before is not None and name.startswith("opsd-"):
             f = flips(before, after)
             d = bootstrap_diff_ci(before, after)
             flip_cells = f"{f['correct_to_incorrect']} | {f['incorrect_to_correct']}"
             diff_cells = (f"{d['accuracy_diff']:+.3f} [{d['accuracy_diff_ci'][0]:+.3f}, {d['accuracy_diff_ci'][1]:+.3f}] | "
                           f"{d['length_change']:+.1%} [{d['length_change_ci'][0]:+.1%}, {d['length_change_ci'][1]:+.1%}]")
-        else:
-            flip_cells, diff_cells = "– | –", "– | –"
         lines.append(f"| {name} | {flip_cells} | {diff_cells} | {density['density']:.1f} |")
     return lines
 
