@@ -128,7 +128,9 @@ def plot_training_curves(run_dir: Path, out: Path) -> bool:
                 ax.plot(*zip(*points), label=name, lw=1.2)
             ax.set_title(label)
             ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
