@@ -57,7 +57,6 @@ def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_di
         completion_only_loss=True,
         gradient_checkpointing=config.gradient_checkpointing,
         eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token,
         dataset_num_proc=None,
         **common_training_args(stage_dir, seed=seed, save_steps=config.save_steps,
                                logging_steps=config.logging_steps, report_to=config.report_to),
