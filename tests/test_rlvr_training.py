@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from opsdlab.models import load_policy
-from opsdlab.prompts import render_prompt
 from opsdlab.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, informative_groups, rl_dataset, run_rlvr
 from opsdlab.verifier import VerifierConfig
 
@@ -32,7 +31,7 @@ def test_rlvr_moves_parameters_and_logs_rollout_stats(tmp_path, tiny_folder, tas
     verifier_reward = VerifierReward(VerifierConfig(compare="exact"), {tokenizer.eos_token_id})
     trainer = RLVRTrainer(model=model, reward_funcs=[verifier_reward, coin_reward],
                           args=grpo_args(config, tmp_path, 0),
-                          train_dataset=rl_dataset(task.examples("train", 8), tokenizer, True, render_prompt),
+                          train_dataset=rl_dataset(task.examples("train", 8), tokenizer, True),
                           processing_class=tokenizer, callbacks=[JsonlMetrics(tmp_path / "metrics.jsonl")])
     trainer.train()
     assert max((trainer.model.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
@@ -45,7 +44,7 @@ def test_run_rlvr_writes_a_model_folder(tmp_path, tiny_folder, task):
     model, tokenizer = load_policy(tiny_folder)
     config = RLVRStageConfig(**{**SMALL, "max_steps": 1})
     out = run_rlvr(model, tokenizer, task.examples("train", 4), VerifierConfig(compare="exact"), config,
-                   tmp_path / "rlvr", thinking=True, render=render_prompt)
+                   tmp_path / "rlvr", thinking=True)
     assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
 
 
@@ -56,7 +55,7 @@ def test_dynamic_sampling_drops_uninformative_groups_and_refills(tmp_path, tiny_
     config = RLVRStageConfig(**SMALL)
     examples = task.examples("train", 40)
     trainer = RLVRTrainer(model=model, reward_funcs=[even_groups_constant], args=grpo_args(config, tmp_path, 0),
-                          train_dataset=rl_dataset(examples, tokenizer, True, render_prompt),
+                          train_dataset=rl_dataset(examples, tokenizer, True),
                           processing_class=tokenizer, dynamic_sampling=True, dynamic_sampling_max_rounds=rounds)
     trainer.model.train()
     rows = [dict(trainer.train_dataset[i]) for i in range(4) for _ in range(2)]  # 2 even-id (dead) groups

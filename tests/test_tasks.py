@@ -110,3 +110,17 @@ def test_bad_task_options_are_clear_errors():
         build_task("synthetic", {"slipp_rate": 0.1})
     with pytest.raises(ValueError, match="unknown task"):
         build_task("chess")
+
+
+def test_file_task_sft_rows_need_reference_solutions(tmp_path, tokenizer):
+    import json
+
+    path = tmp_path / "train.jsonl"
+    rows = [{"id": "a", "problem": "What is 1 + 2?", "solution": "1 + 2 = 3", "answer": "3"},
+            {"id": "b", "problem": "What is 2 + 2?", "solution": "", "answer": "4"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = build_task("file", {"train": str(path)})
+    assert len(task.examples("train", None)) == 2
+    assert task.sft_rows(tokenizer, 1)[0]["completion"].startswith("<think>\n1 + 2 = 3\n</think>")
+    with pytest.raises(ValueError, match="ids \\['b'\\]"):
+        task.sft_rows(tokenizer, None)

@@ -119,7 +119,6 @@ def _train_examples(args, count: int):
 
 def cmd_rlvr(args) -> int:
     from opsdlab.models import load_policy
-    from opsdlab.prompts import render_prompt
     from opsdlab.rlvr import RLVRStageConfig, run_rlvr
     from opsdlab.verifier import VerifierConfig
 
@@ -128,7 +127,7 @@ def cmd_rlvr(args) -> int:
     verifier = VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
     model, tokenizer = load_policy(args.model)
     out = run_rlvr(model, tokenizer, examples, verifier, config, Path(args.out), thinking=not args.no_thinking,
-                   render=render_prompt, seed=args.seed)
+                   seed=args.seed)
     print(f"rlvr: wrote {out}")
     return 0
 

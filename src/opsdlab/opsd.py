@@ -153,7 +153,6 @@ class OPSDTrainer(GRPOTrainer):
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.opsd = opsd
-        self.student_thinking = student_thinking
         self.teacher_thinking = student_thinking if opsd.teacher_thinking is None else opsd.teacher_thinking
         self.teacher = build_teacher(opsd.teacher_weights, self.accelerator.unwrap_model(self.model), opsd.ema_rate)
         self.divergence_options = opsd.divergence_options()
@@ -278,7 +277,7 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
         model=model,
         reward_funcs=[VerifierReward(verifier, eos)],
         args=grpo_args(config.as_rlvr(), stage_dir, seed),
-        train_dataset=rl_dataset(examples, tokenizer, thinking, render_prompt),
+        train_dataset=rl_dataset(examples, tokenizer, thinking),
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
         peft_config=config.peft_config(),

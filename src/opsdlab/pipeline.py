@@ -28,7 +28,6 @@ from opsdlab.data import ColumnMap, load_examples, parse_column_map
 from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
-from opsdlab.prompts import render_prompt
 from opsdlab.rlvr import run_rlvr
 from opsdlab.sft import run_sft
 from opsdlab.tasks import build_task
@@ -151,7 +150,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
             model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
             examples = task.examples("train", config.rlvr.train_problems)
             run_rlvr(model, tokenizer, examples, verifier, config.rlvr, stage_dir, thinking=thinking,
-                     render=render_prompt, seed=config.seed)
+                     seed=config.seed)
             mark_complete(stage_dir)
             log(run_dir, f"[rlvr] done in {time.time() - start:.0f}s", kind="stage", stage="rlvr")
         current = stage_dir / "model"

@@ -17,6 +17,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from opsdlab.models import save_policy
+from opsdlab.prompts import render_prompt
 from opsdlab.rewards import VerifierReward, format_reward
 from opsdlab.runtime import JsonlMetrics, common_training_args, resume_point
 from opsdlab.verifier import VerifierConfig
@@ -100,10 +101,10 @@ def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, **extra) -> G
     )
 
 
-def rl_dataset(examples, tokenizer, thinking: bool, render) -> Dataset:
+def rl_dataset(examples, tokenizer, thinking: bool) -> Dataset:
     """Rows with the rendered student prompt plus the fields later stages need."""
     return Dataset.from_list([
-        {"prompt": render(tokenizer, ex, thinking=thinking), "answer": ex.answer, "problem": ex.problem,
+        {"prompt": render_prompt(tokenizer, ex, thinking=thinking), "answer": ex.answer, "problem": ex.problem,
          "solution": ex.solution, "id": ex.id}
         for ex in examples
     ])
@@ -212,14 +213,14 @@ class RLVRTrainer(GRPOTrainer):
 
 
 def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRStageConfig, stage_dir: Path,
-             *, thinking: bool, render, seed: int = 0) -> Path:
+             *, thinking: bool, seed: int = 0) -> Path:
     """Train with GRPO on `examples`, resume from a checkpoint if one exists, save to stage_dir/model."""
     stage_dir = Path(stage_dir)
     trainer = RLVRTrainer(
         model=model,
         reward_funcs=reward_functions(verifier, tokenizer, config),
         args=grpo_args(config, stage_dir, seed),
-        train_dataset=rl_dataset(examples, tokenizer, thinking, render),
+        train_dataset=rl_dataset(examples, tokenizer, thinking),
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
         dynamic_sampling=config.dynamic_sampling,

@@ -31,21 +31,26 @@ class FileTask:
         self.seed = seed
         self._cache: list[Example] | None = None
 
-    def _train_examples(self, require_solution: bool) -> list[Example]:
+    def _train_examples(self) -> list[Example]:
         if self.train is None:
             raise ValueError("task 'file' needs `train` (a jsonl/parquet path or a datasets name)")
         if self._cache is None:
-            self._cache = load_examples(self.train, self.columns, split=self.split, require_solution=require_solution)
+            self._cache = load_examples(self.train, self.columns, split=self.split)
         return self._cache
 
     def examples(self, split: str, count: int | None) -> list[Example]:
-        examples = list(self._train_examples(require_solution=False))
+        examples = list(self._train_examples())
         random.Random(f"{self.seed}-{split}").shuffle(examples)
         return examples if count is None else examples[:count]
 
     def sft_rows(self, tokenizer, count: int | None, thinking: bool = True, seed: int = 0) -> list[dict]:
+        examples = self._train_examples()[: count or None]
+        missing = [e.id for e in examples if not e.solution.strip()]
+        if missing:
+            raise ValueError(f"{self.train}: SFT needs a reference solution in every row; rows with ids "
+                             f"{missing[:5]} have none (map the column with columns=solution=NAME)")
         rows = []
-        for example in self._train_examples(require_solution=True)[: count or None]:
+        for example in examples:
             answer = f"The final answer is \\boxed{{{example.answer}}}."
             body = example.solution.strip()
             completion = f"<think>\n{body}\n</think>\n\n{answer}" if thinking else f"{body}\n\n{answer}"
