@@ -31,22 +31,25 @@ def _task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", default=None, help="answer comparison: math_verify or exact (task default)")
 
 
-def _examples_and_verifier(args, split: str, default_count: int):
-    from opsdlab.data import ColumnMap, load_examples, parse_column_map
-    from opsdlab.tasks import build_task
+def _verifier(args, defaults: dict):
+    """The one verifier, with the task's defaults unless --extract / --compare override them."""
     from opsdlab.verifier import VerifierConfig
 
-    count = args.problems or default_count
+    return VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
+
+
+def _examples_and_verifier(args, split: str, count: int | None = None):
+    """Evaluation problems (`count`, else --problems, else 200 synthetic / all file rows) and the verifier."""
+    from opsdlab.data import ColumnMap, load_examples, parse_column_map
+    from opsdlab.tasks import FileTask, build_task
+
+    count = count or args.problems
     if args.data == "synthetic":
         task = build_task("synthetic")
-        examples = task.examples(split, count)
-        defaults = task.default_verifier
-    else:
-        columns = parse_column_map(args.columns) if args.columns else ColumnMap(solution=None)
-        examples = load_examples(args.data, columns, split=split, limit=args.problems)
-        defaults = {"extract": "last_boxed", "compare": "math_verify"}
-    verifier = VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
-    return examples, verifier
+        return task.examples(split, count or 200), _verifier(args, task.default_verifier)
+    columns = parse_column_map(args.columns) if args.columns else ColumnMap(solution=None)
+    examples = load_examples(args.data, columns, split=split, limit=count)
+    return examples, _verifier(args, FileTask.default_verifier)
 
 
 def _overrides(cls, pairs: list[str]):
@@ -71,7 +74,7 @@ def cmd_eval(args) -> int:
     from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
     from opsdlab.models import load_policy
 
-    examples, verifier = _examples_and_verifier(args, "test", 200)
+    examples, verifier = _examples_and_verifier(args, "test")
     sampling = SamplingConfig(k=args.k, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     model, tokenizer = load_policy(args.model)
@@ -120,11 +123,10 @@ def _train_examples(args, count: int):
 def cmd_rlvr(args) -> int:
     from opsdlab.models import load_policy
     from opsdlab.rlvr import RLVRStageConfig, run_rlvr
-    from opsdlab.verifier import VerifierConfig
 
     config = _overrides(RLVRStageConfig, args.set)
     examples, defaults = _train_examples(args, config.train_problems)
-    verifier = VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
+    verifier = _verifier(args, defaults)
     model, tokenizer = load_policy(args.model)
     out = run_rlvr(model, tokenizer, examples, verifier, config, Path(args.out), thinking=not args.no_thinking,
                    seed=args.seed)
@@ -136,16 +138,14 @@ def cmd_opsd(args) -> int:
     from opsdlab.evaluate import SamplingConfig, evaluate, one_line
     from opsdlab.models import load_policy
     from opsdlab.opsd import OPSDStageConfig, run_opsd
-    from opsdlab.verifier import VerifierConfig
 
     config = _overrides(OPSDStageConfig, args.set + [f"gate={args.gate}"])
     examples, defaults = _train_examples(args, config.train_problems)
-    verifier = VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
+    verifier = _verifier(args, defaults)
     model, tokenizer = load_policy(args.model)
     thinking = not args.no_thinking
     if args.teacher_check > 0:
-        held_out, _ = _examples_and_verifier(argparse.Namespace(**{**vars(args), "problems": args.teacher_check}),
-                                             "test", args.teacher_check)
+        held_out, _ = _examples_and_verifier(args, "test", args.teacher_check)
         sampling = SamplingConfig(k=2, temperature=0.6, max_new_tokens=config.max_completion_length)
         _, student = evaluate(model, tokenizer, held_out, verifier, sampling, thinking=thinking, desc="student prompt")
         _, teacher = evaluate(model, tokenizer, held_out, verifier, sampling, thinking=thinking,
@@ -168,8 +168,8 @@ def cmd_pipeline(args) -> int:
 
 
 def _run_and_report(config) -> int:
-    from opsdlab.pipeline import run_pipeline, stage_summary
-    from opsdlab.report import write_report
+    from opsdlab.pipeline import run_pipeline
+    from opsdlab.report import stage_summary, write_report
 
     run_dir = run_pipeline(config)
     report = write_report(run_dir)

@@ -196,24 +196,3 @@ def _warn_if_teacher_not_better(run_dir: Path, checkpoint: str, sets: dict, cont
                 message += ("  WARNING: the privileged prompt is not more accurate; OPSD has little to teach "
                             "beyond style")
             log(run_dir, message, kind="teacher_check", checkpoint=checkpoint, set=set_name, student=s, teacher=t)
-
-
-def stage_summary(run_dir: Path) -> list[str]:
-    """One line per evaluated checkpoint: sampled and greedy accuracy, length, teacher-prompt accuracy."""
-    from opsdlab.report import checkpoint_order, is_main_set
-
-    lines = []
-    for folder in (run_dir / "eval" / name for name in checkpoint_order(run_dir)):
-        for set_dir in sorted(p for p in folder.iterdir() if is_main_set(p.name)):
-            main = json.loads((set_dir / "summary.json").read_text())
-            line = (f"{folder.name:>20} {set_dir.name}: avg@{main['samples_per_problem']} {main['avg_at_k']:.3f} "
-                    f"[{main['avg_at_k_ci'][0]:.3f}, {main['avg_at_k_ci'][1]:.3f}]")
-            greedy = folder / f"{set_dir.name}-greedy" / "summary.json"
-            if greedy.exists():
-                line += f"  greedy {json.loads(greedy.read_text())['avg_at_k']:.3f}"
-            line += f"  mean tokens {main['mean_response_tokens']:.1f}"
-            for teacher in sorted(folder.glob(f"{set_dir.name}-teacher-*")):
-                t = json.loads((teacher / "summary.json").read_text())
-                line += f"  teacher prompt ({t['context']}) {t['avg_at_k']:.3f}"
-            lines.append(line)
-    return lines

@@ -90,6 +90,25 @@ def arm_summary(run_dir: Path, names: list[str], set_name: str, reference: str |
     return lines
 
 
+def stage_summary(run_dir: Path) -> list[str]:
+    """One line per evaluated checkpoint and set: sampled and greedy accuracy, length, teacher prompts."""
+    lines = []
+    for name in checkpoint_order(run_dir):
+        folder = run_dir / "eval" / name
+        for set_name in sorted(p.name for p in folder.iterdir() if is_main_set(p.name)):
+            main = load_eval(run_dir, name, set_name)
+            lo, hi = main["avg_at_k_ci"]
+            line = f"{name:>20} {set_name}: avg@{main['samples_per_problem']} {main['avg_at_k']:.3f} [{lo:.3f}, {hi:.3f}]"
+            if greedy := load_eval(run_dir, name, f"{set_name}-greedy"):
+                line += f"  greedy {greedy['avg_at_k']:.3f}"
+            line += f"  mean tokens {main['mean_response_tokens']:.1f}"
+            for teacher in sorted(folder.glob(f"{set_name}-teacher-*")):
+                t = load_eval(run_dir, name, teacher.name)
+                line += f"  teacher prompt ({t['context']}) {t['avg_at_k']:.3f}"
+            lines.append(line)
+    return lines
+
+
 def plot_accuracy_length(run_dir: Path, names: list[str], set_name: str, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in names:
