@@ -36,3 +36,20 @@ def tiny_folder(tmp_path_factory, tokenizer):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def bos_folder(tmp_path_factory, task):
+    """A tiny model whose tokenizer adds a BOS token to every encoded text (as Llama 3's does)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, save_policy
+
+    tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+    tokenizer.add_special_tokens({"bos_token": "<bos>"})
+    bos_id = tokenizer.convert_tokens_to_ids("<bos>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)])
+    folder = tmp_path_factory.mktemp("bos") / "model"
+    save_policy(build_tiny_model(tokenizer, seed=0), tokenizer, folder)
+    return folder

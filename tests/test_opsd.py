@@ -1,4 +1,4 @@
-"""OPSD stage: alignment invariant, loss position bookkeeping, and tiny training runs."""
+"""OPSD stage: alignment, loss scaling, empty gates, tokenization and tiny training runs."""
 
 import json
 
@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from opsdlab.models import load_policy
-from opsdlab.opsd import (OPSDStageConfig, check_same_response_tokens, final_hidden, response_positions,
+from opsdlab.opsd import (OPSDStageConfig, check_alignment, final_hidden, loss_normalizer, response_positions,
                           run_opsd)
-from opsdlab.verifier import VerifierConfig
 
-EXACT = VerifierConfig(extract="last_boxed", compare="exact")
+from opsd_helpers import EXACT, ScriptedReward, make_trainer, snapshot
 
 
 def test_response_positions_score_exactly_the_completion_tokens(tiny_folder):
@@ -28,82 +27,171 @@ def test_response_positions_score_exactly_the_completion_tokens(tiny_folder):
     assert torch.allclose(model.get_output_embeddings()(hidden), expected, atol=1e-5)
 
 
-def test_alignment_check_catches_shifted_teacher_sequences():
-    completion = torch.tensor([[7, 8, 9]])
-    mask = torch.ones(1, 3, dtype=torch.long)
-    student = torch.cat([torch.tensor([[1, 2]]), completion], 1)
-    teacher = torch.cat([torch.tensor([[1, 3, 4, 2]]), completion], 1)
-    check_same_response_tokens(student, teacher, 2, 4, mask)
-    with pytest.raises(RuntimeError, match="alignment"):
-        check_same_response_tokens(student, teacher, 2, 3, mask)  # off by one: a padding bug
+def _aligned_pair():
+    response = torch.tensor([[7, 8, 9], [7, 8, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    student_prompt = torch.tensor([[0, 1, 2], [1, 2, 3]])
+    teacher_prompt = torch.tensor([[0, 0, 1, 3, 4, 2], [1, 3, 4, 5, 2, 3]])
+    student = (torch.cat([student_prompt, response], 1), torch.cat([(student_prompt != 0).long(), mask], 1))
+    teacher = (torch.cat([teacher_prompt, response], 1), torch.cat([(teacher_prompt != 0).long(), mask], 1))
+    return student, teacher, response, mask
 
 
-def _run(tmp_path, tiny_folder, task, **overrides):
-    settings = dict(max_steps=2, prompts_per_step=2, rollouts_per_prompt=2, max_completion_length=12,
-                    learning_rate=1e-3, save_steps=100, logging_steps=1)
-    settings.update(overrides)
-    config = OPSDStageConfig(**settings)
-    model, tokenizer = load_policy(tiny_folder)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out = run_opsd(model, tokenizer, task.examples("train", 8), EXACT, config, tmp_path / "opsd", thinking=True)
-    after, _ = load_policy(out)
-    moved = max((after.state_dict()[n] - p).abs().max().item() for n, p in before.items())
-    records = [json.loads(line) for line in (tmp_path / "opsd" / "metrics.jsonl").read_text().splitlines()]
-    return moved, records
+def test_alignment_check_passes_on_aligned_sequences_and_catches_an_off_by_one_on_either_side():
+    (s_ids, s_attn), (t_ids, t_attn), response, mask = _aligned_pair()
+    s_pos, t_pos = response_positions(3, 3), response_positions(6, 3)
+    check_alignment(s_ids, s_attn, s_pos, t_ids, t_attn, t_pos, response, mask)
+    shifted = [slice(p.start + d, p.stop + d) for p in (s_pos, t_pos) for d in (-1, 1)]
+    for bad_student in shifted[:2]:
+        with pytest.raises(RuntimeError, match="student"):
+            check_alignment(s_ids, s_attn, bad_student, t_ids, t_attn, t_pos, response, mask)
+    for bad_teacher in shifted[2:]:
+        with pytest.raises(RuntimeError, match="teacher"):
+            check_alignment(s_ids, s_attn, s_pos, t_ids, t_attn, bad_teacher, response, mask)
 
 
-@pytest.mark.parametrize("divergence", ["reverse_kl", "sampled_reverse_kl"])
-def test_opsd_all_gate_trains_and_logs(tmp_path, tiny_folder, task, divergence):
-    moved, records = _run(tmp_path, tiny_folder, task, gate="all", divergence=divergence)
-    assert moved > 0
-    logged = {k for r in records for k in r}
-    assert {"opsd/loss", "opsd/kept_fraction", "opsd/student_entropy", "opsd/teacher_entropy",
-            "rollouts/accuracy", "rollouts/truncation_rate"} <= logged
-    stats = (tmp_path / "opsd" / "token_stats.jsonl").read_text().splitlines()
-    row = json.loads(stats[0])
-    assert len(row["token_ids"]) == len(row["loss"]) == len(row["logp_shift"])
+def test_alignment_check_catches_a_response_glued_after_padding():
+    """A teacher prompt padded on the right puts pad tokens between prompt and response."""
+    (s_ids, s_attn), _, response, mask = _aligned_pair()
+    teacher_prompt = torch.tensor([[1, 3, 2, 0], [1, 3, 2, 0]])  # right-padded: wrong side
+    t_ids = torch.cat([teacher_prompt, response], 1)
+    t_attn = torch.cat([(teacher_prompt != 0).long(), mask], 1)
+    with pytest.raises(RuntimeError, match="teacher"):
+        check_alignment(s_ids, s_attn, response_positions(3, 3), t_ids, t_attn, response_positions(4, 3),
+                        response, mask)
 
 
-def test_step_with_no_kept_rollout_is_skipped_not_an_error(tmp_path, tiny_folder, task):
-    """A random model solves nothing: the correct-only gate drops every rollout and the weights stay put."""
-    moved, records = _run(tmp_path, tiny_folder, task, gate="correct")
-    assert moved == 0
-    assert max(r.get("opsd/skipped_steps", 0) for r in records) >= 1
-    assert all(r.get("opsd/kept_fraction", 0) == 0 for r in records if "opsd/kept_fraction" in r)
+def test_loss_normalizer_hand_computed():
+    # 120 kept tokens over 2 processes: each process divides its sum by 60; DDP averages, so the
+    # step's gradient is (sum_0 + sum_1) / 120.
+    assert loss_normalizer(120, 2, 1, 1) == 60
+    assert loss_normalizer(120, 1, 2, 2) == 120  # GA sums micro-batches: each divides by the step total
+    assert loss_normalizer(120, 1, 1, 2) == 60  # a generation batch feeding two optimizer steps
+    assert loss_normalizer(0, 2, 1, 1) == 0.5  # never a division by zero
+
+
+def _step_gradients(tmp_path, tiny_folder, task, **overrides):
+    """Gradients of the first optimizer step, read just before the optimizer applies them."""
+    grads = {}
+
+    class Grab:
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if not grads:
+                grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                              if p.grad is not None})
+
+    from transformers import TrainerCallback
+
+    callback = type("GrabGradients", (TrainerCallback,), {"on_pre_optimizer_step": Grab.on_pre_optimizer_step})()
+    trainer = make_trainer(tmp_path, tiny_folder, task, callbacks=[callback], max_steps=1, **overrides)
+    trainer.train()
+    return grads
+
+
+def test_step_gradient_does_not_depend_on_gradient_accumulation(tmp_path, tiny_folder, task):
+    """The same 8 rollouts as one micro-batch (GA=1) or two (GA=2) give the same step gradient."""
+    one = _step_gradients(tmp_path / "ga1", tiny_folder, task, prompts_per_step=4, gradient_accumulation_steps=1)
+    two = _step_gradients(tmp_path / "ga2", tiny_folder, task, prompts_per_step=2, gradient_accumulation_steps=2)
+    assert one.keys() == two.keys() and one
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_opsd_all_gate_trains_and_logs(tmp_path, tiny_folder, task):
+    for divergence in ("reverse_kl", "sampled_reverse_kl"):
+        config = OPSDStageConfig(gate="all", divergence=divergence, max_steps=2, prompts_per_step=2,
+                                 rollouts_per_prompt=2, max_completion_length=12, learning_rate=1e-3,
+                                 save_steps=100, logging_steps=1)
+        model, tokenizer = load_policy(tiny_folder)
+        before = snapshot(model)
+        stage = tmp_path / divergence
+        out = run_opsd(model, tokenizer, task.examples("train", 8), EXACT, config, stage, thinking=True)
+        after, _ = load_policy(out)
+        assert max((after.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
+        records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+        logged = {k for r in records for k in r}
+        assert {"opsd/loss", "opsd/kept_fraction", "opsd/student_entropy", "opsd/teacher_entropy",
+                "opsd/refill_rounds", "rollouts/accuracy", "rollouts/truncation_rate"} <= logged
+        row = json.loads((stage / "token_stats.jsonl").read_text().splitlines()[0])
+        assert len(row["token_ids"]) == len(row["loss"]) == len(row["logp_shift"])
+
+
+def test_a_step_that_keeps_nothing_changes_no_weight_and_no_optimizer_state(tmp_path, tiny_folder, task):
+    """Step 1 keeps every rollout, step 2 none (refill off): step 2 must leave weights and AdamW alone."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class AfterEachStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            opt_state = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                         for k, s in trainer.optimizer.state.items()}
+            seen[state.global_step] = (snapshot(model), opt_state)
+
+    reward = ScriptedReward(lambda call, n: [call == 1] * n)
+    trainer = make_trainer(tmp_path, tiny_folder, task, reward=reward, callbacks=[AfterEachStep()], gate="correct",
+                           refill_max_rounds=1)
+    trainer.train()
+    (weights_1, adam_1), (weights_2, adam_2) = seen[1], seen[2]
+    assert max((weights_1[n] - weights_2[n]).abs().max().item() for n in weights_1) == 0.0
+    assert adam_1.keys() == adam_2.keys() and adam_1
+    for key in adam_1:
+        for field, value in adam_1[key].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(adam_2[key][field])), field
+    assert trainer.skipped_steps == 1
+
+
+def test_an_empty_round_is_refilled_with_fresh_prompts(tmp_path, tiny_folder, task):
+    """Round 1 keeps nothing; the refill round keeps every rollout; the batch keeps its size."""
+    reward = ScriptedReward(lambda call, n: [call % 2 == 0] * n)  # calls 1, 3, ... all wrong
+    trainer = make_trainer(tmp_path, tiny_folder, task, reward=reward, gate="correct", max_steps=1)
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert reward.calls == 2
+    assert trainer.skipped_steps == 0
+    assert max((before[n] - p).abs().max().item() for n, p in trainer.model.named_parameters()) > 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("opsd/refill_rounds") == 1 and r.get("opsd/kept_fraction") == 1.0 for r in records)
+
+
+def test_nothing_kept_after_every_refill_round_skips_the_step(tmp_path, tiny_folder, task):
+    """A random model solves nothing: the correct-only gate drops every rollout of every round."""
+    trainer = make_trainer(tmp_path, tiny_folder, task, gate="correct", refill_max_rounds=3)
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert max((before[n] - p).abs().max().item() for n, p in trainer.model.named_parameters()) == 0.0
+    assert trainer.skipped_steps == 2
+    assert not trainer.optimizer.state  # AdamW never stepped
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("opsd/refill_rounds", 0) for r in records) == 2
+
+
+def test_teacher_prompts_are_tokenized_like_student_prompts_with_a_bos_tokenizer(tmp_path, bos_folder, task):
+    """A tokenizer that adds BOS: both prompts start with exactly one BOS, and the check passes."""
+    trainer = make_trainer(tmp_path, bos_folder, task, max_steps=1)
+    tokenizer = trainer.processing_class
+    rows = [dict(trainer.train_dataset[i]) for i in range(2) for _ in range(2)]
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(rows)
+    bos = tokenizer.bos_token_id
+    for ids_key, mask_key in (("prompt_ids", "prompt_mask"), ("teacher_prompt_ids", "teacher_prompt_mask")):
+        for ids, mask in zip(batch[ids_key], batch[mask_key]):
+            real = ids[mask.bool()].tolist()
+            assert real[0] == bos and real.count(bos) == 1, ids_key
+    trainer.train()  # the alignment check runs on every micro-batch
 
 
 def test_lora_run_saves_a_merged_plain_folder(tmp_path, tiny_folder, task):
-    moved, records = _run(tmp_path, tiny_folder, task, gate="all", lora_r=4, lora_alpha=8, learning_rate=1e-2)
-    assert moved > 0
-    assert not (tmp_path / "opsd" / "model" / "adapter_config.json").exists()
+    config = OPSDStageConfig(gate="all", lora_r=4, lora_alpha=8, learning_rate=1e-2, max_steps=2, prompts_per_step=2,
+                             rollouts_per_prompt=2, max_completion_length=12, save_steps=100)
+    model, tokenizer = load_policy(tiny_folder)
+    before = snapshot(model)
+    out = run_opsd(model, tokenizer, task.examples("train", 8), EXACT, config, tmp_path / "opsd", thinking=True)
+    after, _ = load_policy(out)
+    assert max((after.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
+    assert not (out / "adapter_config.json").exists()
 
 
-def test_frozen_teacher_of_a_lora_student_is_the_base_with_adapters_off(tiny_folder):
-    from peft import LoraConfig, get_peft_model
-
-    from opsdlab.teacher import build_teacher
-
-    base, _ = load_policy(tiny_folder)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        expected = base(ids).logits
-    student = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    teacher = build_teacher("frozen", student)
-    assert teacher.copy is None  # no second copy of the weights
-    with torch.no_grad():
-        assert not torch.allclose(student(ids).logits, expected, atol=1e-4)  # the adapters change the student
-        with teacher.use(student) as model:
-            assert torch.allclose(model(ids).logits, expected, atol=1e-5)
-
-
-def test_ema_teacher_moves_toward_the_student(tiny_folder):
-    from opsdlab.teacher import build_teacher
-
-    student, _ = load_policy(tiny_folder)
-    teacher = build_teacher("ema", student, rate=0.5)
-    first = next(student.parameters())
-    with torch.no_grad():
-        first.add_(1.0)
-    teacher.after_step(student)
-    teacher_first = next(teacher.copy.parameters())
-    assert torch.allclose(teacher_first, first - 0.5)
+def test_config_rejects_bad_refill_settings():
+    with pytest.raises(ValueError, match="refill_max_rounds"):
+        OPSDStageConfig(refill_max_rounds=0)

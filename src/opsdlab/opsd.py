@@ -8,9 +8,11 @@ score the same response token ids. Rollouts are graded by the one verifier and g
 (`gates.GATES`) before any forward pass.
 
 Generation, reward bookkeeping, accelerate, PEFT, vLLM and logging are TRL's GRPOTrainer; this
-subclass replaces the policy-gradient loss by the distillation loss. Departures from the paper:
-TRL requires at least 2 rollouts per prompt (the authors used 1); the loss is a mean per
-micro-batch of kept tokens.
+subclass replaces the policy-gradient loss by the distillation loss. The loss is the mean over every
+kept token of an optimizer step, whatever the split into micro-batches and processes
+(`loss_normalizer`). A step whose gate keeps too little is refilled with fresh prompts; one that
+keeps nothing anywhere skips its optimizer step. Departure from the paper: TRL requires at least 2
+rollouts per prompt (the authors used 1).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from opsdlab.gates import GATES, route
 from opsdlab.models import save_policy
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
-from opsdlab.rlvr import RLVRStageConfig, grpo_args, rl_dataset
+from opsdlab.rlvr import (RefillSampler, RLVRStageConfig, concat_batches, global_sum, grpo_args, rl_dataset,
+                          select_rows)
 from opsdlab.runtime import JsonlMetrics, resume_point
-from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher
+from opsdlab.teacher import (TEACHER_WEIGHTS, build_teacher, is_peft_model, load_teacher_state,
+                             save_teacher_state)
 from opsdlab.verifier import VerifierConfig
 
 
@@ -66,6 +70,10 @@ class OPSDStageConfig:
     lora_alpha: int = 128
     lora_target_modules: str = "all-linear"
     train_problems: int = 4000
+    # A step whose gate keeps fewer rollouts (over all processes) is refilled with fresh prompts, up
+    # to refill_max_rounds generation rounds; a step that still keeps nothing skips its optimizer step.
+    min_kept_rollouts: int = 1
+    refill_max_rounds: int = 4
 
     def __post_init__(self):
         for name, value, valid in (("gate", self.gate, GATES), ("divergence", self.divergence, DIVERGENCES),
@@ -77,6 +85,8 @@ class OPSDStageConfig:
             raise ValueError("opsd: rollouts_per_prompt must be >= 2 (TRL's generation groups)")
         if self.lora_r < 0:
             raise ValueError(f"opsd: lora_r must be >= 0, got {self.lora_r}")
+        if self.min_kept_rollouts < 0 or self.refill_max_rounds < 1:
+            raise ValueError("opsd: min_kept_rollouts must be >= 0 and refill_max_rounds >= 1")
         if self.chunk_size < 1 or self.max_steps < 1 or self.prompts_per_step < 1:
             raise ValueError("opsd: chunk_size, max_steps and prompts_per_step must be >= 1")
         self.divergence_options()  # validates beta, clip_tau, top_k
@@ -114,21 +124,27 @@ def response_positions(prompt_width: int, completion_width: int) -> slice:
     return slice(prompt_width - 1, prompt_width - 1 + completion_width)
 
 
-def scored_token_ids(input_ids: torch.Tensor, prompt_width: int, completion_width: int) -> torch.Tensor:
-    """The token ids that the positions of `response_positions` are trained to predict."""
-    return input_ids[:, prompt_width:prompt_width + completion_width]
+def check_alignment(student_ids, student_attn, student_positions: slice, teacher_ids, teacher_attn,
+                    teacher_positions: slice, response_ids, response_mask) -> None:
+    """Raise unless student and teacher score exactly the response tokens, from real (unpadded) positions.
 
-
-def check_same_response_tokens(student_ids, teacher_ids, student_prompt_width, teacher_prompt_width,
-                               completion_mask) -> None:
-    """Raise if student and teacher sequences do not score identical response token ids."""
-    width = completion_mask.shape[1]
-    student = scored_token_ids(student_ids, student_prompt_width, width)
-    teacher = scored_token_ids(teacher_ids, teacher_prompt_width, width)
-    mask = completion_mask.bool()
-    if student.shape != teacher.shape or not torch.equal(student[mask], teacher[mask]):
-        raise RuntimeError("OPSD alignment: teacher and student would score different response tokens; "
-                           "check prompt padding and the chat template")
+    Each side is checked on the sequence actually fed to its forward pass: the token that follows
+    each scoring position must be the response token it is scored against, and the scoring
+    position itself must be attended. An off-by-one in either side's positions, a prompt padded on
+    the wrong side or a response misplaced in either sequence makes this fail.
+    """
+    mask = response_mask.bool()
+    for role, ids, attn, positions in (("student", student_ids, student_attn, student_positions),
+                                       ("teacher", teacher_ids, teacher_attn, teacher_positions)):
+        width = positions.stop - positions.start
+        targets = ids[:, positions.start + 1:positions.stop + 1]
+        attended = attn[:, positions.start:positions.stop]
+        if width != response_ids.shape[1] or targets.shape != response_ids.shape:
+            raise RuntimeError(f"OPSD alignment: the {role} scores {targets.shape[1]} positions for a "
+                               f"{response_ids.shape[1]}-token response; check prompt padding and the chat template")
+        if not torch.equal(targets[mask], response_ids[mask]) or not bool(attended[mask].all()):
+            raise RuntimeError(f"OPSD alignment: the {role}'s scored positions do not predict the response tokens; "
+                               "check prompt padding and the chat template")
 
 
 def final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
@@ -138,12 +154,41 @@ def final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
     return output.hidden_states[-1]
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as a left-padded id tensor and its attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def loss_normalizer(step_tokens: float, num_processes: int, accumulation_steps: int,
+                    steps_per_generation: int) -> float:
+    """What one micro-batch divides its summed per-token divergence by.
+
+    The processes' gradients are averaged and the micro-batches of an optimizer step are summed,
+    so dividing each process's sum by step_tokens / num_processes gives the mean over every kept
+    token of the optimizer step, however the step is split. `step_tokens` counts the kept tokens
+    of a whole generation batch over all processes; when a generation batch feeds several optimizer
+    steps it is rescaled to one step, as TRL does for its token-level losses.
+    """
+    normalizer = max(step_tokens, 1.0) / num_processes
+    if steps_per_generation != accumulation_steps:
+        normalizer *= accumulation_steps / steps_per_generation
+    return normalizer
+
+
 class _TeacherUpdate(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.teacher.after_step(self.trainer.accelerator.unwrap_model(self.trainer.model))
+        if not self.trainer.last_step_skipped:
+            self.trainer.teacher.after_step(self.trainer.accelerator.unwrap_model(self.trainer.model))
 
 
 class OPSDTrainer(GRPOTrainer):
@@ -151,17 +196,23 @@ class OPSDTrainer(GRPOTrainer):
 
     def __init__(self, *args, opsd: OPSDStageConfig, student_thinking: bool, token_stats_path: Path | None = None,
                  **kwargs):
+        pretrained_adapter = is_peft_model(kwargs.get("model", args[0] if args else None))
         super().__init__(*args, **kwargs)
         self.opsd = opsd
         self.teacher_thinking = student_thinking if opsd.teacher_thinking is None else opsd.teacher_thinking
-        self.teacher = build_teacher(opsd.teacher_weights, self.accelerator.unwrap_model(self.model), opsd.ema_rate)
+        self.teacher = build_teacher(opsd.teacher_weights, self.accelerator.unwrap_model(self.model),
+                                     self.accelerator, rate=opsd.ema_rate, pretrained_adapter=pretrained_adapter)
         self.divergence_options = opsd.divergence_options()
         self.token_stats_path = token_stats_path
+        self.refill = RefillSampler(self.train_dataset, self.args.seed)
         self.skipped_steps = 0
+        self.last_step_skipped = False
+        self._step_kept_tokens = 0
         self.add_callback(_TeacherUpdate(self))
 
     # -------------------------------------------------------------- rollouts -> gated batch
-    def _generate_and_score_completions(self, inputs):
+    def _gated_round(self, inputs: list[dict]) -> dict:
+        """Generate and grade one round of rollouts, route them through the gate, add teacher prompts."""
         batch = super()._generate_and_score_completions(inputs)
         grader = next(f for f in self.reward_funcs if isinstance(f, VerifierReward))
         correct, truncated = list(grader.last_correct), list(grader.last_truncated)
@@ -174,25 +225,57 @@ class OPSDTrainer(GRPOTrainer):
                                                                                       self.num_generations))
             for i, row in enumerate(inputs)
         ]
-        encoded = self.processing_class(teacher_prompts, return_tensors="pt", padding=True, padding_side="left",
-                                        add_special_tokens=False).to(batch["prompt_ids"].device)
-        batch.update(teacher_prompt_ids=encoded["input_ids"], teacher_prompt_mask=encoded["attention_mask"],
-                     route=routes, correct=torch.tensor(correct), truncated=torch.tensor(truncated))
-        mode = "train" if self.model.training else "eval"
-        kept = sum(r is not None for r in routes)
-        self._metrics[mode]["opsd/kept_fraction"].append(kept / len(routes))
+        # The same tokenization call (and special-token policy) TRL applies to the student prompts.
+        teacher_rows, _, _ = self._tokenize_prompts(teacher_prompts)
+        device = batch["prompt_ids"].device
+        teacher_ids, teacher_mask = left_pad(teacher_rows, self.processing_class.pad_token_id, device)
+        batch.update(teacher_prompt_ids=teacher_ids, teacher_prompt_mask=teacher_mask, route=routes,
+                     correct=torch.tensor(correct, device=device), truncated=torch.tensor(truncated, device=device))
         return batch
+
+    def _generate_and_score_completions(self, inputs):
+        """A gated generation batch; refilled with fresh prompts while it keeps too few rollouts.
+
+        The refill rounds are decided on counts over all processes, so every process generates the
+        same rounds. Kept rollouts of every round come first; gated-out ones fill the batch up to
+        its size (they are dropped again in the loss).
+        """
+        mode = "train" if self.model.training else "eval"
+        size = len(inputs)
+        kept, spare = [], []
+        rounds, batch_inputs = 0, inputs
+        while True:
+            batch = self._gated_round(batch_inputs)
+            rounds += 1
+            for i, r in enumerate(batch["route"]):
+                (kept if r is not None else spare).append(select_rows(batch, torch.tensor([i])))
+            total_kept = global_sum(self.accelerator, min(len(kept), size))
+            if (mode != "train" or total_kept >= self.opsd.min_kept_rollouts
+                    or rounds >= self.opsd.refill_max_rounds):
+                break
+            batch_inputs = self.refill.draw(size // self.num_generations, self.num_generations,
+                                            self.accelerator.process_index)
+        if rounds == 1:
+            merged = batch
+        else:
+            merged = concat_batches((kept + spare)[:size], self.processing_class.pad_token_id)
+        kept_rows = [i for i, r in enumerate(merged["route"]) if r is not None]
+        local_tokens = float(merged["completion_mask"][kept_rows].sum()) if kept_rows else 0.0
+        merged["opsd_step_tokens"] = torch.tensor(global_sum(self.accelerator, local_tokens),
+                                                  device=merged["prompt_ids"].device)
+        metrics = self._metrics[mode]
+        metrics["opsd/kept_fraction"].append(len(kept_rows) / size)
+        metrics["opsd/refill_rounds"].append(rounds - 1)
+        return merged
 
     # -------------------------------------------------------------- loss
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         keep = [i for i, r in enumerate(inputs["route"]) if r is not None]
-        if not keep:
-            self.skipped_steps += 1
-            self._metrics[mode]["opsd/skipped_steps"].append(self.skipped_steps)
-            # Zero loss attached to the graph: the optimizer step is a no-op, never a division by zero.
-            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-        rows = torch.tensor(keep, device=inputs["prompt_ids"].device)
+        # With nothing kept here, one row still goes through both forwards with zero weight: every
+        # process must run the same forward/backward collectives (DDP's gradient all-reduce).
+        rows_list = keep or [0]
+        rows = torch.tensor(rows_list, device=inputs["prompt_ids"].device)
         completion_ids = inputs["completion_ids"][rows]
         completion_mask = inputs["completion_mask"][rows]
         if "tool_mask" in inputs:
@@ -201,35 +284,84 @@ class OPSDTrainer(GRPOTrainer):
         student_attn = torch.cat([inputs["prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
         teacher_ids = torch.cat([inputs["teacher_prompt_ids"][rows], completion_ids], dim=1)
         teacher_attn = torch.cat([inputs["teacher_prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
-        s_width, t_width, c_width = inputs["prompt_ids"].shape[1], inputs["teacher_prompt_ids"].shape[1], completion_ids.shape[1]
-        check_same_response_tokens(student_ids, teacher_ids, s_width, t_width, completion_mask)
+        c_width = completion_ids.shape[1]
+        student_positions = response_positions(inputs["prompt_ids"].shape[1], c_width)
+        teacher_positions = response_positions(inputs["teacher_prompt_ids"].shape[1], c_width)
+        check_alignment(student_ids, student_attn, student_positions, teacher_ids, teacher_attn, teacher_positions,
+                        completion_ids, completion_mask)
 
-        student_hidden = final_hidden(model, student_ids, student_attn)[:, response_positions(s_width, c_width)]
+        student_hidden = final_hidden(model, student_ids, student_attn)[:, student_positions]
         unwrapped = self.accelerator.unwrap_model(model)
         with torch.no_grad(), self.teacher.use(unwrapped) as teacher_model:
-            teacher_hidden = final_hidden(teacher_model, teacher_ids, teacher_attn)[:, response_positions(t_width, c_width)]
-            teacher_head = teacher_model.get_output_embeddings()
+            teacher_hidden = final_hidden(teacher_model, teacher_ids, teacher_attn)[:, teacher_positions]
+            teacher_head = self.accelerator.unwrap_model(teacher_model).get_output_embeddings()
         mask = completion_mask.bool()
-        names = [inputs["route"][i] for i in keep]
-        token_names = [names[r] for r in range(len(keep)) for _ in range(int(mask[r].sum()))]
+        names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
+        token_names = [names[r] for r in range(len(rows_list)) for _ in range(int(mask[r].sum()))]
         loss_sum, stats = chunked_divergence(
             student_hidden[mask], teacher_hidden[mask].detach(), unwrapped.get_output_embeddings(), teacher_head,
             completion_ids[mask], token_names, self.divergence_options, chunk_size=self.opsd.chunk_size,
         )
-        tokens = int(mask.sum())
-        loss = loss_sum / max(tokens, 1)
+        tokens = int(mask.sum()) if keep else 0
+        if mode == "train":
+            normalizer = loss_normalizer(float(inputs["opsd_step_tokens"]), self.accelerator.num_processes,
+                                         self.current_gradient_accumulation_steps, self.args.steps_per_generation)
+            self._step_kept_tokens += tokens
+        else:
+            normalizer = max(tokens, 1)
+        loss = loss_sum * (1.0 if keep else 0.0) / normalizer
 
         metrics = self._metrics[mode]
-        metrics["opsd/loss"].append(loss.item())
-        metrics["opsd/kept_tokens"].append(float(tokens))
-        metrics["opsd/student_entropy"].append(stats["student_entropy_N"].mean().item())
-        metrics["opsd/teacher_entropy"].append(stats["teacher_entropy_N"].mean().item())
-        metrics["opsd/teacher_minus_student_logp"].append(
-            (stats["teacher_logp_N"] - stats["student_logp_N"]).mean().item())
-        metrics["opsd/skipped_steps"].append(self.skipped_steps)
-        if mode == "train":
-            self._write_token_stats(completion_ids, mask, stats, names, inputs["correct"][rows])
+        if keep:
+            metrics["opsd/loss"].append(loss_sum.item() / tokens)
+            metrics["opsd/kept_tokens"].append(float(tokens))
+            metrics["opsd/student_entropy"].append(stats["student_entropy_N"].mean().item())
+            metrics["opsd/teacher_entropy"].append(stats["teacher_entropy_N"].mean().item())
+            metrics["opsd/teacher_minus_student_logp"].append(
+                (stats["teacher_logp_N"] - stats["student_logp_N"]).mean().item())
+            if mode == "train":
+                self._write_token_stats(completion_ids, mask, stats, names, inputs["correct"][rows])
         return loss
+
+    # -------------------------------------------------------------- optimizer step and checkpoints
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, whose step is skipped when no process kept a token this step.
+
+        A zero gradient is not a no-op for AdamW (momentum and weight decay still move the weights),
+        so an empty step must not reach the optimizer at all.
+        """
+        optimizer = super().create_optimizer(model)
+        if getattr(optimizer, "_opsd_guarded", False):
+            return optimizer
+        inner_step = optimizer.step
+
+        def step(*args, **kwargs):
+            kept = global_sum(self.accelerator, self._step_kept_tokens)
+            self._step_kept_tokens = 0
+            self.last_step_skipped = kept == 0
+            if self.last_step_skipped:
+                self.skipped_steps += 1
+                self._metrics["train"]["opsd/skipped_steps"].append(self.skipped_steps)
+                return None
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = step
+        optimizer._opsd_guarded = True
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        # The teacher's state goes in first: the Trainer writes trainer_state.json last, and a folder
+        # without it is discarded on resume (runtime.resume_point), so a checkpoint is all or nothing.
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_teacher_state(self.teacher, self.accelerator.unwrap_model(self.model), folder)
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_teacher_state(self.teacher, self.accelerator.unwrap_model(self.model), checkpoint)
 
     def _write_token_stats(self, completion_ids, mask, stats, names, correct) -> None:
         """Per-token numbers of a few rollouts: the report ranks tokens and draws KL by position."""

@@ -4,7 +4,8 @@ Objective: the clipped policy-gradient surrogate of GRPO with group-centred adva
 aggregation `dapo` (token-level), `grpo` (per sequence) or `dr_grpo` (constant normalizer), optional
 clip-higher, KL to a reference (off by default) and masking of truncated completions: all TRL's.
 This module adds one thing TRL lacks: dynamic sampling (DAPO), which drops groups whose rewards are
-all equal (they carry no advantage) and refills the batch with fresh groups.
+all equal (they carry no advantage) and refills the batch with fresh groups, consistently across
+processes. The OPSD stage reuses its refill machinery for steps whose gate keeps too little.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from opsdlab.verifier import VerifierConfig
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
 REWARD_SCALINGS = ("group", "batch", "none")
 # Per-row tensors padded on the left (prompt side); every other 2-D per-row tensor is right-padded.
-LEFT_PADDED = ("prompt_ids", "prompt_mask")
+LEFT_PADDED = ("prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,46 @@ def concat_batches(batches: list[dict], pad_token_id: int) -> dict:
     return out
 
 
+class RefillSampler:
+    """Fresh prompts for refilled groups, drawn from the train set in a seeded shuffled order.
+
+    Each process draws from its own seeded order (so processes refill with different prompts), and a
+    refill round asks every process for the same number of groups: TRL's generation gathers rewards
+    across processes and assumes equal shares.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.order: list[int] = []
+        self.reshuffles = 0
+
+    def draw(self, groups: int, group_size: int, process_index: int = 0) -> list[dict]:
+        rows = []
+        for _ in range(groups):
+            if not self.order:
+                generator = torch.Generator().manual_seed(self.seed + 1000 * self.reshuffles + process_index)
+                self.order = torch.randperm(len(self.dataset), generator=generator).tolist()
+                self.reshuffles += 1
+            example = self.dataset[self.order.pop()]
+            rows.extend(dict(example) for _ in range(group_size))
+        return rows
+
+
+def global_max(accelerator, value: int) -> int:
+    """The largest `value` over all processes (the value itself on one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="max").item())
+
+
+def global_sum(accelerator, value: float) -> float:
+    """The sum of `value` over all processes."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), reduction="sum").item()
+
+
 class RLVRTrainer(GRPOTrainer):
     """GRPOTrainer plus optional dynamic sampling (drop all-equal-reward groups, refill the batch)."""
 
@@ -169,21 +210,7 @@ class RLVRTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.dynamic_sampling = dynamic_sampling
         self.dynamic_sampling_max_rounds = dynamic_sampling_max_rounds
-        if dynamic_sampling and self.accelerator.num_processes > 1:
-            raise ValueError("rlvr: dynamic_sampling currently runs on a single process; "
-                             "turn it off for multi-GPU runs")
-        self._refill_order: list[int] = []
-
-    def _refill_inputs(self, groups: int) -> list[dict]:
-        """Fresh prompts for `groups` groups, drawn from the train set in a seeded shuffled order."""
-        rows = []
-        for _ in range(groups):
-            if not self._refill_order:
-                generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
-                self._refill_order = torch.randperm(len(self.train_dataset), generator=generator).tolist()
-            example = self.train_dataset[self._refill_order.pop()]
-            rows.extend(dict(example) for _ in range(self.num_generations))
-        return rows
+        self.refill = RefillSampler(self.train_dataset, self.args.seed)
 
     def _generate_and_score_completions(self, inputs):
         if not (self.dynamic_sampling and self.model.training):
@@ -199,13 +226,15 @@ class RLVRTrainer(GRPOTrainer):
             for g, useful in enumerate(informative.tolist()):
                 rows = torch.arange(g * group, (g + 1) * group, device=batch["advantages"].device)
                 (kept if useful else spare).append(select_rows(batch, rows))
-            if len(kept) >= needed:
+            # Every process runs the same rounds with the same number of groups (generation is collective).
+            missing = global_max(self.accelerator, max(needed - len(kept), 0))
+            if missing == 0:
                 break
-            batch_inputs = self._refill_inputs(needed - len(kept))
+            batch_inputs = self.refill.draw(missing, group, self.accelerator.process_index)
         groups = (kept + spare)[:needed]  # short of informative groups: fill with uninformative ones
         merged = concat_batches(groups, self.processing_class.pad_token_id)
         mask = merged.get("tool_mask", 1) * merged["completion_mask"]
-        merged["num_items_in_batch"] = mask.sum()
+        merged["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
         self._metrics["train"]["dynamic_sampling/rounds"].append(round_index + 1)
         self._metrics["train"]["dynamic_sampling/dropped_groups"].append(dropped)
         self._metrics["train"]["dynamic_sampling/kept_fraction"].append(min(len(kept), needed) / needed)

@@ -1,60 +1,191 @@
 """Teacher weights for OPSD: the network that reads the privileged prompt.
 
-`frozen` (default) keeps the initial weights: a frozen copy, or, for a PEFT model, the same
-network with its adapters disabled (no copy). `ema` is a copy updated after every optimizer step
-as teacher <- (1 - rate) * teacher + rate * student. `live` is the current student itself. All
-teachers run without gradients.
+- `frozen` (default): the weights the stage started from.
+- `ema`: teacher <- (1 - rate) * teacher + rate * student after every optimizer step.
+- `live`: the current student itself.
+
+A separate teacher network is built the way TRL builds its reference model, never by deep-copying
+the student: TRL patches the student's `forward` on the instance (its fused LM head) with a closure
+over the student's own bound method, so a deep copy would run the *student's* backbone. The copy is
+a fresh model of the student's class (loaded from the student's folder under DeepSpeed ZeRO-3,
+where the student's own parameters are already partitioned), given the student's weights, then
+placed and sharded like TRL's reference model (`prepare_deepspeed`, `prepare_fsdp`, or
+`accelerator.prepare_model(evaluation_mode=True)`). The EMA update gathers ZeRO-3 shards through
+TRL's `SyncRefModelCallback.sync_target_model`.
+
+With PEFT no second network is built: the teacher is an adapter setting of the same model. A
+fresh adapter (the trainer wraps a plain model) is a zero update, so the frozen teacher is the base
+with adapters disabled. A model that already carries a trained adapter gets a frozen copy of it
+under its own name (as TRL's "ref" adapter), and the EMA teacher is an adapter copy updated like the
+full-weight EMA. All teachers run without gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
+from transformers import AutoModelForCausalLM
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.callbacks import SyncRefModelCallback
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, use_adapter
+
+FROZEN_ADAPTER = "opsd_frozen"
+EMA_ADAPTER = "opsd_ema"
 
 
-def _is_peft(model) -> bool:
+def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _zero3(accelerator) -> bool:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    return accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def separate_copy(student, accelerator) -> torch.nn.Module:
+    """A new network holding the student's current weights, placed like TRL's reference model."""
+    config = student.config
+    if _zero3(accelerator):
+        source = getattr(config, "_name_or_path", "")
+        if not source:
+            raise ValueError("teacher: under DeepSpeed ZeRO-3 the frozen/EMA teacher is loaded from the student's "
+                             "model folder, but the student has no `_name_or_path`; load it with from_pretrained")
+        teacher = create_model_from_path(source, dtype=student.dtype,
+                                         attn_implementation=config._attn_implementation, device_map=None)
+    else:
+        teacher = AutoModelForCausalLM.from_config(config, dtype=student.dtype,
+                                                   attn_implementation=config._attn_implementation)
+        missing, unexpected = teacher.load_state_dict(student.state_dict(), strict=False)
+        tied = set(getattr(teacher, "_tied_weights_keys", None) or {})
+        missing = [key for key in missing if key not in tied]
+        if missing or unexpected:
+            raise RuntimeError(f"teacher: the copy does not match the student (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    disable_dropout_in_model(teacher)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        teacher = prepare_deepspeed(teacher, accelerator)
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        teacher = prepare_fsdp(teacher, accelerator)
+    else:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    return teacher
+
+
+def _copy_adapter(model, name: str) -> None:
+    """Add adapter `name` holding a copy of the active ("default") adapter's weights (not trainable)."""
+    active = model.active_adapter
+    model.add_adapter(name, model.peft_config[active])
+    own = dict(model.named_parameters())
+    for key, param in own.items():
+        if f".{active}." in key:
+            own[key.replace(f".{active}.", f".{name}.")].data.copy_(param.data)
+    for key, param in own.items():
+        if f".{name}." in key:
+            param.requires_grad_(False)
+
+
+def _adapter_pairs(model, name: str):
+    """(teacher adapter parameter, student adapter parameter) pairs."""
+    active = model.active_adapter
+    own = dict(model.named_parameters())
+    return [(own[key.replace(f".{active}.", f".{name}.")], param) for key, param in own.items()
+            if f".{active}." in key]
+
+
 class FrozenTeacher:
-    def __init__(self, student, rate: float = 0.0):
-        self.peft = _is_peft(student)
-        self.copy = None if self.peft else _frozen_copy(student)
+    """The stage's starting weights."""
+
+    def __init__(self, student, accelerator, *, rate: float = 0.0, pretrained_adapter: bool = False):
+        self.adapter = None
+        self.copy = None
+        if is_peft_model(student):
+            if pretrained_adapter:
+                _copy_adapter(student, FROZEN_ADAPTER)
+                self.adapter = FROZEN_ADAPTER
+        else:
+            self.copy = separate_copy(student, accelerator)
 
     @contextlib.contextmanager
     def use(self, student):
         """Yield the module to run the teacher forward with."""
-        if self.peft:
-            with student.disable_adapter():
-                yield student
-        else:
+        if self.copy is not None:
             yield self.copy
+        else:
+            with use_adapter(student, self.adapter):  # None: every adapter disabled, i.e. the base
+                yield student
 
     def after_step(self, student) -> None:
         pass
 
+    def state_dict(self) -> dict | None:
+        return None  # rebuilt from the stage's starting weights on resume
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class EmaTeacher:
-    def __init__(self, student, rate: float = 0.05):
+    """An exponential moving average of the student's weights, starting at the stage's start."""
+
+    def __init__(self, student, accelerator, *, rate: float = 0.05, pretrained_adapter: bool = False):
         if not 0 < rate <= 1:
             raise ValueError(f"teacher: ema rate must be in (0, 1], got {rate}")
         self.rate = rate
-        self.copy = _frozen_copy(student)
+        self.accelerator = accelerator
+        self.copy = None
+        self.adapter = None
+        if is_peft_model(student):
+            _copy_adapter(student, EMA_ADAPTER)
+            self.adapter = EMA_ADAPTER
+        else:
+            self.copy = separate_copy(student, accelerator)
 
     @contextlib.contextmanager
     def use(self, student):
-        yield self.copy
+        if self.copy is not None:
+            yield self.copy
+        else:
+            with use_adapter(student, self.adapter):
+                yield student
 
     @torch.no_grad()
     def after_step(self, student) -> None:
-        for mine, theirs in zip(self.copy.parameters(), student.parameters()):
-            mine.lerp_(theirs.detach().to(mine.dtype), self.rate)
+        if self.copy is not None:
+            target = self.accelerator.unwrap_model(self.copy)
+            SyncRefModelCallback.sync_target_model(student, target, self.rate)
+        else:
+            for mine, theirs in _adapter_pairs(student, self.adapter):
+                mine.lerp_(theirs.detach().to(mine.dtype), self.rate)
+
+    def _params(self, student=None) -> dict[str, torch.Tensor]:
+        if self.copy is not None:
+            return dict(self.accelerator.unwrap_model(self.copy).named_parameters())
+        return {k: v for k, v in student.named_parameters() if f".{self.adapter}." in k}
+
+    def state_dict(self, student=None) -> dict[str, torch.Tensor]:
+        """The EMA weights (deduplicated parameters), for the checkpoint."""
+        return {k: v.detach().cpu().contiguous() for k, v in self._params(student).items()}
+
+    def load_state_dict(self, state: dict, student=None) -> None:
+        own = self._params(student)
+        if set(own) != set(state):
+            raise RuntimeError("teacher: the checkpoint's EMA weights do not match this model "
+                               f"({len(state)} tensors saved, {len(own)} expected)")
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value.to(own[key].device, own[key].dtype))
 
 
 class LiveTeacher:
-    def __init__(self, student, rate: float = 0.0):
+    """The current student, without gradients."""
+
+    def __init__(self, student, accelerator, *, rate: float = 0.0, pretrained_adapter: bool = False):
         pass
 
     @contextlib.contextmanager
@@ -64,18 +195,42 @@ class LiveTeacher:
     def after_step(self, student) -> None:
         pass
 
+    def state_dict(self) -> dict | None:
+        return None
 
-def _frozen_copy(model):
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 TEACHER_WEIGHTS = {"frozen": FrozenTeacher, "ema": EmaTeacher, "live": LiveTeacher}
+EMA_STATE_FILE = "opsd_ema_teacher.safetensors"
 
 
-def build_teacher(kind: str, student, rate: float = 0.05):
+def build_teacher(kind: str, student, accelerator, *, rate: float = 0.05, pretrained_adapter: bool = False):
+    """The teacher named `kind` for the (unwrapped) student at the start of the stage."""
     if kind not in TEACHER_WEIGHTS:
         raise ValueError(f"unknown teacher weights {kind!r}; choose one of {sorted(TEACHER_WEIGHTS)}")
-    return TEACHER_WEIGHTS[kind](student, rate)
+    return TEACHER_WEIGHTS[kind](student, accelerator, rate=rate, pretrained_adapter=pretrained_adapter)
+
+
+def save_teacher_state(teacher, student, folder: str | Path) -> None:
+    """Write the teacher's own state (the EMA weights) into a checkpoint folder; no-op for the others."""
+    if not isinstance(teacher, EmaTeacher):
+        return
+    from safetensors.torch import save_file
+
+    save_file(teacher.state_dict(student), str(Path(folder) / EMA_STATE_FILE))
+
+
+def load_teacher_state(teacher, student, folder: str | Path) -> bool:
+    """Restore the EMA weights from a checkpoint folder; False when there is nothing to restore."""
+    path = Path(folder) / EMA_STATE_FILE
+    if not isinstance(teacher, EmaTeacher):
+        return False
+    if not path.exists():
+        raise FileNotFoundError(f"teacher: checkpoint {folder} has no {EMA_STATE_FILE}; the EMA teacher cannot "
+                                "resume (was it written by a run with another teacher_weights?)")
+    from safetensors.torch import load_file
+
+    teacher.load_state_dict(load_file(str(path)), student)
+    return True

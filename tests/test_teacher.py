@@ -1,0 +1,160 @@
+"""Teacher weights are what they are named, checked through the real OPSDTrainer after optimizer steps.
+
+Every test trains the student for at least two optimizer steps at a learning rate that moves the
+weights, then compares the teacher's logits on fixed inputs with an independent reference.
+"""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from opsdlab.models import load_model, load_policy
+from opsdlab.teacher import EMA_STATE_FILE
+
+from opsd_helpers import make_trainer, snapshot
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+
+
+class RecordStudent(TrainerCallback):
+    """The student's parameters after every optimizer step."""
+
+    def __init__(self):
+        self.trajectory = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.trajectory.append(snapshot(model))
+
+
+def teacher_logits(trainer, ids=IDS):
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad(), trainer.teacher.use(student) as teacher:
+        return teacher(input_ids=ids).logits
+
+
+def logits_of(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_frozen_teacher_is_the_starting_model_loaded_fresh_from_disk(tmp_path, tiny_folder, task):
+    trainer = make_trainer(tmp_path, tiny_folder, task, teacher_weights="frozen", max_steps=3)
+    trainer.train()
+    start = load_model(tiny_folder)
+    student = logits_of(trainer.model)
+    assert not torch.allclose(student, logits_of(start), atol=1e-3)  # the student moved
+    assert torch.allclose(teacher_logits(trainer), logits_of(start), atol=1e-6)
+
+
+def test_frozen_teacher_does_not_share_the_students_backbone(tmp_path, tiny_folder, task):
+    """Perturbing only the student leaves the frozen teacher's hidden states unchanged."""
+    trainer = make_trainer(tmp_path, tiny_folder, task, teacher_weights="frozen", max_steps=1)
+    before = teacher_logits(trainer)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.5)
+    assert torch.equal(teacher_logits(trainer), before)
+
+
+def test_ema_teacher_is_the_average_of_the_student_trajectory(tmp_path, tiny_folder, task):
+    rate = 0.3
+    recorder = RecordStudent()
+    trainer = make_trainer(tmp_path, tiny_folder, task, teacher_weights="ema", ema_rate=rate, max_steps=3,
+                           callbacks=[recorder])
+    trainer.train()
+    expected = load_model(tiny_folder)
+    ema = snapshot(expected)
+    for weights in recorder.trajectory:
+        ema = {n: (1 - rate) * ema[n] + rate * weights[n] for n in ema}
+    expected.load_state_dict(ema, strict=False)
+    assert len(recorder.trajectory) == 3
+    assert not torch.allclose(logits_of(expected), logits_of(load_model(tiny_folder)), atol=1e-3)
+    assert torch.allclose(teacher_logits(trainer), logits_of(expected), atol=1e-5)
+
+
+def test_live_teacher_is_the_current_student(tmp_path, tiny_folder, task):
+    trainer = make_trainer(tmp_path, tiny_folder, task, teacher_weights="live", max_steps=2)
+    trainer.train()
+    assert torch.equal(teacher_logits(trainer), logits_of(trainer.model))
+    assert not torch.allclose(teacher_logits(trainer), logits_of(load_model(tiny_folder)), atol=1e-3)
+
+
+def test_frozen_teacher_of_a_fresh_lora_student_is_the_base(tmp_path, tiny_folder, task):
+    trainer = make_trainer(tmp_path, tiny_folder, task, teacher_weights="frozen", lora_r=4, lora_alpha=8,
+                           learning_rate=5e-2, max_steps=2)
+    trainer.train()
+    assert trainer.teacher.copy is None  # no second copy of the weights
+    base = logits_of(load_model(tiny_folder))
+    assert not torch.allclose(logits_of(trainer.model), base, atol=1e-4)
+    assert torch.allclose(teacher_logits(trainer), base, atol=1e-5)
+
+
+def test_frozen_teacher_of_a_pretrained_adapter_keeps_that_adapter(tmp_path, tiny_folder, task):
+    """A student that arrives with a trained adapter: the teacher is base + that adapter, not the base."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_policy(tiny_folder)
+    student = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                              init_lora_weights=False))
+    at_start = logits_of(student)
+    assert not torch.allclose(at_start, logits_of(load_model(tiny_folder)), atol=1e-4)
+    trainer = make_trainer(tmp_path, tiny_folder, task, model=student, teacher_weights="frozen",
+                           learning_rate=5e-2, max_steps=2)
+    trainer.train()
+    assert not torch.allclose(logits_of(trainer.model), at_start, atol=1e-4)
+    assert torch.allclose(teacher_logits(trainer), at_start, atol=1e-5)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("opsd_frozen" not in n for n in trainable)
+
+
+def test_ema_teacher_of_a_lora_student_averages_the_adapter(tmp_path, tiny_folder, task):
+    rate = 0.5
+    recorder = RecordStudent()
+    trainer = make_trainer(tmp_path, tiny_folder, task, teacher_weights="ema", ema_rate=rate, lora_r=4,
+                           lora_alpha=8, learning_rate=5e-2, max_steps=2, callbacks=[recorder])
+    ema = {n: p for n, p in snapshot(trainer.model).items() if ".default." in n}
+    trainer.train()
+    for weights in recorder.trajectory:
+        ema = {n: (1 - rate) * ema[n] + rate * weights[n] for n in ema}
+    own = dict(trainer.model.named_parameters())
+    moved = 0.0
+    for name, expected in ema.items():
+        moved = max(moved, (own[name] - expected).abs().max().item())
+        assert torch.allclose(own[name.replace(".default.", ".opsd_ema.")], expected, atol=1e-6), name
+    assert moved > 0  # the student's adapter is not its average
+
+
+def _ema_run(stage_dir, tiny_folder, task, *, max_steps, stop_at=None):
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop_at is not None and state.global_step >= stop_at:
+                control.should_training_stop = True
+
+    trainer = make_trainer(stage_dir, tiny_folder, task, teacher_weights="ema", ema_rate=0.3, max_steps=max_steps,
+                           save_steps=2, learning_rate=1e-2, callbacks=[Stop()])
+    return trainer
+
+
+def test_ema_state_is_checkpointed_and_restored_on_resume(tmp_path, tiny_folder, task):
+    straight = _ema_run(tmp_path / "straight", tiny_folder, task, max_steps=4)
+    straight.train()
+
+    killed = _ema_run(tmp_path / "resumed", tiny_folder, task, max_steps=4, stop_at=2)
+    killed.train()
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / EMA_STATE_FILE).exists()
+    resumed = _ema_run(tmp_path / "resumed", tiny_folder, task, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert torch.allclose(logits_of(resumed.model), logits_of(straight.model), atol=1e-5)
+    assert torch.allclose(teacher_logits(resumed), teacher_logits(straight), atol=1e-5)
+
+
+def test_resuming_an_ema_arm_without_its_teacher_state_is_an_error(tmp_path, tiny_folder, task):
+    killed = _ema_run(tmp_path, tiny_folder, task, max_steps=4, stop_at=2)
+    killed.train()
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    (checkpoint / EMA_STATE_FILE).unlink()
+    resumed = _ema_run(tmp_path, tiny_folder, task, max_steps=4)
+    with pytest.raises(FileNotFoundError, match=EMA_STATE_FILE):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
