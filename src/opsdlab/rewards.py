@@ -8,6 +8,7 @@ per-rollout correctness so that the OPSD gate reuses the same grading instead of
 
 from __future__ import annotations
 
+from opsdlab.templates import is_well_formed
 from opsdlab.verifier import VerifierConfig, grade
 
 
@@ -51,10 +52,11 @@ def rollout_stats(correct: list[bool], truncated: list[bool], lengths: list[int]
     return stats
 
 
-def format_reward(completions, **_) -> list[float]:
-    """1.0 when the response closes its think block (if it opened one) and boxes a final answer."""
-    scores = []
-    for text in completions:
-        closed = "</think>" in text if "<think>" in text else True
-        scores.append(1.0 if closed and "\\boxed{" in text else 0.0)
-    return scores
+def format_reward(completions, prompts=None, **_) -> list[float]:
+    """1.0 when the response closes its think block (if one is open) and boxes a final answer after it.
+
+    TRL passes the rendered `prompts`: with a template that opens the think block itself (DeepSeek-R1
+    distill, Qwen3.5 thinking) the response starts inside it, and must close it to score.
+    """
+    prompts = list(prompts) if prompts is not None else [""] * len(completions)
+    return [1.0 if is_well_formed(text, prompt) else 0.0 for text, prompt in zip(completions, prompts)]

@@ -23,6 +23,8 @@ from importlib import metadata
 
 import sympy
 
+from opsdlab.templates import answer_region
+
 # ---------------------------------------------------------------------------------------------
 # Extractors
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +327,12 @@ class VerifierConfig:
 
 
 def extract_answer(text: str, config: VerifierConfig) -> str | None:
-    """The final answer in a response according to `config.extract`, or None."""
-    return EXTRACTORS[config.extract](text)
+    """The final answer in a response according to `config.extract`, or None.
+
+    A response that closes a think block is read after its last `</think>` (an answer written only
+    inside the reasoning does not count); one that never closes it is read whole.
+    """
+    return EXTRACTORS[config.extract](answer_region(text))
 
 
 def is_correct(response: str, gold: str, config: VerifierConfig) -> bool:
