@@ -3,7 +3,9 @@
 Writes `summary.json` (avg@k with a bootstrap CI over problems, pass@k, maj@k, mean/median
 response and thinking tokens, truncation rate, the verifier and sampling settings) and
 `samples.jsonl` (one line per sample) into an output folder. The same function evaluates the
-student prompt and, for the teacher check, the privileged prompt.
+student prompt and, for the teacher check, the privileged prompt. Thinking tokens are counted with
+the rendered prompt (`templates.count_thinking_tokens`), so a template that opens the think block
+itself gives the same count as one that leaves it to the model.
 """
 
 from __future__ import annotations
@@ -67,8 +69,10 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, des
     )
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(prompts), sampling.batch_size), desc=desc, leave=False, unit="batch"):
+        # With special tokens, as TRL tokenizes the same prompts in training (render_prompt leaves out
+        # the BOS that the tokenizer adds).
         batch = tokenizer(prompts[start:start + sampling.batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
+                          add_special_tokens=True).to(device)
         output = model.generate(
             **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, **sample_kwargs,
@@ -122,7 +126,7 @@ def evaluate(
             correct=is_correct(generation.text, example.answer, verifier),
             answer=extract_answer(generation.text, verifier),
             response_tokens=response_length(generation, eos_ids),
-            thinking_tokens=thinking_token_count(generation.token_ids, tokenizer),
+            thinking_tokens=thinking_token_count(generation.token_ids, tokenizer, repeated[index]),
             truncated=generation.truncated,
             text=generation.text,
         ))

@@ -4,21 +4,31 @@ Every stage calls `load_policy(folder)` and `save_policy(model, tokenizer, folde
 folder holds the tiny model built here or a real Qwen3-style thinking model. The tiny default is a
 standard `Qwen3ForCausalLM` with random weights and a word-level tokenizer trained in-process with
 the `tokenizers` library, wrapped as `PreTrainedTokenizerFast`, whose chat template takes a
-per-call `enable_thinking` switch like Qwen3's. Weights are read from safetensors only, and remote
-code stays off unless asked for.
+per-call `enable_thinking` switch like Qwen3's. Other families' tiny models (Llama, Gemma 2,
+Gemma 3) and tokenizers (their special tokens and chat templates) are built the same way for the
+tests. `output_head(model)` maps hidden states to logits as the model's forward does (Gemma's
+soft-capping included). Weights are read from safetensors only, and remote code stays off unless
+asked for.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -26,14 +36,16 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from opsdlab.templates import THINK_CLOSE, THINK_OPEN, count_thinking_tokens
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 UNK_TOKEN = "[UNK]"
 SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END, UNK_TOKEN]
-# <think> and </think> are ordinary added tokens, as in Qwen3: they survive skip_special_tokens.
+# <think> and </think> are added tokens with ids right after the special tokens. In the default
+# tokenizer the backend also marks them special, so decoding with skip_special_tokens drops them;
+# `build_tiny_tokenizer(..., decode_keeps_think=True)` keeps them, as Qwen3's and DeepSeek's do.
 ADDED_TOKENS = [THINK_OPEN, THINK_CLOSE]
 
 # Qwen3-style ChatML template. With enable_thinking=false the assistant turn starts with an empty
@@ -72,58 +84,109 @@ TINY_SIZES = {
 }
 
 
-def build_tiny_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    corpus: list[str],
+    *,
+    chat_template: str = CHAT_TEMPLATE,
+    special_tokens: Sequence[str] = tuple(SPECIAL_TOKENS),
+    bos_token: str | None = None,
+    eos_token: str = IM_END,
+    pad_token: str = PAD_TOKEN,
+    add_bos: bool = False,
+    decode_keeps_think: bool = False,
+) -> PreTrainedTokenizerFast:
     """Train a word-level tokenizer on `corpus`: whole numbers, words and punctuation are tokens.
 
     Spaces are folded into the following token (Metaspace), so decoding restores the text
-    exactly and `\\boxed{18}` round-trips for the answer verifier.
+    exactly and `\\boxed{18}` round-trips for the answer verifier. The defaults give the project's
+    Qwen3-style tokenizer; another family's tokenizer is the same vocabulary with that family's
+    `special_tokens`, `chat_template`, BOS/EOS/pad tokens and, with `add_bos`, a post-processor
+    that puts BOS in front of text tokenized with special tokens (as Llama 3 and Gemma do).
+    `decode_keeps_think` makes `<think>`/`</think>` ordinary tokens that survive
+    `decode(skip_special_tokens=True)`, as in real reasoning-model tokenizers (same ids either way).
     """
+    specials = list(dict.fromkeys([*special_tokens, UNK_TOKEN, pad_token, eos_token,
+                                   *([bos_token] if bos_token else [])]))
     core = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
     core.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r" ?\\boxed\{| ?\d+| ?[^\w\s]|\n"), behavior="isolated"),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
     ])
     core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS + ADDED_TOKENS, min_frequency=1)
+    trainer = trainers.WordLevelTrainer(special_tokens=specials + ADDED_TOKENS, min_frequency=1)
     core.train_from_iterator(corpus, trainer)
+    if decode_keeps_think:
+        # Same vocabulary and ids, but <think>/</think> registered as ordinary added tokens.
+        plain = Tokenizer(models.WordLevel(vocab=core.get_vocab(with_added_tokens=True), unk_token=UNK_TOKEN))
+        plain.pre_tokenizer, plain.decoder = core.pre_tokenizer, core.decoder
+        plain.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        plain.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
+        core = plain
+    if add_bos:
+        if not bos_token:
+            raise ValueError("build_tiny_tokenizer: add_bos needs a bos_token")
+        bos_id = core.token_to_id(bos_token)
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)])
+    named = {UNK_TOKEN, pad_token, eos_token, bos_token}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         unk_token=UNK_TOKEN,
-        pad_token=PAD_TOKEN,
-        eos_token=IM_END,
-        additional_special_tokens=[IM_START],
+        pad_token=pad_token,
+        eos_token=eos_token,
+        bos_token=bos_token,
+        additional_special_tokens=[t for t in specials if t not in named],
         padding_side="left",
         model_max_length=TinySize().max_position_embeddings,
     )
     tokenizer.add_tokens(ADDED_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerBase, size: str = "tiny", seed: int = 0) -> Qwen3ForCausalLM:
-    """A randomly initialised Qwen3ForCausalLM sized by `TINY_SIZES[size]`, with tied embeddings."""
+def _architecture_config(architecture: str, dims: TinySize, **common):
+    head_dim = dims.hidden_size // dims.num_attention_heads
+    shared = dict(
+        hidden_size=dims.hidden_size, intermediate_size=dims.intermediate_size,
+        num_hidden_layers=dims.num_hidden_layers, num_attention_heads=dims.num_attention_heads,
+        num_key_value_heads=dims.num_key_value_heads, head_dim=head_dim,
+        max_position_embeddings=dims.max_position_embeddings, tie_word_embeddings=True, **common,
+    )
+    if architecture == "qwen3":
+        return Qwen3Config(**shared), Qwen3ForCausalLM
+    if architecture == "llama":
+        return LlamaConfig(**shared), LlamaForCausalLM
+    if architecture == "gemma2":
+        # Gemma 2's final-logit soft-capping (30) and attention soft-capping (50), as released.
+        return Gemma2Config(**shared, query_pre_attn_scalar=head_dim, sliding_window=256,
+                            final_logit_softcapping=30.0, attn_logit_softcapping=50.0), Gemma2ForCausalLM
+    if architecture == "gemma3":
+        return Gemma3TextConfig(**shared, query_pre_attn_scalar=head_dim, sliding_window=256), Gemma3ForCausalLM
+    raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {sorted(TINY_ARCHITECTURES)}")
+
+
+# Tiny model architectures: Qwen3 (the default), Llama (Llama 3, DeepSeek-R1-distill-Llama),
+# Gemma 2 (final-logit soft-capping) and Gemma 3 (text).
+TINY_ARCHITECTURES = ("qwen3", "llama", "gemma2", "gemma3")
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, size: str = "tiny", seed: int = 0,
+                     architecture: str = "qwen3") -> PreTrainedModel:
+    """A randomly initialised causal LM sized by `TINY_SIZES[size]`, with tied embeddings.
+
+    `architecture` is one of TINY_ARCHITECTURES; the default is a Qwen3ForCausalLM.
+    """
     if size not in TINY_SIZES:
         raise ValueError(f"unknown tiny model size {size!r}; choose one of {sorted(TINY_SIZES)}")
-    dims = TINY_SIZES[size]
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=dims.hidden_size,
-        intermediate_size=dims.intermediate_size,
-        num_hidden_layers=dims.num_hidden_layers,
-        num_attention_heads=dims.num_attention_heads,
-        num_key_value_heads=dims.num_key_value_heads,
-        head_dim=dims.hidden_size // dims.num_attention_heads,
-        max_position_embeddings=dims.max_position_embeddings,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
+    config, model_class = _architecture_config(
+        architecture, TINY_SIZES[size], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = None
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
 
 
@@ -187,15 +250,76 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
     return folder
 
 
-def thinking_token_count(token_ids: list[int], tokenizer: PreTrainedTokenizerBase) -> int:
+def thinking_token_count(token_ids: list[int], tokenizer: PreTrainedTokenizerBase, prompt: str = "") -> int:
     """Tokens strictly between <think> and </think> in a response (0 without a think block).
 
-    An unclosed think block (a truncated response) counts to the end.
+    An unclosed think block (a truncated response) counts to the end. Pass the rendered `prompt`
+    when the template may open the think block itself (`templates.count_thinking_tokens`).
     """
-    open_id = tokenizer.convert_tokens_to_ids(THINK_OPEN)
-    close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
-    if open_id is None or open_id == tokenizer.unk_token_id or open_id not in token_ids:
-        return 0
-    start = token_ids.index(open_id) + 1
-    end = token_ids.index(close_id, start) if close_id in token_ids[start:] else len(token_ids)
-    return end - start
+    return count_thinking_tokens(token_ids, tokenizer, prompt)
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states -> logits exactly as the model's forward computes them from its final hidden states.
+
+    The LM head (`model.get_output_embeddings()`), then the family's logit scaling: Cohere's
+    `logit_scale` (multiplied), Granite's `logits_scaling` (divided), and Gemma 2/3's
+    `final_logit_softcapping` (`tanh(logits / cap) * cap`). Use it wherever the LM head is applied
+    to hidden states outside the model's forward; `check_output_head` verifies it on a model.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+    config = _text_config(model)
+    model_type = str(getattr(config, "model_type", ""))
+    multiplier = 1.0
+    if model_type.startswith("cohere") and getattr(config, "logit_scale", None) is not None:
+        multiplier *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        scaling = float(config.logits_scaling)
+        multiplier *= scaling if model_type.startswith("hyperclovax") else 1.0 / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    cap = float(cap) if cap else None
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden)
+        if multiplier != 1.0:
+            out = out * multiplier
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    return logits
+
+
+@torch.no_grad()
+def check_output_head(model, head: Callable[[torch.Tensor], torch.Tensor] | None = None, tokens: int = 8,
+                      atol: float = 1e-4) -> None:
+    """Raise if `head` (default `output_head(model)`) does not reproduce the model's own logits.
+
+    One short forward pass: a guard for model families whose logit post-processing is unknown here.
+    """
+    head = head or output_head(model)
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(tokens, device=device) * 7919 % max(vocab - 1, 1)).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    finally:
+        model.train(was_training)
+    expected = output.logits.float()
+    got = head(output.hidden_states[-1]).float()
+    if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
+        gap = (got - expected).abs().max().item()
+        raise RuntimeError(
+            f"output_head: applying the LM head to the final hidden states of {type(model).__name__} does not give "
+            f"the model's logits (max difference {gap:.3g}); this family post-processes its logits in a way "
+            "opsdlab does not know yet (see models.output_head)."
+        )

@@ -4,6 +4,10 @@ A prompt is the problem, the task's instruction and, for the OPSD teacher, a pri
 rendered through the model's own chat template with the role's thinking switch. Student and teacher
 prompts therefore differ only by the privileged block (a test proves it). Teacher contexts are
 named choices in `TEACHER_CONTEXTS`; adding one is one function and one entry.
+
+A template that cannot render the asked thinking mode is an error, not a silent switch
+(`templates.check_thinking`), and the rendered text never starts with the BOS that the tokenizer
+adds itself: every stage tokenizes prompts with special tokens, as TRL does.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Callable
 from transformers import PreTrainedTokenizerBase
 
 from opsdlab.data import Example
+from opsdlab.templates import check_thinking, strip_bos
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -78,12 +83,17 @@ def render_prompt(
 ) -> str:
     """Render the generation prompt for one role as text through the tokenizer's chat template.
 
-    `context` names an entry of TEACHER_CONTEXTS; "none" is the student prompt.
+    `context` names an entry of TEACHER_CONTEXTS; "none" is the student prompt. Raises
+    `templates.ThinkingSwitchError` when the template always renders the other thinking mode. The
+    text is meant to be tokenized with special tokens: a leading BOS that the tokenizer adds
+    anyway is left out.
     """
     if context not in TEACHER_CONTEXTS:
         raise ValueError(f"unknown teacher context {context!r}; choose one of {sorted(TEACHER_CONTEXTS)}")
+    check_thinking(tokenizer, thinking, role="student prompt" if context == "none" else f"teacher prompt ({context})")
     block = TEACHER_CONTEXTS[context](example, sibling)
     messages = [{"role": "user", "content": user_message(example, instruction, block)}]
-    return tokenizer.apply_chat_template(
+    text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
     )
+    return strip_bos(tokenizer, text)

@@ -12,6 +12,7 @@ import random
 from opsdlab.data import ColumnMap, Example, load_examples, parse_column_map
 from opsdlab.prompts import render_prompt
 from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask
+from opsdlab.templates import completion_for_prompt
 
 
 class FileTask:
@@ -55,6 +56,7 @@ class FileTask:
             body = example.solution.strip()
             completion = f"<think>\n{body}\n</think>\n\n{answer}" if thinking else f"{body}\n\n{answer}"
             prompt = render_prompt(tokenizer, example, thinking=thinking)
+            completion = completion_for_prompt(prompt, completion)  # the template may have opened <think>
             rows.append({"prompt": prompt, "completion": completion + tokenizer.eos_token, "context": "none"})
         return rows
 

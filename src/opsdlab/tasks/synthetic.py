@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from opsdlab.data import Example
 from opsdlab.prompts import render_prompt
+from opsdlab.templates import completion_for_prompt
 
 PRIVILEGED_STYLES = ("concise", "same")
 
@@ -212,7 +213,9 @@ class SyntheticTask:
             if rng.random() < self.config.privileged_fraction:
                 context = rng.choices(contexts, weights)[0]
             prompt = render_prompt(tokenizer, example, thinking=thinking, context=context)
-            completion = self.response(example, context, thinking, rng) + tokenizer.eos_token
+            # A template that opens <think> itself gets the trace without its own opening.
+            completion = completion_for_prompt(prompt, self.response(example, context, thinking, rng))
+            completion += tokenizer.eos_token
             rows.append({"prompt": prompt, "completion": completion, "context": context})
         return rows
 
