@@ -1,0 +1,65 @@
+"""Run OPSD or RLVR for a few steps under torchrun (2 CPU processes, gloo); save each rank's weights.
+
+Launched by tests/test_multiprocess.py:
+    torchrun --nproc_per_node 2 two_process_train.py {opsd|rlvr} MODEL_FOLDER OUT_DIR
+OPSD is scripted so that step 1 keeps rollouts on rank 0 only (rank 1's gate keeps nothing) and
+step 2 keeps nothing on any rank; RLVR runs dynamic sampling with groups that carry no reward
+variance, so that ranks refill.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from opsd_helpers import ScriptedReward, make_trainer  # noqa: E402
+from opsdlab.models import load_policy  # noqa: E402
+from opsdlab.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, rl_dataset  # noqa: E402
+from opsdlab.tasks import build_task  # noqa: E402
+
+RANK = int(os.environ.get("RANK", 0))
+
+
+def opsd_script(call: int, n: int) -> list[bool]:
+    if call == 1:  # step 1: rank 0 keeps all, rank 1 keeps nothing
+        return [RANK == 0] * n
+    if call == 2:  # step 2: nothing kept anywhere (refill is off): the optimizer step is skipped
+        return [False] * n
+    return [True] * n
+
+
+def half_constant(prompts, completions, completion_ids, id, **_):
+    """No reward variance for even problem ids; a coin for odd ones (per rank, seeded by TRL)."""
+    return [0.0 if int(i.split("-")[1]) % 2 == 0 else float(torch.rand(()).item() < 0.5) for i in id]
+
+
+def main(mode: str, folder: str, out: str) -> None:
+    out_dir = Path(out)
+    task = build_task("synthetic", {})
+    if mode == "opsd":
+        trainer = make_trainer(out_dir / "stage", folder, task, reward=ScriptedReward(opsd_script), gate="correct",
+                               max_steps=3, refill_max_rounds=1, problems=32)
+    else:
+        config = RLVRStageConfig(max_steps=2, prompts_per_step=2, group_size=2, max_completion_length=8,
+                                 learning_rate=1e-2, save_steps=100, logging_steps=1, dynamic_sampling=True,
+                                 dynamic_sampling_max_rounds=3)
+        model, tokenizer = load_policy(folder)
+        trainer = RLVRTrainer(model=model, reward_funcs=[half_constant], args=grpo_args(config, out_dir / "stage", 0),
+                              train_dataset=rl_dataset(task.examples("train", 32), tokenizer, True),
+                              processing_class=tokenizer, dynamic_sampling=True, dynamic_sampling_max_rounds=3)
+    trainer.train()
+    weights = {n: p.detach().cpu() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+    torch.save(weights, out_dir / f"rank{RANK}.pt")
+    info = {"processes": trainer.accelerator.num_processes, "skipped_steps": getattr(trainer, "skipped_steps", 0),
+            "global_step": trainer.state.global_step}
+    (out_dir / f"rank{RANK}.json").write_text(json.dumps(info))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

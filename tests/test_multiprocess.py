@@ -1,0 +1,55 @@
+"""Two CPU processes (torchrun, gloo): OPSD with a rank whose gate keeps nothing, RLVR with dynamic
+sampling. Each run must finish (no hang) with identical weights on both ranks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsdlab.models import load_model
+
+SCRIPT = Path(__file__).parent / "scripts" / "two_process_train.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launch(mode: str, folder: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               str(SCRIPT), mode, str(folder), str(out)]
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as error:  # a hang: one rank waits on a collective forever
+        pytest.fail(f"{mode} on 2 processes did not finish in 180 s:\n{(error.stderr or b'')[-3000:]}")
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _ranks(out: Path):
+    weights = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    infos = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return weights, infos
+
+
+@pytest.mark.parametrize("mode", ["opsd", "rlvr"])
+def test_two_processes_finish_with_identical_weights(tmp_path, tiny_folder, mode):
+    _launch(mode, tiny_folder, tmp_path)
+    (w0, w1), (i0, i1) = _ranks(tmp_path)
+    assert i0["processes"] == i1["processes"] == 2
+    assert w0.keys() == w1.keys()
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+    start = dict(load_model(tiny_folder).named_parameters())
+    assert max((w0[n] - start[n]).abs().max().item() for n in w0) > 0  # training happened
+    if mode == "opsd":
+        assert i0["skipped_steps"] == i1["skipped_steps"] == 1  # step 2 kept nothing on any rank
+        assert i0["global_step"] == 3
