@@ -195,3 +195,30 @@ def test_lora_run_saves_a_merged_plain_folder(tmp_path, tiny_folder, task):
 def test_config_rejects_bad_refill_settings():
     with pytest.raises(ValueError, match="refill_max_rounds"):
         OPSDStageConfig(refill_max_rounds=0)
+
+
+def test_the_loss_applies_the_models_final_logit_softcapping(tmp_path, task, monkeypatch):
+    """Gemma 2 caps its logits after the LM head; the OPSD loss applies the head itself, so must cap too."""
+    import opsdlab.opsd as opsd_module
+    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, save_policy
+
+    tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+    folder = tmp_path / "gemma2"
+    save_policy(build_tiny_model(tokenizer, architecture="gemma2"), tokenizer, folder)
+    heads = []
+    real = opsd_module.chunked_divergence
+
+    def spy(student_hidden, teacher_hidden, student_head, teacher_head, *args, **kwargs):
+        heads.append((student_head, teacher_head))
+        return real(student_hidden, teacher_hidden, student_head, teacher_head, *args, **kwargs)
+
+    monkeypatch.setattr(opsd_module, "chunked_divergence", spy)
+    trainer = make_trainer(tmp_path / "stage", folder, task, max_steps=1)
+    trainer.train()
+    student_lm_head = trainer.model.get_output_embeddings()
+    teacher_lm_head = load_policy(folder)[0].get_output_embeddings()  # the frozen teacher: starting weights
+    hidden = torch.randn(5, trainer.model.config.hidden_size) * 50
+    student_head, teacher_head = heads[-1]
+    with torch.no_grad():
+        assert torch.allclose(student_head(hidden), torch.tanh(student_lm_head(hidden) / 30.0) * 30.0, atol=1e-4)
+        assert torch.allclose(teacher_head(hidden), torch.tanh(teacher_lm_head(hidden) / 30.0) * 30.0, atol=1e-4)

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from opsdlab.data import Example
 from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
 from opsdlab.gates import GATES, route
-from opsdlab.models import save_policy
+from opsdlab.models import output_head, save_policy
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (RefillSampler, RLVRStageConfig, concat_batches, global_sum, grpo_args, rl_dataset,
@@ -247,8 +247,9 @@ class OPSDTrainer(GRPOTrainer):
         while True:
             batch = self._gated_round(batch_inputs)
             rounds += 1
+            device = batch["prompt_ids"].device
             for i, r in enumerate(batch["route"]):
-                (kept if r is not None else spare).append(select_rows(batch, torch.tensor([i])))
+                (kept if r is not None else spare).append(select_rows(batch, torch.tensor([i], device=device)))
             total_kept = global_sum(self.accelerator, min(len(kept), size))
             if (mode != "train" or total_kept >= self.opsd.min_kept_rollouts
                     or rounds >= self.opsd.refill_max_rounds):
@@ -294,12 +295,12 @@ class OPSDTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         with torch.no_grad(), self.teacher.use(unwrapped) as teacher_model:
             teacher_hidden = final_hidden(teacher_model, teacher_ids, teacher_attn)[:, teacher_positions]
-            teacher_head = self.accelerator.unwrap_model(teacher_model).get_output_embeddings()
+            teacher_head = output_head(self.accelerator.unwrap_model(teacher_model))
         mask = completion_mask.bool()
         names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
         token_names = [names[r] for r in range(len(rows_list)) for _ in range(int(mask[r].sum()))]
         loss_sum, stats = chunked_divergence(
-            student_hidden[mask], teacher_hidden[mask].detach(), unwrapped.get_output_embeddings(), teacher_head,
+            student_hidden[mask], teacher_hidden[mask].detach(), output_head(unwrapped), teacher_head,
             completion_ids[mask], token_names, self.divergence_options, chunk_size=self.opsd.chunk_size,
         )
         tokens = int(mask.sum()) if keep else 0
