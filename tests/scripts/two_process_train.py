@@ -7,6 +7,7 @@ step 2 keeps nothing on any rank; RLVR runs dynamic sampling with groups that ca
 variance, so that ranks refill.
 """
 
+import faulthandler
 import json
 import os
 import sys
@@ -38,6 +39,8 @@ def half_constant(prompts, completions, completion_ids, id, **_):
 
 
 def main(mode: str, folder: str, out: str) -> None:
+    # A rank stuck in a collective would wait forever: dump where it is and exit instead.
+    faulthandler.dump_traceback_later(float(os.environ.get("OPSDLAB_WORKER_DEADLINE", 150)), exit=True)
     out_dir = Path(out)
     task = build_task("synthetic", {})
     if mode == "opsd":
