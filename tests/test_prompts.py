@@ -28,3 +28,21 @@ def test_sibling_context_falls_back_to_reference_solution(tokenizer):
 def test_unknown_context_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="unknown teacher context"):
         render_prompt(tokenizer, EXAMPLE, context="oracle")
+
+
+@pytest.mark.parametrize("context", ["none", "solution", "answer"])
+def test_a_problem_that_ends_with_the_instruction_gets_it_once(tokenizer, context):
+    """Benchmark files often append the instruction to the problem; the prompt must not repeat it."""
+    from dataclasses import replace
+
+    from opsdlab.prompts import DEFAULT_INSTRUCTION
+
+    for tail in ("\n" + DEFAULT_INSTRUCTION, " " + DEFAULT_INSTRUCTION + "\n", "\n\n" + DEFAULT_INSTRUCTION):
+        with_instruction = replace(EXAMPLE, problem=EXAMPLE.problem + tail)
+        prompt = render_prompt(tokenizer, with_instruction, context=context)
+        assert prompt.count(DEFAULT_INSTRUCTION) == 1, (tail, prompt)
+        if tail == "\n" + DEFAULT_INSTRUCTION:  # the same text as the plain problem's prompt
+            assert prompt == render_prompt(tokenizer, EXAMPLE, context=context)
+        if context != "none":  # the privileged block still follows the instruction
+            block = TEACHER_CONTEXTS[context](EXAMPLE, None)
+            assert prompt.index(DEFAULT_INSTRUCTION) < prompt.index(block)

@@ -62,10 +62,19 @@ TEACHER_CONTEXTS: dict[str, Callable[[Example, str | None], str | None]] = {
 }
 
 
+def _ends_with(text: str, suffix: str) -> bool:
+    """Whether `text` ends with `suffix`, ignoring differences in whitespace."""
+    return " ".join(text.split()).endswith(" ".join(suffix.split()))
+
+
 def user_message(example: Example, instruction: str = DEFAULT_INSTRUCTION, context: str | None = None) -> str:
-    """The user turn: problem, instruction, then the privileged block if any."""
+    """The user turn: problem, instruction, then the privileged block if any.
+
+    A problem that already ends with the instruction (as in many public benchmark files) keeps it
+    once: the instruction is not appended again.
+    """
     text = example.problem.strip()
-    if instruction:
+    if instruction and not _ends_with(text, instruction):
         text += "\n" + instruction
     if context:
         text += "\n\n" + context
