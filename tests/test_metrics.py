@@ -405,3 +405,16 @@ def test_top_tokens_by_shift_errors():
         top_tokens_by_shift([], n=-1)
     with pytest.raises(ValueError):
         top_tokens_by_shift([], min_count=0)
+
+
+def test_accuracy_efficiency_score_hand_computed():
+    from opsdlab.metrics import accuracy_efficiency_score as aes
+
+    # 20% shorter, accuracy 0.50 -> 0.55 (+10% relative): 0.2 + 3 * 0.1 = 0.5
+    assert aes(0.50, 0.55, 100, 80) == pytest.approx(0.5)
+    # 20% shorter, accuracy 0.50 -> 0.45 (-10% relative): 0.2 - 5 * 0.1 = -0.3
+    assert aes(0.50, 0.45, 100, 80) == pytest.approx(-0.3)
+    # 10% longer at equal accuracy: -0.1
+    assert aes(0.40, 0.40, 50, 55) == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match="reference"):
+        aes(0.0, 0.1, 100, 80)

@@ -67,10 +67,10 @@ def test_killed_during_opsd_then_rerun_finishes_without_touching_finished_work(t
     report = write_report(run_dir)
     text = report.read_text()
     for expected in ("opsd-correct-s0", "avg@k", "accuracy_length_synthetic.png", "correct→incorrect",
-                     "What the teacher changes", "verifier"):
+                     "What the teacher changes", "verifier", "AES", "changes_synthetic.png"):
         assert expected in text
     for picture in ("accuracy_length_synthetic.png", "training_curves.png", "kl_by_position.png",
-                    "lengths_synthetic.png"):
+                    "lengths_synthetic.png", "changes_synthetic.png"):
         assert (report.parent / picture).stat().st_size > 1000
     assert write_report(run_dir).read_text() == text  # a pure function of the run directory
 

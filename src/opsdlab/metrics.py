@@ -416,6 +416,26 @@ def length_change(before_mean: float, after_mean: float) -> float:
     return (after_mean - before_mean) / before_mean
 
 
+def accuracy_efficiency_score(acc_ref: float, acc: float, len_ref: float, length: float,
+                              reward: float = 3.0, penalty: float = 5.0) -> float:
+    """Accuracy-efficiency score (AES) of a checkpoint against a reference (O1-Pruner, arXiv 2501.12570).
+
+    ΔL = (L_ref − L) / L_ref (positive when shorter) and ΔAcc = (Acc − Acc_ref) / Acc_ref;
+    AES = ΔL + reward·ΔAcc when ΔAcc ≥ 0, else ΔL − penalty·|ΔAcc|: an accuracy drop costs more
+    than the same gain earns. E.g. 20% shorter at 10% relative accuracy loss: 0.2 − 5·0.1 = −0.3.
+
+    Raises:
+        ValueError: if the reference accuracy or length is 0 (the relative changes are undefined).
+    """
+    if acc_ref <= 0 or len_ref <= 0:
+        raise ValueError(f"AES needs a reference with accuracy and length above 0, got {acc_ref} and {len_ref}")
+    delta_length = (len_ref - length) / len_ref
+    delta_acc = (acc - acc_ref) / acc_ref
+    if delta_acc >= 0:
+        return delta_length + reward * delta_acc
+    return delta_length - penalty * abs(delta_acc)
+
+
 def bootstrap_diff_ci(
     before: list[Sample],
     after: list[Sample],

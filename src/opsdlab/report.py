@@ -19,8 +19,8 @@ import yaml  # noqa: E402
 
 from opsdlab.evaluate import read_samples  # noqa: E402
 from opsdlab.metrics import (  # noqa: E402
-    HESITATION_MARKERS, bootstrap_diff_ci, flips, hesitation_density, mean_ci, per_position_mean,
-    top_tokens_by_shift,
+    HESITATION_MARKERS, accuracy_efficiency_score, bootstrap_diff_ci, flips, hesitation_density, mean_ci,
+    per_position_mean, top_tokens_by_shift,
 )
 from opsdlab.runtime import read_jsonl  # noqa: E402
 
@@ -175,7 +175,7 @@ def plot_length_distributions(run_dir: Path, names: list[str], set_name: str, ou
 
 def flips_and_hesitation(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
     lines = [f"| checkpoint | correct→incorrect | incorrect→correct | Δacc vs {reference} [95% CI] | length change "
-             "[95% CI] | hesitation markers / 1k tokens |", "|---|---|---|---|---|---|"]
+             "[95% CI] | AES | hesitation markers / 1k tokens |", "|---|---|---|---|---|---|---|"]
     ref_path = run_dir / "eval" / str(reference) / set_name / "samples.jsonl"
     before = read_samples(ref_path) if reference and ref_path.exists() else None
     for name in names:
@@ -184,15 +184,58 @@ def flips_and_hesitation(run_dir: Path, names: list[str], set_name: str, referen
             continue
         after = read_samples(path)
         density = hesitation_density([s.text for s in after], MARKERS, token_counts=[s.response_tokens for s in after])
-        flip_cells, diff_cells = "– | –", "– | –"
+        flip_cells, diff_cells, aes = "– | –", "– | –", "–"
         if before is not None and name.startswith("opsd-"):
             f = flips(before, after)
-            d = bootstrap_diff_ci(before, after)
+            d = paired_change(before, after)
             flip_cells = f"{f['correct_to_incorrect']} | {f['incorrect_to_correct']}"
             diff_cells = (f"{d['accuracy_diff']:+.3f} [{d['accuracy_diff_ci'][0]:+.3f}, {d['accuracy_diff_ci'][1]:+.3f}] | "
                           f"{d['length_change']:+.1%} [{d['length_change_ci'][0]:+.1%}, {d['length_change_ci'][1]:+.1%}]")
-        lines.append(f"| {name} | {flip_cells} | {diff_cells} | {density['density']:.1f} |")
+            aes = _fmt(d["aes"], "{:+.3f}")
+        lines.append(f"| {name} | {flip_cells} | {diff_cells} | {aes} | {density['density']:.1f} |")
     return lines
+
+
+def paired_change(before, after) -> dict:
+    """Paired bootstrap change of accuracy and length against the reference, plus the AES."""
+    d = bootstrap_diff_ci(before, after)
+    d["aes"] = (accuracy_efficiency_score(d["accuracy_before"], d["accuracy_after"], d["mean_length_before"],
+                                          d["mean_length_after"])
+                if d["accuracy_before"] > 0 and d["mean_length_before"] > 0 else None)
+    return d
+
+
+def plot_changes(run_dir: Path, names: list[str], set_name: str, reference: str | None, out: Path) -> bool:
+    """The paper's two axes per OPSD arm: accuracy change vs length change against the reference, one
+    point per seed with its paired 95% CIs."""
+    ref_path = run_dir / "eval" / str(reference) / set_name / "samples.jsonl"
+    arms = [n for n in names if n.startswith("opsd-") and (run_dir / "eval" / n / set_name / "samples.jsonl").exists()]
+    if not reference or not ref_path.exists() or not arms:
+        return False
+    before = read_samples(ref_path)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors, labeled = {}, set()
+    for name in arms:
+        d = paired_change(before, read_samples(run_dir / "eval" / name / set_name / "samples.jsonl"))
+        arm = name[len("opsd-"):].rsplit("-s", 1)[0]
+        color = colors.setdefault(arm, f"C{len(colors)}")
+        x, y = 100 * d["length_change"], 100 * d["accuracy_diff"]
+        xl, xh = (100 * v for v in d["length_change_ci"])
+        yl, yh = (100 * v for v in d["accuracy_diff_ci"])
+        ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=2, color=color,
+                    label=None if arm in labeled else arm)
+        labeled.add(arm)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel(f"length change vs {reference} (%)")
+    ax.set_ylabel(f"accuracy change vs {reference} (pp)")
+    ax.set_title(f"OPSD arms vs {reference}, one point per seed (95% CI): {set_name}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def token_shifts(run_dir: Path, out: Path) -> list[str]:
@@ -273,9 +316,14 @@ def write_report(run_dir: str | Path) -> Path:
         md += [f"![accuracy vs length](accuracy_length_{set_name}.png)", ""]
         plot_length_distributions(run_dir, names, set_name, out_dir / f"lengths_{set_name}.png")
         md += ["### Length of correct and incorrect responses", "", f"![lengths](lengths_{set_name}.png)", ""]
+        if plot_changes(run_dir, names, set_name, reference, out_dir / f"changes_{set_name}.png"):
+            md += [f"### Accuracy change vs length change against `{reference}`", "",
+                   f"![changes](changes_{set_name}.png)", ""]
         md += [f"### Per-problem flips and hesitation versus `{reference}`", "",
                *flips_and_hesitation(run_dir, names, set_name, reference), "",
-               f"Hesitation markers counted: {', '.join(repr(m) for m in MARKERS)}.", ""]
+               f"Hesitation markers counted: {', '.join(repr(m) for m in MARKERS)}. AES: accuracy-efficiency "
+               "score against the reference (ΔL + 3·ΔAcc, or ΔL − 5·|ΔAcc| when accuracy drops; relative "
+               "changes; O1-Pruner).", ""]
         md += ["### Sample responses", "", *sample_texts(run_dir, names, set_name)]
     if plot_training_curves(run_dir, out_dir / "training_curves.png"):
         md += ["## Training curves", "", "![training curves](training_curves.png)", ""]
