@@ -57,7 +57,8 @@ def main(mode: str, folder: str, out: str) -> None:
     trainer.train()
     weights = {n: p.detach().cpu() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
     torch.save(weights, out_dir / f"rank{RANK}.pt")
-    info = {"processes": trainer.accelerator.num_processes, "skipped_steps": getattr(trainer, "skipped_steps", 0),
+    info = {"processes": trainer.accelerator.num_processes, "distributed_type": str(trainer.accelerator.distributed_type),
+            "teacher": type(getattr(getattr(trainer, "teacher", None), "copy", None)).__name__, "skipped_steps": getattr(trainer, "skipped_steps", 0),
             "global_step": trainer.state.global_step}
     (out_dir / f"rank{RANK}.json").write_text(json.dumps(info))
     if torch.distributed.is_initialized():
