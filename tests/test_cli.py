@@ -48,6 +48,40 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+GATE_CHOICES = "['all', 'correct', 'correct_or_truncated', 'incorrect', 'split']"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["opsd", "--gate", "bogus"], f"opsdlab opsd: error: gate must be one of {GATE_CHOICES}, got 'bogus'"),
+    (["opsd", "--set", "gate=bogus"], f"opsdlab opsd: error: gate must be one of {GATE_CHOICES}, got 'bogus'"),
+    (["opsd", "--set", "max_steps=1.5"], "opsdlab opsd: error: --set max_steps: expected an integer, got 1.5 (float)"),
+    (["rlvr", "--set", "max_steps=abc"], "opsdlab rlvr: error: --set max_steps: expected an integer, got 'abc' (str)"),
+    (["sft", "--set", "learning_rate=abc"],
+     "opsdlab sft: error: --set learning_rate: expected a number, got 'abc' (str)"),
+    (["rlvr", "--set", "group_size=1"], "opsdlab rlvr: error: group_size must be >= 2 (group-centred advantages), got 1"),
+])
+def test_stage_option_errors_are_exact_and_name_the_option(tmp_path, capsys, argv, message):
+    """Checked before any model is loaded; the stage's label is not repeated after the command's."""
+    command, *options = argv
+    code = main([command, "--model", str(tmp_path / "X"), "--out", str(tmp_path / "Y"), *options])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[0] == message
+
+
+def test_pipeline_override_of_the_wrong_type_is_exact(capsys):
+    assert main(["pipeline", "--config", "tiny", "sft.learning_rate=abc"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "opsdlab pipeline: error: sft.learning_rate: expected a number, got 'abc' (str)")
+
+
+def test_stage_options_take_yaml_numbers_without_a_dot(tmp_path):
+    from opsdlab.cli import _overrides
+    from opsdlab.opsd import OPSDStageConfig
+
+    config = _overrides(OPSDStageConfig, ["learning_rate=1e-6", "clip_tau=null"], {"gate": "all"})
+    assert config.learning_rate == 1e-6 and config.clip_tau is None and config.gate == "all"
+
+
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "opsdlab.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "opsdlab" in result.stdout

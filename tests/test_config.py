@@ -31,6 +31,44 @@ def test_bad_configs_name_the_key(override, message):
         load_config("tiny", [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("sft.learning_rate=abc", "sft.learning_rate: expected a number, got 'abc' (str)"),
+    ("opsd.max_steps=1.5", "opsd.max_steps: expected an integer, got 1.5 (float)"),
+    ("opsd.max_steps=true", "opsd.max_steps: expected an integer, got True (bool)"),
+    ("rlvr.dynamic_sampling=maybe", "rlvr.dynamic_sampling: expected a boolean (true/false), got 'maybe' (str)"),
+    ("opsd.clip_tau=abc", "opsd.clip_tau: expected a number or null, got 'abc' (str)"),
+    ("eval.sampling.k=abc", "eval.sampling.k: expected an integer, got 'abc' (str)"),
+    ("opsd.gate=3", "opsd.gate: expected a string, got 3 (int)"),
+    ("stages=sft", "stages: expected a list, got 'sft' (str)"),
+    ("arms=[{name: x, max_steps: ten}]", "arms.x.max_steps: expected an integer, got 'ten' (str)"),
+])
+def test_a_value_of_the_wrong_type_names_the_key_and_the_type(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [override])
+    assert str(error.value) == message
+
+
+def test_numbers_that_yaml_reads_as_strings_are_numbers():
+    """YAML 1.1 reads 1e-6 (no dot) as a string; a float field takes it as the number."""
+    config = load_config("tiny", ["opsd.learning_rate=1e-6", "rlvr.epsilon_high=null", "sft.learning_rate=3"])
+    assert config.opsd.learning_rate == 1e-6 and config.rlvr.epsilon_high is None and config.sft.learning_rate == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("opsd.gate=bogus", "opsd: gate must be one of ['all', 'correct', 'correct_or_truncated', 'incorrect', "
+                        "'split'], got 'bogus'"),
+    ("arms=[{name: x, gate: bogus}]", "arms.x: gate must be one of ['all', 'correct', 'correct_or_truncated', "
+                                      "'incorrect', 'split'], got 'bogus'"),
+    ("eval.sampling.temperature=-1", "eval.sampling: temperature must be >= 0, got -1"),
+    ("rlvr.group_size=1", "rlvr: group_size must be >= 2 (group-centred advantages), got 1"),
+])
+def test_an_error_names_its_section_once(override, message):
+    """A section's own label is not repeated after the key (no `opsd: opsd: gate ...`)."""
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [override])
+    assert str(error.value) == message
+
+
 def test_missing_preset_lists_shipped_ones(tmp_path):
     with pytest.raises(ConfigError, match="tiny"):
         resolve_preset(tmp_path / "nope.yaml")

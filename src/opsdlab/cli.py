@@ -8,7 +8,6 @@ that pipeline on the tiny offline default.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -52,21 +51,29 @@ def _examples_and_verifier(args, split: str, count: int | None = None):
     return examples, _verifier(args, FileTask.default_verifier)
 
 
-def _overrides(cls, pairs: list[str]):
-    """Build a stage config dataclass from key=value pairs (YAML values)."""
+def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None):
+    """Build a stage config dataclass from `--set` key=value pairs (YAML values) and named flags.
+
+    `flags` maps a field to the value of its own command-line flag (e.g. `--gate`). A value of the
+    wrong type is an error naming the option and the type expected.
+    """
+    import typing
+
     import yaml
 
-    from opsdlab.config import ConfigError
+    from opsdlab.config import ConfigError, check_value
 
     values = {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value")
         key, raw = pair.split("=", 1)
-        if key not in names:
-            raise ConfigError(f"--set {key}: unknown option; valid: {sorted(names)}")
-        values[key] = yaml.safe_load(raw)
+        if key not in hints:
+            raise ConfigError(f"--set {key}: unknown option; valid: {sorted(hints)}")
+        values[key] = check_value(yaml.safe_load(raw), hints[key], f"--set {key}")
+    for key, value in (flags or {}).items():
+        values[key] = check_value(value, hints[key], f"--{key}")
     return cls(**values)
 
 
@@ -139,7 +146,7 @@ def cmd_opsd(args) -> int:
     from opsdlab.models import load_policy
     from opsdlab.opsd import OPSDStageConfig, run_opsd
 
-    config = _overrides(OPSDStageConfig, args.set + [f"gate={args.gate}"])
+    config = _overrides(OPSDStageConfig, args.set, {"gate": args.gate} if args.gate is not None else {})
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
     model, tokenizer = load_policy(args.model)
@@ -235,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="stage option, repeatable (e.g. --set max_steps=50)")
         if name == "opsd":
-            p.add_argument("--gate", default="correct", help="all, correct, incorrect, correct_or_truncated, split")
+            p.add_argument("--gate", default=None,
+                           help="all, correct (default), incorrect, correct_or_truncated, split")
             p.add_argument("--teacher-check", type=int, default=100,
                            help="problems for the teacher-vs-student accuracy check before training (0: skip)")
         p.set_defaults(func=func)
@@ -254,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelFolderError, ValueError) as error:
         if os.environ.get("OPSDLAB_DEBUG"):
             raise
-        print(f"opsdlab {args.command}: error: {error}", file=sys.stderr)
+        message = str(error)
+        if message.startswith(f"{args.command}: "):  # a stage's own label: already said by the prefix
+            message = message[len(args.command) + 2:]
+        print(f"opsdlab {args.command}: error: {message}", file=sys.stderr)
         print("(set OPSDLAB_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
 

@@ -3,12 +3,14 @@
 A config file is YAML whose keys mirror `PipelineConfig`; anything left out keeps its default, so a
 preset is an override file (compare `configs/tiny.yaml` and `configs/qwen3-8b.yaml` to see what
 changes with scale). Command-line `key=value` overrides use dotted paths (`opsd.max_steps=10`) and
-YAML values. Unknown keys, bad choices and impossible sizes are errors naming the key.
+YAML values. Unknown keys, values of the wrong type, bad choices and impossible sizes are errors
+naming the key (and, for a wrong type, the type expected).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,12 +90,67 @@ class PipelineConfig:
             raise ConfigError("opsd_seeds: give at least one seed")
 
     def arm_config(self, arm: ArmSection) -> OPSDStageConfig:
-        try:
-            return _build(OPSDStageConfig, {**dataclasses.asdict(self.opsd), **arm.overrides}, f"arms.{arm.name}")
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"arms.{arm.name}: {error}") from error
+        return _build(OPSDStageConfig, {**dataclasses.asdict(self.opsd), **arm.overrides}, f"arms.{arm.name}")
+
+
+# Labels that section dataclasses put in front of their own error messages; a message located
+# under a config key drops it, so that no error reads `opsd: opsd: ...`.
+_SECTION_LABELS = (*STAGES, "sampling")
+
+
+def located(where: str, error: Exception | str) -> str:
+    """`error`'s message under the config key `where`, without the section label the message carries."""
+    text = str(error)
+    labels = {*_SECTION_LABELS, where.rsplit(".", 1)[-1]} if where else set(_SECTION_LABELS)
+    head, sep, rest = text.partition(": ")
+    if sep and head in labels:
+        text = rest
+    return f"{where}: {text}" if where else text
+
+
+_TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
+               tuple: "a list", dict: "a mapping", type(None): "null"}
+
+
+def check_value(value, hint, key: str):
+    """`value` checked against the field annotation `hint`; the value to store, or a ConfigError.
+
+    Integers are accepted for float fields, and so are strings that read as a number: YAML reads
+    `1e-6` (no dot) as a string. A list is stored as a tuple. Annotations this function does not
+    know are accepted as they are.
+    """
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        ok, converted = _matches(value, option)
+        if ok:
+            return converted
+    expected = " or ".join(_TYPE_NAMES.get(option, getattr(option, "__name__", str(option))) for option in options)
+    raise ConfigError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _matches(value, option) -> tuple[bool, object]:
+    if option is type(None):
+        return value is None, value
+    if option is bool:
+        return isinstance(value, bool), value
+    if option is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if option is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, value
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if option is str:
+        return isinstance(value, str), value
+    if option is tuple:
+        return isinstance(value, (list, tuple)), tuple(value) if isinstance(value, (list, tuple)) else value
+    if option is dict:
+        return isinstance(value, dict), value
+    return True, value
 
 
 def _build(cls, data, where: str):
@@ -116,17 +173,15 @@ def _build(cls, data, where: str):
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key)
         elif name == "arms":
-            values[name] = tuple(_arm(a, key) for a in value)
-        elif isinstance(value, list):
-            values[name] = tuple(value)
+            values[name] = tuple(_arm(a, key) for a in check_value(value, tuple, key))
         else:
-            values[name] = value
+            values[name] = check_value(value, hint, key)
     try:
         return cls(**values)
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where or 'config'}: {error}") from error
+        raise ConfigError(located(where or "config", error)) from error
 
 
 def _arm(value, where: str) -> ArmSection:
