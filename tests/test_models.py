@@ -52,6 +52,29 @@ def test_folder_without_chat_template_is_a_clear_error(tmp_path, tokenizer):
         load_tokenizer(tmp_path / "m")
 
 
+def test_folder_without_tokenizer_files_is_a_clear_error(tmp_path, tokenizer, capsys):
+    """config.json + model.safetensors only: AutoTokenizer would build an empty Qwen2 tokenizer from config.json."""
+    build_tiny_model(tokenizer).save_pretrained(tmp_path / "m")
+    for extra in (tmp_path / "m").iterdir():
+        if extra.name not in ("config.json", "model.safetensors"):
+            extra.unlink()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(ModelFolderError, match="has no tokenizer files") as error:
+        load_tokenizer(tmp_path / "m")
+    assert "tokenizer.save_pretrained" in str(error.value)
+    with pytest.raises(ModelFolderError, match="has no tokenizer files"):
+        load_policy(tmp_path / "m")
+    from opsdlab.cli import main
+
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", "synthetic"]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err
+    # A tokenizer_config.json alone (no vocabulary) loads as an empty tokenizer: also an error.
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "Qwen2Tokenizer", "chat_template": "{{ messages[0]['content'] }}"}))
+    with pytest.raises(ModelFolderError, match="empty tokenizer"):
+        load_tokenizer(tmp_path / "m")
+
+
 def test_missing_folder_and_missing_config_are_clear_errors(tmp_path):
     with pytest.raises(ModelFolderError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")

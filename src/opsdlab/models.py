@@ -63,6 +63,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# Files of which a saved tokenizer has at least one (fast, SentencePiece, BPE, WordPiece, tiktoken: *.tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 class ModelFolderError(ValueError):
     """A model folder that cannot be used, with what is wrong and how to fix it."""
 
@@ -200,6 +205,12 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> PreTr
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        raise ModelFolderError(
+            f"model folder {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+            "every stage reads the tokenizer and its chat template from the model folder. Save the tokenizer "
+            "of the model these weights come from into it (tokenizer.save_pretrained(folder))."
+        )
     config_path = folder / "tokenizer_config.json"
     declared = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.exists() else None
     try:
@@ -209,6 +220,11 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> PreTr
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ModelFolderError(f"model folder {folder}: cannot load its tokenizer ({error})") from error
+    if len(tokenizer) < 2 or not tokenizer("1 + 1", add_special_tokens=False)["input_ids"]:
+        raise ModelFolderError(
+            f"model folder {folder}: its tokenizer files load as an empty tokenizer ({type(tokenizer).__name__}, "
+            f"{len(tokenizer)} tokens); the vocabulary file is missing or unreadable."
+        )
     if not tokenizer.chat_template:
         raise ModelFolderError(
             f"model folder {folder}: the tokenizer has no chat template; prompts for every role are "
