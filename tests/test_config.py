@@ -69,6 +69,20 @@ def test_an_error_names_its_section_once(override, message):
     assert str(error.value) == message
 
 
+def test_batches_are_checked_against_the_number_of_processes():
+    config = load_config("qwen3-8b")
+    assert config.opsd.rollouts_per_prompt == 1 and config.opsd.prompts_per_step == 32
+    for processes in (1, 2, 4, 8, 16, 32):
+        config.check_batches(processes)
+    with pytest.raises(ConfigError) as error:
+        config.check_batches(3)
+    assert str(error.value) == ("arms.all: prompts_per_step (32) must be a multiple of the number of processes (3): "
+                                "each process generates whole groups of rollouts")
+    with pytest.raises(ConfigError, match=r"^sft: batch_size \(32\) = 32 rows"):
+        load_config("tiny", ["sft.gradient_accumulation_steps=3"]).check_batches(1)
+    load_config("tiny").check_batches(1)
+
+
 def test_missing_preset_lists_shipped_ones(tmp_path):
     with pytest.raises(ConfigError, match="tiny"):
         resolve_preset(tmp_path / "nope.yaml")

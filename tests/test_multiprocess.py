@@ -55,6 +55,8 @@ def test_two_processes_finish_with_identical_weights(tmp_path, tiny_folder, mode
     _launch(mode, tiny_folder, tmp_path)
     (w0, w1), (i0, i1) = _ranks(tmp_path)
     assert i0["processes"] == i1["processes"] == 2
+    # 4 prompts x 2 rollouts per optimizer step over both processes: 2 prompts x 2 rollouts on each.
+    assert i0["per_device_batch"] == i1["per_device_batch"] == 4 and i0["generation_batch"] == 8
     assert w0.keys() == w1.keys()
     for name in w0:
         assert torch.equal(w0[name], w1[name]), name

@@ -84,17 +84,105 @@ def _step_gradients(tmp_path, tiny_folder, task, **overrides):
 
     callback = type("GrabGradients", (TrainerCallback,), {"on_pre_optimizer_step": Grab.on_pre_optimizer_step})()
     trainer = make_trainer(tmp_path, tiny_folder, task, callbacks=[callback], max_steps=1, **overrides)
+    rollouts = _record_rollouts(trainer)
     trainer.train()
-    return grads
+    return grads, rollouts, trainer.args
+
+
+def _record_rollouts(trainer) -> list:
+    """Every generation batch the trainer makes, as sorted (prompt ids, completion ids) rows."""
+    batches = []
+    generate = trainer._generate_and_score_completions
+
+    def recording(inputs):
+        batch = generate(inputs)
+        rows = []
+        for p, pm, c, cm in zip(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                                batch["completion_mask"]):
+            rows.append((tuple(p[pm.bool()].tolist()), tuple(c[cm.bool()].tolist())))
+        batches.append({"rows": sorted(rows), "problems": [row["problem"] for row in inputs]})
+        return batch
+
+    trainer._generate_and_score_completions = recording
+    return batches
 
 
 def test_step_gradient_does_not_depend_on_gradient_accumulation(tmp_path, tiny_folder, task):
-    """The same 8 rollouts as one micro-batch (GA=1) or two (GA=2) give the same step gradient."""
-    one = _step_gradients(tmp_path / "ga1", tiny_folder, task, prompts_per_step=4, gradient_accumulation_steps=1)
-    two = _step_gradients(tmp_path / "ga2", tiny_folder, task, prompts_per_step=2, gradient_accumulation_steps=2)
+    """The same 8 rollouts (4 prompts per step) as one micro-batch (GA=1) or two (GA=2) give the same step gradient."""
+    one, rollouts_one, args_one = _step_gradients(tmp_path / "ga1", tiny_folder, task, prompts_per_step=4,
+                                                  gradient_accumulation_steps=1)
+    two, rollouts_two, args_two = _step_gradients(tmp_path / "ga2", tiny_folder, task, prompts_per_step=4,
+                                                  gradient_accumulation_steps=2)
+    assert (args_one.per_device_train_batch_size, args_two.per_device_train_batch_size) == (8, 4)
+    assert args_one.generation_batch_size == args_two.generation_batch_size == 8
+    assert len(rollouts_one) == len(rollouts_two) == 1  # one generation batch feeds the step
+    assert rollouts_one[0]["rows"] == rollouts_two[0]["rows"] and len(rollouts_one[0]["rows"]) == 8
     assert one.keys() == two.keys() and one
     for name in one:
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_one_rollout_per_prompt_trains_on_distinct_prompts(tmp_path, tiny_folder, task):
+    """The paper's setting: 4 distinct prompts x 1 rollout per step (GA=2), 2 steps; the sibling
+    context has no group to draw from and reads the reference solution."""
+    from opsdlab.data import Example
+    from opsdlab.prompts import render_prompt
+
+    trainer = make_trainer(tmp_path, tiny_folder, task, rollouts_per_prompt=1, prompts_per_step=4,
+                           gradient_accumulation_steps=2, teacher_context="sibling", gate="all")
+    assert trainer.num_generations == trainer.args.num_generations == 1
+    assert trainer.args.per_device_train_batch_size == 2 and trainer.args.generation_batch_size == 4
+    batches = _record_rollouts(trainer)
+    teacher_rows = []
+    gated_round = trainer._gated_round
+
+    def recording(inputs):
+        batch = gated_round(inputs)
+        pairs = zip(inputs, batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
+        teacher_rows.extend((row, ids[mask.bool()].tolist()) for row, ids, mask in pairs)
+        return batch
+
+    trainer._gated_round = recording
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.skipped_steps == 0
+    assert len(batches) == 2
+    for batch in batches:
+        assert len(batch["problems"]) == len(set(batch["problems"])) == 4  # every prompt of a step is distinct
+        assert len(batch["rows"]) == 4
+    assert max((before[n] - p).abs().max().item() for n, p in trainer.model.named_parameters()) > 0
+    tokenizer = trainer.processing_class
+    for row, ids in teacher_rows:
+        example = Example(id=row["id"], problem=row["problem"], solution=row["solution"], answer=str(row["answer"]))
+        expected = tokenizer(render_prompt(tokenizer, example, context="solution"))["input_ids"]
+        assert ids == expected
+
+
+def test_batch_sizes_count_one_optimizer_step_over_all_processes():
+    """prompts_per_step and the SFT batch size are per optimizer step, over processes and accumulation steps."""
+    from opsdlab.rlvr import RLVRStageConfig
+    from opsdlab.sft import SFTStageConfig
+
+    assert OPSDStageConfig(prompts_per_step=32, rollouts_per_prompt=1).per_device_batch(8) == 4
+    assert OPSDStageConfig(prompts_per_step=32, rollouts_per_prompt=4,
+                           gradient_accumulation_steps=2).per_device_batch(8) == 8
+    assert RLVRStageConfig(prompts_per_step=32, group_size=16).per_device_batch(8) == 64
+    assert RLVRStageConfig(prompts_per_step=8, group_size=8).per_device_batch(1) == 64  # the tiny default
+    assert SFTStageConfig(batch_size=32, gradient_accumulation_steps=2).per_device_batch(4) == 4
+    assert SFTStageConfig().per_device_batch(1) == 32
+    with pytest.raises(ValueError) as error:
+        OPSDStageConfig(prompts_per_step=12, rollouts_per_prompt=2).per_device_batch(8)
+    assert str(error.value) == ("opsd: prompts_per_step (12) must be a multiple of the number of processes (8): "
+                                "each process generates whole groups of rollouts")
+    with pytest.raises(ValueError) as error:
+        RLVRStageConfig(prompts_per_step=8, group_size=3, gradient_accumulation_steps=16).per_device_batch(2)
+    assert str(error.value) == ("rlvr: prompts_per_step (8) x rollouts per prompt (3) = 24 rows per optimizer step "
+                                "do not split evenly over 2 process(es) x gradient_accumulation_steps 16 "
+                                "(= 32 micro-batches); make it a multiple of 32")
+    with pytest.raises(ValueError, match=r"sft: batch_size \(32\) = 32 rows .* 3 process\(es\)"):
+        SFTStageConfig(batch_size=32).per_device_batch(3)
+    with pytest.raises(ValueError, match="prompts_per_step >= 2"):
+        OPSDStageConfig(prompts_per_step=1, rollouts_per_prompt=1)
 
 
 def test_opsd_all_gate_trains_and_logs(tmp_path, tiny_folder, task):

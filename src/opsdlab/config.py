@@ -89,6 +89,18 @@ class PipelineConfig:
         if not self.opsd_seeds:
             raise ConfigError("opsd_seeds: give at least one seed")
 
+    def check_batches(self, num_processes: int) -> None:
+        """Raise a ConfigError, before any stage runs, if a configured stage's batch does not split
+        evenly over `num_processes` processes and its gradient-accumulation steps."""
+        sections = [(name, getattr(self, name)) for name in ("sft", "rlvr") if name in self.stages]
+        if "opsd" in self.stages:
+            sections += [(f"arms.{arm.name}", self.arm_config(arm)) for arm in self.arms]
+        for where, section in sections:
+            try:
+                section.per_device_batch(num_processes)
+            except ValueError as error:
+                raise ConfigError(located(where, error)) from error
+
     def arm_config(self, arm: ArmSection) -> OPSDStageConfig:
         return _build(OPSDStageConfig, {**dataclasses.asdict(self.opsd), **arm.overrides}, f"arms.{arm.name}")
 

@@ -11,8 +11,9 @@ Generation, reward bookkeeping, accelerate, PEFT, vLLM and logging are TRL's GRP
 subclass replaces the policy-gradient loss by the distillation loss. The loss is the mean over every
 kept token of an optimizer step, whatever the split into micro-batches and processes
 (`loss_normalizer`). A step whose gate keeps too little is refilled with fresh prompts; one that
-keeps nothing anywhere skips its optimizer step. Departure from the paper: TRL requires at least 2
-rollouts per prompt (the authors used 1).
+keeps nothing anywhere skips its optimizer step. One rollout per prompt (the paper's setting) runs on
+TRL's trainer with groups of one (`rlvr.grpo_args`): prompts are not repeated, and the advantages
+that TRL computes from groups are unused here.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from opsdlab.models import output_head, save_policy
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (RefillSampler, RLVRStageConfig, concat_batches, global_sum, grpo_args, rl_dataset,
-                          select_rows)
+                          rollouts_per_device, select_rows)
 from opsdlab.runtime import JsonlMetrics, resume_point
 from opsdlab.teacher import (TEACHER_WEIGHTS, build_teacher, is_peft_model, load_teacher_state,
                              save_teacher_state)
@@ -41,6 +42,17 @@ from opsdlab.verifier import VerifierConfig
 
 @dataclass(frozen=True)
 class OPSDStageConfig:
+    """OPSD settings.
+
+    Batch: `prompts_per_step` distinct prompts, each with `rollouts_per_prompt` rollouts, make one
+    optimizer step, summed over all processes and gradient-accumulation steps (the paper's "32
+    prompts per step"); the per-device micro-batch is prompts_per_step x rollouts_per_prompt /
+    (num_processes x gradient_accumulation_steps) rollouts, and each process takes
+    prompts_per_step / num_processes prompts; both must divide evenly (`opsd_args`).
+    `rollouts_per_prompt: 1` is the paper's setting: OPSD has no group advantage, so no group is
+    needed; the `sibling` teacher context then always falls back to the reference solution.
+    """
+
     gate: str = "correct"
     divergence: str = "reverse_kl"
     jsd_beta: float = 0.5
@@ -81,14 +93,18 @@ class OPSDStageConfig:
                                    ("teacher_context", self.teacher_context, TEACHER_CONTEXTS)):
             if value not in valid:
                 raise ValueError(f"opsd: {name} must be one of {sorted(valid)}, got {value!r}")
-        if self.rollouts_per_prompt < 2:
-            raise ValueError("opsd: rollouts_per_prompt must be >= 2 (TRL's generation groups)")
+        if self.rollouts_per_prompt < 1:
+            raise ValueError(f"opsd: rollouts_per_prompt must be >= 1, got {self.rollouts_per_prompt}")
+        if self.rollouts_per_prompt == 1 and self.prompts_per_step < 2:
+            raise ValueError("opsd: one rollout per prompt needs prompts_per_step >= 2 (TRL validates its "
+                             "generation batch against a group of at least 2)")
         if self.lora_r < 0:
             raise ValueError(f"opsd: lora_r must be >= 0, got {self.lora_r}")
         if self.min_kept_rollouts < 0 or self.refill_max_rounds < 1:
             raise ValueError("opsd: min_kept_rollouts must be >= 0 and refill_max_rounds >= 1")
-        if self.chunk_size < 1 or self.max_steps < 1 or self.prompts_per_step < 1:
-            raise ValueError("opsd: chunk_size, max_steps and prompts_per_step must be >= 1")
+        if min(self.chunk_size, self.max_steps, self.prompts_per_step, self.gradient_accumulation_steps) < 1:
+            raise ValueError("opsd: chunk_size, max_steps, prompts_per_step and gradient_accumulation_steps "
+                             "must be >= 1")
         self.divergence_options()  # validates beta, clip_tau, top_k
 
     def divergence_options(self) -> DivergenceOptions:
@@ -103,16 +119,31 @@ class OPSDStageConfig:
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=self.lora_target_modules,
                           task_type="CAUSAL_LM")
 
+    def per_device_batch(self, num_processes: int) -> int:
+        """Rollouts per device per micro-batch on `num_processes` processes (an error if uneven)."""
+        return rollouts_per_device("opsd", self.prompts_per_step, self.rollouts_per_prompt, num_processes,
+                                   self.gradient_accumulation_steps)
+
     def as_rlvr(self) -> RLVRStageConfig:
-        """The generation/optimizer settings expressed for TRL's GRPOConfig builder."""
+        """The generation/optimizer settings expressed for TRL's GRPOConfig builder.
+
+        Not the rollouts per prompt, which may be 1 here but not in RLVR: `opsd_args` passes them.
+        """
         return RLVRStageConfig(
-            max_steps=self.max_steps, prompts_per_step=self.prompts_per_step, group_size=self.rollouts_per_prompt,
+            max_steps=self.max_steps, prompts_per_step=self.prompts_per_step,
             learning_rate=self.learning_rate, lr_scheduler_type=self.lr_scheduler_type,
             max_completion_length=self.max_completion_length, temperature=self.temperature,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             gradient_checkpointing=self.gradient_checkpointing, use_vllm=self.use_vllm, vllm_mode=self.vllm_mode,
             save_steps=self.save_steps, logging_steps=self.logging_steps, report_to=self.report_to,
         )
+
+
+def opsd_args(config: OPSDStageConfig, stage_dir: Path, seed: int, *, num_processes: int | None = None):
+    """TRL's GRPOConfig for an OPSD stage: `prompts_per_step` x `rollouts_per_prompt` rollouts per
+    optimizer step over all processes and accumulation steps (see `rlvr.grpo_args`)."""
+    return grpo_args(config.as_rlvr(), stage_dir, seed, rollouts_per_prompt=config.rollouts_per_prompt,
+                     num_processes=num_processes, stage="opsd")
 
 
 def response_positions(prompt_width: int, completion_width: int) -> slice:
@@ -409,7 +440,7 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
     trainer = OPSDTrainer(
         model=model,
         reward_funcs=[VerifierReward(verifier, eos)],
-        args=grpo_args(config.as_rlvr(), stage_dir, seed),
+        args=opsd_args(config, stage_dir, seed),
         train_dataset=rl_dataset(examples, tokenizer, thinking),
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],

@@ -29,6 +29,7 @@ from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
 from opsdlab.rlvr import run_rlvr
+from opsdlab.runtime import launch_processes
 from opsdlab.sft import run_sft
 from opsdlab.tasks import build_task
 from opsdlab.verifier import VerifierConfig
@@ -118,6 +119,7 @@ def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
 
 def run_pipeline(config: PipelineConfig) -> Path:
     """Run (or resume) every configured stage and evaluation; return the run directory."""
+    config.check_batches(launch_processes())  # an uneven batch fails now, not after the stages before it
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / "config.yaml")

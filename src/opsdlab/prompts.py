@@ -34,7 +34,8 @@ def _answer_context(example: Example, sibling: str | None) -> str:
 
 
 def _sibling_context(example: Example, sibling: str | None) -> str:
-    # Falls back to the reference solution when the group had no correct rollout to show.
+    # Falls back to the reference solution when the group had no correct rollout to show, which is
+    # always the case with one rollout per prompt.
     if sibling is None:
         return _solution_context(example, None)
     return (

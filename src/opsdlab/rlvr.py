@@ -20,7 +20,8 @@ from trl import GRPOConfig, GRPOTrainer
 from opsdlab.models import save_policy
 from opsdlab.prompts import render_prompt
 from opsdlab.rewards import VerifierReward, format_reward
-from opsdlab.runtime import JsonlMetrics, common_training_args, resume_point
+from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
+                             per_device_rows, resume_point)
 from opsdlab.verifier import VerifierConfig
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
@@ -31,6 +32,15 @@ LEFT_PADDED = ("prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_promp
 
 @dataclass(frozen=True)
 class RLVRStageConfig:
+    """GRPO-family RL settings.
+
+    Batch: `prompts_per_step` prompts, each with `group_size` rollouts, make one optimizer step,
+    summed over all processes and gradient-accumulation steps (the paper's "32 prompts per step").
+    Each process generates prompts_per_step / num_processes whole groups, and the per-device
+    micro-batch is prompts_per_step x group_size / (num_processes x gradient_accumulation_steps)
+    rollouts (`grpo_args`); both must divide evenly.
+    """
+
     max_steps: int = 100
     prompts_per_step: int = 8
     group_size: int = 8
@@ -66,18 +76,65 @@ class RLVRStageConfig:
             raise ValueError(f"rlvr: scale_rewards must be one of {REWARD_SCALINGS}, got {self.scale_rewards!r}")
         if self.group_size < 2:
             raise ValueError(f"rlvr: group_size must be >= 2 (group-centred advantages), got {self.group_size}")
-        if self.prompts_per_step < 1 or self.max_steps < 1:
-            raise ValueError("rlvr: prompts_per_step and max_steps must be >= 1")
+        if min(self.prompts_per_step, self.max_steps, self.gradient_accumulation_steps) < 1:
+            raise ValueError("rlvr: prompts_per_step, max_steps and gradient_accumulation_steps must be >= 1")
         if self.dynamic_sampling_max_rounds < 1:
             raise ValueError("rlvr: dynamic_sampling_max_rounds must be >= 1")
 
+    def per_device_batch(self, num_processes: int) -> int:
+        """Rollouts per device per micro-batch on `num_processes` processes (an error if uneven)."""
+        return rollouts_per_device("rlvr", self.prompts_per_step, self.group_size, num_processes,
+                                   self.gradient_accumulation_steps)
 
-def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, **extra) -> GRPOConfig:
-    """GRPOConfig from the stage config; per-device batch counts completions (prompts x group)."""
-    return GRPOConfig(
+
+def rollouts_per_device(stage: str, prompts_per_step: int, rollouts_per_prompt: int, num_processes: int,
+                        accumulation_steps: int) -> int:
+    """Rollouts per device per micro-batch for one optimizer step of `prompts_per_step` prompts.
+
+    The step's prompts x rollouts are summed over all processes and accumulation steps. Each
+    process generates whole groups (dynamic sampling, refill and the sibling teacher context read
+    groups locally), so the prompts must also divide evenly over the processes.
+    """
+    if prompts_per_step % num_processes:
+        raise ValueError(
+            f"{stage}: prompts_per_step ({prompts_per_step}) must be a multiple of the number of processes "
+            f"({num_processes}): each process generates whole groups of rollouts"
+        )
+    return per_device_rows(stage, prompts_per_step * rollouts_per_prompt,
+                           f"prompts_per_step ({prompts_per_step}) x rollouts per prompt ({rollouts_per_prompt})",
+                           num_processes, accumulation_steps)
+
+
+def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, *, rollouts_per_prompt: int | None = None,
+              num_processes: int | None = None, stage: str = "rlvr", **extra) -> GRPOConfig:
+    """GRPOConfig from the stage config, with `prompts_per_step` counted per optimizer step.
+
+    per_device_train_batch_size = prompts_per_step x rollouts / (num_processes x gradient accumulation
+    steps); TRL then generates one batch of prompts_per_step x rollouts rollouts per optimizer step
+    (generation_batch_size, steps_per_generation = gradient_accumulation_steps) and splits it into
+    the micro-batches. `num_processes` defaults to the launch's (`runtime.launch_processes`).
+
+    `rollouts_per_prompt` replaces `config.group_size` (OPSD's setting). With 1 rollout per prompt,
+    TRL's GRPOConfig would refuse (it asks num_generations >= 2, for group advantages that OPSD does
+    not use): it is validated with a placeholder group that divides the generation batch and then
+    handed num_generations = 1, so that the trainer's sampler does not repeat prompts, its reward
+    normalisation takes groups of 1 (zero advantages) and vLLM's server mode asks one completion of
+    each prompt.
+    """
+    rollouts = config.group_size if rollouts_per_prompt is None else rollouts_per_prompt
+    num_processes = launch_processes() if num_processes is None else num_processes
+    per_device = rollouts_per_device(stage, config.prompts_per_step, rollouts, num_processes,
+                                     config.gradient_accumulation_steps)
+    generations = rollouts
+    if rollouts == 1:
+        prompts = config.prompts_per_step  # = TRL's generation batch
+        if prompts < 2:
+            raise ValueError(f"{stage}: one rollout per prompt needs prompts_per_step >= 2, got {prompts}")
+        generations = next(d for d in range(2, prompts + 1) if prompts % d == 0)
+    args = GRPOConfig(
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.prompts_per_step * config.group_size,
-        num_generations=config.group_size,
+        per_device_train_batch_size=per_device,
+        num_generations=generations,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
@@ -100,6 +157,10 @@ def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, **extra) -> G
                                logging_steps=config.logging_steps, report_to=config.report_to),
         **extra,
     )
+    check_world_size(args, num_processes, stage)
+    if rollouts == 1:
+        args.num_generations = 1
+    return args
 
 
 def rl_dataset(examples, tokenizer, thinking: bool) -> Dataset:

@@ -1,13 +1,17 @@
-"""What every training stage shares: precision and device settings, metrics JSONL, checkpoints.
+"""What every training stage shares: precision and device settings, batch split, metrics JSONL, checkpoints.
 
 Stages hand TRL trainers the same `common_training_args`, so a stage runs on a laptop CPU
 (float32, `use_cpu`) and on GPUs (bf16 where supported) without code changes, writes its
-metrics to `metrics.jsonl` in its stage folder, and resumes from its last checkpoint.
+metrics to `metrics.jsonl` in its stage folder, and resumes from its last checkpoint. A stage's
+batch size counts rows per optimizer step over all processes and accumulation steps;
+`per_device_rows` turns it into the per-device micro-batch that the Trainer takes, for the number
+of processes of the launch (`launch_processes`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +25,46 @@ def precision_kwargs() -> dict:
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported(), "fp16": False, "use_cpu": False}
     return {"bf16": False, "fp16": False, "use_cpu": True}
+
+
+def launch_processes() -> int:
+    """How many training processes this launch runs (1 without a distributed launcher).
+
+    Read without initialising anything: the size of an existing process group, else the variable
+    that torchrun, `accelerate launch` and deepspeed set (WORLD_SIZE) or that MPI launchers set.
+    `check_world_size` compares it with the Trainer's own count once the arguments exist.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return int(value)
+    return 1
+
+
+def per_device_rows(stage: str, rows: int, what: str, num_processes: int, accumulation_steps: int) -> int:
+    """Rows per device per micro-batch, for `rows` rows per optimizer step over all processes and micro-batches.
+
+    `what` says how `rows` is made (e.g. "batch_size (32)"); an uneven split is an error naming the values.
+    """
+    share = num_processes * accumulation_steps
+    if rows % share:
+        raise ValueError(
+            f"{stage}: {what} = {rows} rows per optimizer step do not split evenly over {num_processes} "
+            f"process(es) x gradient_accumulation_steps {accumulation_steps} (= {share} micro-batches); "
+            f"make it a multiple of {share}"
+        )
+    return rows // share
+
+
+def check_world_size(args, num_processes: int, stage: str) -> None:
+    """Raise if the Trainer's arguments see another number of processes than the batch was split for."""
+    if args.world_size != num_processes:
+        raise RuntimeError(
+            f"{stage}: the batch was split for {num_processes} process(es) (launch environment), but the "
+            f"trainer runs on {args.world_size}; launch with torchrun or `accelerate launch`, which set WORLD_SIZE"
+        )
 
 
 def common_training_args(stage_dir: Path, *, seed: int, save_steps: int, logging_steps: int,

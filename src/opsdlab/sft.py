@@ -15,11 +15,16 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from opsdlab.models import save_policy
-from opsdlab.runtime import JsonlMetrics, common_training_args, resume_point
+from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
+                             per_device_rows, resume_point)
 
 
 @dataclass(frozen=True)
 class SFTStageConfig:
+    """SFT settings. `batch_size` counts rows per optimizer step over all processes and
+    gradient-accumulation steps; the per-device micro-batch is batch_size / (num_processes x
+    gradient_accumulation_steps), which must divide evenly."""
+
     rows: int = 8000
     max_steps: int = 800
     batch_size: int = 32
@@ -35,19 +40,24 @@ class SFTStageConfig:
     report_to: str = "none"
 
     def __post_init__(self):
-        if self.rows < 1 or self.max_steps < 1 or self.batch_size < 1:
-            raise ValueError("sft: rows, max_steps and batch_size must be >= 1")
+        if min(self.rows, self.max_steps, self.batch_size, self.gradient_accumulation_steps) < 1:
+            raise ValueError("sft: rows, max_steps, batch_size and gradient_accumulation_steps must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"sft: learning_rate must be > 0, got {self.learning_rate}")
 
+    def per_device_batch(self, num_processes: int) -> int:
+        """Rows per device per micro-batch on `num_processes` processes (an error if uneven)."""
+        return per_device_rows("sft", self.batch_size, f"batch_size ({self.batch_size})", num_processes,
+                               self.gradient_accumulation_steps)
 
-def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_dir: Path, seed: int = 0) -> Path:
-    """Train on `rows` (prompt, completion), resume from a checkpoint if one exists, save to stage_dir/model."""
-    stage_dir = Path(stage_dir)
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+def sft_args(config: SFTStageConfig, stage_dir: Path, seed: int, eos_token: str, *,
+             num_processes: int | None = None) -> SFTConfig:
+    """TRL's SFTConfig from the stage config; `num_processes` defaults to the launch's."""
+    num_processes = launch_processes() if num_processes is None else num_processes
     args = SFTConfig(
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=config.per_device_batch(num_processes),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
@@ -56,11 +66,20 @@ def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_di
         max_length=config.max_length,
         completion_only_loss=True,
         gradient_checkpointing=config.gradient_checkpointing,
-        eos_token=tokenizer.eos_token,
+        eos_token=eos_token,
         dataset_num_proc=None,
         **common_training_args(stage_dir, seed=seed, save_steps=config.save_steps,
                                logging_steps=config.logging_steps, report_to=config.report_to),
     )
+    check_world_size(args, num_processes, "sft")
+    return args
+
+
+def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_dir: Path, seed: int = 0) -> Path:
+    """Train on `rows` (prompt, completion), resume from a checkpoint if one exists, save to stage_dir/model."""
+    stage_dir = Path(stage_dir)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    args = sft_args(config, stage_dir, seed, tokenizer.eos_token)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))

@@ -44,10 +44,11 @@ def main(mode: str, folder: str, out: str) -> None:
     out_dir = Path(out)
     task = build_task("synthetic", {})
     if mode == "opsd":
+        # prompts_per_step counts both processes: each process gets 2 prompts x 2 rollouts.
         trainer = make_trainer(out_dir / "stage", folder, task, reward=ScriptedReward(opsd_script), gate="correct",
-                               max_steps=3, refill_max_rounds=1, problems=32)
+                               max_steps=3, refill_max_rounds=1, problems=32, prompts_per_step=4)
     else:
-        config = RLVRStageConfig(max_steps=2, prompts_per_step=2, group_size=2, max_completion_length=8,
+        config = RLVRStageConfig(max_steps=2, prompts_per_step=4, group_size=2, max_completion_length=8,
                                  learning_rate=1e-2, save_steps=100, logging_steps=1, dynamic_sampling=True,
                                  dynamic_sampling_max_rounds=3)
         model, tokenizer = load_policy(folder)
@@ -59,7 +60,8 @@ def main(mode: str, folder: str, out: str) -> None:
     torch.save(weights, out_dir / f"rank{RANK}.pt")
     info = {"processes": trainer.accelerator.num_processes, "distributed_type": str(trainer.accelerator.distributed_type),
             "teacher": type(getattr(getattr(trainer, "teacher", None), "copy", None)).__name__, "skipped_steps": getattr(trainer, "skipped_steps", 0),
-            "global_step": trainer.state.global_step}
+            "global_step": trainer.state.global_step, "per_device_batch": trainer.args.per_device_train_batch_size,
+            "generation_batch": trainer.args.generation_batch_size}
     (out_dir / f"rank{RANK}.json").write_text(json.dumps(info))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
