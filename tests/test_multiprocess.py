@@ -1,5 +1,5 @@
-"""Two CPU processes (torchrun, gloo): OPSD with a rank whose gate keeps nothing, RLVR with dynamic
-sampling. Each run must finish (no hang) with identical weights on both ranks."""
+"""Two CPU processes (torchrun, gloo): OPSD with a rank whose gate keeps nothing, OPSD with one rollout
+per prompt, RLVR with dynamic sampling. Each run must finish (no hang) with identical weights on both ranks."""
 
 import json
 import os
@@ -50,13 +50,21 @@ def _ranks(out: Path):
     return weights, infos
 
 
-@pytest.mark.parametrize("mode", ["opsd", "rlvr"])
+@pytest.mark.parametrize("mode", ["opsd", "opsd-single", "rlvr"])
 def test_two_processes_finish_with_identical_weights(tmp_path, tiny_folder, mode):
     _launch(mode, tiny_folder, tmp_path)
     (w0, w1), (i0, i1) = _ranks(tmp_path)
     assert i0["processes"] == i1["processes"] == 2
-    # 4 prompts x 2 rollouts per optimizer step over both processes: 2 prompts x 2 rollouts on each.
-    assert i0["per_device_batch"] == i1["per_device_batch"] == 4 and i0["generation_batch"] == 8
+    if mode == "opsd-single":
+        # 4 distinct prompts x 1 rollout per optimizer step over both processes: 2 on each.
+        assert i0["per_device_batch"] == i1["per_device_batch"] == 2 and i0["generation_batch"] == 4
+        assert len(i0["prompts"]) == len(i1["prompts"]) == 2  # one generation batch per step
+        for step in range(2):
+            ids = i0["prompts"][step] + i1["prompts"][step]
+            assert len(ids) == len(set(ids)) == 4, ids
+    else:
+        # 4 prompts x 2 rollouts per optimizer step over both processes: 2 prompts x 2 rollouts on each.
+        assert i0["per_device_batch"] == i1["per_device_batch"] == 4 and i0["generation_batch"] == 8
     assert w0.keys() == w1.keys()
     for name in w0:
         assert torch.equal(w0[name], w1[name]), name

@@ -1,10 +1,11 @@
 """Run OPSD or RLVR for a few steps under torchrun (2 CPU processes, gloo); save each rank's weights.
 
 Launched by tests/test_multiprocess.py:
-    torchrun --nproc_per_node 2 two_process_train.py {opsd|rlvr} MODEL_FOLDER OUT_DIR
+    torchrun --nproc_per_node 2 two_process_train.py {opsd|opsd-single|rlvr} MODEL_FOLDER OUT_DIR
 OPSD is scripted so that step 1 keeps rollouts on rank 0 only (rank 1's gate keeps nothing) and
-step 2 keeps nothing on any rank; RLVR runs dynamic sampling with groups that carry no reward
-variance, so that ranks refill.
+step 2 keeps nothing on any rank; `opsd-single` runs OPSD with one rollout per prompt and records
+each rank's prompts; RLVR runs dynamic sampling with groups that carry no reward variance, so that
+ranks refill.
 """
 
 import faulthandler
@@ -43,10 +44,22 @@ def main(mode: str, folder: str, out: str) -> None:
     faulthandler.dump_traceback_later(float(os.environ.get("OPSDLAB_WORKER_DEADLINE", 150)), exit=True)
     out_dir = Path(out)
     task = build_task("synthetic", {})
+    prompts_seen = []  # problem ids of each generation batch on this rank (opsd-single)
     if mode == "opsd":
         # prompts_per_step counts both processes: each process gets 2 prompts x 2 rollouts.
         trainer = make_trainer(out_dir / "stage", folder, task, reward=ScriptedReward(opsd_script), gate="correct",
                                max_steps=3, refill_max_rounds=1, problems=32, prompts_per_step=4)
+    elif mode == "opsd-single":
+        # 4 distinct prompts x 1 rollout per optimizer step over both processes: 2 on each.
+        trainer = make_trainer(out_dir / "stage", folder, task, gate="all", max_steps=2, problems=32,
+                               prompts_per_step=4, rollouts_per_prompt=1)
+        generate = trainer._generate_and_score_completions
+
+        def recording(inputs):
+            prompts_seen.append([row["id"] for row in inputs])
+            return generate(inputs)
+
+        trainer._generate_and_score_completions = recording
     else:
         config = RLVRStageConfig(max_steps=2, prompts_per_step=4, group_size=2, max_completion_length=8,
                                  learning_rate=1e-2, save_steps=100, logging_steps=1, dynamic_sampling=True,
@@ -61,7 +74,7 @@ def main(mode: str, folder: str, out: str) -> None:
     info = {"processes": trainer.accelerator.num_processes, "distributed_type": str(trainer.accelerator.distributed_type),
             "teacher": type(getattr(getattr(trainer, "teacher", None), "copy", None)).__name__, "skipped_steps": getattr(trainer, "skipped_steps", 0),
             "global_step": trainer.state.global_step, "per_device_batch": trainer.args.per_device_train_batch_size,
-            "generation_batch": trainer.args.generation_batch_size}
+            "generation_batch": trainer.args.generation_batch_size, "prompts": prompts_seen}
     (out_dir / f"rank{RANK}.json").write_text(json.dumps(info))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
