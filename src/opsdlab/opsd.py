@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
+from trl.trainer.utils import pad
 from transformers import TrainerCallback
 
 from opsdlab.data import Example
@@ -35,8 +37,7 @@ from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (RefillSampler, RLVRStageConfig, concat_batches, global_sum, grpo_args, rl_dataset,
                           rollouts_per_device, select_rows)
 from opsdlab.runtime import JsonlMetrics, resume_point
-from opsdlab.teacher import (TEACHER_WEIGHTS, build_teacher, is_peft_model, load_teacher_state,
-                             save_teacher_state)
+from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
 
 
@@ -185,18 +186,6 @@ def final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
     return output.hidden_states[-1]
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists as a left-padded id tensor and its attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def loss_normalizer(step_tokens: float, num_processes: int, accumulation_steps: int,
                     steps_per_generation: int) -> float:
     """What one micro-batch divides its summed per-token divergence by.
@@ -227,7 +216,8 @@ class OPSDTrainer(GRPOTrainer):
 
     def __init__(self, *args, opsd: OPSDStageConfig, student_thinking: bool, token_stats_path: Path | None = None,
                  **kwargs):
-        pretrained_adapter = is_peft_model(kwargs.get("model", args[0] if args else None))
+        model = kwargs.get("model", args[0] if args else None)
+        pretrained_adapter = isinstance(model, torch.nn.Module) and is_peft_model(model)
         super().__init__(*args, **kwargs)
         self.opsd = opsd
         self.teacher_thinking = student_thinking if opsd.teacher_thinking is None else opsd.teacher_thinking
@@ -257,9 +247,10 @@ class OPSDTrainer(GRPOTrainer):
             for i, row in enumerate(inputs)
         ]
         # The same tokenization call (and special-token policy) TRL applies to the student prompts.
-        teacher_rows, _, _ = self._tokenize_prompts(teacher_prompts)
+        teacher_rows = [torch.tensor(ids) for ids in self._tokenize_prompts(teacher_prompts)[0]]
         device = batch["prompt_ids"].device
-        teacher_ids, teacher_mask = left_pad(teacher_rows, self.processing_class.pad_token_id, device)
+        teacher_ids = pad(teacher_rows, padding_value=self.processing_class.pad_token_id, padding_side="left").to(device)
+        teacher_mask = pad([torch.ones_like(t) for t in teacher_rows], padding_value=0, padding_side="left").to(device)
         batch.update(teacher_prompt_ids=teacher_ids, teacher_prompt_mask=teacher_mask, route=routes,
                      correct=torch.tensor(correct, device=device), truncated=torch.tensor(truncated, device=device))
         return batch
@@ -273,32 +264,33 @@ class OPSDTrainer(GRPOTrainer):
         """
         mode = "train" if self.model.training else "eval"
         size = len(inputs)
-        kept, spare = [], []
-        rounds, batch_inputs = 0, inputs
-        while True:
-            batch = self._gated_round(batch_inputs)
-            rounds += 1
-            device = batch["prompt_ids"].device
-            for i, r in enumerate(batch["route"]):
-                (kept if r is not None else spare).append(select_rows(batch, torch.tensor([i], device=device)))
-            total_kept = global_sum(self.accelerator, min(len(kept), size))
-            if (mode != "train" or total_kept >= self.opsd.min_kept_rollouts
-                    or rounds >= self.opsd.refill_max_rounds):
+        rounds = [self._gated_round(inputs)]
+        while mode == "train" and len(rounds) < self.opsd.refill_max_rounds:
+            kept = sum(r is not None for batch in rounds for r in batch["route"])
+            if global_sum(self.accelerator, min(kept, size)) >= self.opsd.min_kept_rollouts:
                 break
-            batch_inputs = self.refill.draw(size // self.num_generations, self.num_generations,
-                                            self.accelerator.process_index)
-        if rounds == 1:
-            merged = batch
-        else:
-            merged = concat_batches((kept + spare)[:size], self.processing_class.pad_token_id)
+            rounds.append(self._gated_round(self.refill.draw(size // self.num_generations, self.num_generations,
+                                                             self.accelerator.process_index)))
+        merged = rounds[0] if len(rounds) == 1 else self._kept_first(rounds, size)
         kept_rows = [i for i, r in enumerate(merged["route"]) if r is not None]
         local_tokens = float(merged["completion_mask"][kept_rows].sum()) if kept_rows else 0.0
         merged["opsd_step_tokens"] = torch.tensor(global_sum(self.accelerator, local_tokens),
                                                   device=merged["prompt_ids"].device)
         metrics = self._metrics[mode]
         metrics["opsd/kept_fraction"].append(len(kept_rows) / size)
-        metrics["opsd/refill_rounds"].append(rounds - 1)
+        metrics["opsd/refill_rounds"].append(len(rounds) - 1)
         return merged
+
+    def _kept_first(self, rounds: list[dict], size: int) -> dict:
+        """`size` rows of several gated rounds: every kept rollout first, then gated-out ones."""
+        parts = []
+        for keep in (True, False):
+            for batch in rounds:
+                rows = [i for i, r in enumerate(batch["route"]) if (r is not None) == keep]
+                if rows:
+                    parts.append(select_rows(batch, torch.tensor(rows, device=batch["prompt_ids"].device)))
+        merged = concat_batches(parts, self.processing_class.pad_token_id)
+        return select_rows(merged, torch.arange(size, device=merged["prompt_ids"].device))
 
     # -------------------------------------------------------------- loss
     def _compute_loss(self, model, inputs):

@@ -26,7 +26,7 @@ import contextlib
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, is_peft_model
 from transformers import AutoModelForCausalLM
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
@@ -34,10 +34,6 @@ from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, 
 
 FROZEN_ADAPTER = "opsd_frozen"
 EMA_ADAPTER = "opsd_ema"
-
-
-def is_peft_model(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def _zero3(accelerator) -> bool:
@@ -98,18 +94,11 @@ def _adapter_pairs(model, name: str):
             if f".{active}." in key]
 
 
-class FrozenTeacher:
-    """The stage's starting weights."""
+class _CopyOrAdapter:
+    """A teacher held as a separate network (`copy`) or as a PEFT adapter setting of the student."""
 
-    def __init__(self, student, accelerator, *, rate: float = 0.0, pretrained_adapter: bool = False):
-        self.adapter = None
-        self.copy = None
-        if is_peft_model(student):
-            if pretrained_adapter:
-                _copy_adapter(student, FROZEN_ADAPTER)
-                self.adapter = FROZEN_ADAPTER
-        else:
-            self.copy = separate_copy(student, accelerator)
+    copy = None
+    adapter = None  # None with no copy: every adapter disabled, i.e. the base
 
     @contextlib.contextmanager
     def use(self, student):
@@ -117,20 +106,26 @@ class FrozenTeacher:
         if self.copy is not None:
             yield self.copy
         else:
-            with use_adapter(student, self.adapter):  # None: every adapter disabled, i.e. the base
+            with use_adapter(student, self.adapter):
                 yield student
+
+
+class FrozenTeacher(_CopyOrAdapter):
+    """The stage's starting weights."""
+
+    def __init__(self, student, accelerator, *, rate: float = 0.0, pretrained_adapter: bool = False):
+        if is_peft_model(student):
+            if pretrained_adapter:
+                _copy_adapter(student, FROZEN_ADAPTER)
+                self.adapter = FROZEN_ADAPTER
+        else:
+            self.copy = separate_copy(student, accelerator)
 
     def after_step(self, student) -> None:
         pass
 
-    def state_dict(self) -> dict | None:
-        return None  # rebuilt from the stage's starting weights on resume
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class EmaTeacher:
+class EmaTeacher(_CopyOrAdapter):
     """An exponential moving average of the student's weights, starting at the stage's start."""
 
     def __init__(self, student, accelerator, *, rate: float = 0.05, pretrained_adapter: bool = False):
@@ -138,21 +133,11 @@ class EmaTeacher:
             raise ValueError(f"teacher: ema rate must be in (0, 1], got {rate}")
         self.rate = rate
         self.accelerator = accelerator
-        self.copy = None
-        self.adapter = None
         if is_peft_model(student):
             _copy_adapter(student, EMA_ADAPTER)
             self.adapter = EMA_ADAPTER
         else:
             self.copy = separate_copy(student, accelerator)
-
-    @contextlib.contextmanager
-    def use(self, student):
-        if self.copy is not None:
-            yield self.copy
-        else:
-            with use_adapter(student, self.adapter):
-                yield student
 
     @torch.no_grad()
     def after_step(self, student) -> None:
@@ -195,12 +180,6 @@ class LiveTeacher:
     def after_step(self, student) -> None:
         pass
 
-    def state_dict(self) -> dict | None:
-        return None
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
 
 TEACHER_WEIGHTS = {"frozen": FrozenTeacher, "ema": EmaTeacher, "live": LiveTeacher}
 EMA_STATE_FILE = "opsd_ema_teacher.safetensors"
@@ -222,15 +201,15 @@ def save_teacher_state(teacher, student, folder: str | Path) -> None:
     save_file(teacher.state_dict(student), str(Path(folder) / EMA_STATE_FILE))
 
 
-def load_teacher_state(teacher, student, folder: str | Path) -> bool:
-    """Restore the EMA weights from a checkpoint folder; False when there is nothing to restore."""
-    path = Path(folder) / EMA_STATE_FILE
+def load_teacher_state(teacher, student, folder: str | Path) -> None:
+    """Restore the EMA weights from a checkpoint folder; no-op for the other teachers (they are
+    rebuilt from the stage's starting weights, or are the student itself)."""
     if not isinstance(teacher, EmaTeacher):
-        return False
+        return
+    path = Path(folder) / EMA_STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"teacher: checkpoint {folder} has no {EMA_STATE_FILE}; the EMA teacher cannot "
                                 "resume (was it written by a run with another teacher_weights?)")
     from safetensors.torch import load_file
 
     teacher.load_state_dict(load_file(str(path)), student)
-    return True
