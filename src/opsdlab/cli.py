@@ -177,8 +177,11 @@ def cmd_pipeline(args) -> int:
 def _run_and_report(config) -> int:
     from opsdlab.pipeline import run_pipeline
     from opsdlab.report import stage_summary, write_report
+    from opsdlab.runtime import is_main_process
 
     run_dir = run_pipeline(config)
+    if not is_main_process():  # under a multi-process launch the main process writes the report
+        return 0
     report = write_report(run_dir)
     print("\n".join(stage_summary(run_dir)))
     print(f"report: {report}")
@@ -256,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     from opsdlab.config import ConfigError
     from opsdlab.data import DataError
     from opsdlab.models import ModelFolderError
+    from opsdlab.runtime import LaunchError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelFolderError, ValueError) as error:
+    except (ConfigError, DataError, ModelFolderError, LaunchError, ValueError) as error:
         if os.environ.get("OPSDLAB_DEBUG"):
             raise
         message = str(error)

@@ -36,7 +36,7 @@ from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (RefillSampler, RLVRStageConfig, concat_batches, global_sum, grpo_args, rl_dataset,
                           rollouts_per_device, select_rows)
-from opsdlab.runtime import JsonlMetrics, resume_point
+from opsdlab.runtime import JsonlMetrics, resume_point, save_trained
 from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
 
@@ -442,7 +442,11 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
         token_stats_path=stage_dir / "token_stats.jsonl",
     )
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))
-    model = trainer.model
-    if config.lora_r:  # save a plain HF folder that vLLM serves directly; the adapter stays in checkpoints/
-        model = trainer.accelerator.unwrap_model(model).merge_and_unload()
-    return save_policy(model, tokenizer, stage_dir / "model")
+    if not config.lora_r:
+        return save_trained(trainer, stage_dir / "model")
+    # A plain HF folder that vLLM serves directly; the adapter stays in checkpoints/.
+    model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        save_policy(model, tokenizer, stage_dir / "model")
+    trainer.accelerator.wait_for_everyone()
+    return stage_dir / "model"

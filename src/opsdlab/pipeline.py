@@ -11,6 +11,13 @@ A run directory holds everything a report needs and is how a run resumes:
 
 A finished stage has `model/COMPLETE`; a finished evaluation has `summary.json`. Rerunning skips
 both, and a stage killed midway resumes from its last checkpoint; nothing finished is rewritten.
+
+Under a multi-process launch (`accelerate launch`, torchrun) every process runs this function:
+every process trains each stage (the Trainer splits the batch), and each evaluates a share of the
+problems (`evaluate_sharded`). The main process alone builds the base model and writes the run
+directory's files; whether a stage or evaluation is finished is decided on the main process and
+shared (`runtime.main_decides`), so every process skips the same work. A process group is started
+only under such a launch; a plain `python` run stays a single process.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ from pathlib import Path
 import torch
 
 from opsdlab.config import PipelineConfig, dump_config
-from opsdlab.data import ColumnMap, load_examples, parse_column_map
+from opsdlab.data import ColumnMap, Example, load_examples, parse_column_map
 from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
+from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
 from opsdlab.rlvr import run_rlvr
-from opsdlab.runtime import launch_processes
+from opsdlab.runtime import (is_main_process, launch_processes, main_decides, process_device, shard_and_gather,
+                             wait_for_everyone)
 from opsdlab.sft import run_sft
 from opsdlab.tasks import build_task
 from opsdlab.verifier import VerifierConfig
@@ -38,6 +47,9 @@ COMPLETE = "COMPLETE"
 
 
 def log(run_dir: Path, message: str, **record) -> None:
+    """Print `message` and append it to summary.jsonl (main process only; other processes do nothing)."""
+    if not is_main_process():
+        return
     print(message, flush=True)
     with open(run_dir / "summary.jsonl", "a") as handle:
         handle.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "message": message, **record}) + "\n")
@@ -47,8 +59,17 @@ def is_complete(stage_dir: Path) -> bool:
     return (stage_dir / "model" / COMPLETE).exists()
 
 
-def mark_complete(stage_dir: Path) -> None:
-    (stage_dir / "model" / COMPLETE).write_text("")
+def stage_done(stage_dir: Path) -> bool:
+    """Whether a stage is finished, as the main process sees it, on every process."""
+    return main_decides(lambda: is_complete(stage_dir))
+
+
+def finish_stage(run_dir: Path, stage_dir: Path, message: str, **record) -> None:
+    """Mark a trained stage complete and log it on the main process; every process waits for it."""
+    if is_main_process():
+        (stage_dir / "model" / COMPLETE).write_text("")
+        log(run_dir, message, **record)
+    wait_for_everyone()
 
 
 def verifier_of(config: PipelineConfig, task) -> VerifierConfig:
@@ -70,7 +91,11 @@ def eval_sets(config: PipelineConfig, task) -> dict:
 
 def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: PipelineConfig, task, sets: dict,
                         teacher_context: str | None = None) -> dict:
-    """Evaluate one checkpoint on every set (sampled, greedy, and the teacher prompt if asked); cached."""
+    """Evaluate one checkpoint on every set (sampled, greedy, and the teacher prompt if asked); cached.
+
+    Every process takes part (each evaluates its share of the problems); the main process writes
+    the files, and every process returns, once they are written, their summaries by set name.
+    """
     verifier = verifier_of(config, task)
     results, model, tokenizer = {}, None, None
     runs = [("", config.eval.sampling, "none")]
@@ -82,23 +107,43 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
     for set_name, examples in sets.items():
         for suffix, sampling, context in runs:
             out = run_dir / "eval" / name / f"{set_name}{suffix}"
-            if not (out / "summary.json").exists():
+            if not main_decides(lambda: (out / "summary.json").exists()):
                 if model is None:
                     model, tokenizer = load_policy(model_dir, config.model.dtype, config.model.trust_remote_code)
-                    model.to(_device())
-                samples, summary = evaluate(model, tokenizer, examples, verifier, sampling,
-                                            thinking=config.task.thinking, context=context,
-                                            desc=f"eval {name}/{set_name}{suffix}")
-                summary["checkpoint"] = name
-                write_eval(out, samples, summary)
-                log(run_dir, one_line(f"[eval] {name}/{set_name}{suffix}", summary), kind="eval",
-                    checkpoint=name, set=f"{set_name}{suffix}")
+                    model.to(process_device())
+                samples, summary = evaluate_sharded(model, tokenizer, examples, verifier, sampling,
+                                                    thinking=config.task.thinking, context=context,
+                                                    desc=f"eval {name}/{set_name}{suffix}")
+                if is_main_process():
+                    summary["checkpoint"] = name
+                    write_eval(out, samples, summary)
+                    log(run_dir, one_line(f"[eval] {name}/{set_name}{suffix}", summary), kind="eval",
+                        checkpoint=name, set=f"{set_name}{suffix}")
+                wait_for_everyone()
             results[f"{set_name}{suffix}"] = json.loads((out / "summary.json").read_text())
     return results
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def evaluate_sharded(model, tokenizer, examples: list[Example], verifier, sampling: SamplingConfig, **kwargs
+                     ) -> tuple[list[Sample], dict]:
+    """`evaluate` with the problems split over the processes of the launch; the merged result on every process.
+
+    Each process evaluates a contiguous share of the problems (all k samples of a problem stay in
+    one share), so the merged samples hold the same problems and sample indices in the same order
+    as a single process writes, and the summary's metrics are computed over all of them; its other
+    fields (verifier, sampling, prompt role) are the first share's. Share i samples with seed
+    `sampling.seed + i`, so shares do not reuse one random stream. With more than one process the
+    sampled *texts* differ from a single-process run: the generator's random draws depend on which
+    rows are batched together, and a share batches other rows. On one process this is `evaluate`.
+    """
+    def work(share: list[Example], index: int):
+        return evaluate(model, tokenizer, share, verifier, replace(sampling, seed=sampling.seed + index), **kwargs)
+
+    shards = [shard for shard in shard_and_gather(examples, work) if shard is not None]
+    if len(shards) == 1:
+        return shards[0]
+    samples = [sample for shard_samples, _ in shards for sample in shard_samples]
+    return samples, {**shards[0][1], **summarize(samples, k=sampling.k)}
 
 
 def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
@@ -106,14 +151,16 @@ def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
     if config.model.init != "tiny":
         return Path(config.model.init)
     stage_dir = run_dir / "base"
-    if not is_complete(stage_dir):
-        tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
-        model = build_tiny_model(tokenizer, config.model.size, seed=config.seed)
-        save_policy(model, tokenizer, stage_dir / "model")
-        mark_complete(stage_dir)
-        params = sum(p.numel() for p in model.parameters())
-        log(run_dir, f"[base] built the offline {config.model.size} Qwen3 model: {params / 1e6:.2f}M parameters, "
-                     f"vocabulary {len(tokenizer)}", kind="stage", stage="base")
+    if not stage_done(stage_dir):
+        message = ""
+        if is_main_process():
+            tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+            model = build_tiny_model(tokenizer, config.model.size, seed=config.seed)
+            save_policy(model, tokenizer, stage_dir / "model")
+            params = sum(p.numel() for p in model.parameters())
+            message = (f"[base] built the offline {config.model.size} Qwen3 model: {params / 1e6:.2f}M parameters, "
+                       f"vocabulary {len(tokenizer)}")
+        finish_stage(run_dir, stage_dir, message, kind="stage", stage="base")
     return stage_dir / "model"
 
 
@@ -121,8 +168,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
     """Run (or resume) every configured stage and evaluation; return the run directory."""
     config.check_batches(launch_processes())  # an uneven batch fails now, not after the stages before it
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
+    wait_for_everyone()
     torch.manual_seed(config.seed)
     task = build_task(config.task.name, config.task.options, seed=config.seed)
     verifier = verifier_of(config, task)
@@ -134,27 +183,26 @@ def run_pipeline(config: PipelineConfig) -> Path:
 
     if "sft" in config.stages:
         stage_dir = run_dir / "sft"
-        if not is_complete(stage_dir):
+        if not stage_done(stage_dir):
             start = time.time()
             model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
             rows = task.sft_rows(tokenizer, config.sft.rows, thinking=thinking, seed=config.seed)
             run_sft(model, tokenizer, rows, config.sft, stage_dir, seed=config.seed)
-            mark_complete(stage_dir)
-            log(run_dir, f"[sft] done in {time.time() - start:.0f}s", kind="stage", stage="sft")
+            finish_stage(run_dir, stage_dir, f"[sft] done in {time.time() - start:.0f}s", kind="stage", stage="sft")
         current = stage_dir / "model"
         evaluate_checkpoint(run_dir, "sft", current, config, task, sets,
                             teacher_context=config.opsd.teacher_context if config.eval.teacher_check else None)
 
     if "rlvr" in config.stages:
         stage_dir = run_dir / "rlvr"
-        if not is_complete(stage_dir):
+        if not stage_done(stage_dir):
             start = time.time()
             model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
             examples = task.examples("train", config.rlvr.train_problems)
             run_rlvr(model, tokenizer, examples, verifier, config.rlvr, stage_dir, thinking=thinking,
                      seed=config.seed)
-            mark_complete(stage_dir)
-            log(run_dir, f"[rlvr] done in {time.time() - start:.0f}s", kind="stage", stage="rlvr")
+            finish_stage(run_dir, stage_dir, f"[rlvr] done in {time.time() - start:.0f}s", kind="stage",
+                         stage="rlvr")
         current = stage_dir / "model"
 
     if "opsd" in config.stages:
@@ -171,20 +219,21 @@ def run_pipeline(config: PipelineConfig) -> Path:
             for seed in config.opsd_seeds:
                 name = f"opsd-{arm.name}-s{seed}"
                 stage_dir = run_dir / "opsd" / f"{arm.name}-s{seed}"
-                if not is_complete(stage_dir):
+                if not stage_done(stage_dir):
                     start = time.time()
                     examples = examples or task.examples("train", arm_config.train_problems)
                     model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
                     run_opsd(model, tokenizer, examples, verifier, arm_config, stage_dir, thinking=thinking,
                              seed=seed)
-                    mark_complete(stage_dir)
-                    log(run_dir, f"[opsd] arm {arm.name} seed {seed} done in {time.time() - start:.0f}s",
-                        kind="stage", stage=name)
+                    finish_stage(run_dir, stage_dir, f"[opsd] arm {arm.name} seed {seed} done in "
+                                 f"{time.time() - start:.0f}s", kind="stage", stage=name)
                 evaluate_checkpoint(run_dir, name, stage_dir / "model", config, task, sets)
     return run_dir
 
 
 def _warn_if_teacher_not_better(run_dir: Path, checkpoint: str, sets: dict, context: str) -> None:
+    if not is_main_process():
+        return
     for set_name in sets:
         folder = run_dir / "eval" / checkpoint
         student = folder / set_name / "summary.json"

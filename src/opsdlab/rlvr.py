@@ -17,11 +17,10 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from opsdlab.models import save_policy
 from opsdlab.prompts import render_prompt
 from opsdlab.rewards import VerifierReward, format_reward
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, resume_point)
+                             per_device_rows, resume_point, save_trained)
 from opsdlab.verifier import VerifierConfig
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
@@ -317,4 +316,4 @@ def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRS
         dynamic_sampling_max_rounds=config.dynamic_sampling_max_rounds,
     )
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))
-    return save_policy(trainer.model, tokenizer, stage_dir / "model")
+    return save_trained(trainer, stage_dir / "model")

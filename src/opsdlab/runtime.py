@@ -6,6 +6,12 @@ metrics to `metrics.jsonl` in its stage folder, and resumes from its last checkp
 batch size counts rows per optimizer step over all processes and accumulation steps;
 `per_device_rows` turns it into the per-device micro-batch that the Trainer takes, for the number
 of processes of the launch (`launch_processes`).
+
+Under a multi-process launch (`accelerate launch`, torchrun) every process runs the same code; the
+helpers at the end coordinate them through accelerate's `PartialState`: the main process alone
+writes shared files (`is_main_process`), decisions that read files are taken on the main process and
+broadcast (`main_decides`), and work that splits by item, such as evaluation, runs on one share per
+process and is gathered (`shard_and_gather`). Without a launcher they reduce to plain calls.
 """
 
 from __future__ import annotations
@@ -14,10 +20,17 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import TrainerCallback
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def precision_kwargs() -> dict:
@@ -58,10 +71,14 @@ def per_device_rows(stage: str, rows: int, what: str, num_processes: int, accumu
     return rows // share
 
 
+class LaunchError(RuntimeError):
+    """The processes that run do not match the launch the batches were split for."""
+
+
 def check_world_size(args, num_processes: int, stage: str) -> None:
-    """Raise if the Trainer's arguments see another number of processes than the batch was split for."""
+    """Raise a LaunchError if the Trainer's arguments see another number of processes than the batch was split for."""
     if args.world_size != num_processes:
-        raise RuntimeError(
+        raise LaunchError(
             f"{stage}: the batch was split for {num_processes} process(es) (launch environment), but the "
             f"trainer runs on {args.world_size}; launch with torchrun or `accelerate launch`, which set WORLD_SIZE"
         )
@@ -89,8 +106,14 @@ def resume_point(stage_dir: Path) -> str | None:
     """The last complete checkpoint a killed run of this stage left behind, if any.
 
     A run killed while saving leaves a checkpoint folder without its trainer_state.json (the
-    Trainer writes it last); such a folder cannot be resumed from and is removed.
+    Trainer writes it last); such a folder cannot be resumed from and is removed. Under several
+    processes the main process looks (and removes) and every process gets its answer, so that all
+    resume from the same step.
     """
+    return main_decides(lambda: _last_complete_checkpoint(stage_dir))
+
+
+def _last_complete_checkpoint(stage_dir: Path) -> str | None:
     checkpoints = Path(stage_dir) / "checkpoints"
     if not checkpoints.is_dir():
         return None
@@ -131,3 +154,79 @@ def read_jsonl(path: Path) -> list[dict]:
         return []
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def save_trained(trainer, folder: str | Path) -> Path:
+    """Save a stage's trained model (weights, config, generation config, tokenizer) once, to `folder`.
+
+    `Trainer.save_model` gathers sharded weights (DeepSpeed ZeRO-3, FSDP) on every process and
+    writes on the main process only; every process then waits until the folder is complete, since
+    the next stage loads it on all of them.
+    """
+    folder = Path(folder)
+    trainer.save_model(str(folder))
+    trainer.accelerator.wait_for_everyone()
+    return folder
+
+
+def process_state() -> PartialState:
+    """accelerate's state of this process (under a multi-process launch, this joins the process group).
+
+    On the CPU choice the Trainer's arguments make (`precision_kwargs`): without a GPU the processes
+    form a gloo group, which accelerate sets up only when told to use the CPU.
+    """
+    return PartialState(cpu=precision_kwargs()["use_cpu"])
+
+
+def _single() -> bool:
+    """True without a multi-process launch: the helpers below then run plainly, creating no state."""
+    return launch_processes() == 1
+
+
+def is_main_process() -> bool:
+    return _single() or process_state().is_main_process
+
+
+def wait_for_everyone() -> None:
+    """A barrier over every process of the launch (nothing without one)."""
+    if not _single():
+        process_state().wait_for_everyone()
+
+
+def process_device() -> torch.device:
+    """Where this process runs a model outside a Trainer: its own GPU under a launch (cuda:LOCAL_RANK),
+    else the first GPU, else the CPU."""
+    if not _single():
+        return process_state().device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main_decides(decide: Callable[[], T]) -> T:
+    """`decide()` computed on the main process only, returned on every process.
+
+    For choices that read the file system (is a stage finished, which checkpoint to resume): every
+    process takes the same branch even while another process is writing, or when a network file
+    system shows a file to one host later than to another. The value must be picklable.
+    """
+    if _single():
+        return decide()
+    state = process_state()
+    box = [decide() if state.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def shard_and_gather(items: list, work: Callable[[list, int], R]) -> list[R | None]:
+    """Run `work(share, share_index)` on this process's share of `items`; every process's result, in process order.
+
+    The shares are accelerate's `split_between_processes`: contiguous, in process order, sizes
+    differing by at most one, so concatenating the results in the order returned keeps the order of
+    `items`. A process whose share is empty (fewer items than processes) does not call `work` and
+    contributes None. Results travel through `gather_object` (pickled) and reach every process.
+    """
+    if _single():
+        return [work(list(items), 0) if items else None]
+    state = process_state()
+    with state.split_between_processes(list(items)) as share:
+        result = work(share, state.process_index) if share else None
+    return gather_object([result])

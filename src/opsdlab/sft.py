@@ -14,9 +14,8 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from opsdlab.models import save_policy
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, resume_point)
+                             per_device_rows, resume_point, save_trained)
 
 
 @dataclass(frozen=True)
@@ -83,4 +82,4 @@ def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_di
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")])
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))
-    return save_policy(trainer.model, tokenizer, stage_dir / "model")
+    return save_trained(trainer, stage_dir / "model")

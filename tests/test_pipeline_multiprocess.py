@@ -1,0 +1,141 @@
+"""The whole tiny pipeline under `accelerate launch` with 2 CPU processes, then the report.
+
+SFT, RLVR with dynamic sampling, one OPSD arm, and every evaluation sharded over the processes: the
+run directory must hold the files a single process writes, each written once, with evaluations
+holding every problem and sample in a single process's order, and both processes must have held
+the same weights at every save.
+
+On CPU, `accelerate launch --cpu` starts several processes only through MPI; `--multi_gpu` starts
+them through torchrun, and without a visible GPU they form a gloo group on the CPU.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opsdlab.config import load_config
+from opsdlab.evaluate import read_samples
+from opsdlab.metrics import summarize
+from opsdlab.models import load_model, load_policy
+from opsdlab.pipeline import eval_sets, evaluate_sharded, verifier_of
+from opsdlab.tasks import build_task
+
+SCRIPT = Path(__file__).parent / "scripts" / "two_process_pipeline.py"
+WORKER_DEADLINE = 240  # seconds; the run takes about a minute on two idle cores
+
+RUN = {
+    "sft": {"rows": 64, "max_steps": 3, "batch_size": 8, "save_steps": 2, "logging_steps": 1},
+    # All-zero rewards on this barely trained model: dynamic sampling drops every group and refills
+    # on both processes (RLVR training on 2 processes is covered by test_multiprocess.py).
+    "rlvr": {"max_steps": 2, "prompts_per_step": 4, "group_size": 2, "max_completion_length": 16,
+             "train_problems": 16, "save_steps": 100, "logging_steps": 1, "dynamic_sampling": True,
+             "dynamic_sampling_max_rounds": 2},
+    "opsd": {"max_steps": 2, "prompts_per_step": 2, "rollouts_per_prompt": 2, "max_completion_length": 16,
+             "train_problems": 16, "save_steps": 100, "logging_steps": 1, "learning_rate": 1.0e-3},
+    "arms": [{"name": "all", "gate": "all"}],
+    "eval": {"problems": 9, "sampling": {"k": 2, "max_new_tokens": 16}},  # 9: shares of 5 and 4 problems
+}
+CHECKPOINTS = {"base": ["", "-greedy"], "sft": ["", "-greedy", "-teacher-solution"],
+               "rlvr": ["", "-greedy", "-teacher-solution"], "opsd-all-s0": ["", "-greedy"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Launch the pipeline on 2 processes once; the run directory and each process's record."""
+    root = tmp_path_factory.mktemp("two_process_pipeline")
+    run_dir, out = root / "run", root / "out"
+    out.mkdir()
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump({**RUN, "run_dir": str(run_dir)}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OPSDLAB_WORKER_DEADLINE": str(WORKER_DEADLINE)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(SCRIPT), str(config), str(out)]
+    # Each worker exits by itself after WORKER_DEADLINE seconds and dumps its stack (where it hung);
+    # output goes to a file, so a dead worker cannot leave a pipe open.
+    log = root / "launch.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=WORKER_DEADLINE + 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = log.read_text()
+    assert process.returncode == 0, f"the pipeline on 2 processes failed or hung:\n{output[-6000:]}"
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return run_dir, config, ranks, output
+
+
+def test_every_file_is_written_once(run):
+    run_dir, _, ranks, _ = run
+    assert [r["exit_code"] for r in ranks] == [0, 0]
+    assert (run_dir / "config.yaml").exists()
+    for stage in ("base", "sft", "rlvr", "opsd/all-s0"):
+        assert (run_dir / stage / "model" / "COMPLETE").exists(), stage
+        assert (run_dir / stage / "model" / "model.safetensors").exists(), stage
+    for stage in ("sft", "rlvr", "opsd/all-s0"):
+        steps = [json.loads(line)["step"] for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1, (stage, steps)  # + the final summary
+    written = sorted(p.relative_to(run_dir / "eval").as_posix() for p in (run_dir / "eval").glob("*/*/summary.json"))
+    expected = sorted(f"{name}/synthetic{suffix}/summary.json" for name, suffixes in CHECKPOINTS.items()
+                      for suffix in suffixes)
+    assert written == expected
+    records = [json.loads(line) for line in (run_dir / "summary.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records if r["kind"] == "stage"] == ["base", "sft", "rlvr", "opsd-all-s0"]
+    evals = [(r["checkpoint"], r["set"]) for r in records if r["kind"] == "eval"]
+    assert len(evals) == len(set(evals)) == len(expected)
+    assert sum(r["kind"] == "teacher_check" for r in records) == 1
+    report = run_dir / "report" / "report.md"
+    assert "opsd-all-s0" in report.read_text()
+    assert (run_dir / "report" / "accuracy_length_synthetic.png").stat().st_size > 1000
+
+
+def test_both_processes_held_the_weights_that_were_saved(run):
+    run_dir, _, (rank0, rank1), _ = run
+    assert rank0["saved"] == rank1["saved"]
+    finals = {stage: rank0["saved"][str(run_dir / stage / "model")] for stage in ("sft", "rlvr", "opsd/all-s0")}
+    assert len({finals["sft"], finals["opsd/all-s0"]}) == 2  # OPSD trained
+    sys.path.insert(0, str(SCRIPT.parent))
+    from two_process_pipeline import weights_digest
+
+    for stage, digest in finals.items():  # the folder on disk holds what the processes held
+        assert weights_digest(load_model(run_dir / stage / "model")) == digest, stage
+
+
+def test_sharded_evaluation_matches_a_single_process(run):
+    """Same problems and sample indices, in the same order, as one process evaluating the checkpoint;
+    the summary is computed over the merged samples."""
+    run_dir, config_path, _, output = run
+    assert output.count("[eval] rlvr/synthetic-greedy") == 1  # logged by the main process only
+    config = load_config(config_path)
+    task = build_task(config.task.name, config.task.options, seed=config.seed)
+    examples = eval_sets(config, task)["synthetic"]
+    model, tokenizer = load_policy(run_dir / "opsd" / "all-s0" / "model")
+    single, summary = evaluate_sharded(model, tokenizer, examples, verifier_of(config, task), config.eval.sampling,
+                                       thinking=config.task.thinking)
+    sharded = read_samples(run_dir / "eval" / "opsd-all-s0" / "synthetic" / "samples.jsonl")
+    assert [(s.problem_id, s.sample_index) for s in sharded] == [(s.problem_id, s.sample_index) for s in single]
+    assert len(sharded) == 9 * 2
+    written = json.loads((run_dir / "eval" / "opsd-all-s0" / "synthetic" / "summary.json").read_text())
+    for key, value in summarize(sharded, k=2).items():
+        assert written[key] == value, key
+    assert written["num_problems"] == summary["num_problems"] == 9
+    assert written["sampling"] == summary["sampling"] and written["checkpoint"] == "opsd-all-s0"
+    greedy = read_samples(run_dir / "eval" / "opsd-all-s0" / "synthetic-greedy" / "samples.jsonl")
+    assert [s.problem_id for s in greedy] == [ex.id for ex in examples]
