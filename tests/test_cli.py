@@ -105,3 +105,14 @@ def test_stage_commands_chain_through_model_folders(tmp_path, capsys):
 def test_unknown_stage_option_is_a_clear_error(tmp_path, tiny_folder, capsys):
     assert main(["opsd", "--model", str(tiny_folder), "--out", str(tmp_path), "--set", "gaet=all"]) == 2
     assert "gaet" in capsys.readouterr().err
+
+
+def test_a_launch_that_does_not_match_the_batch_split_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """The batch was split for 2 processes (say WORLD_SIZE was left set) but the Trainer runs on one."""
+    monkeypatch.setattr("opsdlab.sft.launch_processes", lambda: 2)
+    code = main(["sft", "--model", "tiny", "--out", str(tmp_path / "sft"), "--set", "rows=8",
+                 "--set", "max_steps=1", "--set", "batch_size=4"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("opsdlab sft: error: the batch was split for 2 process(es) (launch environment), but the "
+                          "trainer runs on 1")

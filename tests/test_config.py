@@ -98,3 +98,14 @@ def test_presets_load_and_round_trip(tmp_path):
         assert load_config(path) == config
     assert load_config("tiny-nothink").task.thinking is False
     assert isinstance(load_config("qwen3-8b"), PipelineConfig)
+
+
+def test_the_one_gpu_preset_splits_its_batches_for_one_process():
+    config = load_config("qwen3-1.7b")
+    assert config.stages == ("rlvr", "opsd") and config.model.dtype == "bfloat16"
+    config.check_batches(1)
+    assert config.rlvr.per_device_batch(1) == 4  # 32 prompts x 8 rollouts over 64 accumulation steps
+    for arm in config.arms:
+        arm_config = config.arm_config(arm)
+        assert (arm_config.prompts_per_step, arm_config.rollouts_per_prompt, arm_config.learning_rate) == (32, 1, 1e-6)
+        assert arm_config.per_device_batch(1) == 4
