@@ -11,6 +11,7 @@ them through torchrun, and without a visible GPU they form a gloo group on the C
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,14 +53,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Launch the pipeline on 2 processes once; the run directory and each process's record."""
-    root = tmp_path_factory.mktemp("two_process_pipeline")
-    run_dir, out = root / "run", root / "out"
+def _launch(config: Path, out: Path) -> tuple[list[dict], str]:
+    """`accelerate launch` the pipeline script on 2 processes; each process's record and the output."""
     out.mkdir()
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({**RUN, "run_dir": str(run_dir)}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OPSDLAB_WORKER_DEADLINE": str(WORKER_DEADLINE)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -67,7 +63,7 @@ def run(tmp_path_factory):
                "--main_process_port", str(_free_port()), str(SCRIPT), str(config), str(out)]
     # Each worker exits by itself after WORKER_DEADLINE seconds and dumps its stack (where it hung);
     # output goes to a file, so a dead worker cannot leave a pipe open.
-    log = root / "launch.log"
+    log = out / "launch.log"
     with open(log, "w") as handle:
         process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -78,7 +74,22 @@ def run(tmp_path_factory):
             process.wait()
     output = log.read_text()
     assert process.returncode == 0, f"the pipeline on 2 processes failed or hung:\n{output[-6000:]}"
-    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], output
+
+
+def _config(root: Path, run_dir: Path) -> Path:
+    config = root / f"{run_dir.name}.yaml"
+    config.write_text(yaml.safe_dump({**RUN, "run_dir": str(run_dir)}))
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Launch the pipeline on 2 processes once; the run directory and each process's record."""
+    root = tmp_path_factory.mktemp("two_process_pipeline")
+    run_dir = root / "run"
+    config = _config(root, run_dir)
+    ranks, output = _launch(config, root / "out")
     return run_dir, config, ranks, output
 
 
@@ -139,3 +150,28 @@ def test_sharded_evaluation_matches_a_single_process(run):
     assert written["sampling"] == summary["sampling"] and written["checkpoint"] == "opsd-all-s0"
     greedy = read_samples(run_dir / "eval" / "opsd-all-s0" / "synthetic-greedy" / "samples.jsonl")
     assert [s.problem_id for s in greedy] == [ex.id for ex in examples]
+
+
+def test_a_rerun_redoes_only_what_is_missing_on_both_processes(run, tmp_path):
+    """Resume: with one evaluation's summary removed, a rerun trains nothing and redoes that evaluation
+    alone (every process must take the same branches, or the run hangs at a collective)."""
+    source, _, _, _ = run
+    run_dir = tmp_path / "rerun"
+    shutil.copytree(source, run_dir)
+    missing = run_dir / "eval" / "opsd-all-s0" / "synthetic-greedy"
+    (missing / "summary.json").unlink()
+    rewritten = {run_dir / "summary.jsonl", run_dir / "config.yaml", missing / "samples.jsonl"}  # + the report
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*")
+            if p.is_file() and p not in rewritten and p.parent != run_dir / "report"}
+    before = (run_dir / "summary.jsonl").read_text().splitlines()
+
+    ranks, _ = _launch(_config(tmp_path, run_dir), tmp_path / "out")
+
+    assert [r["saved"] for r in ranks] == [{}, {}]  # no stage trained on either process
+    assert {p: p.read_bytes() for p in kept} == kept  # nothing finished was rewritten
+    assert len(read_samples(missing / "samples.jsonl")) == 9 and (missing / "summary.json").exists()
+    after = (run_dir / "summary.jsonl").read_text().splitlines()
+    assert after[:len(before)] == before
+    added = [json.loads(line) for line in after[len(before):]]
+    assert [(r["kind"], r.get("checkpoint"), r.get("set")) for r in added if r["kind"] != "teacher_check"] == [
+        ("eval", "opsd-all-s0", "synthetic-greedy")]
