@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from opsdlab.config import load_config
-from opsdlab.evaluate import read_samples
+from opsdlab.evaluate import evaluate, read_samples
 from opsdlab.metrics import summarize
 from opsdlab.models import load_model, load_policy
 from opsdlab.pipeline import eval_sets, evaluate_sharded, verifier_of
@@ -175,3 +175,36 @@ def test_a_rerun_redoes_only_what_is_missing_on_both_processes(run, tmp_path):
     added = [json.loads(line) for line in after[len(before):]]
     assert [(r["kind"], r.get("checkpoint"), r.get("set")) for r in added if r["kind"] != "teacher_check"] == [
         ("eval", "opsd-all-s0", "synthetic-greedy")]
+
+
+@pytest.mark.parametrize("problems, processes", [(7, 3), (2, 3)])
+def test_shares_merge_into_a_single_process_evaluation(tiny_folder, task, monkeypatch, problems, processes):
+    """`evaluate_sharded` with the problems split as accelerate splits them over several processes
+    (simulated in one; with fewer problems than processes a share is empty): the merged samples are a
+    single process's problems and sample indices in its order, and the summary is over all of them."""
+    from opsdlab import pipeline
+    from opsdlab.evaluate import SamplingConfig
+    from opsdlab.verifier import VerifierConfig
+
+    seeds = []
+
+    def split_like_accelerate(items, work):
+        size, extra = divmod(len(items), processes)
+        results, start = [], 0
+        for index in range(processes):
+            end = start + size + (1 if index < extra else 0)
+            results.append(work(items[start:end], index) if end > start else None)
+            start = end
+        return results
+
+    monkeypatch.setattr(pipeline, "shard_and_gather", split_like_accelerate)
+    monkeypatch.setattr(pipeline, "evaluate", lambda *args, **kwargs: seeds.append(args[4].seed) or evaluate(*args, **kwargs))
+    model, tokenizer = load_policy(tiny_folder)
+    examples = task.examples("test", problems)
+    sampling, verifier = SamplingConfig(k=3, max_new_tokens=6, seed=5), VerifierConfig(**task.default_verifier)
+    merged, summary = evaluate_sharded(model, tokenizer, examples, verifier, sampling, desc="sharded")
+    single, _ = evaluate(model, tokenizer, examples, verifier, sampling)
+    assert [(s.problem_id, s.sample_index) for s in merged] == [(s.problem_id, s.sample_index) for s in single]
+    assert seeds == [5, 6, 7][:min(problems, processes)]  # one sampler seed per share
+    assert summary == {**summary, **summarize(merged, k=3)}
+    assert summary["num_problems"] == problems and summary["sampling"]["seed"] == 5
