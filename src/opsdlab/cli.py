@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pipeline", help="SFT -> RLVR -> OPSD arms from a config file, then the report")
-    p.add_argument("--config", required=True, help="YAML file or a shipped preset: tiny, tiny-nothink, qwen3-8b, qwen3-1.7b")
+    p.add_argument("--config", required=True,
+                   help="YAML file or a shipped preset: tiny, tiny-nothink, qwen3-8b, qwen3-1.7b")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. opsd_seeds=[0,1,2])")
     p.set_defaults(func=cmd_pipeline)
 
