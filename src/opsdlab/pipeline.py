@@ -11,6 +11,9 @@ A run directory holds everything a report needs and is how a run resumes:
 
 A finished stage has `model/COMPLETE`; a finished evaluation has `summary.json`. Rerunning skips
 both, and a stage killed midway resumes from its last checkpoint; nothing finished is rewritten.
+
+With `seeds: [0, 1, 2]` (`run_seeds`), the run directory holds `config.yaml`, `report/` and one
+such single-seed run directory per seed, `seed-<n>/`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from opsdlab.config import PipelineConfig, dump_config
-from opsdlab.data import ColumnMap, load_examples, parse_column_map
+from opsdlab.config import ConfigError, PipelineConfig, dump_config
+from opsdlab.data import ColumnMap, load_examples, pair_unrelated, parse_column_map
 from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
@@ -56,15 +59,16 @@ def verifier_of(config: PipelineConfig, task) -> VerifierConfig:
 
 
 def eval_sets(config: PipelineConfig, task) -> dict:
-    """Held-out problems per evaluation set name."""
+    """Held-out problems per evaluation set name, each paired with another one's solution (the
+    `unrelated` teacher check reads it)."""
     sets = {}
     for name in config.eval.sets:
         if name == "synthetic" or name == config.task.name:
-            sets[name] = task.examples("test", config.eval.problems)
+            sets[name] = pair_unrelated(task.examples("test", config.eval.problems))
         else:
             columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap(solution=None)
             label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)
-            sets[label] = load_examples(name, columns, split="test", limit=config.eval.problems)
+            sets[label] = pair_unrelated(load_examples(name, columns, split="test", limit=config.eval.problems))
     return sets
 
 
@@ -181,6 +185,35 @@ def run_pipeline(config: PipelineConfig) -> Path:
                     log(run_dir, f"[opsd] arm {arm.name} seed {seed} done in {time.time() - start:.0f}s",
                         kind="stage", stage=name)
                 evaluate_checkpoint(run_dir, name, stage_dir / "model", config, task, sets)
+    return run_dir
+
+
+def seed_run_dir(run_dir: str | Path, seed: int) -> Path:
+    """Where `run_seeds` puts pipeline seed `seed`: a complete single-seed run directory."""
+    return Path(run_dir) / f"seed-{seed}"
+
+
+def run_seeds(config: PipelineConfig) -> Path:
+    """`run_pipeline` once per entry of `config.seeds`, each in its own `seed-<n>/` run directory.
+
+    Each seed is a normal single-seed run (`seed: n`, its own SFT, RLVR and OPSD arms), so it
+    resumes, and reports, on its own; the top-level run directory holds the config and the
+    aggregate report (`report.write_report`). Without `seeds`, this is `run_pipeline(config)`.
+    """
+    run_dir = Path(config.run_dir)
+    layout_seeds = run_dir.is_dir() and any(p.is_dir() for p in run_dir.glob("seed-*"))
+    layout_single = (run_dir / "summary.jsonl").exists()
+    if config.seeds and layout_single:
+        raise ConfigError(f"seeds: {run_dir} holds a single-seed run; give another run_dir")
+    if not config.seeds:
+        if layout_seeds:
+            raise ConfigError(f"seeds: {run_dir} holds a run over seeds; set seeds (see its config.yaml) or "
+                              "give another run_dir")
+        return run_pipeline(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    for seed in config.seeds:
+        run_pipeline(replace(config, seed=seed, seeds=(), run_dir=str(seed_run_dir(run_dir, seed))))
     return run_dir
 
 
