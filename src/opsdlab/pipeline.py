@@ -201,15 +201,13 @@ def run_seeds(config: PipelineConfig) -> Path:
     aggregate report (`report.write_report`). Without `seeds`, this is `run_pipeline(config)`.
     """
     run_dir = Path(config.run_dir)
-    layout_seeds = run_dir.is_dir() and any(p.is_dir() for p in run_dir.glob("seed-*"))
-    layout_single = (run_dir / "summary.jsonl").exists()
-    if config.seeds and layout_single:
-        raise ConfigError(f"seeds: {run_dir} holds a single-seed run; give another run_dir")
     if not config.seeds:
-        if layout_seeds:
+        if any(p.is_dir() for p in run_dir.glob("seed-*")):
             raise ConfigError(f"seeds: {run_dir} holds a run over seeds; set seeds (see its config.yaml) or "
                               "give another run_dir")
         return run_pipeline(config)
+    if (run_dir / "summary.jsonl").exists():
+        raise ConfigError(f"seeds: {run_dir} holds a single-seed run; give another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / "config.yaml")
     for seed in config.seeds:

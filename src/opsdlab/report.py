@@ -418,21 +418,29 @@ def _pct(d: dict) -> str:
     return f"{d['length_change']:+.1%} [{lo:+.1%}, {hi:+.1%}]"
 
 
-_HOLDS = {1: "higher in every seed", -1: "lower in every seed", 0: "no"}
-_SHORTER = {1: "longer in every seed", -1: "shorter in every seed", 0: "no"}
+def holds_in_every_seed(by_seed: dict[int, dict], seeds: list[int], key: str) -> int:
+    """`consistent_sign` of the `<key>_ci` intervals over seeds; 0 when some seed lacks the result."""
+    if set(by_seed) != set(seeds):
+        return 0
+    return consistent_sign([tuple(d[f"{key}_ci"]) for d in by_seed.values()])
+
+
+# How a sign that holds in every seed reads, per quantity.
+_HOLDS = {"accuracy_diff": {1: "higher in every seed", -1: "lower in every seed", 0: "no"},
+          "length_change": {1: "longer in every seed", -1: "shorter in every seed", 0: "no"}}
 
 
 def teacher_advantage_table(advantages: dict, seeds: list[int]) -> list[str]:
     lines = ["| checkpoint | teacher context | " + " | ".join(f"seed {s}" for s in seeds)
              + " | teacher vs student |", "|---|---|" + "---|" * (len(seeds) + 1)]
     for (name, context), by_seed in advantages.items():
-        cells = [_pp(by_seed[s]) if s in by_seed else "–" for s in seeds]
-        sign = consistent_sign([tuple(by_seed[s]["accuracy_diff_ci"]) for s in seeds if s in by_seed])
-        lines.append(f"| {name} | {context} | " + " | ".join(cells) + f" | {_HOLDS[sign] if len(by_seed) == len(seeds) else 'no'} |")
+        cells = " | ".join(_pp(by_seed[s]) if s in by_seed else "–" for s in seeds)
+        holds = _HOLDS["accuracy_diff"][holds_in_every_seed(by_seed, seeds, "accuracy_diff")]
+        lines.append(f"| {name} | {context} | {cells} | {holds} |")
     return lines
 
 
-def change_table(changes: dict, seeds: list[int], reference: str) -> list[str]:
+def change_table(changes: dict, reference: str) -> list[str]:
     lines = [f"| checkpoint | seed | Δacc vs {reference} [95% CI] | length change [95% CI] | AES |",
              "|---|---|---|---|---|"]
     for name, by_seed in changes.items():
@@ -447,10 +455,9 @@ def holds_table(changes: dict, seeds: list[int]) -> list[str]:
     lines = ["| checkpoint | seeds | accuracy: holds in every seed | length: holds in every seed |",
              "|---|---|---|---|"]
     for name, by_seed in changes.items():
-        complete = len(by_seed) == len(seeds)
-        acc = consistent_sign([tuple(d["accuracy_diff_ci"]) for d in by_seed.values()]) if complete else 0
-        length = consistent_sign([tuple(d["length_change_ci"]) for d in by_seed.values()]) if complete else 0
-        lines.append(f"| {name} | {len(by_seed)}/{len(seeds)} | {_HOLDS[acc]} | {_SHORTER[length]} |")
+        cells = " | ".join(_HOLDS[key][holds_in_every_seed(by_seed, seeds, key)]
+                           for key in ("accuracy_diff", "length_change"))
+        lines.append(f"| {name} | {len(by_seed)}/{len(seeds)} | {cells} |")
     return lines
 
 
@@ -458,23 +465,19 @@ def findings(advantages: dict, changes: dict, seeds: list[int], reference: str) 
     """The statements that hold in every seed (same sign, 95% CI excluding 0), as bullet lines."""
     out = []
     for (name, context), by_seed in advantages.items():
-        if len(by_seed) == len(seeds) and (sign := consistent_sign([tuple(d["accuracy_diff_ci"]) for d in by_seed.values()])):
+        if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
             diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
             out.append(f"- At `{name}`, the teacher prompt (`{context}`) is {'more' if sign > 0 else 'less'} accurate "
                        f"than the student prompt in every seed ({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
     for name, by_seed in changes.items():
-        if len(by_seed) != len(seeds):
-            continue
-        acc = consistent_sign([tuple(d["accuracy_diff_ci"]) for d in by_seed.values()])
-        length = consistent_sign([tuple(d["length_change_ci"]) for d in by_seed.values()])
-        if acc:
+        if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
             diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
-            out.append(f"- `{name}` is {'more' if acc > 0 else 'less'} accurate than `{reference}` in every seed "
+            out.append(f"- `{name}` is {'more' if sign > 0 else 'less'} accurate than `{reference}` in every seed "
                        f"({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
-        if length:
-            changes_pct = [100 * d["length_change"] for d in by_seed.values()]
-            out.append(f"- `{name}` is {'longer' if length > 0 else 'shorter'} than `{reference}` in every seed "
-                       f"({min(changes_pct):+.1f}% to {max(changes_pct):+.1f}%).")
+        if sign := holds_in_every_seed(by_seed, seeds, "length_change"):
+            pct = [100 * d["length_change"] for d in by_seed.values()]
+            out.append(f"- `{name}` is {'longer' if sign > 0 else 'shorter'} than `{reference}` in every seed "
+                       f"({min(pct):+.1f}% to {max(pct):+.1f}%).")
     return out or ["- None: no change keeps its sign with a 95% CI excluding 0 in every seed."]
 
 
@@ -507,7 +510,7 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
             md += ["### Teacher advantage per seed (teacher prompt avg@k − student prompt avg@k, paired 95% CI)",
                    "", *teacher_advantage_table(advantages, order), ""]
         if changes:
-            md += [f"### OPSD arms against their seed's `{reference}`", "", *change_table(changes, order, reference),
+            md += [f"### OPSD arms against their seed's `{reference}`", "", *change_table(changes, reference),
                    "", *holds_table(changes, order), ""]
             points = [(arm_of(name), f"s{seed}", d) for name, by_seed in changes.items()
                       for seed, d in sorted(by_seed.items())]
