@@ -32,6 +32,23 @@ def test_each_seed_is_a_single_seed_run_in_its_own_directory(tmp_path, monkeypat
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seeds"] == [2, 0]
 
 
+def test_pipeline_command_with_seeds_reports_over_seeds(tmp_path, monkeypatch, capsys):
+    from test_report_seeds import _eval
+
+    def fake_run(config):  # a finished single-seed run: RLVR and one arm evaluated
+        run_dir = Path(config.run_dir)
+        _eval(run_dir, "rlvr", "synthetic", 1, 10)
+        _eval(run_dir, "opsd-all-s0", "synthetic", 1 + config.seed, 5)
+        return run_dir
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    assert main(["pipeline", "--config", "tiny", f"run_dir={tmp_path}", "seeds=[0, 1]"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0:" in out and "seed 1:" in out and str(tmp_path / "report" / "report.md") in out
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| opsd-all-s0 | 2 | 0.750 ± 0.354 (0.500–1.000) |" in text
+
+
 @pytest.mark.parametrize("value", ["[0, 0]", "[-1]", "[1.5]", "[true]", "3"])
 def test_bad_seeds_are_errors_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"^seeds: "):

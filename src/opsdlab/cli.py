@@ -147,6 +147,7 @@ def cmd_opsd(args) -> int:
     from opsdlab.evaluate import SamplingConfig, evaluate, one_line
     from opsdlab.models import load_policy
     from opsdlab.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set, {"gate": args.gate} if args.gate is not None else {})
     examples, defaults = _train_examples(args, config.train_problems)
@@ -161,7 +162,7 @@ def cmd_opsd(args) -> int:
                               context=config.teacher_context, desc="teacher prompt")
         print(one_line("student prompt", student))
         print(one_line(f"teacher prompt ({config.teacher_context})", teacher))
-        if teacher["avg_at_k"] <= student["avg_at_k"]:
+        if teacher["avg_at_k"] <= student["avg_at_k"] and config.teacher_context not in CONTROL_CONTEXTS:
             print("WARNING: the teacher prompt is not more accurate than the student prompt; OPSD then has "
                   "nothing to teach beyond style.", file=sys.stderr)
     out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed)

@@ -31,6 +31,7 @@ from opsdlab.data import ColumnMap, load_examples, pair_unrelated, parse_column_
 from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
+from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.rlvr import run_rlvr
 from opsdlab.runtime import launch_processes
 from opsdlab.sft import run_sft
@@ -225,7 +226,7 @@ def _warn_if_teacher_not_better(run_dir: Path, checkpoint: str, sets: dict, cont
             t = json.loads(teacher.read_text())["avg_at_k"]
             message = (f"[teacher check] {checkpoint}/{set_name}: student prompt {s:.3f}, "
                        f"teacher prompt ({context}) {t:.3f}")
-            if t <= s:
+            if t <= s and context not in CONTROL_CONTEXTS:
                 message += ("  WARNING: the privileged prompt is not more accurate; OPSD has little to teach "
                             "beyond style")
             log(run_dir, message, kind="teacher_check", checkpoint=checkpoint, set=set_name, student=s, teacher=t)

@@ -74,6 +74,10 @@ TEACHER_CONTEXTS: dict[str, Callable[[Example, str | None], str | None]] = {
 }
 
 
+# The controls: no teacher check expects them to be more accurate than the student prompt.
+CONTROL_CONTEXTS = ("unrelated", "concise", "none")
+
+
 def _ends_with(text: str, suffix: str) -> bool:
     """Whether `text` ends with `suffix`, ignoring differences in whitespace."""
     return " ".join(text.split()).endswith(" ".join(suffix.split()))
