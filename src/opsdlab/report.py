@@ -2,7 +2,10 @@
 
 `write_report(run_dir)` reads the resolved config, evaluation summaries and samples, training
 metrics and OPSD token statistics, and writes `report/report.md` with PNG figures. It can be rerun
-at any time, on a finished or a partial run.
+at any time, on a finished or a partial run. A run over pipeline seeds (`seed-<n>/` directories,
+`pipeline.run_seeds`) gets each seed's own report plus one over seeds: spread per checkpoint, the
+teacher advantage and every arm's paired change per seed, and as findings only what holds in every
+seed.
 """
 
 from __future__ import annotations
