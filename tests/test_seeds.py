@@ -78,6 +78,14 @@ def test_study_config_is_the_preset_with_the_study_seeds_and_arms(tmp_path):
         "concise": ("all", "concise"), "none": ("all", "none"), "unrelated": ("all", "unrelated")}
 
 
+def test_study_presets_must_have_distinct_names(tmp_path, capsys):
+    assert main(["study", "--presets", "tiny,tiny", "--run-dir", str(tmp_path)]) == 2
+    assert "presets: expected distinct preset names" in capsys.readouterr().err
+    assert main(["study", "--presets", "nosuch", "--run-dir", str(tmp_path)]) == 2
+    assert "config nosuch: no such file" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
 TINY_STUDY = ["sft.rows=32", "sft.max_steps=2", "sft.batch_size=8", "sft.save_steps=100",
               "rlvr.max_steps=1", "rlvr.prompts_per_step=2", "rlvr.group_size=2", "rlvr.max_completion_length=12",
               "rlvr.train_problems=8", "rlvr.save_steps=100",

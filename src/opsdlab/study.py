@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from opsdlab.config import load_config
+from opsdlab.config import ConfigError, load_config
 from opsdlab.pipeline import run_seeds
 from opsdlab.report import write_report
 
@@ -41,6 +41,9 @@ def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
               overrides: list[str] | None = None) -> dict[str, dict]:
     """Run (or resume) every preset of the study and write its report; per preset, the report path
     and the wall time of this call in seconds."""
+    names = [Path(preset).stem for preset in presets]
+    if not presets or len(set(names)) != len(names):
+        raise ConfigError(f"presets: expected distinct preset names (each gets <run_dir>/<name>), got {list(presets)}")
     configs = [study_config(preset, run_dir, seeds, overrides) for preset in presets]  # bad input fails first
     done = {}
     for preset, config in zip(presets, configs):
