@@ -89,6 +89,14 @@ def test_a_checkpoint_missing_in_one_seed_is_no_finding(tmp_path):
     assert "`opsd-extra-s0`" not in text.split("### Findings (hold in every seed)")[1].split("###")[0]
 
 
+def test_a_configured_seed_still_to_run_means_no_finding_yet(tmp_path):
+    root = fabricate(tmp_path)
+    (root / "config.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2]}))
+    text = write_report(root).read_text()
+    assert "| opsd-all-s0 | 2/3 | no | no |" in text and "| rlvr | solution |" in text
+    assert "- None:" in text.split("### Findings (hold in every seed)")[1].split("###")[0]
+
+
 def test_a_single_seed_run_directory_keeps_its_report(tmp_path):
     _eval(tmp_path, "rlvr", "synthetic", 1, 10)
     _eval(tmp_path, "opsd-all-s0", "synthetic", 2, 5)

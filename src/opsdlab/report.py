@@ -492,13 +492,13 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
-    order = list(seeds)
+    order = [int(seed) for seed in config.get("seeds") or []] or list(seeds)  # a seed still to run holds nothing
     set_names = sorted({p.name for d in seeds.values() for n in checkpoint_order(d)
                         for p in (d / "eval" / n).iterdir() if is_main_set(p.name)})
     references = {reference_of(checkpoint_order(d)) for d in seeds.values()} - {None}
     reference = " / ".join(sorted(references)) or "–"
     md = [f"# opsdlab report over pipeline seeds: `{run_dir.name}`", "",
-          f"Seeds {order}: each is a whole pipeline run (SFT, RLVR, OPSD arms) in `seed-<n>/`, with its own "
+          f"Seeds {order} ({len(seeds)} present): each is a whole pipeline run (SFT, RLVR, OPSD arms) in `seed-<n>/`, with its own "
           "report (" + ", ".join(f"[seed {s}](../{d.name}/report/report.md)" for s, d in seeds.items()) + "). "
           "Each seed draws its own training data and, for a generated task, its own held-out problems; "
           f"OPSD arms are compared with their own seed's starting checkpoint (`{reference}`). A **finding** is a "
@@ -520,7 +520,7 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
             draw_changes(points, reference, f"OPSD arms, one point per pipeline seed (95% CI): {set_name}",
                          out_dir / f"changes_{set_name}.png")
             md += [f"![changes](changes_{set_name}.png)", ""]
-    md += ["## Settings", "", f"- pipeline seeds: {order} (configured: {config.get('seeds')})",
+    md += ["## Settings", "", f"- pipeline seeds: {order}, present: {list(seeds)}",
            f"- OPSD arms: `{json.dumps(config.get('arms', []))}`, OPSD seeds {config.get('opsd_seeds')}", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
