@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from opsdlab.models import load_policy
-from opsdlab.opsd import OPSDStageConfig, OPSDTrainer, opsd_args
+from opsdlab.opsd import OPSDStageConfig, OPSDTrainer, opsd_args, opsd_dataset
 from opsdlab.rewards import VerifierReward
-from opsdlab.rlvr import rl_dataset
 from opsdlab.runtime import JsonlMetrics
 from opsdlab.verifier import VerifierConfig
 
@@ -46,7 +45,7 @@ def make_trainer(stage_dir, folder, task, *, model=None, reward=None, callbacks=
         model=model,
         reward_funcs=[reward or VerifierReward(EXACT, eos)],
         args=opsd_args(config, stage_dir, seed),
-        train_dataset=rl_dataset(task.examples("train", problems), tokenizer, True),
+        train_dataset=opsd_dataset(task.examples("train", problems), tokenizer, True),
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl"), *callbacks],
         peft_config=config.peft_config(),

@@ -3,7 +3,8 @@ import pytest
 from opsdlab.data import Example
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 
-EXAMPLE = Example("p1", "What is 2 + 3 + 4?", "2 + 3 = 5\n5 + 4 = 9\nThe answer is 9.", "9")
+EXAMPLE = Example("p1", "What is 2 + 3 + 4?", "2 + 3 = 5\n5 + 4 = 9\nThe answer is 9.", "9",
+                  unrelated_solution="6 + 1 = 7\n7 + 8 = 15\nThe answer is 15.")
 
 
 @pytest.mark.parametrize("context", sorted(set(TEACHER_CONTEXTS) - {"none"}))
@@ -46,3 +47,19 @@ def test_a_problem_that_ends_with_the_instruction_gets_it_once(tokenizer, contex
         if context != "none":  # the privileged block still follows the instruction
             block = TEACHER_CONTEXTS[context](EXAMPLE, None)
             assert prompt.index(DEFAULT_INSTRUCTION) < prompt.index(block)
+
+
+def test_unrelated_and_solution_prompts_differ_only_in_the_solution_text(tokenizer):
+    """The control shows another problem's solution with exactly the solution block's wording."""
+    unrelated = render_prompt(tokenizer, EXAMPLE, context="unrelated")
+    solution = render_prompt(tokenizer, EXAMPLE, context="solution")
+    assert unrelated == solution.replace(EXAMPLE.solution, EXAMPLE.unrelated_solution)
+    assert EXAMPLE.unrelated_solution in unrelated and EXAMPLE.solution not in unrelated
+    assert unrelated.count("reference solution") == solution.count("reference solution") == 2
+
+
+def test_unrelated_context_without_a_partner_is_an_error_naming_the_example(tokenizer):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="'p1' has no unrelated_solution.*pair_unrelated"):
+        render_prompt(tokenizer, replace(EXAMPLE, unrelated_solution=None), context="unrelated")

@@ -3,6 +3,7 @@ import re
 
 import pytest
 
+from opsdlab.data import pair_unrelated
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks import build_task
 from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask, TraceStyle, terms_of, thinking_trace
@@ -94,7 +95,7 @@ def test_sft_rows_mix_roles_through_the_one_renderer(tokenizer):
 
 def test_tokenizer_covers_every_context_and_trace(task, tokenizer):
     rng = random.Random(0)
-    for example in task.examples("test", 30):
+    for example in pair_unrelated(task.examples("test", 30)):
         for context in TEACHER_CONTEXTS:
             text = render_prompt(tokenizer, example, context=context, sibling=example.solution)
             assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text

@@ -75,7 +75,9 @@ def response_for(prompt: str, reasoning: str = REASONING, answer: str = ANSWER) 
 
 @pytest.fixture
 def example(task):
-    return task.examples("test", 1)[0]
+    from opsdlab.data import pair_unrelated
+
+    return pair_unrelated(task.examples("test", 2))[0]
 
 
 # ------------------------------------------------------------------------------------ rendering

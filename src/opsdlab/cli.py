@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from opsdlab import __version__
@@ -38,17 +39,18 @@ def _verifier(args, defaults: dict):
 
 
 def _examples_and_verifier(args, split: str, count: int | None = None):
-    """Evaluation problems (`count`, else --problems, else 200 synthetic / all file rows) and the verifier."""
-    from opsdlab.data import ColumnMap, load_examples, parse_column_map
+    """Evaluation problems (`count`, else --problems, else 200 synthetic / all file rows), each paired
+    with another one's solution for the `unrelated` context, and the verifier."""
+    from opsdlab.data import ColumnMap, load_examples, pair_unrelated, parse_column_map
     from opsdlab.tasks import FileTask, build_task
 
     count = count or args.problems
     if args.data == "synthetic":
         task = build_task("synthetic")
-        return task.examples(split, count or 200), _verifier(args, task.default_verifier)
+        return pair_unrelated(task.examples(split, count or 200)), _verifier(args, task.default_verifier)
     columns = parse_column_map(args.columns) if args.columns else ColumnMap(solution=None)
     examples = load_examples(args.data, columns, split=split, limit=count)
-    return examples, _verifier(args, FileTask.default_verifier)
+    return pair_unrelated(examples), _verifier(args, FileTask.default_verifier)
 
 
 def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None):
@@ -145,6 +147,7 @@ def cmd_opsd(args) -> int:
     from opsdlab.evaluate import SamplingConfig, evaluate, one_line
     from opsdlab.models import load_policy
     from opsdlab.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set, {"gate": args.gate} if args.gate is not None else {})
     examples, defaults = _train_examples(args, config.train_problems)
@@ -159,7 +162,7 @@ def cmd_opsd(args) -> int:
                               context=config.teacher_context, desc="teacher prompt")
         print(one_line("student prompt", student))
         print(one_line(f"teacher prompt ({config.teacher_context})", teacher))
-        if teacher["avg_at_k"] <= student["avg_at_k"]:
+        if teacher["avg_at_k"] <= student["avg_at_k"] and config.teacher_context not in CONTROL_CONTEXTS:
             print("WARNING: the teacher prompt is not more accurate than the student prompt; OPSD then has "
                   "nothing to teach beyond style.", file=sys.stderr)
     out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed)
@@ -175,16 +178,39 @@ def cmd_pipeline(args) -> int:
 
 
 def _run_and_report(config) -> int:
-    from opsdlab.pipeline import run_pipeline
-    from opsdlab.report import stage_summary, write_report
+    from opsdlab.pipeline import run_seeds
+    from opsdlab.report import seed_dirs, stage_summary, write_report
     from opsdlab.runtime import is_main_process
 
-    run_dir = run_pipeline(config)
+    run_dir = run_seeds(config)
     if not is_main_process():  # under a multi-process launch the main process writes the report
         return 0
     report = write_report(run_dir)
-    print("\n".join(stage_summary(run_dir)))
+    seeds = seed_dirs(run_dir)
+    for seed, seed_dir in seeds.items():
+        print(f"seed {seed}:")
+        print("\n".join(stage_summary(seed_dir)))
+    if not seeds:
+        print("\n".join(stage_summary(run_dir)))
     print(f"report: {report}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_study(args) -> int:
+    from opsdlab.study import run_study
+
+    start = time.time()
+    done = run_study(args.run_dir, [p for p in args.presets.split(",") if p], args.seeds, args.overrides)
+    for preset, result in done.items():
+        print(f"{preset}: {result['report']}")
+    print(f"study wall time: {time.time() - start:.0f}s")
     return 0
 
 
@@ -214,9 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="SFT -> RLVR -> OPSD arms from a config file, then the report")
     p.add_argument("--config", required=True,
-                   help="YAML file or a shipped preset: tiny, tiny-nothink, qwen3-8b, qwen3-1.7b")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. opsd_seeds=[0,1,2])")
+                   help="YAML file or a shipped preset: tiny, tiny-nothink, tiny-search, qwen3-8b, qwen3-1.7b")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. seeds=[0,1,2])")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("study", help="every task preset x pipeline seeds x OPSD arms and controls, "
+                                     "one report over seeds per task")
+    p.add_argument("--presets", default="tiny", help="comma-separated config presets or files, one per task "
+                                                     "(default: tiny)")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated pipeline seeds (default: 0,1,2)")
+    p.add_argument("--run-dir", default="runs/study", help="one sub-directory per preset")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value applied to every preset")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="rebuild the Markdown report of a run directory")
     p.add_argument("run_dir")

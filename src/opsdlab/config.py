@@ -66,6 +66,7 @@ class ArmSection:
 class PipelineConfig:
     run_dir: str = "runs/demo"
     seed: int = 0
+    seeds: tuple = ()  # pipeline seeds: run_dir/seed-<n>/ per seed (`pipeline.run_seeds`); empty: one run, `seed`
     stages: tuple = STAGES
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
@@ -88,6 +89,9 @@ class PipelineConfig:
             self.arm_config(arm)  # validates each arm's overrides now, not mid-run
         if not self.opsd_seeds:
             raise ConfigError("opsd_seeds: give at least one seed")
+        if (any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds)
+                or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"seeds: expected distinct non-negative integers, got {list(self.seeds)}")
 
     def check_batches(self, num_processes: int) -> None:
         """Raise a ConfigError, before any stage runs, if a configured stage's batch does not split

@@ -3,15 +3,17 @@
 Every stage consumes the same `Example` (id, problem, reference solution, gold answer), so this is
 the one place where a dataset's column names are mapped (`ColumnMap`) and its rows checked. Bad
 data fails here with a `DataError` that names the file, the row and the field, instead of
-surfacing later as a KeyError inside a trainer.
+surfacing later as a KeyError inside a trainer. `pair_unrelated` gives every example another
+problem's solution, the privileged block of the `unrelated` teacher control.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,18 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 
 @dataclass(frozen=True)
 class Example:
-    """One math problem. `solution` is the reference solution ("" for eval-only sets)."""
+    """One math problem. `solution` is the reference solution ("" for eval-only sets).
+
+    `unrelated_solution` is the reference solution of a *different* problem of the same format
+    (set by `pair_unrelated`): the `unrelated` teacher reads it, a hint's style without its
+    information.
+    """
 
     id: str
     problem: str
     solution: str
     answer: str
+    unrelated_solution: str | None = None
 
 
 @dataclass(frozen=True)
@@ -286,4 +294,48 @@ def load_examples(
     return examples
 
 
-__all__ = ["ColumnMap", "DataError", "Example", "LOCAL_FORMATS", "load_examples", "parse_column_map"]
+def _solution_lines(example: Example) -> int:
+    return len(example.solution.strip().splitlines())
+
+
+def pair_unrelated(examples: list[Example]) -> list[Example]:
+    """The examples, each with `unrelated_solution` set to the solution of another one.
+
+    The partner of an example is never itself. In order of preference it has a different answer
+    (a partner with the same answer would leak it), the nearest number of solution lines (the same
+    format and length when one exists; the fewer lines on a tie), then comes first after the
+    example in list order, cycling (so partners spread over the list instead of piling on one).
+    Deterministic: a function of the list alone. An example that already has an unrelated solution
+    keeps it; with fewer than two examples nothing is set (the `unrelated` teacher context then
+    raises, naming the example).
+    """
+    examples = list(examples)
+    if len(examples) < 2:
+        return examples
+    lines = [_solution_lines(e) for e in examples]
+    answers = [e.answer.strip() for e in examples]
+    by_lines: dict[int, list[int]] = {}
+    for index, count in enumerate(lines):
+        by_lines.setdefault(count, []).append(index)
+    return [example if example.unrelated_solution is not None
+            else replace(example, unrelated_solution=examples[_partner(i, lines, answers, by_lines)].solution)
+            for i, example in enumerate(examples)]
+
+
+def _partner(index: int, lines: list[int], answers: list[str], by_lines: dict[int, list[int]]) -> int:
+    """`pair_unrelated`'s choice for `index`: scans line-count buckets nearest first, each cyclically
+    from `index`, for a different answer; failing that, for any other example."""
+    order = sorted(by_lines, key=lambda count: (abs(count - lines[index]), count))
+    for need_other_answer in (True, False):
+        for count in order:
+            members = by_lines[count]
+            start = bisect.bisect_right(members, index)
+            for k in range(len(members)):
+                j = members[(start + k) % len(members)]
+                if j != index and (not need_other_answer or answers[j] != answers[index]):
+                    return j
+    raise AssertionError("unreachable: pair_unrelated checks for two examples")
+
+
+__all__ = ["ColumnMap", "DataError", "Example", "LOCAL_FORMATS", "load_examples", "pair_unrelated",
+           "parse_column_map"]

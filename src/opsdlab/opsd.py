@@ -28,7 +28,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import pad
 from transformers import TrainerCallback
 
-from opsdlab.data import Example
+from opsdlab.data import Example, pair_unrelated
 from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
 from opsdlab.gates import GATES, route
 from opsdlab.models import output_head, save_policy
@@ -410,7 +410,14 @@ class OPSDTrainer(GRPOTrainer):
 
 def _example(row: dict) -> Example:
     return Example(id=str(row.get("id", "")), problem=row["problem"], solution=row.get("solution", ""),
-                   answer=str(row["answer"]))
+                   answer=str(row["answer"]), unrelated_solution=row.get("unrelated_solution"))
+
+
+def opsd_dataset(examples, tokenizer, thinking: bool):
+    """RLVR's prompt rows plus, per row, another problem's solution for the `unrelated` teacher."""
+    examples = pair_unrelated(examples)
+    return rl_dataset(examples, tokenizer, thinking).add_column(
+        "unrelated_solution", [e.unrelated_solution for e in examples])
 
 
 def _correct_sibling(index: int, correct: list[bool], truncated: list[bool], texts: list[str], group: int) -> str | None:
@@ -433,7 +440,7 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
         model=model,
         reward_funcs=[VerifierReward(verifier, eos)],
         args=opsd_args(config, stage_dir, seed),
-        train_dataset=rl_dataset(examples, tokenizer, thinking),
+        train_dataset=opsd_dataset(examples, tokenizer, thinking),
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
         peft_config=config.peft_config(),

@@ -18,6 +18,9 @@ problems (`evaluate_sharded`). The main process alone builds the base model and 
 directory's files; whether a stage or evaluation is finished is decided on the main process and
 shared (`runtime.main_decides`), so every process skips the same work. A process group is started
 only under such a launch; a plain `python` run stays a single process.
+
+With `seeds: [0, 1, 2]` (`run_seeds`), the run directory holds `config.yaml`, `report/` and one
+such single-seed run directory per seed, `seed-<n>/`.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-from opsdlab.config import PipelineConfig, dump_config
-from opsdlab.data import ColumnMap, Example, load_examples, parse_column_map
+from opsdlab.config import ConfigError, PipelineConfig, dump_config
+from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
 from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
+from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.rlvr import run_rlvr
 from opsdlab.runtime import (is_main_process, launch_processes, main_decides, process_device, shard_and_gather,
                              wait_for_everyone)
@@ -77,15 +81,16 @@ def verifier_of(config: PipelineConfig, task) -> VerifierConfig:
 
 
 def eval_sets(config: PipelineConfig, task) -> dict:
-    """Held-out problems per evaluation set name."""
+    """Held-out problems per evaluation set name, each paired with another one's solution (the
+    `unrelated` teacher check reads it)."""
     sets = {}
     for name in config.eval.sets:
         if name == "synthetic" or name == config.task.name:
-            sets[name] = task.examples("test", config.eval.problems)
+            sets[name] = pair_unrelated(task.examples("test", config.eval.problems))
         else:
             columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap(solution=None)
             label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)
-            sets[label] = load_examples(name, columns, split="test", limit=config.eval.problems)
+            sets[label] = pair_unrelated(load_examples(name, columns, split="test", limit=config.eval.problems))
     return sets
 
 
@@ -231,6 +236,35 @@ def run_pipeline(config: PipelineConfig) -> Path:
     return run_dir
 
 
+def seed_run_dir(run_dir: str | Path, seed: int) -> Path:
+    """Where `run_seeds` puts pipeline seed `seed`: a complete single-seed run directory."""
+    return Path(run_dir) / f"seed-{seed}"
+
+
+def run_seeds(config: PipelineConfig) -> Path:
+    """`run_pipeline` once per entry of `config.seeds`, each in its own `seed-<n>/` run directory.
+
+    Each seed is a normal single-seed run (`seed: n`, its own SFT, RLVR and OPSD arms), so it
+    resumes, and reports, on its own; the top-level run directory holds the config and the
+    aggregate report (`report.write_report`). Without `seeds`, this is `run_pipeline(config)`.
+    """
+    run_dir = Path(config.run_dir)
+    if not config.seeds:
+        if any(p.is_dir() for p in run_dir.glob("seed-*")):
+            raise ConfigError(f"seeds: {run_dir} holds a run over seeds; set seeds (see its config.yaml) or "
+                              "give another run_dir")
+        return run_pipeline(config)
+    if (run_dir / "summary.jsonl").exists():
+        raise ConfigError(f"seeds: {run_dir} holds a single-seed run; give another run_dir")
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
+    wait_for_everyone()
+    for seed in config.seeds:
+        run_pipeline(replace(config, seed=seed, seeds=(), run_dir=str(seed_run_dir(run_dir, seed))))
+    return run_dir
+
+
 def _warn_if_teacher_not_better(run_dir: Path, checkpoint: str, sets: dict, context: str) -> None:
     if not is_main_process():
         return
@@ -243,7 +277,7 @@ def _warn_if_teacher_not_better(run_dir: Path, checkpoint: str, sets: dict, cont
             t = json.loads(teacher.read_text())["avg_at_k"]
             message = (f"[teacher check] {checkpoint}/{set_name}: student prompt {s:.3f}, "
                        f"teacher prompt ({context}) {t:.3f}")
-            if t <= s:
+            if t <= s and context not in CONTROL_CONTEXTS:
                 message += ("  WARNING: the privileged prompt is not more accurate; OPSD has little to teach "
                             "beyond style")
             log(run_dir, message, kind="teacher_check", checkpoint=checkpoint, set=set_name, student=s, teacher=t)

@@ -12,6 +12,7 @@ adds itself: every stage tokenizes prompts with special tokens, as TRL does.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from transformers import PreTrainedTokenizerBase
@@ -44,6 +45,15 @@ def _sibling_context(example: Example, sibling: str | None) -> str:
     )
 
 
+def _unrelated_context(example: Example, sibling: str | None) -> str:
+    # The solution block's exact wording around another problem's solution (`data.pair_unrelated`):
+    # a hint's style and length without its information.
+    if example.unrelated_solution is None:
+        raise ValueError(f"teacher context 'unrelated': example {example.id!r} has no unrelated_solution; "
+                         "pair the examples first (data.pair_unrelated)")
+    return _solution_context(replace(example, solution=example.unrelated_solution), None)
+
+
 def _concise_context(example: Example, sibling: str | None) -> str:
     return "Solve the problem concisely."
 
@@ -53,14 +63,19 @@ def _no_context(example: Example, sibling: str | None) -> None:
 
 
 # name -> privileged block builder (None: the teacher reads the student prompt itself).
-# "concise" and "none" carry no privileged information: they are the controls.
+# "unrelated", "concise" and "none" carry no privileged information: they are the controls.
 TEACHER_CONTEXTS: dict[str, Callable[[Example, str | None], str | None]] = {
     "solution": _solution_context,
     "answer": _answer_context,
     "sibling": _sibling_context,
+    "unrelated": _unrelated_context,
     "concise": _concise_context,
     "none": _no_context,
 }
+
+
+# The controls: no teacher check expects them to be more accurate than the student prompt.
+CONTROL_CONTEXTS = ("unrelated", "concise", "none")
 
 
 def _ends_with(text: str, suffix: str) -> bool:

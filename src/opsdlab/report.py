@@ -2,12 +2,16 @@
 
 `write_report(run_dir)` reads the resolved config, evaluation summaries and samples, training
 metrics and OPSD token statistics, and writes `report/report.md` with PNG figures. It can be rerun
-at any time, on a finished or a partial run.
+at any time, on a finished or a partial run. A run over pipeline seeds (`seed-<n>/` directories,
+`pipeline.run_seeds`) gets each seed's own report plus one over seeds: spread per checkpoint, the
+teacher advantage and every arm's paired change per seed, and as findings only what holds in every
+seed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from opsdlab.evaluate import read_samples  # noqa: E402
@@ -34,6 +39,16 @@ def checkpoint_order(run_dir: Path) -> list[str]:
     names = [p.name for p in (run_dir / "eval").iterdir() if p.is_dir()] if (run_dir / "eval").is_dir() else []
     fixed = [n for n in ("base", "sft", "rlvr") if n in names]
     return fixed + sorted(n for n in names if n.startswith("opsd-"))
+
+
+def arm_of(checkpoint: str) -> str:
+    """The OPSD arm of a checkpoint name: `opsd-correct-s1` -> `correct`."""
+    return checkpoint.removeprefix("opsd-").rsplit("-s", 1)[0]
+
+
+def reference_of(names: list[str]) -> str | None:
+    """The checkpoint OPSD arms are compared with: their starting point, RLVR (else SFT)."""
+    return "rlvr" if "rlvr" in names else ("sft" if "sft" in names else None)
 
 
 def is_main_set(folder_name: str) -> bool:
@@ -76,7 +91,7 @@ def arm_summary(run_dir: Path, names: list[str], set_name: str, reference: str |
     by_arm = defaultdict(list)
     for name in names:
         if name.startswith("opsd-") and (s := load_eval(run_dir, name, set_name)):
-            by_arm[name.removeprefix("opsd-").rsplit("-s", 1)[0]].append(s)
+            by_arm[arm_of(name)].append(s)
     ref = load_eval(run_dir, reference, set_name) if reference else None
     if not by_arm:
         return []
@@ -208,34 +223,52 @@ def paired_change(before, after) -> dict:
 def plot_changes(run_dir: Path, names: list[str], set_name: str, reference: str | None, out: Path) -> bool:
     """The paper's two axes per OPSD arm: accuracy change vs length change against the reference, one
     point per seed with its paired 95% CIs."""
+    changes = arm_changes(run_dir, names, set_name, reference)
+    if not changes:
+        return False
+    draw_changes([(arm_of(name), "", d) for name, d in changes.items()], reference,
+                 f"OPSD arms vs {reference}, one point per seed (95% CI): {set_name}", out)
+    return True
+
+
+def arm_changes(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> dict[str, dict]:
+    """`paired_change` of every evaluated OPSD checkpoint against `reference`, by checkpoint name."""
     ref_path = run_dir / "eval" / str(reference) / set_name / "samples.jsonl"
     arms = [n for n in names if n.startswith("opsd-") and (run_dir / "eval" / n / set_name / "samples.jsonl").exists()]
-    if not reference or not ref_path.exists() or not arms:
-        return False
+    if not reference or not ref_path.exists():
+        return {}
     before = read_samples(ref_path)
+    return {name: paired_change(before, read_samples(run_dir / "eval" / name / set_name / "samples.jsonl"))
+            for name in arms}
+
+
+def draw_changes(points: list[tuple[str, str, dict]], reference: str, title: str, out: Path) -> None:
+    """Accuracy change (pp) against length change (%) with paired CI bars; one colour per arm.
+
+    `points` are (arm, note, paired_change); a non-empty note is written next to its point.
+    """
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors, labeled = {}, set()
-    for name in arms:
-        d = paired_change(before, read_samples(run_dir / "eval" / name / set_name / "samples.jsonl"))
-        arm = name[len("opsd-"):].rsplit("-s", 1)[0]
+    for arm, note, d in points:
         color = colors.setdefault(arm, f"C{len(colors)}")
         x, y = 100 * d["length_change"], 100 * d["accuracy_diff"]
         xl, xh = (100 * v for v in d["length_change_ci"])
         yl, yh = (100 * v for v in d["accuracy_diff_ci"])
         ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=2, color=color,
                     label=None if arm in labeled else arm)
+        if note:
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
         labeled.add(arm)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel(f"length change vs {reference} (%)")
     ax.set_ylabel(f"accuracy change vs {reference} (pp)")
-    ax.set_title(f"OPSD arms vs {reference}, one point per seed (95% CI): {set_name}")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return True
 
 
 def token_shifts(run_dir: Path, out: Path) -> list[str]:
@@ -295,13 +328,215 @@ def sample_texts(run_dir: Path, names: list[str], set_name: str, per_row: int = 
     return lines
 
 
+# ---------------------------------------------------------------- runs over pipeline seeds
+
+
+def seed_dirs(run_dir: Path) -> dict[int, Path]:
+    """The `seed-<n>/` run directories of a run over pipeline seeds, by seed; empty for a single run."""
+    found = {}
+    for path in run_dir.glob("seed-*"):
+        if path.is_dir() and (match := re.fullmatch(r"seed-(\d+)", path.name)):
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max of per-seed values."""
+    arr = np.asarray(values, dtype=float)
+    return {"n": len(arr), "mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+            "min": float(arr.min()), "max": float(arr.max())}
+
+
+def consistent_sign(intervals: list[tuple[float, float]]) -> int:
+    """+1 if every interval lies above 0, −1 if every one lies below 0, else 0 (not a finding)."""
+    if intervals and all(lo > 0 for lo, _ in intervals):
+        return 1
+    if intervals and all(hi < 0 for _, hi in intervals):
+        return -1
+    return 0
+
+
+def _spread_cell(values: list[float], pattern: str) -> str:
+    s = spread(values)
+    return (f"{pattern.format(s['mean'])} ± {pattern.format(s['sd'])} "
+            f"({pattern.format(s['min'])}–{pattern.format(s['max'])})")
+
+
+def seed_checkpoint_table(seeds: dict[int, Path], set_name: str) -> list[str]:
+    """Per checkpoint, over seeds: avg@k and mean response tokens as mean ± sd (min–max)."""
+    names = _union_order([checkpoint_order(d) for d in seeds.values()])
+    lines = ["| checkpoint | seeds | avg@k: mean ± sd (min–max) | mean tokens: mean ± sd (min–max) |",
+             "|---|---|---|---|"]
+    for name in names:
+        runs = [s for d in seeds.values() if (s := load_eval(d, name, set_name))]
+        if runs:
+            lines.append(f"| {name} | {len(runs)} | {_spread_cell([r['avg_at_k'] for r in runs], '{:.3f}')} | "
+                         f"{_spread_cell([r['mean_response_tokens'] for r in runs], '{:.1f}')} |")
+    return lines
+
+
+def _union_order(orders: list[list[str]]) -> list[str]:
+    names = {n for order in orders for n in order}
+    fixed = [n for n in ("base", "sft", "rlvr") if n in names]
+    return fixed + sorted(names - set(fixed))
+
+
+def _samples(run_dir: Path, checkpoint: str, folder: str):
+    path = run_dir / "eval" / checkpoint / folder / "samples.jsonl"
+    return read_samples(path) if path.exists() else None
+
+
+def teacher_advantages(seeds: dict[int, Path], set_name: str) -> dict[tuple[str, str], dict[int, dict]]:
+    """(checkpoint, teacher context) -> seed -> paired bootstrap of teacher prompt vs student prompt
+    (`accuracy_diff` = teacher avg@k − student avg@k, with its CI), where the teacher check ran."""
+    found: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for seed, run_dir in seeds.items():
+        for name in checkpoint_order(run_dir):
+            student = _samples(run_dir, name, set_name)
+            for folder in sorted((run_dir / "eval" / name).glob(f"{set_name}-teacher-*")):
+                teacher = _samples(run_dir, name, folder.name)
+                if student and teacher:
+                    context = folder.name.removeprefix(f"{set_name}-teacher-")
+                    found[(name, context)][seed] = bootstrap_diff_ci(student, teacher)
+    return dict(found)
+
+
+def seed_changes(seeds: dict[int, Path], set_name: str) -> dict[str, dict[int, dict]]:
+    """OPSD checkpoint -> seed -> `paired_change` against that seed's own starting checkpoint."""
+    found: dict[str, dict[int, dict]] = defaultdict(dict)
+    for seed, run_dir in seeds.items():
+        names = checkpoint_order(run_dir)
+        for name, d in arm_changes(run_dir, names, set_name, reference_of(names)).items():
+            found[name][seed] = d
+    return dict(found)
+
+
+def _pp(d: dict) -> str:
+    lo, hi = d["accuracy_diff_ci"]
+    return f"{100 * d['accuracy_diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _pct(d: dict) -> str:
+    lo, hi = d["length_change_ci"]
+    return f"{d['length_change']:+.1%} [{lo:+.1%}, {hi:+.1%}]"
+
+
+def holds_in_every_seed(by_seed: dict[int, dict], seeds: list[int], key: str) -> int:
+    """`consistent_sign` of the `<key>_ci` intervals over seeds; 0 when some seed lacks the result."""
+    if set(by_seed) != set(seeds):
+        return 0
+    return consistent_sign([tuple(d[f"{key}_ci"]) for d in by_seed.values()])
+
+
+# How a sign that holds in every seed reads, per quantity.
+_HOLDS = {"accuracy_diff": {1: "higher in every seed", -1: "lower in every seed", 0: "no"},
+          "length_change": {1: "longer in every seed", -1: "shorter in every seed", 0: "no"}}
+
+
+def teacher_advantage_table(advantages: dict, seeds: list[int]) -> list[str]:
+    lines = ["| checkpoint | teacher context | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | teacher vs student |", "|---|---|" + "---|" * (len(seeds) + 1)]
+    for (name, context), by_seed in advantages.items():
+        cells = " | ".join(_pp(by_seed[s]) if s in by_seed else "–" for s in seeds)
+        holds = _HOLDS["accuracy_diff"][holds_in_every_seed(by_seed, seeds, "accuracy_diff")]
+        lines.append(f"| {name} | {context} | {cells} | {holds} |")
+    return lines
+
+
+def change_table(changes: dict, reference: str) -> list[str]:
+    lines = [f"| checkpoint | seed | Δacc vs {reference} [95% CI] | length change [95% CI] | AES |",
+             "|---|---|---|---|---|"]
+    for name, by_seed in changes.items():
+        for seed, d in sorted(by_seed.items()):
+            lines.append(f"| {name} | {seed} | {_pp(d)} | {_pct(d)} | {_fmt(d['aes'], '{:+.3f}')} |")
+    return lines
+
+
+def holds_table(changes: dict, seeds: list[int]) -> list[str]:
+    """Per OPSD checkpoint: whether its accuracy and length change keep one sign, CI excluding 0, in
+    every seed (a checkpoint missing in some seed holds nothing)."""
+    lines = ["| checkpoint | seeds | accuracy: holds in every seed | length: holds in every seed |",
+             "|---|---|---|---|"]
+    for name, by_seed in changes.items():
+        cells = " | ".join(_HOLDS[key][holds_in_every_seed(by_seed, seeds, key)]
+                           for key in ("accuracy_diff", "length_change"))
+        lines.append(f"| {name} | {len(by_seed)}/{len(seeds)} | {cells} |")
+    return lines
+
+
+def findings(advantages: dict, changes: dict, seeds: list[int], reference: str) -> list[str]:
+    """The statements that hold in every seed (same sign, 95% CI excluding 0), as bullet lines."""
+    out = []
+    for (name, context), by_seed in advantages.items():
+        if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
+            diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
+            out.append(f"- At `{name}`, the teacher prompt (`{context}`) is {'more' if sign > 0 else 'less'} accurate "
+                       f"than the student prompt in every seed ({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
+    for name, by_seed in changes.items():
+        if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
+            diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
+            out.append(f"- `{name}` is {'more' if sign > 0 else 'less'} accurate than `{reference}` in every seed "
+                       f"({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
+        if sign := holds_in_every_seed(by_seed, seeds, "length_change"):
+            pct = [100 * d["length_change"] for d in by_seed.values()]
+            out.append(f"- `{name}` is {'longer' if sign > 0 else 'shorter'} than `{reference}` in every seed "
+                       f"({min(pct):+.1f}% to {max(pct):+.1f}%).")
+    return out or ["- None: no change keeps its sign with a 95% CI excluding 0 in every seed."]
+
+
+def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
+    """The report of a run over pipeline seeds: each seed's own report, then the aggregate in
+    `run_dir/report/`, computed from the seed directories alone."""
+    for seed_dir in seeds.values():
+        write_report(seed_dir)
+    out_dir = run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    order = [int(seed) for seed in config.get("seeds") or []] or list(seeds)  # a seed still to run holds nothing
+    set_names = sorted({p.name for d in seeds.values() for n in checkpoint_order(d)
+                        for p in (d / "eval" / n).iterdir() if is_main_set(p.name)})
+    references = {reference_of(checkpoint_order(d)) for d in seeds.values()} - {None}
+    reference = " / ".join(sorted(references)) or "–"
+    md = [f"# opsdlab report over pipeline seeds: `{run_dir.name}`", "",
+          f"Seeds {order} ({len(seeds)} present): each is a whole pipeline run (SFT, RLVR, OPSD arms) in `seed-<n>/`, with its own "
+          "report (" + ", ".join(f"[seed {s}](../{d.name}/report/report.md)" for s, d in seeds.items()) + "). "
+          "Each seed draws its own training data and, for a generated task, its own held-out problems; "
+          f"OPSD arms are compared with their own seed's starting checkpoint (`{reference}`). A **finding** is a "
+          "change whose paired 95% CI excludes 0 with the same sign in every seed.", ""]
+    for set_name in set_names:
+        advantages = teacher_advantages(seeds, set_name)
+        changes = seed_changes(seeds, set_name)
+        md += [f"## {set_name}", "", "### Findings (hold in every seed)", "",
+               *findings(advantages, changes, order, reference), "",
+               "### Checkpoints over seeds", "", *seed_checkpoint_table(seeds, set_name), ""]
+        if advantages:
+            md += ["### Teacher advantage per seed (teacher prompt avg@k − student prompt avg@k, paired 95% CI)",
+                   "", *teacher_advantage_table(advantages, order), ""]
+        if changes:
+            md += [f"### OPSD arms against their seed's `{reference}`", "", *change_table(changes, reference),
+                   "", *holds_table(changes, order), ""]
+            points = [(arm_of(name), f"s{seed}", d) for name, by_seed in changes.items()
+                      for seed, d in sorted(by_seed.items())]
+            draw_changes(points, reference, f"OPSD arms, one point per pipeline seed (95% CI): {set_name}",
+                         out_dir / f"changes_{set_name}.png")
+            md += [f"![changes](changes_{set_name}.png)", ""]
+    md += ["## Settings", "", f"- pipeline seeds: {order}, present: {list(seeds)}",
+           f"- OPSD arms: `{json.dumps(config.get('arms', []))}`, OPSD seeds {config.get('opsd_seeds')}", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
 def write_report(run_dir: str | Path) -> Path:
+    """Write `run_dir/report/report.md` and its figures; a run over pipeline seeds gets the aggregate."""
     run_dir = Path(run_dir)
+    if seeds := seed_dirs(run_dir):
+        return write_seeds_report(run_dir, seeds)
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
     names = checkpoint_order(run_dir)
-    reference = "rlvr" if "rlvr" in names else ("sft" if "sft" in names else None)
+    reference = reference_of(names)
     set_names = sorted({p.name for n in names for p in (run_dir / "eval" / n).iterdir() if is_main_set(p.name)})
 
     md = [f"# opsdlab report: `{run_dir.name}`", ""]

@@ -228,6 +228,8 @@ class SyntheticTask:
         corpus += [" " + n for n in corpus]
         for example in self.examples("vocab", 200):
             for context in TEACHER_CONTEXTS:
+                if context == "unrelated":  # the solution block's words: nothing new, and more text would
+                    continue                # reorder the frequency-ranked vocabulary of the tiny model
                 block = TEACHER_CONTEXTS[context](example, example.solution)
                 corpus.append(user_message(example, context=block))
             for thinking in thinking_modes:

@@ -1,0 +1,104 @@
+"""The report over pipeline seeds, on a fabricated run directory with hand-computed values."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opsdlab.evaluate import write_eval
+from opsdlab.metrics import Sample, summarize
+from opsdlab.report import consistent_sign, seed_changes, seed_dirs, spread, teacher_advantages, write_report
+
+PROBLEMS = 4
+
+
+def _eval(run_dir: Path, checkpoint: str, folder: str, correct_per_problem: int, tokens: int,
+          context: str = "none") -> None:
+    """Every problem gets the same 2 samples: `correct_per_problem` of them correct, `tokens` long each,
+    so every bootstrap replicate sees the same change and each CI is a point."""
+    samples = [Sample(problem_id=f"p{p}", sample_index=i, correct=i < correct_per_problem, answer="1",
+                      response_tokens=tokens, thinking_tokens=0, truncated=False, text="wait, 1 + 1 = 2")
+               for p in range(PROBLEMS) for i in range(2)]
+    summary = {**summarize(samples, k=2), "context": context, "checkpoint": checkpoint}
+    write_eval(run_dir / "eval" / checkpoint / folder, samples, summary)
+
+
+def fabricate(root: Path) -> Path:
+    """Two seeds. avg@k and tokens (rlvr -> opsd-all-s0): seed 0 0.5, 10 -> 1.0, 5; seed 1 0.5, 20 -> 0.5, 10.
+    The teacher prompt at rlvr reads 1.0 against the student's 0.5 in both seeds."""
+    (root / "config.yaml").write_text(yaml.safe_dump({"seeds": [0, 1], "arms": [{"name": "all", "gate": "all"}],
+                                                     "opsd_seeds": [0]}))
+    for seed, (rlvr_tokens, opsd_correct) in {0: (10, 2), 1: (20, 1)}.items():
+        run_dir = root / f"seed-{seed}"
+        _eval(run_dir, "rlvr", "synthetic", 1, rlvr_tokens)
+        _eval(run_dir, "rlvr", "synthetic-teacher-solution", 2, rlvr_tokens, context="solution")
+        _eval(run_dir, "opsd-all-s0", "synthetic", opsd_correct, rlvr_tokens // 2)
+    return root
+
+
+def test_spread_and_consistent_sign_hand_computed():
+    # sample sd (ddof=1) of 0.5 and 1.0: sqrt((0.25² + 0.25²) / 1) = 0.25·√2
+    assert spread([0.5, 1.0]) == pytest.approx({"n": 2, "mean": 0.75, "sd": 0.25 * 2 ** 0.5, "min": 0.5, "max": 1.0})
+    assert spread([3.0]) == {"n": 1, "mean": 3.0, "sd": 0.0, "min": 3.0, "max": 3.0}
+    assert consistent_sign([(0.1, 0.3), (0.01, 0.2)]) == 1
+    assert consistent_sign([(-0.3, -0.1), (-0.2, -0.01)]) == -1
+    assert consistent_sign([(0.1, 0.3), (-0.01, 0.2)]) == 0  # one CI includes 0: not a finding
+    assert consistent_sign([(0.1, 0.3), (-0.3, -0.1)]) == 0  # signs differ
+    assert consistent_sign([(0.0, 0.2), (0.1, 0.3)]) == 0  # a CI touching 0 does not exclude it
+    assert consistent_sign([]) == 0
+
+
+def test_paired_changes_and_teacher_advantage_per_seed(tmp_path):
+    seeds = seed_dirs(fabricate(tmp_path))
+    assert list(seeds) == [0, 1]
+    changes = seed_changes(seeds, "synthetic")["opsd-all-s0"]
+    assert changes[0]["accuracy_diff"] == pytest.approx(0.5) and changes[0]["accuracy_diff_ci"] == pytest.approx([0.5, 0.5])
+    assert changes[1]["accuracy_diff"] == pytest.approx(0.0) and changes[1]["accuracy_diff_ci"] == pytest.approx([0.0, 0.0])
+    for d in changes.values():
+        assert d["length_change"] == pytest.approx(-0.5) and d["length_change_ci"] == pytest.approx([-0.5, -0.5])
+    # AES: seed 0 is 50% shorter and 100% more accurate: 0.5 + 3 * 1.0; seed 1 only shorter: 0.5.
+    assert [changes[s]["aes"] for s in (0, 1)] == pytest.approx([3.5, 0.5])
+    advantage = teacher_advantages(seeds, "synthetic")[("rlvr", "solution")]
+    assert {s: d["accuracy_diff"] for s, d in advantage.items()} == pytest.approx({0: 0.5, 1: 0.5})
+
+
+def test_the_report_states_only_what_holds_in_every_seed(tmp_path):
+    root = fabricate(tmp_path)
+    text = write_report(root).read_text()
+    assert "| rlvr | 2 | 0.500 ± 0.000 (0.500–0.500) | 15.0 ± 7.1 (10.0–20.0) |" in text
+    assert "| opsd-all-s0 | 2 | 0.750 ± 0.354 (0.500–1.000) | 7.5 ± 3.5 (5.0–10.0) |" in text
+    assert "| rlvr | solution | +50.0 pp [+50.0, +50.0] | +50.0 pp [+50.0, +50.0] | higher in every seed |" in text
+    assert "| opsd-all-s0 | 0 | +50.0 pp [+50.0, +50.0] | -50.0% [-50.0%, -50.0%] | +3.500 |" in text
+    assert "| opsd-all-s0 | 1 | +0.0 pp [+0.0, +0.0] | -50.0% [-50.0%, -50.0%] | +0.500 |" in text
+    assert "| opsd-all-s0 | 2/2 | no | shorter in every seed |" in text
+    findings = text.split("### Findings (hold in every seed)")[1].split("###")[0]
+    assert "`opsd-all-s0` is shorter than `rlvr` in every seed (-50.0% to -50.0%)" in findings
+    assert "teacher prompt (`solution`) is more accurate than the student prompt in every seed" in findings
+    assert "accurate than `rlvr`" not in findings  # +50 pp in one seed, 0 in the other: not a finding
+    assert (root / "report" / "changes_synthetic.png").stat().st_size > 1000
+    for seed in (0, 1):  # each seed keeps its own single-run report
+        assert "opsd-all-s0" in (root / f"seed-{seed}" / "report" / "report.md").read_text()
+    assert write_report(root).read_text() == text  # a pure function of the run directory
+
+
+def test_a_checkpoint_missing_in_one_seed_is_no_finding(tmp_path):
+    root = fabricate(tmp_path)
+    _eval(root / "seed-1", "opsd-extra-s0", "synthetic", 2, 10)  # only seed 1 has this arm
+    text = write_report(root).read_text()
+    assert "| opsd-extra-s0 | 1/2 | no | no |" in text
+    assert "`opsd-extra-s0`" not in text.split("### Findings (hold in every seed)")[1].split("###")[0]
+
+
+def test_a_configured_seed_still_to_run_means_no_finding_yet(tmp_path):
+    root = fabricate(tmp_path)
+    (root / "config.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2]}))
+    text = write_report(root).read_text()
+    assert "| opsd-all-s0 | 2/3 | no | no |" in text and "| rlvr | solution |" in text
+    assert "- None:" in text.split("### Findings (hold in every seed)")[1].split("###")[0]
+
+
+def test_a_single_seed_run_directory_keeps_its_report(tmp_path):
+    _eval(tmp_path, "rlvr", "synthetic", 1, 10)
+    _eval(tmp_path, "opsd-all-s0", "synthetic", 2, 5)
+    text = write_report(tmp_path).read_text()
+    assert seed_dirs(tmp_path) == {} and "over pipeline seeds" not in text and "opsd-all-s0" in text
