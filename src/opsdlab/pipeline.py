@@ -25,7 +25,7 @@ import torch
 
 from opsdlab.config import PipelineConfig, dump_config
 from opsdlab.data import ColumnMap, load_examples, parse_column_map
-from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
+from opsdlab.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, write_eval
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
 from opsdlab.rlvr import run_rlvr
@@ -84,9 +84,9 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
             out = run_dir / "eval" / name / f"{set_name}{suffix}"
             if not (out / "summary.json").exists():
                 if model is None:
-                    model, tokenizer = load_policy(model_dir, config.model.dtype, config.model.trust_remote_code)
-                    model.to(_device())
-                samples, summary = evaluate(model, tokenizer, examples, verifier, sampling,
+                    model, tokenizer = load_for_eval(model_dir, config.eval.backend, config.model.dtype,
+                                                     config.model.trust_remote_code, config.eval.vllm, config.seed)
+                samples, summary = evaluate(model, tokenizer, examples, verifier, sampling, backend=config.eval.backend,
                                             thinking=config.task.thinking, context=context,
                                             desc=f"eval {name}/{set_name}{suffix}")
                 summary["checkpoint"] = name
