@@ -4,6 +4,7 @@ The tests that need an engine skip where vLLM is not installed (`pip install -e 
 """
 
 import json
+import os
 
 import pytest
 
@@ -11,6 +12,9 @@ from opsdlab.evaluate import BACKENDS, SamplingConfig, evaluate, load_for_eval, 
 from opsdlab.verifier import VerifierConfig
 from opsdlab.vllm_backend import VLLMSettings, prompt_seeds
 
+# On CPU, vLLM's KV budget is gpu_memory_utilization x node RAM minus this process's resident memory,
+# which a test process fills; a fixed 1 GiB does not depend on it.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 SETTINGS = VLLMSettings(gpu_memory_utilization=0.1, enforce_eager=True, in_process=True)
 PROBLEMS = 8
 MAX_NEW = 24
