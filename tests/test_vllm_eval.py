@@ -5,12 +5,13 @@ The tests that need an engine skip where vLLM is not installed (`pip install -e 
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
 from opsdlab.evaluate import BACKENDS, SamplingConfig, evaluate, load_for_eval, write_eval
 from opsdlab.verifier import VerifierConfig
-from opsdlab.vllm_backend import VLLMSettings, prompt_seeds
+from opsdlab.vllm_backend import VLLMSettings, prompt_seeds, shutdown
 
 # On CPU, vLLM's KV budget is gpu_memory_utilization x node RAM minus this process's resident memory,
 # which a test process fills; a fixed 1 GiB does not depend on it.
@@ -25,7 +26,7 @@ def llm(tiny_folder):
     pytest.importorskip("vllm")
     engine, tokenizer = load_for_eval(tiny_folder, "vllm", "float32", settings=SETTINGS)
     yield engine, tokenizer
-    engine.llm_engine.engine_core.shutdown()
+    shutdown(engine)
 
 
 def run_both(tmp_path, tiny_folder, llm, task, sampling):
@@ -71,6 +72,21 @@ def test_k_samples_per_prompt_are_seeded_and_counted(tmp_path, tiny_folder, llm,
     for sample in first:
         ids = tokenizer(sample.text, add_special_tokens=False)["input_ids"]
         assert sample.response_tokens >= len(ids) - 1
+
+
+def test_data_parallel_replicas_draw_the_samples_of_one_engine(tiny_folder, llm, task):
+    """Two engine processes, each on half of the prompts: per-prompt seeds make the split invisible."""
+    examples = task.examples("test", 5)
+    sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=MAX_NEW, seed=3)
+    engine, tokenizer = llm
+    one, _ = evaluate(engine, tokenizer, examples, VerifierConfig(compare="exact"), sampling, backend="vllm")
+    replicas, _ = load_for_eval(tiny_folder, "vllm", "float32", settings=replace(SETTINGS, data_parallel_size=2))
+    try:
+        two, _ = evaluate(replicas, tokenizer, examples, VerifierConfig(compare="exact"), sampling, backend="vllm")
+    finally:
+        shutdown(replicas)
+    assert [s.text for s in two] == [s.text for s in one]
+    assert [(s.problem_id, s.sample_index) for s in two] == [(s.problem_id, s.sample_index) for s in one]
 
 
 def test_prompt_seeds_depend_on_the_seed_only():
