@@ -1,6 +1,6 @@
 """The vLLM evaluation backend: the same responses as `evaluate.generate`, sampled by vLLM's engine.
 
-`load` builds a `vllm.LLM` on a model folder; `generate` samples k responses per prompt with
+`load` builds a `vllm.LLM` on a model folder (or data-parallel replicas of it); `generate` samples k responses per prompt with
 `SamplingParams(n=k)`. vLLM receives the token ids the transformers backend feeds `model.generate`
 (the rendered prompt tokenized with special tokens, as TRL tokenizes it in training), stops on the
 same EOS, and reports truncation by its finish reason ("length"), so `evaluate.evaluate` grades,
@@ -28,9 +28,10 @@ class VLLMSettings:
     """How the vLLM engine of an evaluation is built (`eval.vllm` in the pipeline config).
 
     tensor_parallel_size shards one model over that many GPUs; data_parallel_size runs that many
-    engine replicas (`Replicas`), each in its own process on its own GPUs and its share of the prompts. gpu_memory_utilization is the fraction of
-    device memory vLLM takes for weights and KV cache; on CPU it is a fraction of host RAM, so keep it
-    small there. enforce_eager None means eager on CPU (no compilation) and CUDA graphs on GPU.
+    engine replicas (`Replicas`), each in its own process on its own GPUs and share of the prompts.
+    gpu_memory_utilization is the fraction of device memory vLLM takes for weights and KV cache; on
+    CPU it is a fraction of the NUMA node's RAM, of which this process's resident memory is
+    subtracted (`VLLM_CPU_KVCACHE_SPACE=<GiB>` sets the KV cache directly), so keep it small there. enforce_eager None means eager on CPU (no compilation) and CUDA graphs on GPU.
     max_model_len None takes the model's context length. in_process runs vLLM's engine and model
     in this process instead of spawning an engine process and a worker: it starts faster (the
     spawned processes each import vLLM and torch again), which is what a CPU or a test wants; the
