@@ -80,15 +80,18 @@ def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None):
 
 
 def cmd_eval(args) -> int:
-    from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
-    from opsdlab.models import load_policy
+    from opsdlab.evaluate import SamplingConfig, check_backend, evaluate, load_for_eval, one_line, write_eval
+    from opsdlab.vllm_backend import VLLMSettings
 
+    check_backend(args.backend, "--backend")
     examples, verifier = _examples_and_verifier(args, "test")
     sampling = SamplingConfig(k=args.k, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    model, tokenizer = load_policy(args.model)
+    settings = VLLMSettings(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                            gpu_memory_utilization=args.gpu_memory_utilization)
+    model, tokenizer = load_for_eval(args.model, args.backend, settings=settings, seed=args.seed)
     samples, summary = evaluate(model, tokenizer, examples, verifier, sampling, thinking=not args.no_thinking,
-                                context=args.context)
+                                context=args.context, backend=args.backend)
     summary["model"] = str(args.model)
     summary["data"] = args.data
     write_eval(args.out, samples, summary)
@@ -268,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--context", default="none", help="prompt role: none (student) or a teacher context")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="transformers",
+                   help="what samples the responses: transformers (model.generate) or vllm (vLLM's engine)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="vllm: model replicas")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="vllm: fraction of GPU memory (on CPU: of host RAM) for weights and KV cache")
     p.set_defaults(func=cmd_eval)
 
     for name, func, helptext in (("sft", cmd_sft, "supervised fine-tuning through TRL's SFTTrainer"),

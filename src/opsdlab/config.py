@@ -17,10 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from opsdlab.evaluate import SamplingConfig
+from opsdlab.evaluate import SamplingConfig, check_backend
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.rlvr import RLVRStageConfig
 from opsdlab.sft import SFTStageConfig
+from opsdlab.vllm_backend import VLLMSettings
 
 STAGES = ("sft", "rlvr", "opsd")
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -54,6 +55,11 @@ class EvalSection:
     sampling: SamplingConfig = SamplingConfig()
     greedy: bool = True
     teacher_check: bool = True
+    backend: str = "transformers"  # a key of evaluate.BACKENDS: "transformers" or "vllm"
+    vllm: VLLMSettings = VLLMSettings()  # the vLLM engine, when backend is "vllm"
+
+    def __post_init__(self):
+        check_backend(self.backend)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ response and thinking tokens, truncation rate, the verifier and sampling setting
 student prompt and, for the teacher check, the privileged prompt. Thinking tokens are counted with
 the rendered prompt (`templates.count_thinking_tokens`), so a template that opens the think block
 itself gives the same count as one that leaves it to the model.
+
+Responses come from a named backend (`BACKENDS`): `transformers` (`model.generate`, in left-padded
+batches) or `vllm` (`vllm_backend`, vLLM's engine). Both receive the same prompt token ids and return
+the same `Generation` records, so grading, lengths and the written files do not depend on the backend.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -93,6 +98,67 @@ def _strip_after_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids
 
 
+def _load_transformers(model_dir, dtype: str = "float32", trust_remote_code: bool = False, settings=None,
+                       seed: int = 0):
+    from opsdlab.models import load_policy
+
+    model, tokenizer = load_policy(model_dir, dtype, trust_remote_code)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+
+
+def _generate_transformers(model, tokenizer, prompts: list[str], sampling: SamplingConfig, desc: str):
+    return generate(model, tokenizer, [p for p in prompts for _ in range(sampling.k)], sampling, desc=desc)
+
+
+def _load_vllm(*args, **kwargs):
+    from opsdlab import vllm_backend
+
+    return vllm_backend.load(*args, **kwargs)
+
+
+def _generate_vllm(*args, **kwargs):
+    from opsdlab import vllm_backend
+
+    return vllm_backend.generate(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How an evaluation gets its responses.
+
+    load(model_dir, dtype, trust_remote_code, settings, seed) -> (engine, tokenizer);
+    generate(engine, tokenizer, prompts, sampling, desc) -> k Generations per prompt, prompt-major.
+    """
+
+    load: Callable
+    generate: Callable
+
+
+BACKENDS = {
+    "transformers": Backend(_load_transformers, _generate_transformers),
+    "vllm": Backend(_load_vllm, _generate_vllm),
+}
+
+
+def check_backend(name: str, key: str = "backend") -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{key} must be one of {sorted(BACKENDS)}, got {name!r}")
+    return name
+
+
+def load_for_eval(model_dir, backend: str = "transformers", dtype: str = "float32", trust_remote_code: bool = False,
+                  settings=None, seed: int = 0):
+    """The engine (a transformers model on the device, or a vllm.LLM) and tokenizer of one folder.
+
+    `settings` is a `vllm_backend.VLLMSettings` (ignored by the transformers backend).
+    """
+    if settings is None and backend == "vllm":
+        from opsdlab.vllm_backend import VLLMSettings
+
+        settings = VLLMSettings()
+    return BACKENDS[check_backend(backend)].load(model_dir, dtype, trust_remote_code, settings, seed)
+
+
 def response_length(generation: Generation, eos_ids: set[int]) -> int:
     """Response tokens, not counting the closing EOS."""
     ids = generation.token_ids
@@ -110,12 +176,16 @@ def evaluate(
     context: str = "none",
     instruction: str = DEFAULT_INSTRUCTION,
     desc: str = "eval",
+    backend: str = "transformers",
 ) -> tuple[list[Sample], dict]:
-    """Sample k responses per problem from the prompt of one role and grade them."""
+    """Sample k responses per problem from the prompt of one role and grade them.
+
+    `model` is the engine of `backend` (see `load_for_eval`): a transformers model or a vllm.LLM.
+    """
     prompts = [render_prompt(tokenizer, ex, thinking=thinking, context=context, instruction=instruction)
                for ex in examples]
     repeated = [p for p in prompts for _ in range(sampling.k)]
-    generations = generate(model, tokenizer, repeated, sampling, desc=desc)
+    generations = BACKENDS[check_backend(backend)].generate(model, tokenizer, prompts, sampling, desc)
     eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     samples = []
     for index, generation in enumerate(generations):
@@ -131,7 +201,8 @@ def evaluate(
             text=generation.text,
         ))
     summary = summarize(samples, k=sampling.k)
-    summary.update(verifier=describe(verifier), sampling=asdict(sampling), thinking=thinking, context=context)
+    summary.update(verifier=describe(verifier), sampling=asdict(sampling), thinking=thinking, context=context,
+                   backend=backend)
     return samples, summary
 
 

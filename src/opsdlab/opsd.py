@@ -34,8 +34,8 @@ from opsdlab.gates import GATES, route
 from opsdlab.models import output_head, save_policy
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
-from opsdlab.rlvr import (RefillSampler, RLVRStageConfig, concat_batches, global_sum, grpo_args, rl_dataset,
-                          rollouts_per_device, select_rows)
+from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, check_vllm_fields, concat_batches,
+                          global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
 from opsdlab.runtime import JsonlMetrics, resume_point, save_trained
 from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
@@ -73,8 +73,13 @@ class OPSDStageConfig:
     chunk_size: int = 1024
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
-    use_vllm: bool = False
+    use_vllm: bool = False  # rollouts from vLLM through TRL; the vllm_* fields as in RLVRStageConfig
     vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
+    vllm_max_model_length: int | None = None
+    vllm_enable_sleep_mode: bool = False
+    vllm_server_base_url: str | None = None
     save_steps: int = 20
     logging_steps: int = 5
     report_to: str = "none"
@@ -107,6 +112,7 @@ class OPSDStageConfig:
             raise ValueError("opsd: chunk_size, max_steps, prompts_per_step and gradient_accumulation_steps "
                              "must be >= 1")
         self.divergence_options()  # validates beta, clip_tau, top_k
+        check_vllm_fields("opsd", self)
 
     def divergence_options(self) -> DivergenceOptions:
         return DivergenceOptions(beta=self.jsd_beta, clip_tau=self.clip_tau, top_k=self.top_k)
@@ -135,7 +141,7 @@ class OPSDStageConfig:
             learning_rate=self.learning_rate, lr_scheduler_type=self.lr_scheduler_type,
             max_completion_length=self.max_completion_length, temperature=self.temperature,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
-            gradient_checkpointing=self.gradient_checkpointing, use_vllm=self.use_vllm, vllm_mode=self.vllm_mode,
+            gradient_checkpointing=self.gradient_checkpointing, **{name: getattr(self, name) for name in VLLM_FIELDS},
             save_steps=self.save_steps, logging_steps=self.logging_steps, report_to=self.report_to,
         )
 

@@ -35,7 +35,7 @@ import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
 from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
-from opsdlab.evaluate import SamplingConfig, evaluate, one_line, write_eval
+from opsdlab.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, write_eval
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
@@ -114,11 +114,13 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
             out = run_dir / "eval" / name / f"{set_name}{suffix}"
             if not main_decides(lambda: (out / "summary.json").exists()):
                 if model is None:
-                    model, tokenizer = load_policy(model_dir, config.model.dtype, config.model.trust_remote_code)
-                    model.to(process_device())
+                    model, tokenizer = load_for_eval(model_dir, config.eval.backend, config.model.dtype,
+                                                     config.model.trust_remote_code, config.eval.vllm, config.seed)
+                    if config.eval.backend == "transformers":
+                        model.to(process_device())  # this process's device under a multi-process launch
                 samples, summary = evaluate_sharded(model, tokenizer, examples, verifier, sampling,
-                                                    thinking=config.task.thinking, context=context,
-                                                    desc=f"eval {name}/{set_name}{suffix}")
+                                                    backend=config.eval.backend, thinking=config.task.thinking,
+                                                    context=context, desc=f"eval {name}/{set_name}{suffix}")
                 if is_main_process():
                     summary["checkpoint"] = name
                     write_eval(out, samples, summary)

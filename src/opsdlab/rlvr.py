@@ -61,8 +61,15 @@ class RLVRStageConfig:
     num_iterations: int = 1
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
+    # Rollouts from vLLM through TRL (`use_vllm`): "colocate" builds an engine in each training
+    # process, "server" asks a running `trl vllm-serve` (base URL below). The other fields are TRL's.
     use_vllm: bool = False
     vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
+    vllm_max_model_length: int | None = None
+    vllm_enable_sleep_mode: bool = False
+    vllm_server_base_url: str | None = None
     save_steps: int = 50
     logging_steps: int = 5
     report_to: str = "none"
@@ -79,11 +86,28 @@ class RLVRStageConfig:
             raise ValueError("rlvr: prompts_per_step, max_steps and gradient_accumulation_steps must be >= 1")
         if self.dynamic_sampling_max_rounds < 1:
             raise ValueError("rlvr: dynamic_sampling_max_rounds must be >= 1")
+        check_vllm_fields("rlvr", self)
 
     def per_device_batch(self, num_processes: int) -> int:
         """Rollouts per device per micro-batch on `num_processes` processes (an error if uneven)."""
         return rollouts_per_device("rlvr", self.prompts_per_step, self.group_size, num_processes,
                                    self.gradient_accumulation_steps)
+
+
+VLLM_MODES = ("colocate", "server")
+VLLM_FIELDS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
+               "vllm_max_model_length", "vllm_enable_sleep_mode", "vllm_server_base_url")
+
+
+def check_vllm_fields(stage: str, config) -> None:
+    """The vLLM generation fields of a stage config (RLVR or OPSD), checked before TRL sees them."""
+    if config.vllm_mode not in VLLM_MODES:
+        raise ValueError(f"{stage}: vllm_mode must be one of {VLLM_MODES}, got {config.vllm_mode!r}")
+    if not 0 < config.vllm_gpu_memory_utilization <= 1:
+        raise ValueError(f"{stage}: vllm_gpu_memory_utilization must be in (0, 1], "
+                         f"got {config.vllm_gpu_memory_utilization}")
+    if config.vllm_tensor_parallel_size < 1:
+        raise ValueError(f"{stage}: vllm_tensor_parallel_size must be >= 1, got {config.vllm_tensor_parallel_size}")
 
 
 def rollouts_per_device(stage: str, prompts_per_step: int, rollouts_per_prompt: int, num_processes: int,
@@ -149,8 +173,7 @@ def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, *, rollouts_p
         top_p=config.top_p,
         num_iterations=config.num_iterations,
         gradient_checkpointing=config.gradient_checkpointing,
-        use_vllm=config.use_vllm,
-        vllm_mode=config.vllm_mode,
+        **{name: getattr(config, name) for name in VLLM_FIELDS},
         reward_weights=[1.0, config.format_reward_weight] if config.format_reward_weight else None,
         **common_training_args(stage_dir, seed=seed, save_steps=config.save_steps,
                                logging_steps=config.logging_steps, report_to=config.report_to),

