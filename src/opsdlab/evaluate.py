@@ -101,9 +101,10 @@ def _strip_after_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
 def _load_transformers(model_dir, dtype: str = "float32", trust_remote_code: bool = False, settings=None,
                        seed: int = 0):
     from opsdlab.models import load_policy
+    from opsdlab.runtime import process_device
 
     model, tokenizer = load_policy(model_dir, dtype, trust_remote_code)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
+    return model.to(process_device()), tokenizer  # under a multi-process launch: this process's device
 
 
 def _generate_transformers(model, tokenizer, prompts: list[str], sampling: SamplingConfig, desc: str):

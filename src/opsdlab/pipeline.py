@@ -41,7 +41,7 @@ from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, 
 from opsdlab.opsd import run_opsd
 from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.rlvr import run_rlvr
-from opsdlab.runtime import (is_main_process, launch_processes, main_decides, process_device, shard_and_gather,
+from opsdlab.runtime import (is_main_process, launch_processes, main_decides, shard_and_gather,
                              wait_for_everyone)
 from opsdlab.sft import run_sft
 from opsdlab.tasks import build_task
@@ -116,8 +116,6 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
                 if model is None:
                     model, tokenizer = load_for_eval(model_dir, config.eval.backend, config.model.dtype,
                                                      config.model.trust_remote_code, config.eval.vllm, config.seed)
-                    if config.eval.backend == "transformers":
-                        model.to(process_device())  # this process's device under a multi-process launch
                 samples, summary = evaluate_sharded(model, tokenizer, examples, verifier, sampling,
                                                     backend=config.eval.backend, thinking=config.task.thinking,
                                                     context=context, desc=f"eval {name}/{set_name}{suffix}")
