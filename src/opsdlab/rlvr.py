@@ -41,7 +41,7 @@ class RLVRStageConfig:
     rollouts (`grpo_args`); both must divide evenly.
     """
 
-    max_steps: int = 100
+    max_steps: int = 50
     prompts_per_step: int = 8
     group_size: int = 8
     loss_type: str = "dapo"
@@ -50,7 +50,7 @@ class RLVRStageConfig:
     epsilon_high: float | None = 0.28
     beta: float = 0.0
     mask_truncated_completions: bool = False
-    learning_rate: float = 2e-5
+    learning_rate: float = 4e-5
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 0
     max_completion_length: int = 192
@@ -64,7 +64,7 @@ class RLVRStageConfig:
     gradient_checkpointing: bool = False
     use_vllm: bool = False
     vllm_mode: str = "colocate"
-    save_steps: int = 50
+    save_steps: int = 25
     logging_steps: int = 5
     report_to: str = "none"
     train_problems: int = 4000
