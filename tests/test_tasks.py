@@ -93,6 +93,25 @@ def test_sft_rows_mix_roles_through_the_one_renderer(tokenizer):
     assert all("<think>" not in r["completion"] and r["prompt"].endswith("</think>\n\n") for r in off)
 
 
+def test_privileged_rows_mostly_read_the_reference_and_copy_its_totals(tokenizer):
+    """The privileged share is mostly reference-solution rows (a model learns to copy from a reference
+    only from rows that show one), every context of the mix appears, and in the informed rows every
+    running total the trace writes is one the reference wrote."""
+    from opsdlab.tasks.synthetic import CONTEXT_MIX
+
+    task = SyntheticTask()
+    rows = task.sft_rows(tokenizer, 2000)
+    counts = {c: sum(r["context"] == c for r in rows) for c in ("none", *CONTEXT_MIX)}
+    privileged = len(rows) - counts["none"]
+    assert 0.45 < privileged / len(rows) < 0.55
+    assert counts["solution"] / privileged > 0.85
+    assert all(counts[c] > 0 for c in CONTEXT_MIX)
+    for row in [r for r in rows if r["context"] == "solution"][:200]:
+        reference = row["prompt"].split("Here is a reference solution:\n", 1)[1]
+        written = re.findall(r"^(\d+ \+ \d+ = \d+)$", row["completion"], re.M)
+        assert written and set(written) <= set(re.findall(r"^(\d+ \+ \d+ = \d+)$", reference, re.M))
+
+
 def test_tokenizer_covers_every_context_and_trace(task, tokenizer):
     rng = random.Random(0)
     for example in pair_unrelated(task.examples("test", 30)):

@@ -63,10 +63,10 @@ class OPSDStageConfig:
     ema_rate: float = 0.05
     teacher_context: str = "solution"
     teacher_thinking: bool | None = None  # None: same as the student (the run's thinking setting)
-    max_steps: int = 40
+    max_steps: int = 20
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
-    learning_rate: float = 1e-5
+    learning_rate: float = 2e-5
     lr_scheduler_type: str = "constant"
     max_completion_length: int = 192
     temperature: float = 1.0
@@ -80,7 +80,7 @@ class OPSDStageConfig:
     vllm_max_model_length: int | None = None
     vllm_enable_sleep_mode: bool = False
     vllm_server_base_url: str | None = None
-    save_steps: int = 20
+    save_steps: int = 10
     logging_steps: int = 5
     report_to: str = "none"
     token_stats_rows: int = 8  # rollouts per step whose per-token teacher/student numbers are kept

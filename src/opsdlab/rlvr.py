@@ -40,7 +40,7 @@ class RLVRStageConfig:
     rollouts (`grpo_args`); both must divide evenly.
     """
 
-    max_steps: int = 100
+    max_steps: int = 50
     prompts_per_step: int = 8
     group_size: int = 8
     loss_type: str = "dapo"
@@ -49,7 +49,7 @@ class RLVRStageConfig:
     epsilon_high: float | None = 0.28
     beta: float = 0.0
     mask_truncated_completions: bool = False
-    learning_rate: float = 2e-5
+    learning_rate: float = 4e-5
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 0
     max_completion_length: int = 192
@@ -70,7 +70,7 @@ class RLVRStageConfig:
     vllm_max_model_length: int | None = None
     vllm_enable_sleep_mode: bool = False
     vllm_server_base_url: str | None = None
-    save_steps: int = 50
+    save_steps: int = 25
     logging_steps: int = 5
     report_to: str = "none"
     train_problems: int = 4000

@@ -43,7 +43,12 @@ PRIVILEGED_STYLES = ("concise", "same")
 
 # SFT rows by teacher context (the rest of the rows use the plain student prompt). Contexts with
 # information make the solver exact; "concise" is an instruction without information.
-CONTEXT_MIX = {"solution": 0.7, "answer": 0.15, "concise": 0.15}
+# The reference solution gets nine rows in ten of the privileged share: reading it is a skill of its
+# own (find the step being written in the reference, copy its total), learned only from rows that
+# show it, and with the earlier 0.7 the model learned the privileged traces' style but still
+# computed its totals itself (README, "The tiny task"). The answer and concise contexts keep a
+# small share so that the teacher prompts of those arms are not unseen.
+CONTEXT_MIX = {"solution": 0.9, "answer": 0.05, "concise": 0.05}
 
 
 @dataclass(frozen=True)
