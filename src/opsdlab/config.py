@@ -54,6 +54,7 @@ class EvalSection:
     sampling: SamplingConfig = SamplingConfig()
     greedy: bool = True
     teacher_check: bool = True
+    base: bool = True  # false: skip the random-init base model (all-wrong, and slow: it never stops)
 
 
 @dataclass(frozen=True)
