@@ -9,11 +9,13 @@ import pytest
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks import build_task
 from opsdlab.tasks.search import (CONTEXT_MIX, EXHAUSTED_TEXT, GIVE_UP_TEXT, SearchConfig, SearchProblem,
-                                  SearchTask, final_line, parse_problem, search_trace, trace_stats)
+                                  SearchTask, behaviour, final_line, parse_problem, search_trace, trace_stats)
 from opsdlab.verifier import VerifierConfig, is_correct
 
 VERIFIER = VerifierConfig(**SearchTask.default_verifier)
 LINE = re.compile(r"(\d+) \+ (\d+) = (\d+)(?:, not (\d+)\.|\. found it\.)")
+# Which of 3, 11, 19, 7, 9, 14 added to 6 makes 20? Only 14 (6 + 14); worked by hand.
+PROBLEM = SearchProblem((3, 11, 19, 7, 9, 14), 6, 20)
 
 
 @pytest.fixture(scope="module")
@@ -24,45 +26,43 @@ def search_tokenizer():
 
 
 def test_hand_checked_traces_for_fixed_seeds():
-    """Which two of 3, 11, 19, 7, 9 add up to 20? Only 11 + 9 (worked by hand over all ten pairs)."""
-    problem = SearchProblem((3, 11, 19, 7, 9), 20)
-    assert problem.answer_pair == (11, 9)
+    assert PROBLEM.answer == 14
     patient = SearchConfig(give_up_rate=0.0, mischeck_rate=0.0)
-    assert search_trace(problem, patient, random.Random(0)) == (
-        "3 + 11 = 14, not 20.\n3 + 19 = 22, not 20.\n3 + 7 = 10, not 20.\n3 + 9 = 12, not 20.\n"
-        "11 + 19 = 30, not 20.\n11 + 7 = 18, not 20.\n11 + 9 = 20. found it.", (11, 9))
-    # Default solver, seed 2: gives up after two failed tries and guesses an untried pair (wrong).
-    assert search_trace(problem, SearchConfig(), random.Random(2)) == (
-        "3 + 11 = 14, not 20.\n3 + 19 = 22, not 20.\ntoo many tries, I will guess 11 + 19.", (11, 19))
-    # Seed 5: 3 + 9 mis-checked as 14 (still rejected, rightly); gives up after five tries and its
-    # guess happens to be the right pair.
-    assert search_trace(problem, SearchConfig(), random.Random(5)) == (
-        "3 + 11 = 14, not 20.\n3 + 19 = 22, not 20.\n3 + 7 = 10, not 20.\n3 + 9 = 14, not 20.\n"
-        "11 + 19 = 30, not 20.\ntoo many tries, I will guess 11 + 9.", (11, 9))
-    with pytest.raises(ValueError, match="2 pairs add up"):
-        _ = SearchProblem((4, 17, 9, 12, 6), 21).answer_pair  # 4 + 17 and 9 + 12: never drawn
+    assert search_trace(PROBLEM, patient, random.Random(0)) == (
+        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\n6 + 19 = 25, not 20.\n6 + 7 = 13, not 20.\n"
+        "6 + 9 = 15, not 20.\n6 + 14 = 20. found it.", 14)
+    # Default solver, seed 2: gives up after two failed tries and guesses an untried number (wrong).
+    assert search_trace(PROBLEM, SearchConfig(), random.Random(2)) == (
+        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\ntoo many tries, I will guess 7.", 7)
+    # Seed 5: 6 + 7 mis-checked as 15 (13; still rightly rejected); gives up after five tries and
+    # its guess happens to be right.
+    assert search_trace(PROBLEM, SearchConfig(), random.Random(5)) == (
+        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\n6 + 19 = 25, not 20.\n6 + 7 = 15, not 20.\n"
+        "6 + 9 = 15, not 20.\ntoo many tries, I will guess 14.", 14)
+    with pytest.raises(ValueError, match="0 listed numbers reach"):
+        _ = SearchProblem((1, 2), 3, 9).answer
 
 
 def test_every_reference_answer_verifies_and_its_check_is_right():
     task = SearchTask()
     for example in task.examples("test", 200) + task.examples("train", 200):
         problem = parse_problem(example.problem)
-        a, b = (int(x) for x in example.answer.split(" + "))
-        assert a + b == problem.target and [a, b] == [n for n in problem.numbers if n in (a, b)]
-        assert sum(1 for p in problem.pairs if sum(p) == problem.target) == 1
-        assert example.solution == f"{a} + {b} = {a + b}. found it.\nThe answer is {a} + {b}."
-        assert is_correct(f"<think>\n{example.solution}\n</think>\n\n{final_line((a, b))}", example.answer, VERIFIER)
-        assert not is_correct(f"The answer is \\boxed{{{b} + {a}}}.", example.answer, VERIFIER)
-        assert not is_correct(f"The answer is \\boxed{{{a + b}}}.", example.answer, VERIFIER)
+        answer = int(example.answer)
+        assert answer in problem.numbers and problem.addend + answer == problem.target
+        assert len(set(problem.numbers)) == len(problem.numbers)  # so the answer is unique
+        assert example.solution == (f"{problem.addend} + {answer} = {problem.target}. found it.\n"
+                                    f"The answer is {answer}.")
+        assert is_correct(f"<think>\n{example.solution}\n</think>\n\n{final_line(answer)}", example.answer, VERIFIER)
+        assert not is_correct(f"The answer is \\boxed{{{problem.target}}}.", example.answer, VERIFIER)
 
 
 def _read_trace(trace: str, problem: SearchProblem):
-    """Every line parsed and checked: tries in order, verdicts consistent with the written sums."""
+    """Every line parsed and checked: tries of listed numbers, verdicts consistent with written sums."""
     tries, miscomputed = [], 0
     for line in trace.splitlines():
         if match := LINE.fullmatch(line):
             a, b, written = int(match[1]), int(match[2]), int(match[3])
-            assert (a, b) in problem.pairs, line
+            assert a == problem.addend and b in problem.numbers, line
             if match[4] is not None:
                 assert int(match[4]) == problem.target != written, line
             else:
@@ -70,9 +70,9 @@ def _read_trace(trace: str, problem: SearchProblem):
             if written != a + b:
                 miscomputed += 1
                 assert 1 <= abs(written - (a + b)) <= 2, line
-            tries.append((a, b))
+            tries.append(b)
         else:
-            assert re.fullmatch(rf"({GIVE_UP_TEXT}|{EXHAUSTED_TEXT}) (\d+) \+ (\d+)\.", line), line
+            assert re.fullmatch(rf"({GIVE_UP_TEXT}|{EXHAUSTED_TEXT}) (\d+)\.", line), line
     return tries, miscomputed
 
 
@@ -81,12 +81,12 @@ def test_check_lines_are_correct_arithmetic_except_injected_mischecks():
     rng = random.Random(1)
     for example in task.examples("sft", 300):
         problem = parse_problem(example.problem)
-        trace, pair = search_trace(problem, task.config, rng)
+        trace, answer = search_trace(problem, task.config, rng)
         tries, miscomputed = _read_trace(trace, problem)
         assert miscomputed == 0
-        assert tries == problem.pairs[:len(tries)]  # listed order, no repeats
-        if tries[-1] == problem.answer_pair:
-            assert pair == problem.answer_pair and trace.endswith("found it.")
+        assert tries == list(problem.numbers[:len(tries)])  # listed order, no repeats
+        if tries[-1] == problem.answer:
+            assert answer == problem.answer and trace.endswith("found it.")
     noisy = SearchTask(SearchConfig(mischeck_rate=0.5, order="random"))
     total = 0
     for example in noisy.examples("sft", 300):
@@ -102,31 +102,29 @@ def test_give_up_and_mischecks_decide_the_answer():
     problems = [parse_problem(e.problem) for e in SearchTask().examples("sft", 200)]
     patient = SearchConfig(give_up_rate=0.0, mischeck_rate=0.0)
     for problem in problems:
-        trace, pair = search_trace(problem, patient, rng)
-        assert pair == problem.answer_pair and trace_stats(trace).tries == problem.pairs.index(pair) + 1
+        trace, answer = search_trace(problem, patient, rng)
+        assert answer == problem.answer and trace_stats(trace).tries == problem.numbers.index(answer) + 1
     hasty = SearchConfig(give_up_rate=1.0, mischeck_rate=0.0)
     for problem in problems:
-        trace, pair = search_trace(problem, hasty, rng)
-        stats = trace_stats(trace)
-        assert stats.tries == 1 and stats.gave_up == (problem.pairs[0] != problem.answer_pair)
-    # A mis-check of the right pair rejects it; the search then runs out of pairs and guesses.
-    problem = SearchProblem((1, 2, 4), 6)
-    trace, _ = search_trace(problem, SearchConfig(give_up_rate=0.0, mischeck_rate=1.0, max_number=19), rng)
+        stats = trace_stats(search_trace(problem, hasty, rng)[0])
+        assert stats.tries == 1 and stats.gave_up == (problem.numbers[0] != problem.answer)
+    # Every check mis-computed: the right number is rejected, the search runs out and guesses.
+    trace, _ = search_trace(SearchProblem((1, 2, 4), 5, 9), SearchConfig(give_up_rate=0.0, mischeck_rate=1.0), rng)
     assert EXHAUSTED_TEXT in trace or "found it." in trace
 
 
-def test_number_of_tries_varies_and_reward_rises_with_tries(search_tokenizer):
+def test_number_of_tries_varies_and_searching_longer_pays(search_tokenizer):
     task = SearchTask()
     rows = task.sft_rows(search_tokenizer, 1000, seed=0)
     examples = task.examples("sft", 1000)
     plain = [(trace_stats(r["completion"]), is_correct(r["completion"], e.answer, VERIFIER))
              for r, e in zip(rows, examples) if r["context"] in ("none", "concise")]
     tries = Counter(stats.tries for stats, _ in plain)
-    assert len(tries) >= 8 and max(tries.values()) < 0.5 * len(plain)
+    assert len(tries) >= 6 and max(tries.values()) < 0.5 * len(plain)
     gave_up = [ok for stats, ok in plain if stats.gave_up]
     found = [ok for stats, ok in plain if not stats.gave_up]
-    assert 0.3 < len(gave_up) / len(plain) < 0.8
-    assert sum(found) / len(found) > 0.9 > 0.3 > sum(gave_up) / len(gave_up)
+    assert 0.3 < len(gave_up) / len(plain) < 0.7
+    assert sum(found) / len(found) > 0.9 > 0.5 > sum(gave_up) / len(gave_up)
 
 
 def test_privileged_rows_go_straight_to_the_answer(search_tokenizer):
@@ -138,8 +136,9 @@ def test_privileged_rows_go_straight_to_the_answer(search_tokenizer):
         assert row["completion"].startswith("<think>\n") and row["completion"].endswith(search_tokenizer.eos_token)
         assert row["prompt"] == render_prompt(search_tokenizer, example, context=row["context"])
         if row["context"] in ("solution", "answer"):
-            a, b = example.answer.split(" + ")
-            assert row["completion"].startswith(f"<think>\n{a} + {b} = {int(a) + int(b)}. found it.\n</think>")
+            problem = parse_problem(example.problem)
+            assert row["completion"].startswith(
+                f"<think>\n{problem.addend} + {example.answer} = {problem.target}. found it.\n</think>")
             assert is_correct(row["completion"], example.answer, VERIFIER)
 
 
@@ -178,13 +177,30 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="give_up_rate must be in"):
         build_task("search", {"give_up_rate": 1.5})
     with pytest.raises(ValueError, match="max_number must be in"):
-        build_task("search", {"max_number": 7})
+        build_task("search", {"max_number": 5})
     with pytest.raises(ValueError, match="min_numbers <= max_numbers"):
         build_task("search", {"min_numbers": 5, "max_numbers": 4})
     with pytest.raises(ValueError, match="task 'search'.*give_up"):
         build_task("search", {"give_up": 0.1})
     with pytest.raises(ValueError, match="not a search problem"):
         parse_problem("What is 1 + 2?")
+
+
+def test_behaviour_reads_tries_give_ups_and_mischecks():
+    problems = {"p": "Which of 3, 11, 19, 7, 9, 14 added to 6 makes 20?"}
+    samples = [
+        {"problem_id": "p", "correct": True, "truncated": False,
+         "text": "<think>\n6 + 3 = 9, not 20.\n6 + 14 = 20. found it.\n</think>\n\nThe answer is \\boxed{14}."},
+        {"problem_id": "p", "correct": False, "truncated": False,
+         "text": "<think>\n6 + 3 = 10, not 20.\n6 + 3 = 9, not 20.\n5 + 11 = 16, not 20.\n"
+                 "too many tries, I will guess 7.\n</think>\n\nThe answer is \\boxed{7}."},
+    ]
+    stats = behaviour(samples, problems)
+    assert stats["mean_tries"] == 2.5 and stats["give_up_rate"] == 0.5 and stats["found_rate"] == 0.5
+    assert stats["repeated_tries_per_sample"] == 0.5  # 3 tried twice
+    assert stats["valid_try_fraction"] == 0.8  # 5 is not the addend
+    assert stats["miscomputed_try_fraction"] == 0.2
+    assert stats["accuracy_when_found"] == 1.0 and stats["accuracy_when_gave_up"] == 0.0
 
 
 def test_pipeline_runs_end_to_end_on_the_search_task(tmp_path):
@@ -201,10 +217,11 @@ def test_pipeline_runs_end_to_end_on_the_search_task(tmp_path):
                  "eval.problems=2", "eval.sampling.k=1", "eval.sampling.max_new_tokens=16",
                  "arms=[{name: correct, gate: correct}]"]
     config = load_config("tiny-search", overrides)
-    assert config.task.name == "search" and config.eval.sets == ("search",)
+    assert config.task.name == "search" and config.eval.sets == ("search",) and not config.eval.base
     run_pipeline(config)
     for stage in ("sft", "rlvr", "opsd/correct-s0"):
         assert (run_dir / stage / "model" / "COMPLETE").exists()
+    assert not (run_dir / "eval" / "base").exists()
     assert (run_dir / "eval" / "opsd-correct-s0" / "search" / "summary.json").exists()
     write_report(run_dir)
     assert "opsd-correct-s0" in (run_dir / "report" / "report.md").read_text()

@@ -1,36 +1,36 @@
 """A seeded, offline search task: checking a candidate is easy, finding the answer directly is not.
 
-A problem lists a few distinct numbers and a target that exactly one pair of them adds up to:
+A problem lists a few distinct numbers, an addend and a target; exactly one listed number reaches
+the target:
 
-    Which two of 4, 17, 9, 12, 6 add up to 21?
+    Which of 3, 11, 19, 7, 9 added to 6 makes 17?
 
-The answer is that pair, written in the order the numbers are listed (`9 + 12`), graded by exact
-match. Checking a candidate pair is one addition, which the tiny model sees thousands of times and
-learns reliably; naming the pair directly means relating the target to every pair at once, which
-the data never show a solver doing without the reference. So a solver that has not read the
-reference has to search: try a pair, check it, try the next.
+The answer is that number (`11`), graded by exact match. Checking a candidate is one addition
+(`6 + 11 = 17`), which the tiny model sees thousands of times and learns; naming the number
+directly means subtracting and looking the difference up in the list, which no trace ever shows. So
+a solver that has not read the reference has to search: try a number, check it, try the next.
 
 The SFT traces come from such a solver, with its own imperfections:
 
-- order (`order`): the pairs are tried in listed order, (1st, 2nd), (1st, 3rd), ..., or in a random
-  order drawn per problem ("random"); the position of the right pair is uniform either way;
+- order (`order`): numbers are tried in listed order or, with "random", in an order drawn per
+  problem; the position of the right number is uniform either way;
 - give-up (`give_up_rate`): after each failed check the solver stops with this probability and
-  answers a guess (a pair it has not tried), so the number of tries per trace varies, geometric
-  with a cap at the number of pairs; a solver that has tried every pair without success also guesses;
+  answers a guess (a number it has not tried), so the number of tries per trace varies (geometric,
+  capped by the list); a solver that has tried every number without success also guesses;
 - mis-checks (`mischeck_rate`): a check's sum is occasionally written off by 1 or 2. A mis-check of
-  the right pair rejects it; a mis-check that happens to equal the target accepts a wrong pair.
+  the right number rejects it; one that happens to equal the target accepts a wrong number.
 
-Every problem has a concise reference solution (the right pair with its check). The OPSD teacher is
-the same model with that solution in its prompt, so a share of the SFT rows (`privileged_fraction`)
-carry a privileged block; their traces are written by a solver that has read it: it goes straight
-to the right pair and checks it (one line, no mis-check). Rows with the "Solve the problem
-concisely" instruction carry no information, and their traces are drawn from the plain solver's
-distribution: the instruction gets no stylistic meaning from these data.
+Every problem has a concise reference solution (the right number with its check). The OPSD teacher
+is the same model with that solution in its prompt, so a share of the SFT rows
+(`privileged_fraction`) carry a privileged block; their traces are written by a solver that has
+read it: it goes straight to the right number and checks it (one line, no mis-check). Rows with
+the "Solve the problem concisely" instruction carry no information, and their traces are drawn from
+the plain solver's distribution: the instruction gets no stylistic meaning from these data.
 
 What the data decide, and what they do not:
 
-- Decided: how often the plain solver gives up, mis-checks, and in what order it tries pairs; what
-  an informed solver writes.
+- Decided: how often the plain solver gives up, mis-checks, and in what order it tries numbers;
+  what an informed solver writes.
 - Not decided: what RL or OPSD does. Nothing in the data depends on a reward, a length target, an
   OPSD gate or divergence. Whether RL learns to give up less (longer traces, more accuracy), and
   what distilling toward the informed teacher then does to length and accuracy, is measured.
@@ -57,7 +57,7 @@ ORDERS = ("listed", "random")
 CONTEXT_MIX = {"solution": 0.7, "answer": 0.15, "concise": 0.15}
 INFORMED_CONTEXTS = ("solution", "answer", "sibling")
 
-PROBLEM_RE = re.compile(r"Which two of (\d+(?:, \d+)*) add up to (\d+)\?")
+PROBLEM_RE = re.compile(r"Which of (\d+(?:, \d+)*) added to (\d+) makes (\d+)\?")
 TRY_RE = re.compile(r"(\d+) \+ (\d+) = (\d+)(?:, not (\d+)\.|\. found it\.)")
 GIVE_UP_TEXT = "too many tries, I will guess"
 EXHAUSTED_TEXT = "none of them fit, I will guess"
@@ -68,21 +68,20 @@ class SearchConfig:
     """Problem sizes and the plain solver's imperfections (see the module docstring)."""
 
     min_numbers: int = 4
-    max_numbers: int = 6
+    max_numbers: int = 8
     max_number: int = 19
-    give_up_rate: float = 0.2
+    give_up_rate: float = 0.25
     mischeck_rate: float = 0.03
     order: str = "listed"
     privileged_fraction: float = 0.5
 
     def __post_init__(self):
-        if not 3 <= self.min_numbers <= self.max_numbers:
-            raise ValueError(f"search task: need 3 <= min_numbers <= max_numbers, got {self.min_numbers}, "
+        if not 2 <= self.min_numbers <= self.max_numbers:
+            raise ValueError(f"search task: need 2 <= min_numbers <= max_numbers, got {self.min_numbers}, "
                              f"{self.max_numbers}")
-        # A list of n distinct numbers with one unique pair sum needs enough room to draw from.
-        if not 2 * self.max_numbers <= self.max_number <= 99:
-            raise ValueError(f"search task: max_number must be in {2 * self.max_numbers}..99 (at least twice "
-                             f"max_numbers, so that lists with a unique pair exist), got {self.max_number}")
+        if not self.max_numbers <= self.max_number <= 99:
+            raise ValueError(f"search task: max_number must be in {self.max_numbers}..99 (the listed numbers "
+                             f"are distinct), got {self.max_number}")
         for name in ("give_up_rate", "mischeck_rate", "privileged_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -94,58 +93,47 @@ class SearchConfig:
 @dataclass(frozen=True)
 class SearchProblem:
     numbers: tuple[int, ...]
+    addend: int
     target: int
 
     @property
-    def pairs(self) -> list[tuple[int, int]]:
-        """Every pair, each written in listed order, in listed order."""
-        n = self.numbers
-        return [(n[i], n[j]) for i in range(len(n)) for j in range(i + 1, len(n))]
-
-    @property
-    def answer_pair(self) -> tuple[int, int]:
-        hits = [p for p in self.pairs if sum(p) == self.target]
+    def answer(self) -> int:
+        hits = [n for n in self.numbers if self.addend + n == self.target]
         if len(hits) != 1:
-            raise ValueError(f"search problem {self}: {len(hits)} pairs add up to the target, expected 1")
+            raise ValueError(f"search problem {self}: {len(hits)} listed numbers reach the target, expected 1")
         return hits[0]
 
 
-def pair_text(pair: tuple[int, int]) -> str:
-    return f"{pair[0]} + {pair[1]}"
-
-
 def problem_text(problem: SearchProblem) -> str:
-    return f"Which two of {', '.join(map(str, problem.numbers))} add up to {problem.target}?"
+    return (f"Which of {', '.join(map(str, problem.numbers))} added to {problem.addend} "
+            f"makes {problem.target}?")
 
 
 def parse_problem(text: str) -> SearchProblem:
     match = PROBLEM_RE.search(text)
     if match is None:
         raise ValueError(f"not a search problem: {text!r}")
-    return SearchProblem(tuple(int(n) for n in match[1].split(", ")), int(match[2]))
+    return SearchProblem(tuple(int(n) for n in match[1].split(", ")), int(match[2]), int(match[3]))
 
 
 def draw_problem(rng: random.Random, config: SearchConfig) -> SearchProblem:
-    """Distinct numbers in 1..max_number and a target that exactly one pair reaches."""
-    while True:
-        count = rng.randint(config.min_numbers, config.max_numbers)
-        numbers = tuple(rng.sample(range(1, config.max_number + 1), count))
-        i, j = sorted(rng.sample(range(count), 2))
-        problem = SearchProblem(numbers, numbers[i] + numbers[j])
-        if sum(1 for p in problem.pairs if sum(p) == problem.target) == 1:
-            return problem
+    """Distinct numbers in 1..max_number, an addend in 1..max_number, and the target one of them reaches."""
+    count = rng.randint(config.min_numbers, config.max_numbers)
+    numbers = tuple(rng.sample(range(1, config.max_number + 1), count))
+    addend = rng.randint(1, config.max_number)
+    return SearchProblem(numbers, addend, addend + rng.choice(numbers))
 
 
-def check_line(pair: tuple[int, int], written: int, target: int) -> str:
-    """One try: the pair, the sum as written, and the verdict the written sum implies."""
+def check_line(addend: int, candidate: int, written: int, target: int) -> str:
+    """One try: the candidate added to the addend, the sum as written, and the verdict it implies."""
     verdict = ". found it." if written == target else f", not {target}."
-    return f"{pair_text(pair)} = {written}{verdict}"
+    return f"{addend} + {candidate} = {written}{verdict}"
 
 
 def reference_solution(problem: SearchProblem) -> str:
-    """The concise solution: the right pair with its check. The OPSD teacher's privileged context."""
-    pair = problem.answer_pair
-    return f"{check_line(pair, sum(pair), problem.target)}\nThe answer is {pair_text(pair)}."
+    """The concise solution: the right number with its check. The OPSD teacher's privileged context."""
+    line = check_line(problem.addend, problem.answer, problem.target, problem.target)
+    return f"{line}\nThe answer is {problem.answer}."
 
 
 def _misadded(rng: random.Random, value: int) -> int:
@@ -153,41 +141,40 @@ def _misadded(rng: random.Random, value: int) -> int:
     return wrong if wrong >= 1 else value + 1
 
 
-def search_trace(problem: SearchProblem, config: SearchConfig, rng: random.Random) -> tuple[str, tuple[int, int]]:
-    """The plain solver's trace: try, check, retry, maybe give up; return (trace, answered pair)."""
-    pairs = problem.pairs
+def search_trace(problem: SearchProblem, config: SearchConfig, rng: random.Random) -> tuple[str, int]:
+    """The plain solver's trace: try, check, retry, maybe give up; return (trace, answered number)."""
+    candidates = list(problem.numbers)
     if config.order == "random":
-        rng.shuffle(pairs)
+        rng.shuffle(candidates)
     lines = []
-    for index, pair in enumerate(pairs):
-        true_sum = sum(pair)
+    for index, candidate in enumerate(candidates):
+        true_sum = problem.addend + candidate
         written = _misadded(rng, true_sum) if rng.random() < config.mischeck_rate else true_sum
-        lines.append(check_line(pair, written, problem.target))
+        lines.append(check_line(problem.addend, candidate, written, problem.target))
         if written == problem.target:
-            return "\n".join(lines), pair
-        untried = pairs[index + 1:]
+            return "\n".join(lines), candidate
+        untried = candidates[index + 1:]
         if untried and rng.random() < config.give_up_rate:
             guess = rng.choice(untried)
-            lines.append(f"{GIVE_UP_TEXT} {pair_text(guess)}.")
+            lines.append(f"{GIVE_UP_TEXT} {guess}.")
             return "\n".join(lines), guess
-    guess = rng.choice(pairs)
-    lines.append(f"{EXHAUSTED_TEXT} {pair_text(guess)}.")
+    guess = rng.choice(candidates)
+    lines.append(f"{EXHAUSTED_TEXT} {guess}.")
     return "\n".join(lines), guess
 
 
-def informed_trace(problem: SearchProblem) -> tuple[str, tuple[int, int]]:
-    """A solver that has read the reference: straight to the right pair, checked once."""
-    pair = problem.answer_pair
-    return check_line(pair, sum(pair), problem.target), pair
+def informed_trace(problem: SearchProblem) -> tuple[str, int]:
+    """A solver that has read the reference: straight to the right number, checked once."""
+    return check_line(problem.addend, problem.answer, problem.target, problem.target), problem.answer
 
 
-def final_line(pair: tuple[int, int]) -> str:
-    return f"The answer is \\boxed{{{pair_text(pair)}}}."
+def final_line(answer: int) -> str:
+    return f"The answer is \\boxed{{{answer}}}."
 
 
 @dataclass(frozen=True)
 class TraceStats:
-    """What a response did: tries written, whether it gave up (or ran out of pairs), repeated tries."""
+    """What a response did: tries written, whether it gave up (or ran out), repeated candidates."""
 
     tries: int
     gave_up: bool
@@ -197,9 +184,63 @@ class TraceStats:
 
 def trace_stats(response: str) -> TraceStats:
     """Read a response of this task's format (a model's sample or an SFT target)."""
-    tried = [(int(m[1]), int(m[2])) for m in TRY_RE.finditer(response)]
+    tried = [int(m[2]) for m in TRY_RE.finditer(response)]
     return TraceStats(tries=len(tried), gave_up=GIVE_UP_TEXT in response or EXHAUSTED_TEXT in response,
                       found=". found it." in response, repeats=len(tried) - len(set(tried)))
+
+
+def behaviour(samples: list[dict], problems: dict[str, str]) -> dict:
+    """How a checkpoint searched: mean tries, give-up rate, mis-checks, accuracy by outcome.
+
+    `samples` are evaluation rows (`problem_id`, `text`, `correct`, `truncated`); `problems` maps a
+    problem id to its text. A try is "valid" when it adds the problem's addend to a listed number,
+    "miscomputed" when its written sum is not that sum.
+    """
+    counts = dict.fromkeys(("tries", "gave_up", "found", "truncated", "repeats", "valid", "miscomputed",
+                            "correct_found", "correct_gave_up"), 0)
+    for sample in samples:
+        problem = parse_problem(problems[sample["problem_id"]])
+        text = sample["text"]
+        stats = trace_stats(text)
+        found = stats.found and not stats.gave_up
+        counts["tries"] += stats.tries
+        counts["repeats"] += stats.repeats
+        counts["gave_up"] += stats.gave_up
+        counts["found"] += found
+        counts["truncated"] += bool(sample["truncated"])
+        counts["correct_found"] += bool(sample["correct"]) and found
+        counts["correct_gave_up"] += bool(sample["correct"]) and stats.gave_up
+        for match in TRY_RE.finditer(text):
+            a, b, written = int(match[1]), int(match[2]), int(match[3])
+            counts["valid"] += a == problem.addend and b in problem.numbers
+            counts["miscomputed"] += written != a + b
+    n, tries = max(len(samples), 1), max(counts["tries"], 1)
+    return {"samples": len(samples), "mean_tries": counts["tries"] / n, "give_up_rate": counts["gave_up"] / n,
+            "found_rate": counts["found"] / n, "truncation_rate": counts["truncated"] / n,
+            "repeated_tries_per_sample": counts["repeats"] / n, "valid_try_fraction": counts["valid"] / tries,
+            "miscomputed_try_fraction": counts["miscomputed"] / tries,
+            "accuracy_when_found": counts["correct_found"] / max(counts["found"], 1),
+            "accuracy_when_gave_up": counts["correct_gave_up"] / max(counts["gave_up"], 1)}
+
+
+def report_behaviour(run_dir: str) -> list[str]:
+    """One line per evaluation of a run directory on the search task (see `behaviour`)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    run = Path(run_dir)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    task = SearchTask(SearchConfig(**config["task"].get("options", {})), seed=config["seed"])
+    problems = {e.id: e.problem for e in task.examples("test", config["eval"]["problems"])}
+    lines = []
+    for path in sorted((run / "eval").glob("*/*/samples.jsonl")):
+        samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        stats = behaviour(samples, problems)
+        lines.append(f"{path.parent.parent.name}/{path.parent.name}: " +
+                     "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+    return lines
 
 
 def is_test_problem(problem: str) -> bool:
@@ -208,7 +249,7 @@ def is_test_problem(problem: str) -> bool:
 
 
 class SearchTask:
-    """Find the pair that adds up to a target by trying pairs; exact-match grading of the pair."""
+    """Find the listed number that reaches a target by trying them; exact-match grading."""
 
     name = "search"
     default_verifier = {"extract": "last_boxed", "compare": "exact"}
@@ -232,19 +273,19 @@ class SearchTask:
             text = problem_text(problem)
             if is_test_problem(text) == (split == "test"):
                 out.append(Example(id=f"{split}-{index}", problem=text, solution=reference_solution(problem),
-                                   answer=pair_text(problem.answer_pair)))
+                                   answer=str(problem.answer)))
         raise ValueError(f"search task: could not draw {count} {split} problems")
 
     def response(self, example: Example, context: str, thinking: bool, rng: random.Random) -> str:
         """The SFT target for one prompt, ending at the final answer (EOS is added by the trainer)."""
         problem = parse_problem(example.problem)
         if context in INFORMED_CONTEXTS:
-            trace, pair = informed_trace(problem)
+            trace, answer = informed_trace(problem)
         else:
-            trace, pair = search_trace(problem, self.config, rng)
+            trace, answer = search_trace(problem, self.config, rng)
         if thinking:
-            return f"<think>\n{trace}\n</think>\n\n{final_line(pair)}"
-        return f"{trace}\n{final_line(pair)}"
+            return f"<think>\n{trace}\n</think>\n\n{final_line(answer)}"
+        return f"{trace}\n{final_line(answer)}"
 
     def sft_rows(self, tokenizer, count: int, thinking: bool = True, seed: int = 0) -> list[dict]:
         """Prompt/completion rows: plain student prompts plus a privileged share, one renderer for all."""
@@ -275,7 +316,14 @@ class SearchTask:
             for thinking in thinking_modes:
                 for context in ("none", "solution"):
                     corpus.append(self.response(example, context, thinking, rng))
-        corpus += [f"{GIVE_UP_TEXT} 1 + 2.", f"{EXHAUSTED_TEXT} 1 + 2.", "1 + 2 = 3. found it.",
-                   "1 + 2 = 3, not 4."]
+        corpus += [f"{GIVE_UP_TEXT} 1.", f"{EXHAUSTED_TEXT} 1.", "1 + 2 = 3. found it.", "1 + 2 = 3, not 4."]
         corpus += ["user", "assistant", "system", "\n\n"]  # role names follow <|im_start|> with no space
         return corpus
+
+
+if __name__ == "__main__":  # python -m opsdlab.tasks.search RUN_DIR: how each checkpoint searched
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m opsdlab.tasks.search RUN_DIR")
+    print("\n".join(report_behaviour(sys.argv[1])))
