@@ -9,13 +9,15 @@ import pytest
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks import build_task
 from opsdlab.tasks.search import (CONTEXT_MIX, EXHAUSTED_TEXT, GIVE_UP_TEXT, SearchConfig, SearchProblem,
-                                  SearchTask, behaviour, final_line, parse_problem, search_trace, trace_stats)
+                                  SearchTask, behaviour, code_table, final_line, parse_problem, search_trace,
+                                  trace_stats)
 from opsdlab.verifier import VerifierConfig, is_correct
 
 VERIFIER = VerifierConfig(**SearchTask.default_verifier)
-LINE = re.compile(r"(\d+) \+ (\d+) = (\d+)(?:, not (\d+)\.|\. found it\.)")
-# Which of 3, 11, 19, 7, 9, 14 added to 6 makes 20? Only 14 (6 + 14); worked by hand.
-PROBLEM = SearchProblem((3, 11, 19, 7, 9, 14), 6, 20)
+LINE = re.compile(r"code of (\d+) is (\d+)(?:, not (\d+)\.|\. found it\.)")
+CODE = code_table(SearchConfig())
+# Which of 3, 11, 19, 7, 9, 14 has code 13? Their codes are 12, 15, 14, 6, 3, 13: only 14.
+PROBLEM = SearchProblem((3, 11, 19, 7, 9, 14), 13, CODE)
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +28,33 @@ def search_tokenizer():
 
 
 def test_hand_checked_traces_for_fixed_seeds():
-    assert PROBLEM.answer == 14
+    assert [CODE[n] for n in PROBLEM.numbers] == [12, 15, 14, 6, 3, 13] and PROBLEM.answer == 14
+    assert sorted(CODE) == sorted(CODE.values()) == list(range(1, 20))  # a permutation: one answer
     patient = SearchConfig(give_up_rate=0.0, mischeck_rate=0.0)
     assert search_trace(PROBLEM, patient, random.Random(0)) == (
-        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\n6 + 19 = 25, not 20.\n6 + 7 = 13, not 20.\n"
-        "6 + 9 = 15, not 20.\n6 + 14 = 20. found it.", 14)
+        "code of 3 is 12, not 13.\ncode of 11 is 15, not 13.\ncode of 19 is 14, not 13.\n"
+        "code of 7 is 6, not 13.\ncode of 9 is 3, not 13.\ncode of 14 is 13. found it.", 14)
     # Default solver, seed 2: gives up after two failed tries and guesses an untried number (wrong).
     assert search_trace(PROBLEM, SearchConfig(), random.Random(2)) == (
-        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\ntoo many tries, I will guess 7.", 7)
-    # Seed 5: 6 + 7 mis-checked as 15 (13; still rightly rejected); gives up after five tries and
-    # its guess happens to be right.
+        "code of 3 is 12, not 13.\ncode of 11 is 15, not 13.\ntoo many tries, I will guess 7.", 7)
+    # Seed 5: the code of 7 mis-written as 8 (it is 6; still rightly rejected); gives up after five
+    # tries and its guess happens to be right.
     assert search_trace(PROBLEM, SearchConfig(), random.Random(5)) == (
-        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\n6 + 19 = 25, not 20.\n6 + 7 = 15, not 20.\n"
-        "6 + 9 = 15, not 20.\ntoo many tries, I will guess 14.", 14)
-    with pytest.raises(ValueError, match="0 listed numbers reach"):
-        _ = SearchProblem((1, 2), 3, 9).answer
+        "code of 3 is 12, not 13.\ncode of 11 is 15, not 13.\ncode of 19 is 14, not 13.\n"
+        "code of 7 is 8, not 13.\ncode of 9 is 3, not 13.\ntoo many tries, I will guess 14.", 14)
+    with pytest.raises(ValueError, match="0 listed numbers have the code"):
+        _ = SearchProblem((3, 11), 13, CODE).answer
+    assert code_table(SearchConfig(code_seed=1)) != CODE
 
 
 def test_every_reference_answer_verifies_and_its_check_is_right():
     task = SearchTask()
     for example in task.examples("test", 200) + task.examples("train", 200):
-        problem = parse_problem(example.problem)
+        problem = parse_problem(example.problem, CODE)
         answer = int(example.answer)
-        assert answer in problem.numbers and problem.addend + answer == problem.target
+        assert answer in problem.numbers and CODE[answer] == problem.target
         assert len(set(problem.numbers)) == len(problem.numbers)  # so the answer is unique
-        assert example.solution == (f"{problem.addend} + {answer} = {problem.target}. found it.\n"
-                                    f"The answer is {answer}.")
+        assert example.solution == f"code of {answer} is {problem.target}. found it.\nThe answer is {answer}."
         assert is_correct(f"<think>\n{example.solution}\n</think>\n\n{final_line(answer)}", example.answer, VERIFIER)
         assert not is_correct(f"The answer is \\boxed{{{problem.target}}}.", example.answer, VERIFIER)
 
@@ -61,26 +64,26 @@ def _read_trace(trace: str, problem: SearchProblem):
     tries, miscomputed = [], 0
     for line in trace.splitlines():
         if match := LINE.fullmatch(line):
-            a, b, written = int(match[1]), int(match[2]), int(match[3])
-            assert a == problem.addend and b in problem.numbers, line
-            if match[4] is not None:
-                assert int(match[4]) == problem.target != written, line
+            candidate, written = int(match[1]), int(match[2])
+            assert candidate in problem.numbers, line
+            if match[3] is not None:
+                assert int(match[3]) == problem.target != written, line
             else:
                 assert written == problem.target, line
-            if written != a + b:
+            if written != CODE[candidate]:
                 miscomputed += 1
-                assert 1 <= abs(written - (a + b)) <= 2, line
-            tries.append(b)
+                assert 1 <= abs(written - CODE[candidate]) <= 2, line
+            tries.append(candidate)
         else:
             assert re.fullmatch(rf"({GIVE_UP_TEXT}|{EXHAUSTED_TEXT}) (\d+)\.", line), line
     return tries, miscomputed
 
 
-def test_check_lines_are_correct_arithmetic_except_injected_mischecks():
+def test_check_lines_are_correct_lookups_except_injected_mischecks():
     task = SearchTask(SearchConfig(mischeck_rate=0.0))
     rng = random.Random(1)
     for example in task.examples("sft", 300):
-        problem = parse_problem(example.problem)
+        problem = parse_problem(example.problem, CODE)
         trace, answer = search_trace(problem, task.config, rng)
         tries, miscomputed = _read_trace(trace, problem)
         assert miscomputed == 0
@@ -90,16 +93,16 @@ def test_check_lines_are_correct_arithmetic_except_injected_mischecks():
     noisy = SearchTask(SearchConfig(mischeck_rate=0.5, order="random"))
     total = 0
     for example in noisy.examples("sft", 300):
-        problem = parse_problem(example.problem)
+        problem = parse_problem(example.problem, CODE)
         tries, miscomputed = _read_trace(search_trace(problem, noisy.config, rng)[0], problem)
         assert len(set(tries)) == len(tries)
         total += miscomputed
-    assert total > 100  # mis-checks are injected, and only they break the arithmetic
+    assert total > 100  # mis-checks are injected, and only they break the look-ups
 
 
 def test_give_up_and_mischecks_decide_the_answer():
     rng = random.Random(2)
-    problems = [parse_problem(e.problem) for e in SearchTask().examples("sft", 200)]
+    problems = [parse_problem(e.problem, CODE) for e in SearchTask().examples("sft", 200)]
     patient = SearchConfig(give_up_rate=0.0, mischeck_rate=0.0)
     for problem in problems:
         trace, answer = search_trace(problem, patient, rng)
@@ -109,7 +112,7 @@ def test_give_up_and_mischecks_decide_the_answer():
         stats = trace_stats(search_trace(problem, hasty, rng)[0])
         assert stats.tries == 1 and stats.gave_up == (problem.numbers[0] != problem.answer)
     # Every check mis-computed: the right number is rejected, the search runs out and guesses.
-    trace, _ = search_trace(SearchProblem((1, 2, 4), 5, 9), SearchConfig(give_up_rate=0.0, mischeck_rate=1.0), rng)
+    trace, _ = search_trace(PROBLEM, SearchConfig(give_up_rate=0.0, mischeck_rate=1.0), rng)
     assert EXHAUSTED_TEXT in trace or "found it." in trace
 
 
@@ -136,9 +139,9 @@ def test_privileged_rows_go_straight_to_the_answer(search_tokenizer):
         assert row["completion"].startswith("<think>\n") and row["completion"].endswith(search_tokenizer.eos_token)
         assert row["prompt"] == render_prompt(search_tokenizer, example, context=row["context"])
         if row["context"] in ("solution", "answer"):
-            problem = parse_problem(example.problem)
+            problem = parse_problem(example.problem, CODE)
             assert row["completion"].startswith(
-                f"<think>\n{problem.addend} + {example.answer} = {problem.target}. found it.\n</think>")
+                f"<think>\ncode of {example.answer} is {problem.target}. found it.\n</think>")
             assert is_correct(row["completion"], example.answer, VERIFIER)
 
 
@@ -183,22 +186,23 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="task 'search'.*give_up"):
         build_task("search", {"give_up": 0.1})
     with pytest.raises(ValueError, match="not a search problem"):
-        parse_problem("What is 1 + 2?")
+        parse_problem("What is 1 + 2?", CODE)
 
 
 def test_behaviour_reads_tries_give_ups_and_mischecks():
-    problems = {"p": "Which of 3, 11, 19, 7, 9, 14 added to 6 makes 20?"}
+    problems = {"p": "Which of 3, 11, 19, 7, 9, 14 has code 13?"}
     samples = [
         {"problem_id": "p", "correct": True, "truncated": False,
-         "text": "<think>\n6 + 3 = 9, not 20.\n6 + 14 = 20. found it.\n</think>\n\nThe answer is \\boxed{14}."},
+         "text": "<think>\ncode of 3 is 12, not 13.\ncode of 14 is 13. found it.\n</think>\n\n"
+                 "The answer is \\boxed{14}."},
         {"problem_id": "p", "correct": False, "truncated": False,
-         "text": "<think>\n6 + 3 = 10, not 20.\n6 + 3 = 9, not 20.\n5 + 11 = 16, not 20.\n"
+         "text": "<think>\ncode of 3 is 11, not 13.\ncode of 3 is 12, not 13.\ncode of 5 is 2, not 13.\n"
                  "too many tries, I will guess 7.\n</think>\n\nThe answer is \\boxed{7}."},
     ]
-    stats = behaviour(samples, problems)
+    stats = behaviour(samples, problems, CODE)
     assert stats["mean_tries"] == 2.5 and stats["give_up_rate"] == 0.5 and stats["found_rate"] == 0.5
     assert stats["repeated_tries_per_sample"] == 0.5  # 3 tried twice
-    assert stats["valid_try_fraction"] == 0.8  # 5 is not the addend
+    assert stats["valid_try_fraction"] == 0.8  # 5 is not listed (its code, 2, is right)
     assert stats["miscomputed_try_fraction"] == 0.2
     assert stats["accuracy_when_found"] == 1.0 and stats["accuracy_when_gave_up"] == 0.0
 

@@ -1,14 +1,18 @@
 """A seeded, offline search task: checking a candidate is easy, finding the answer directly is not.
 
-A problem lists a few distinct numbers, an addend and a target; exactly one listed number reaches
-the target:
+Every number 1..max_number has a fixed secret code (a permutation drawn once from `code_seed`, the
+same for every problem and split). A problem lists a few distinct numbers and a code; exactly one
+listed number has it:
 
-    Which of 3, 11, 19, 7, 9 added to 6 makes 17?
+    Which of 3, 11, 19, 7, 9 has code 12?
 
-The answer is that number (`11`), graded by exact match. Checking a candidate is one addition
-(`6 + 11 = 17`), which the tiny model sees thousands of times and learns; naming the number
-directly means subtracting and looking the difference up in the list, which no trace ever shows. So
-a solver that has not read the reference has to search: try a number, check it, try the next.
+The answer is that number (`11`), graded by exact match. Checking a candidate is one forward
+look-up (`code of 11 is 12`), which every trace writes and the tiny model learns; naming the number
+directly is the inverse look-up, which no trace ever writes (a transformer trained on "code of x is
+y" does not thereby learn y -> x: the reversal curse). So a solver that has not read the reference
+has to search: try a number, check its code, try the next. (An addition check, `6 + 11 = 17`, was
+the first design; the tiny model had not learned the addition table after 400 SFT steps, 77% of its
+checks were wrong, so the check was not cheap for it.)
 
 The SFT traces come from such a solver, with its own imperfections:
 
@@ -17,8 +21,8 @@ The SFT traces come from such a solver, with its own imperfections:
 - give-up (`give_up_rate`): after each failed check the solver stops with this probability and
   answers a guess (a number it has not tried), so the number of tries per trace varies (geometric,
   capped by the list); a solver that has tried every number without success also guesses;
-- mis-checks (`mischeck_rate`): a check's sum is occasionally written off by 1 or 2. A mis-check of
-  the right number rejects it; one that happens to equal the target accepts a wrong number.
+- mis-checks (`mischeck_rate`): a looked-up code is occasionally written off by 1 or 2. A mis-check
+  of the right number rejects it; one that happens to equal the target accepts a wrong number.
 
 Every problem has a concise reference solution (the right number with its check). The OPSD teacher
 is the same model with that solution in its prompt, so a share of the SFT rows
@@ -57,8 +61,8 @@ ORDERS = ("listed", "random")
 CONTEXT_MIX = {"solution": 0.7, "answer": 0.15, "concise": 0.15}
 INFORMED_CONTEXTS = ("solution", "answer", "sibling")
 
-PROBLEM_RE = re.compile(r"Which of (\d+(?:, \d+)*) added to (\d+) makes (\d+)\?")
-TRY_RE = re.compile(r"(\d+) \+ (\d+) = (\d+)(?:, not (\d+)\.|\. found it\.)")
+PROBLEM_RE = re.compile(r"Which of (\d+(?:, \d+)*) has code (\d+)\?")
+TRY_RE = re.compile(r"code of (\d+) is (\d+)(?:, not (\d+)\.|\. found it\.)")
 GIVE_UP_TEXT = "too many tries, I will guess"
 EXHAUSTED_TEXT = "none of them fit, I will guess"
 
@@ -74,6 +78,7 @@ class SearchConfig:
     mischeck_rate: float = 0.03
     order: str = "listed"
     privileged_fraction: float = 0.5
+    code_seed: int = 0
 
     def __post_init__(self):
         if not 2 <= self.min_numbers <= self.max_numbers:
@@ -90,53 +95,59 @@ class SearchConfig:
             raise ValueError(f"search task: order must be one of {ORDERS}, got {self.order!r}")
 
 
+def code_table(config: SearchConfig) -> dict[int, int]:
+    """The fixed secret code: a permutation of 1..max_number drawn from `code_seed`."""
+    numbers = list(range(1, config.max_number + 1))
+    codes = numbers[:]
+    random.Random(f"search-code-{config.code_seed}").shuffle(codes)
+    return dict(zip(numbers, codes))
+
+
 @dataclass(frozen=True)
 class SearchProblem:
     numbers: tuple[int, ...]
-    addend: int
     target: int
+    code: dict
 
     @property
     def answer(self) -> int:
-        hits = [n for n in self.numbers if self.addend + n == self.target]
+        hits = [n for n in self.numbers if self.code[n] == self.target]
         if len(hits) != 1:
-            raise ValueError(f"search problem {self}: {len(hits)} listed numbers reach the target, expected 1")
+            raise ValueError(f"search problem {problem_text(self)}: {len(hits)} listed numbers have the code, "
+                             "expected 1")
         return hits[0]
 
 
 def problem_text(problem: SearchProblem) -> str:
-    return (f"Which of {', '.join(map(str, problem.numbers))} added to {problem.addend} "
-            f"makes {problem.target}?")
+    return f"Which of {', '.join(map(str, problem.numbers))} has code {problem.target}?"
 
 
-def parse_problem(text: str) -> SearchProblem:
+def parse_problem(text: str, code: dict) -> SearchProblem:
     match = PROBLEM_RE.search(text)
     if match is None:
         raise ValueError(f"not a search problem: {text!r}")
-    return SearchProblem(tuple(int(n) for n in match[1].split(", ")), int(match[2]), int(match[3]))
+    return SearchProblem(tuple(int(n) for n in match[1].split(", ")), int(match[2]), code)
 
 
-def draw_problem(rng: random.Random, config: SearchConfig) -> SearchProblem:
-    """Distinct numbers in 1..max_number, an addend in 1..max_number, and the target one of them reaches."""
+def draw_problem(rng: random.Random, config: SearchConfig, code: dict) -> SearchProblem:
+    """Distinct numbers in 1..max_number and the code of one of them (codes are distinct: unique answer)."""
     count = rng.randint(config.min_numbers, config.max_numbers)
     numbers = tuple(rng.sample(range(1, config.max_number + 1), count))
-    addend = rng.randint(1, config.max_number)
-    return SearchProblem(numbers, addend, addend + rng.choice(numbers))
+    return SearchProblem(numbers, code[rng.choice(numbers)], code)
 
 
-def check_line(addend: int, candidate: int, written: int, target: int) -> str:
-    """One try: the candidate added to the addend, the sum as written, and the verdict it implies."""
+def check_line(candidate: int, written: int, target: int) -> str:
+    """One try: the candidate's code as written, and the verdict it implies."""
     verdict = ". found it." if written == target else f", not {target}."
-    return f"{addend} + {candidate} = {written}{verdict}"
+    return f"code of {candidate} is {written}{verdict}"
 
 
 def reference_solution(problem: SearchProblem) -> str:
     """The concise solution: the right number with its check. The OPSD teacher's privileged context."""
-    line = check_line(problem.addend, problem.answer, problem.target, problem.target)
-    return f"{line}\nThe answer is {problem.answer}."
+    return f"{check_line(problem.answer, problem.target, problem.target)}\nThe answer is {problem.answer}."
 
 
-def _misadded(rng: random.Random, value: int) -> int:
+def _miswritten(rng: random.Random, value: int) -> int:
     wrong = value + rng.choice([-2, -1, 1, 2])
     return wrong if wrong >= 1 else value + 1
 
@@ -148,9 +159,9 @@ def search_trace(problem: SearchProblem, config: SearchConfig, rng: random.Rando
         rng.shuffle(candidates)
     lines = []
     for index, candidate in enumerate(candidates):
-        true_sum = problem.addend + candidate
-        written = _misadded(rng, true_sum) if rng.random() < config.mischeck_rate else true_sum
-        lines.append(check_line(problem.addend, candidate, written, problem.target))
+        true_code = problem.code[candidate]
+        written = _miswritten(rng, true_code) if rng.random() < config.mischeck_rate else true_code
+        lines.append(check_line(candidate, written, problem.target))
         if written == problem.target:
             return "\n".join(lines), candidate
         untried = candidates[index + 1:]
@@ -165,7 +176,7 @@ def search_trace(problem: SearchProblem, config: SearchConfig, rng: random.Rando
 
 def informed_trace(problem: SearchProblem) -> tuple[str, int]:
     """A solver that has read the reference: straight to the right number, checked once."""
-    return check_line(problem.addend, problem.answer, problem.target, problem.target), problem.answer
+    return check_line(problem.answer, problem.target, problem.target), problem.answer
 
 
 def final_line(answer: int) -> str:
@@ -184,22 +195,22 @@ class TraceStats:
 
 def trace_stats(response: str) -> TraceStats:
     """Read a response of this task's format (a model's sample or an SFT target)."""
-    tried = [int(m[2]) for m in TRY_RE.finditer(response)]
+    tried = [int(m[1]) for m in TRY_RE.finditer(response)]
     return TraceStats(tries=len(tried), gave_up=GIVE_UP_TEXT in response or EXHAUSTED_TEXT in response,
                       found=". found it." in response, repeats=len(tried) - len(set(tried)))
 
 
-def behaviour(samples: list[dict], problems: dict[str, str]) -> dict:
+def behaviour(samples: list[dict], problems: dict[str, str], code: dict) -> dict:
     """How a checkpoint searched: mean tries, give-up rate, mis-checks, accuracy by outcome.
 
     `samples` are evaluation rows (`problem_id`, `text`, `correct`, `truncated`); `problems` maps a
-    problem id to its text. A try is "valid" when it adds the problem's addend to a listed number,
-    "miscomputed" when its written sum is not that sum.
+    problem id to its text; `code` is the task's code table. A try is "valid" when its candidate is
+    listed, "miscomputed" when the code it writes is not the candidate's code.
     """
     counts = dict.fromkeys(("tries", "gave_up", "found", "truncated", "repeats", "valid", "miscomputed",
                             "correct_found", "correct_gave_up"), 0)
     for sample in samples:
-        problem = parse_problem(problems[sample["problem_id"]])
+        problem = parse_problem(problems[sample["problem_id"]], code)
         text = sample["text"]
         stats = trace_stats(text)
         found = stats.found and not stats.gave_up
@@ -211,9 +222,9 @@ def behaviour(samples: list[dict], problems: dict[str, str]) -> dict:
         counts["correct_found"] += bool(sample["correct"]) and found
         counts["correct_gave_up"] += bool(sample["correct"]) and stats.gave_up
         for match in TRY_RE.finditer(text):
-            a, b, written = int(match[1]), int(match[2]), int(match[3])
-            counts["valid"] += a == problem.addend and b in problem.numbers
-            counts["miscomputed"] += written != a + b
+            candidate, written = int(match[1]), int(match[2])
+            counts["valid"] += candidate in problem.numbers
+            counts["miscomputed"] += written != code.get(candidate)
     n, tries = max(len(samples), 1), max(counts["tries"], 1)
     return {"samples": len(samples), "mean_tries": counts["tries"] / n, "give_up_rate": counts["gave_up"] / n,
             "found_rate": counts["found"] / n, "truncation_rate": counts["truncated"] / n,
@@ -237,7 +248,7 @@ def report_behaviour(run_dir: str) -> list[str]:
     lines = []
     for path in sorted((run / "eval").glob("*/*/samples.jsonl")):
         samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        stats = behaviour(samples, problems)
+        stats = behaviour(samples, problems, task.code)
         lines.append(f"{path.parent.parent.name}/{path.parent.name}: " +
                      "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
     return lines
@@ -249,7 +260,7 @@ def is_test_problem(problem: str) -> bool:
 
 
 class SearchTask:
-    """Find the listed number that reaches a target by trying them; exact-match grading."""
+    """Find the listed number with a given code by trying them; exact-match grading."""
 
     name = "search"
     default_verifier = {"extract": "last_boxed", "compare": "exact"}
@@ -257,6 +268,7 @@ class SearchTask:
     def __init__(self, config: SearchConfig | None = None, seed: int = 0):
         self.config = config or SearchConfig()
         self.seed = seed
+        self.code = code_table(self.config)
 
     def examples(self, split: str, count: int) -> list[Example]:
         """Problems of one split, from the split's own seeded stream.
@@ -269,7 +281,7 @@ class SearchTask:
         for index in range(1000 * count + 1000):
             if len(out) == count:
                 return out
-            problem = draw_problem(rng, self.config)
+            problem = draw_problem(rng, self.config, self.code)
             text = problem_text(problem)
             if is_test_problem(text) == (split == "test"):
                 out.append(Example(id=f"{split}-{index}", problem=text, solution=reference_solution(problem),
@@ -278,7 +290,7 @@ class SearchTask:
 
     def response(self, example: Example, context: str, thinking: bool, rng: random.Random) -> str:
         """The SFT target for one prompt, ending at the final answer (EOS is added by the trainer)."""
-        problem = parse_problem(example.problem)
+        problem = parse_problem(example.problem, self.code)
         if context in INFORMED_CONTEXTS:
             trace, answer = informed_trace(problem)
         else:
@@ -316,7 +328,7 @@ class SearchTask:
             for thinking in thinking_modes:
                 for context in ("none", "solution"):
                     corpus.append(self.response(example, context, thinking, rng))
-        corpus += [f"{GIVE_UP_TEXT} 1.", f"{EXHAUSTED_TEXT} 1.", "1 + 2 = 3. found it.", "1 + 2 = 3, not 4."]
+        corpus += [f"{GIVE_UP_TEXT} 1.", f"{EXHAUSTED_TEXT} 1.", "code of 1 is 3. found it.", "code of 1 is 3, not 4."]
         corpus += ["user", "assistant", "system", "\n\n"]  # role names follow <|im_start|> with no space
         return corpus
 
