@@ -14,10 +14,13 @@ from opsdlab.tasks.search import (CONTEXT_MIX, EXHAUSTED_TEXT, GIVE_UP_TEXT, Sea
 from opsdlab.verifier import VerifierConfig, is_correct
 
 VERIFIER = VerifierConfig(**SearchTask.default_verifier)
-LINE = re.compile(r"code of (\d+) is (\d+)(?:, not (\d+)\.|\. found it\.)")
-CODE = code_table(SearchConfig())
+LINE = re.compile(r"(?:(\d+) \+ |code of )(\d+)(?: =| is) (\d+)(?:, not (\d+)\.|\. found it\.)")
+CODE_CONFIG = SearchConfig(check="code")
+CODE = code_table(CODE_CONFIG)
 # Which of 3, 11, 19, 7, 9, 14 has code 13? Their codes are 12, 15, 14, 6, 3, 13: only 14.
-PROBLEM = SearchProblem((3, 11, 19, 7, 9, 14), 13, CODE)
+PROBLEM = SearchProblem((3, 11, 19, 7, 9, 14), 13, code=CODE)
+# Which of 3, 11, 19, 7, 9, 14 added to 6 makes 20? Only 14.
+ADD_PROBLEM = SearchProblem((3, 11, 19, 7, 9, 14), 20, addend=6)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,24 @@ def search_tokenizer():
     return build_tiny_tokenizer(SearchTask().tokenizer_corpus())
 
 
-def test_hand_checked_traces_for_fixed_seeds():
+def test_hand_checked_addition_traces_for_fixed_seeds():
+    assert ADD_PROBLEM.answer == 14
+    patient = SearchConfig(give_up_rate=0.0, mischeck_rate=0.0)
+    assert search_trace(ADD_PROBLEM, patient, random.Random(0)) == (
+        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\n6 + 19 = 25, not 20.\n6 + 7 = 13, not 20.\n"
+        "6 + 9 = 15, not 20.\n6 + 14 = 20. found it.", 14)
+    # Default solver, seed 2: gives up after two failed tries and guesses an untried number (wrong).
+    assert search_trace(ADD_PROBLEM, SearchConfig(), random.Random(2)) == (
+        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\ntoo many tries, I will guess 7.", 7)
+    # Seed 5: 6 + 7 mis-added as 15 (13; still rightly rejected); gives up after five tries and its
+    # guess happens to be right.
+    assert search_trace(ADD_PROBLEM, SearchConfig(), random.Random(5)) == (
+        "6 + 3 = 9, not 20.\n6 + 11 = 17, not 20.\n6 + 19 = 25, not 20.\n6 + 7 = 15, not 20.\n"
+        "6 + 9 = 15, not 20.\ntoo many tries, I will guess 14.", 14)
+    assert SearchTask().examples("train", 1)[0].problem.endswith("added to 19 makes 25?")
+
+
+def test_hand_checked_code_traces_for_fixed_seeds():
     assert [CODE[n] for n in PROBLEM.numbers] == [12, 15, 14, 6, 3, 13] and PROBLEM.answer == 14
     assert sorted(CODE) == sorted(CODE.values()) == list(range(1, 20))  # a permutation: one answer
     patient = SearchConfig(give_up_rate=0.0, mischeck_rate=0.0)
@@ -42,19 +62,21 @@ def test_hand_checked_traces_for_fixed_seeds():
     assert search_trace(PROBLEM, SearchConfig(), random.Random(5)) == (
         "code of 3 is 12, not 13.\ncode of 11 is 15, not 13.\ncode of 19 is 14, not 13.\n"
         "code of 7 is 8, not 13.\ncode of 9 is 3, not 13.\ntoo many tries, I will guess 14.", 14)
-    with pytest.raises(ValueError, match="0 listed numbers have the code"):
-        _ = SearchProblem((3, 11), 13, CODE).answer
+    with pytest.raises(ValueError, match="0 listed numbers reach"):
+        _ = SearchProblem((3, 11), 13, code=CODE).answer
     assert code_table(SearchConfig(code_seed=1)) != CODE
 
 
-def test_every_reference_answer_verifies_and_its_check_is_right():
-    task = SearchTask()
+@pytest.mark.parametrize("check", ["add", "code"])
+def test_every_reference_answer_verifies_and_its_check_is_right(check):
+    task = SearchTask(SearchConfig(check=check))
     for example in task.examples("test", 200) + task.examples("train", 200):
         problem = parse_problem(example.problem, CODE)
         answer = int(example.answer)
-        assert answer in problem.numbers and CODE[answer] == problem.target
+        assert answer in problem.numbers and problem.value(answer) == problem.target
         assert len(set(problem.numbers)) == len(problem.numbers)  # so the answer is unique
-        assert example.solution == f"code of {answer} is {problem.target}. found it.\nThe answer is {answer}."
+        left = f"{problem.addend} + {answer} =" if check == "add" else f"code of {answer} is"
+        assert example.solution == f"{left} {problem.target}. found it.\nThe answer is {answer}."
         assert is_correct(f"<think>\n{example.solution}\n</think>\n\n{final_line(answer)}", example.answer, VERIFIER)
         assert not is_correct(f"The answer is \\boxed{{{problem.target}}}.", example.answer, VERIFIER)
 
@@ -64,23 +86,25 @@ def _read_trace(trace: str, problem: SearchProblem):
     tries, miscomputed = [], 0
     for line in trace.splitlines():
         if match := LINE.fullmatch(line):
-            candidate, written = int(match[1]), int(match[2])
+            candidate, written = int(match[2]), int(match[3])
             assert candidate in problem.numbers, line
-            if match[3] is not None:
-                assert int(match[3]) == problem.target != written, line
+            assert (match[1] is None) == (problem.addend is None) and int(match[1] or 0) == (problem.addend or 0)
+            if match[4] is not None:
+                assert int(match[4]) == problem.target != written, line
             else:
                 assert written == problem.target, line
-            if written != CODE[candidate]:
+            if written != problem.value(candidate):
                 miscomputed += 1
-                assert 1 <= abs(written - CODE[candidate]) <= 2, line
+                assert 1 <= abs(written - problem.value(candidate)) <= 2, line
             tries.append(candidate)
         else:
             assert re.fullmatch(rf"({GIVE_UP_TEXT}|{EXHAUSTED_TEXT}) (\d+)\.", line), line
     return tries, miscomputed
 
 
-def test_check_lines_are_correct_lookups_except_injected_mischecks():
-    task = SearchTask(SearchConfig(mischeck_rate=0.0))
+@pytest.mark.parametrize("check", ["add", "code"])
+def test_check_lines_are_correct_except_injected_mischecks(check):
+    task = SearchTask(SearchConfig(mischeck_rate=0.0, check=check))
     rng = random.Random(1)
     for example in task.examples("sft", 300):
         problem = parse_problem(example.problem, CODE)
@@ -90,14 +114,14 @@ def test_check_lines_are_correct_lookups_except_injected_mischecks():
         assert tries == list(problem.numbers[:len(tries)])  # listed order, no repeats
         if tries[-1] == problem.answer:
             assert answer == problem.answer and trace.endswith("found it.")
-    noisy = SearchTask(SearchConfig(mischeck_rate=0.5, order="random"))
+    noisy = SearchTask(SearchConfig(mischeck_rate=0.5, order="random", check=check))
     total = 0
     for example in noisy.examples("sft", 300):
         problem = parse_problem(example.problem, CODE)
         tries, miscomputed = _read_trace(search_trace(problem, noisy.config, rng)[0], problem)
         assert len(set(tries)) == len(tries)
         total += miscomputed
-    assert total > 100  # mis-checks are injected, and only they break the look-ups
+    assert total > 100  # mis-checks are injected, and only they break the checks
 
 
 def test_give_up_and_mischecks_decide_the_answer():
@@ -139,9 +163,9 @@ def test_privileged_rows_go_straight_to_the_answer(search_tokenizer):
         assert row["completion"].startswith("<think>\n") and row["completion"].endswith(search_tokenizer.eos_token)
         assert row["prompt"] == render_prompt(search_tokenizer, example, context=row["context"])
         if row["context"] in ("solution", "answer"):
-            problem = parse_problem(example.problem, CODE)
+            problem = parse_problem(example.problem)
             assert row["completion"].startswith(
-                f"<think>\ncode of {example.answer} is {problem.target}. found it.\n</think>")
+                f"<think>\n{problem.addend} + {example.answer} = {problem.target}. found it.\n</think>")
             assert is_correct(row["completion"], example.answer, VERIFIER)
 
 
@@ -185,6 +209,8 @@ def test_bad_options_are_clear_errors():
         build_task("search", {"min_numbers": 5, "max_numbers": 4})
     with pytest.raises(ValueError, match="task 'search'.*give_up"):
         build_task("search", {"give_up": 0.1})
+    with pytest.raises(ValueError, match="check must be one of"):
+        build_task("search", {"check": "multiply"})
     with pytest.raises(ValueError, match="not a search problem"):
         parse_problem("What is 1 + 2?", CODE)
 
@@ -229,3 +255,13 @@ def test_pipeline_runs_end_to_end_on_the_search_task(tmp_path):
     assert (run_dir / "eval" / "opsd-correct-s0" / "search" / "summary.json").exists()
     write_report(run_dir)
     assert "opsd-correct-s0" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_behaviour_reads_addition_traces():
+    problems = {"p": "Which of 3, 11, 19, 7, 9, 14 added to 6 makes 20?"}
+    samples = [{"problem_id": "p", "correct": False, "truncated": True,
+                "text": "<think>\n6 + 3 = 9, not 20.\n5 + 11 = 16, not 20.\n6 + 19 = 24, not 20.\n6 + 3 = 9, not 20."}]
+    stats = behaviour(samples, problems)
+    assert stats["mean_tries"] == 4 and stats["give_up_rate"] == 0 and stats["truncation_rate"] == 1
+    assert stats["valid_try_fraction"] == 0.75 and stats["miscomputed_try_fraction"] == 0.25
+    assert stats["repeated_tries_per_sample"] == 1

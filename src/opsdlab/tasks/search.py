@@ -54,6 +54,7 @@ from opsdlab.prompts import render_prompt
 from opsdlab.templates import completion_for_prompt
 
 ORDERS = ("listed", "random")
+CHECKS = ("add", "code")
 
 # SFT rows by teacher context (the rest of the rows use the plain student prompt), as in the
 # synthetic task. "solution" and "answer" inform the solver; "concise" is an instruction without
@@ -61,8 +62,10 @@ ORDERS = ("listed", "random")
 CONTEXT_MIX = {"solution": 0.7, "answer": 0.15, "concise": 0.15}
 INFORMED_CONTEXTS = ("solution", "answer", "sibling")
 
-PROBLEM_RE = re.compile(r"Which of (\d+(?:, \d+)*) has code (\d+)\?")
-TRY_RE = re.compile(r"code of (\d+) is (\d+)(?:, not (\d+)\.|\. found it\.)")
+PROBLEM_RES = {"add": re.compile(r"Which of (\d+(?:, \d+)*) added to (\d+) makes (\d+)\?"),
+               "code": re.compile(r"Which of (\d+(?:, \d+)*) has code (\d+)\?")}
+# A try, either check: (addend, candidate, written) or (candidate, written).
+TRY_RE = re.compile(r"(?:(\d+) \+ (\d+) = (\d+)|code of (\d+) is (\d+))(?:, not (\d+)\.|\. found it\.)")
 GIVE_UP_TEXT = "too many tries, I will guess"
 EXHAUSTED_TEXT = "none of them fit, I will guess"
 
@@ -78,6 +81,7 @@ class SearchConfig:
     mischeck_rate: float = 0.03
     order: str = "listed"
     privileged_fraction: float = 0.5
+    check: str = "add"
     code_seed: int = 0
 
     def __post_init__(self):
@@ -93,6 +97,8 @@ class SearchConfig:
                 raise ValueError(f"search task: {name} must be in [0, 1], got {value}")
         if self.order not in ORDERS:
             raise ValueError(f"search task: order must be one of {ORDERS}, got {self.order!r}")
+        if self.check not in CHECKS:
+            raise ValueError(f"search task: check must be one of {CHECKS}, got {self.check!r}")
 
 
 def code_table(config: SearchConfig) -> dict[int, int]:
@@ -105,46 +111,64 @@ def code_table(config: SearchConfig) -> dict[int, int]:
 
 @dataclass(frozen=True)
 class SearchProblem:
+    """Listed numbers and a target; `addend` set: the "add" check, else `code` (the "code" check)."""
+
     numbers: tuple[int, ...]
     target: int
-    code: dict
+    addend: int | None = None
+    code: dict | None = None
+
+    def value(self, candidate: int) -> int | None:
+        """What a correct check of `candidate` writes."""
+        return self.addend + candidate if self.addend is not None else self.code.get(candidate)
 
     @property
     def answer(self) -> int:
-        hits = [n for n in self.numbers if self.code[n] == self.target]
+        hits = [n for n in self.numbers if self.value(n) == self.target]
         if len(hits) != 1:
-            raise ValueError(f"search problem {problem_text(self)}: {len(hits)} listed numbers have the code, "
-                             "expected 1")
+            raise ValueError(f"search problem {problem_text(self)!r}: {len(hits)} listed numbers reach the "
+                             "target, expected 1")
         return hits[0]
 
 
 def problem_text(problem: SearchProblem) -> str:
-    return f"Which of {', '.join(map(str, problem.numbers))} has code {problem.target}?"
+    listed = ", ".join(map(str, problem.numbers))
+    if problem.addend is not None:
+        return f"Which of {listed} added to {problem.addend} makes {problem.target}?"
+    return f"Which of {listed} has code {problem.target}?"
 
 
-def parse_problem(text: str, code: dict) -> SearchProblem:
-    match = PROBLEM_RE.search(text)
-    if match is None:
-        raise ValueError(f"not a search problem: {text!r}")
-    return SearchProblem(tuple(int(n) for n in match[1].split(", ")), int(match[2]), code)
+def parse_problem(text: str, code: dict | None = None) -> SearchProblem:
+    """The problem in `text`; a "code" problem needs the task's code table."""
+    if match := PROBLEM_RES["add"].search(text):
+        return SearchProblem(tuple(int(n) for n in match[1].split(", ")), int(match[3]), addend=int(match[2]))
+    if (match := PROBLEM_RES["code"].search(text)) and code is not None:
+        return SearchProblem(tuple(int(n) for n in match[1].split(", ")), int(match[2]), code=code)
+    raise ValueError(f"not a search problem (or a code problem without the code table): {text!r}")
 
 
 def draw_problem(rng: random.Random, config: SearchConfig, code: dict) -> SearchProblem:
-    """Distinct numbers in 1..max_number and the code of one of them (codes are distinct: unique answer)."""
+    """Distinct numbers in 1..max_number and a target exactly one of them reaches (the checks are
+    injective: a fixed addend, or a permutation)."""
     count = rng.randint(config.min_numbers, config.max_numbers)
     numbers = tuple(rng.sample(range(1, config.max_number + 1), count))
-    return SearchProblem(numbers, code[rng.choice(numbers)], code)
+    if config.check == "add":
+        addend = rng.randint(1, config.max_number)
+        return SearchProblem(numbers, addend + rng.choice(numbers), addend=addend)
+    return SearchProblem(numbers, code[rng.choice(numbers)], code=code)
 
 
-def check_line(candidate: int, written: int, target: int) -> str:
-    """One try: the candidate's code as written, and the verdict it implies."""
-    verdict = ". found it." if written == target else f", not {target}."
+def check_line(problem: SearchProblem, candidate: int, written: int) -> str:
+    """One try: the candidate's check as written, and the verdict the written value implies."""
+    verdict = ". found it." if written == problem.target else f", not {problem.target}."
+    if problem.addend is not None:
+        return f"{problem.addend} + {candidate} = {written}{verdict}"
     return f"code of {candidate} is {written}{verdict}"
 
 
 def reference_solution(problem: SearchProblem) -> str:
     """The concise solution: the right number with its check. The OPSD teacher's privileged context."""
-    return f"{check_line(problem.answer, problem.target, problem.target)}\nThe answer is {problem.answer}."
+    return f"{check_line(problem, problem.answer, problem.target)}\nThe answer is {problem.answer}."
 
 
 def _miswritten(rng: random.Random, value: int) -> int:
@@ -159,9 +183,9 @@ def search_trace(problem: SearchProblem, config: SearchConfig, rng: random.Rando
         rng.shuffle(candidates)
     lines = []
     for index, candidate in enumerate(candidates):
-        true_code = problem.code[candidate]
-        written = _miswritten(rng, true_code) if rng.random() < config.mischeck_rate else true_code
-        lines.append(check_line(candidate, written, problem.target))
+        true_value = problem.value(candidate)
+        written = _miswritten(rng, true_value) if rng.random() < config.mischeck_rate else true_value
+        lines.append(check_line(problem, candidate, written))
         if written == problem.target:
             return "\n".join(lines), candidate
         untried = candidates[index + 1:]
@@ -176,7 +200,7 @@ def search_trace(problem: SearchProblem, config: SearchConfig, rng: random.Rando
 
 def informed_trace(problem: SearchProblem) -> tuple[str, int]:
     """A solver that has read the reference: straight to the right number, checked once."""
-    return check_line(problem.answer, problem.target, problem.target), problem.answer
+    return check_line(problem, problem.answer, problem.target), problem.answer
 
 
 def final_line(answer: int) -> str:
@@ -195,17 +219,26 @@ class TraceStats:
 
 def trace_stats(response: str) -> TraceStats:
     """Read a response of this task's format (a model's sample or an SFT target)."""
-    tried = [int(m[1]) for m in TRY_RE.finditer(response)]
+    tried = [candidate for candidate, _, _ in tries(response)]
     return TraceStats(tries=len(tried), gave_up=GIVE_UP_TEXT in response or EXHAUSTED_TEXT in response,
                       found=". found it." in response, repeats=len(tried) - len(set(tried)))
 
 
-def behaviour(samples: list[dict], problems: dict[str, str], code: dict) -> dict:
+def tries(response: str) -> list[tuple[int, int, int | None]]:
+    """Every try in a response: (candidate, written value, addend or None for a code check)."""
+    out = []
+    for m in TRY_RE.finditer(response):
+        out.append((int(m[2]), int(m[3]), int(m[1])) if m[1] is not None else (int(m[4]), int(m[5]), None))
+    return out
+
+
+def behaviour(samples: list[dict], problems: dict[str, str], code: dict | None = None) -> dict:
     """How a checkpoint searched: mean tries, give-up rate, mis-checks, accuracy by outcome.
 
     `samples` are evaluation rows (`problem_id`, `text`, `correct`, `truncated`); `problems` maps a
-    problem id to its text; `code` is the task's code table. A try is "valid" when its candidate is
-    listed, "miscomputed" when the code it writes is not the candidate's code.
+    problem id to its text; `code` is the task's code table (for "code" problems). A try is "valid"
+    when its candidate is listed (and, for "add", its addend is the problem's), "miscomputed" when
+    the value it writes is not the right one for what it wrote on the left.
     """
     counts = dict.fromkeys(("tries", "gave_up", "found", "truncated", "repeats", "valid", "miscomputed",
                             "correct_found", "correct_gave_up"), 0)
@@ -221,15 +254,15 @@ def behaviour(samples: list[dict], problems: dict[str, str], code: dict) -> dict
         counts["truncated"] += bool(sample["truncated"])
         counts["correct_found"] += bool(sample["correct"]) and found
         counts["correct_gave_up"] += bool(sample["correct"]) and stats.gave_up
-        for match in TRY_RE.finditer(text):
-            candidate, written = int(match[1]), int(match[2])
-            counts["valid"] += candidate in problem.numbers
-            counts["miscomputed"] += written != code.get(candidate)
-    n, tries = max(len(samples), 1), max(counts["tries"], 1)
+        for candidate, written, addend in tries(text):
+            counts["valid"] += candidate in problem.numbers and addend == problem.addend
+            right = addend + candidate if addend is not None else (code or {}).get(candidate)
+            counts["miscomputed"] += written != right
+    n, n_tries = max(len(samples), 1), max(counts["tries"], 1)
     return {"samples": len(samples), "mean_tries": counts["tries"] / n, "give_up_rate": counts["gave_up"] / n,
             "found_rate": counts["found"] / n, "truncation_rate": counts["truncated"] / n,
-            "repeated_tries_per_sample": counts["repeats"] / n, "valid_try_fraction": counts["valid"] / tries,
-            "miscomputed_try_fraction": counts["miscomputed"] / tries,
+            "repeated_tries_per_sample": counts["repeats"] / n, "valid_try_fraction": counts["valid"] / n_tries,
+            "miscomputed_try_fraction": counts["miscomputed"] / n_tries,
             "accuracy_when_found": counts["correct_found"] / max(counts["found"], 1),
             "accuracy_when_gave_up": counts["correct_gave_up"] / max(counts["gave_up"], 1)}
 
