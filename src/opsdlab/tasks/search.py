@@ -1,18 +1,17 @@
 """A seeded, offline search task: checking a candidate is easy, finding the answer directly is not.
 
-Every number 1..max_number has a fixed secret code (a permutation drawn once from `code_seed`, the
-same for every problem and split). A problem lists a few distinct numbers and a code; exactly one
-listed number has it:
+A problem lists a few distinct numbers and a target that exactly one of them reaches:
 
-    Which of 3, 11, 19, 7, 9 has code 12?
+    Which of 3, 11, 19, 7, 9, 14 added to 6 makes 20?       (check: "add", the default)
+    Which of 3, 11, 19, 7, 9, 14 has code 13?               (check: "code")
 
-The answer is that number (`11`), graded by exact match. Checking a candidate is one forward
-look-up (`code of 11 is 12`), which every trace writes and the tiny model learns; naming the number
-directly is the inverse look-up, which no trace ever writes (a transformer trained on "code of x is
-y" does not thereby learn y -> x: the reversal curse). So a solver that has not read the reference
-has to search: try a number, check its code, try the next. (An addition check, `6 + 11 = 17`, was
-the first design; the tiny model had not learned the addition table after 400 SFT steps, 77% of its
-checks were wrong, so the check was not cheap for it.)
+The answer is that number (`14`), graded by exact match. Checking a candidate is one forward step
+(`6 + 14 = 20`, or `code of 14 is 13`, a look-up of a fixed secret code: a permutation of
+1..max_number drawn from `code_seed`, the same for every problem and split), which every trace
+writes; naming the number directly is the inverse (a subtraction looked up in the list, or the
+inverse look-up), which no trace ever writes. So a solver that has not read the reference has to
+search: try a number, check it, try the next. Whether the model learns the check reliably is
+measured (see the README: 400 SFT steps were not enough for either check on the tiny model).
 
 The SFT traces come from such a solver, with its own imperfections:
 
@@ -21,7 +20,7 @@ The SFT traces come from such a solver, with its own imperfections:
 - give-up (`give_up_rate`): after each failed check the solver stops with this probability and
   answers a guess (a number it has not tried), so the number of tries per trace varies (geometric,
   capped by the list); a solver that has tried every number without success also guesses;
-- mis-checks (`mischeck_rate`): a looked-up code is occasionally written off by 1 or 2. A mis-check
+- mis-checks (`mischeck_rate`): a check's value is occasionally written off by 1 or 2. A mis-check
   of the right number rejects it; one that happens to equal the target accepts a wrong number.
 
 Every problem has a concise reference solution (the right number with its check). The OPSD teacher
