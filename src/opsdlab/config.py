@@ -55,6 +55,7 @@ class EvalSection:
     sampling: SamplingConfig = SamplingConfig()
     greedy: bool = True
     teacher_check: bool = True
+    base: bool = True  # false: skip the random-init base model (all-wrong, and slow: it never stops)
     backend: str = "transformers"  # a key of evaluate.BACKENDS: "transformers" or "vllm"
     vllm: VLLMSettings = VLLMSettings()  # the vLLM engine, when backend is "vllm"
 

@@ -184,7 +184,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
     thinking = config.task.thinking
 
     current = prepare_base(run_dir, config, task)
-    evaluate_checkpoint(run_dir, "base", current, config, task, sets)
+    if config.eval.base:
+        evaluate_checkpoint(run_dir, "base", current, config, task, sets)
 
     if "sft" in config.stages:
         stage_dir = run_dir / "sft"

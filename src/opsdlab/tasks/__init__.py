@@ -11,6 +11,7 @@ import random
 
 from opsdlab.data import ColumnMap, Example, load_examples, parse_column_map
 from opsdlab.prompts import render_prompt
+from opsdlab.tasks.search import SearchConfig, SearchTask
 from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask
 from opsdlab.templates import completion_for_prompt
 
@@ -77,6 +78,14 @@ def _synthetic(options: dict, seed: int) -> SyntheticTask:
     return SyntheticTask(config, seed=seed)
 
 
+def _search(options: dict, seed: int) -> SearchTask:
+    try:
+        config = SearchConfig(**options)
+    except TypeError as error:
+        raise ValueError(f"task 'search': {error}") from error
+    return SearchTask(config, seed=seed)
+
+
 def _file(options: dict, seed: int) -> FileTask:
     unknown = set(options) - {"train", "columns", "split"}
     if unknown:
@@ -84,6 +93,6 @@ def _file(options: dict, seed: int) -> FileTask:
     return FileTask(seed=seed, **options)
 
 
-TASKS = {"synthetic": _synthetic, "file": _file}
+TASKS = {"synthetic": _synthetic, "search": _search, "file": _file}
 
-__all__ = ["TASKS", "build_task", "Example", "FileTask", "SyntheticTask", "SyntheticConfig"]
+__all__ = ["TASKS", "build_task", "Example", "FileTask", "SyntheticTask", "SyntheticConfig", "SearchTask", "SearchConfig"]
