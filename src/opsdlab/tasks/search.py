@@ -355,6 +355,8 @@ class SearchTask:
         corpus += [" " + n for n in corpus]
         for example in self.examples("vocab", 200):
             for context in TEACHER_CONTEXTS:
+                if context == "unrelated":  # the solution block's words: nothing new
+                    continue
                 block = TEACHER_CONTEXTS[context](example, example.solution)
                 corpus.append(user_message(example, context=block))
             for thinking in thinking_modes:
