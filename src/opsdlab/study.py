@@ -15,7 +15,7 @@ from opsdlab.config import ConfigError, load_config
 from opsdlab.pipeline import run_seeds
 from opsdlab.report import write_report
 
-STUDY_PRESETS = ("tiny",)  # add "tiny-search" once that preset ships
+STUDY_PRESETS = ("tiny", "tiny-search")
 STUDY_SEEDS = (0, 1, 2)
 # The three gates, then the controls without privileged information on the `all` gate (compare each
 # with the `all` arm): an instruction, the student's own prompt, and another problem's solution.
