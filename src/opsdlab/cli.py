@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="every task preset x pipeline seeds x OPSD arms and controls, "
                                      "one report over seeds per task")
-    p.add_argument("--presets", default="tiny", help="comma-separated config presets or files, one per task "
-                                                     "(default: tiny)")
+    p.add_argument("--presets", default="tiny,tiny-search", help="comma-separated config presets or files, one per task "
+                                                     "(default: tiny,tiny-search)")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated pipeline seeds (default: 0,1,2)")
     p.add_argument("--run-dir", default="runs/study", help="one sub-directory per preset")
     p.add_argument("overrides", nargs="*", help="config overrides key=value applied to every preset")
