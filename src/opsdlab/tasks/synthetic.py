@@ -36,8 +36,7 @@ import random
 from dataclasses import dataclass
 
 from opsdlab.data import Example
-from opsdlab.prompts import render_prompt
-from opsdlab.templates import completion_for_prompt
+from opsdlab.tasks.rows import context_messages, sft_rows_with_contexts
 
 PRIVILEGED_STYLES = ("concise", "same")
 
@@ -210,33 +209,17 @@ class SyntheticTask:
 
     def sft_rows(self, tokenizer, count: int, thinking: bool = True, seed: int = 0) -> list[dict]:
         """Prompt/completion rows: plain student prompts plus a privileged share, one renderer for all."""
-        rng = random.Random(f"{self.seed}-sft-{seed}")
-        contexts, weights = list(CONTEXT_MIX), list(CONTEXT_MIX.values())
-        rows = []
-        for example in self.examples("sft", count):
-            context = "none"
-            if rng.random() < self.config.privileged_fraction:
-                context = rng.choices(contexts, weights)[0]
-            prompt = render_prompt(tokenizer, example, thinking=thinking, context=context)
-            # A template that opens <think> itself gets the trace without its own opening.
-            completion = completion_for_prompt(prompt, self.response(example, context, thinking, rng))
-            completion += tokenizer.eos_token
-            rows.append({"prompt": prompt, "completion": completion, "context": context})
-        return rows
+        return sft_rows_with_contexts(self.examples("sft", count), tokenizer, self.response, thinking=thinking,
+                                      rng=random.Random(f"{self.seed}-sft-{seed}"),
+                                      privileged_fraction=self.config.privileged_fraction, context_mix=CONTEXT_MIX)
 
     def tokenizer_corpus(self, thinking_modes=(True, False)) -> list[str]:
         """Text covering every word the renderer and the traces can produce, to build the vocabulary."""
-        from opsdlab.prompts import TEACHER_CONTEXTS, user_message
-
         rng = random.Random(0)
         corpus = [str(n) for n in range(0, self.config.max_terms * self.config.max_term + 3)]
         corpus += [" " + n for n in corpus]
         for example in self.examples("vocab", 200):
-            for context in TEACHER_CONTEXTS:
-                if context == "unrelated":  # the solution block's words: nothing new, and more text would
-                    continue                # reorder the frequency-ranked vocabulary of the tiny model
-                block = TEACHER_CONTEXTS[context](example, example.solution)
-                corpus.append(user_message(example, context=block))
+            corpus += context_messages(example)
             for thinking in thinking_modes:
                 for context in ("none", "solution"):
                     corpus.append(self.response(example, context, thinking, rng))
