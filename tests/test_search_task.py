@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from opsdlab.data import pair_unrelated
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks import build_task
 from opsdlab.tasks.search import (CONTEXT_MIX, EXHAUSTED_TEXT, GIVE_UP_TEXT, SearchConfig, SearchProblem,
@@ -189,7 +190,7 @@ def test_thinking_off_and_tokenizer_coverage(search_tokenizer):
     off = task.sft_rows(search_tokenizer, 30, thinking=False)
     assert all("<think>" not in r["completion"] and r["prompt"].endswith("</think>\n\n") for r in off)
     rng = random.Random(0)
-    for example in task.examples("test", 30):
+    for example in pair_unrelated(task.examples("test", 30)):
         for context in TEACHER_CONTEXTS:
             text = render_prompt(search_tokenizer, example, context=context, sibling=example.solution)
             assert search_tokenizer.unk_token_id not in search_tokenizer(text)["input_ids"], text
