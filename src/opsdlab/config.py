@@ -227,7 +227,7 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
 
 
 def resolve_preset(path: str | Path) -> Path:
-    """A config path, or the name of a shipped preset (`tiny`, `tiny-nothink`, `qwen3-8b`)."""
+    """A config file, or the name of a shipped preset (`configs/*.yaml`: tiny, tiny-nothink, tiny-search, qwen3-1.7b, qwen3-8b)."""
     candidate = Path(path)
     if candidate.is_file():  # a folder named like a preset (say a run directory) is not a config
         return candidate
