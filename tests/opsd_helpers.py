@@ -56,3 +56,19 @@ def make_trainer(stage_dir, folder, task, *, model=None, reward=None, callbacks=
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def record_teacher_prompts(trainer) -> list:
+    """Wrap the trainer's gated round so that every (dataset row, teacher prompt token ids) it builds
+    is appended to the returned list as training runs."""
+    rows = []
+    gated_round = trainer._gated_round
+
+    def recording(inputs):
+        batch = gated_round(inputs)
+        pairs = zip(inputs, batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
+        rows.extend((row, ids[mask.bool()].tolist()) for row, ids, mask in pairs)
+        return batch
+
+    trainer._gated_round = recording
+    return rows

@@ -9,7 +9,7 @@ from opsdlab.models import load_policy
 from opsdlab.opsd import (OPSDStageConfig, check_alignment, final_hidden, loss_normalizer, response_positions,
                           run_opsd)
 
-from opsd_helpers import EXACT, ScriptedReward, make_trainer, snapshot
+from opsd_helpers import EXACT, ScriptedReward, make_trainer, record_teacher_prompts, snapshot
 
 
 def test_response_positions_score_exactly_the_completion_tokens(tiny_folder):
@@ -133,16 +133,7 @@ def test_one_rollout_per_prompt_trains_on_distinct_prompts(tmp_path, tiny_folder
     assert trainer.num_generations == trainer.args.num_generations == 1
     assert trainer.args.per_device_train_batch_size == 2 and trainer.args.generation_batch_size == 4
     batches = _record_rollouts(trainer)
-    teacher_rows = []
-    gated_round = trainer._gated_round
-
-    def recording(inputs):
-        batch = gated_round(inputs)
-        pairs = zip(inputs, batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
-        teacher_rows.extend((row, ids[mask.bool()].tolist()) for row, ids, mask in pairs)
-        return batch
-
-    trainer._gated_round = recording
+    teacher_rows = record_teacher_prompts(trainer)
     before = snapshot(trainer.model)
     trainer.train()
     assert trainer.state.global_step == 2 and trainer.skipped_steps == 0

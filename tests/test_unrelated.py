@@ -3,7 +3,7 @@
 import random
 
 import pytest
-from opsd_helpers import make_trainer
+from opsd_helpers import make_trainer, record_teacher_prompts
 
 from opsdlab.data import Example, pair_unrelated
 
@@ -59,16 +59,7 @@ def test_an_opsd_step_with_the_unrelated_teacher_reads_another_problems_solution
     from opsdlab.prompts import render_prompt
 
     trainer = make_trainer(tmp_path, tiny_folder, task, max_steps=1, teacher_context="unrelated", gate="all")
-    teacher_rows = []
-    gated_round = trainer._gated_round
-
-    def recording(inputs):
-        batch = gated_round(inputs)
-        pairs = zip(inputs, batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
-        teacher_rows.extend((row, ids[mask.bool()].tolist()) for row, ids, mask in pairs)
-        return batch
-
-    trainer._gated_round = recording
+    teacher_rows = record_teacher_prompts(trainer)
     trainer.train()
     assert trainer.state.global_step == 1 and teacher_rows
     tokenizer = trainer.processing_class

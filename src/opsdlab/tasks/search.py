@@ -49,7 +49,7 @@ import re
 from dataclasses import dataclass
 
 from opsdlab.data import Example
-from opsdlab.tasks.rows import context_messages, sft_rows_with_contexts
+from opsdlab.tasks.rows import check_unit_interval, context_messages, sft_rows_with_contexts
 
 ORDERS = ("listed", "random")
 CHECKS = ("add", "code")
@@ -89,10 +89,7 @@ class SearchConfig:
         if not self.max_numbers <= self.max_number <= 99:
             raise ValueError(f"search task: max_number must be in {self.max_numbers}..99 (the listed numbers "
                              f"are distinct), got {self.max_number}")
-        for name in ("give_up_rate", "mischeck_rate", "privileged_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"search task: {name} must be in [0, 1], got {value}")
+        check_unit_interval("search", self, ("give_up_rate", "mischeck_rate", "privileged_fraction"))
         if self.order not in ORDERS:
             raise ValueError(f"search task: order must be one of {ORDERS}, got {self.order!r}")
         if self.check not in CHECKS:

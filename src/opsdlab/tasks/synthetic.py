@@ -36,7 +36,7 @@ import random
 from dataclasses import dataclass
 
 from opsdlab.data import Example
-from opsdlab.tasks.rows import context_messages, sft_rows_with_contexts
+from opsdlab.tasks.rows import check_unit_interval, context_messages, sft_rows_with_contexts
 
 PRIVILEGED_STYLES = ("concise", "same")
 
@@ -68,11 +68,8 @@ class SyntheticConfig:
             raise ValueError(f"synthetic task: need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
         if not 1 <= self.max_term <= 99:
             raise ValueError(f"synthetic task: max_term must be in 1..99, got {self.max_term}")
-        for name in ("slip_rate", "recheck_rate", "filler_rate", "restart_rate", "privileged_redundancy",
-                     "privileged_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"synthetic task: {name} must be in [0, 1], got {value}")
+        check_unit_interval("synthetic", self, ("slip_rate", "recheck_rate", "filler_rate", "restart_rate",
+                                                "privileged_redundancy", "privileged_fraction"))
         if self.privileged_style not in PRIVILEGED_STYLES:
             raise ValueError(f"synthetic task: privileged_style must be one of {PRIVILEGED_STYLES}, "
                              f"got {self.privileged_style!r}")
