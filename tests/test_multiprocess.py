@@ -3,9 +3,6 @@ per prompt, RLVR with dynamic sampling. Each run must finish (no hang) with iden
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,35 +10,20 @@ import pytest
 import torch
 
 from opsdlab.models import load_model
+from launch_helpers import free_port, run_with_deadline
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_process_train.py"
 WORKER_DEADLINE = 150  # seconds; a normal run takes well under a minute
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _launch(mode: str, folder: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), str(SCRIPT), mode, str(folder), str(out)]
-    # Each worker exits by itself after WORKER_DEADLINE seconds (it dumps its stack: where it hung);
-    # output goes to a file, so a dead worker cannot leave a pipe open.
-    log = out / "launch.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, env={**env, "OPSDLAB_WORKER_DEADLINE": str(WORKER_DEADLINE)},
-                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            process.wait(timeout=WORKER_DEADLINE + 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    output = log.read_text()
-    assert process.returncode == 0, f"{mode} on 2 processes failed or hung:\n{output[-4000:]}"
+               "--master_port", str(free_port()), str(SCRIPT), mode, str(folder), str(out)]
+    returncode, output = run_with_deadline(command, {**env, "OPSDLAB_WORKER_DEADLINE": str(WORKER_DEADLINE)},
+                                           out / "launch.log", WORKER_DEADLINE)
+    assert returncode == 0, f"{mode} on 2 processes failed or hung:\n{output[-4000:]}"
 
 
 def _ranks(out: Path):

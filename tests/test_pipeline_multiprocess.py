@@ -13,9 +13,6 @@ them through torchrun, and without a visible GPU they form a gloo group on the C
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from opsdlab.metrics import summarize
 from opsdlab.models import load_model, load_policy
 from opsdlab.pipeline import eval_sets, evaluate_sharded, verifier_of
 from opsdlab.tasks import build_task
+from launch_helpers import free_port, run_with_deadline
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_process_pipeline.py"
 WORKER_DEADLINE = 240  # seconds; a normal run finishes well within it, even on loaded cores
@@ -48,12 +46,6 @@ CHECKPOINTS = {"base": ["", "-greedy"], "sft": ["", "-greedy", "-teacher-solutio
                "rlvr": ["", "-greedy", "-teacher-solution"], "opsd-all-s0": ["", "-greedy"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch(config: Path, out: Path) -> tuple[list[dict], str]:
     """`accelerate launch` the pipeline script on 2 processes; each process's record and the output."""
     out.mkdir()
@@ -61,20 +53,9 @@ def _launch(config: Path, out: Path) -> tuple[list[dict], str]:
            "OPSDLAB_WORKER_DEADLINE": str(WORKER_DEADLINE)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(SCRIPT), str(config), str(out)]
-    # Each worker exits by itself after WORKER_DEADLINE seconds and dumps its stack (where it hung);
-    # output goes to a file, so a dead worker cannot leave a pipe open.
-    log = out / "launch.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            process.wait(timeout=WORKER_DEADLINE + 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    output = log.read_text()
-    assert process.returncode == 0, f"the pipeline on 2 processes failed or hung:\n{output[-6000:]}"
+               "--main_process_port", str(free_port()), str(SCRIPT), str(config), str(out)]
+    returncode, output = run_with_deadline(command, env, out / "launch.log", WORKER_DEADLINE)
+    assert returncode == 0, f"the pipeline on 2 processes failed or hung:\n{output[-6000:]}"
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)], output
 
 
