@@ -7,7 +7,8 @@ import yaml
 
 from opsdlab.evaluate import write_eval
 from opsdlab.metrics import Sample, summarize
-from opsdlab.report import consistent_sign, seed_changes, seed_dirs, spread, teacher_advantages, write_report
+from opsdlab.report import (against_all_arm, consistent_sign, seed_changes, seed_dirs, spread, stage_changes,
+                            teacher_advantages, write_report)
 
 PROBLEMS = 4
 
@@ -79,6 +80,41 @@ def test_the_report_states_only_what_holds_in_every_seed(tmp_path):
     for seed in (0, 1):  # each seed keeps its own single-run report
         assert "opsd-all-s0" in (root / f"seed-{seed}" / "report" / "report.md").read_text()
     assert write_report(root).read_text() == text  # a pure function of the run directory
+
+
+def fabricate_with_sft_and_control(root: Path) -> Path:
+    """`fabricate` plus an SFT evaluation and an `unrelated` arm per seed. avg@k and tokens:
+    sft: seed 0 0.5, 20; seed 1 0.0, 40 (so rlvr is 50% shorter in both, and +0 / +50 pp).
+    opsd-unrelated-s0: 0.0 and rlvr's length in both seeds (against the all arm: seed 0 1.0, 5 ->
+    −100 pp, +100%; seed 1 0.5, 10 -> −50 pp, +100%)."""
+    fabricate(root)
+    for seed, (sft_correct, sft_tokens, rlvr_tokens) in {0: (1, 20, 10), 1: (0, 40, 20)}.items():
+        _eval(root / f"seed-{seed}", "sft", "synthetic", sft_correct, sft_tokens)
+        _eval(root / f"seed-{seed}", "opsd-unrelated-s0", "synthetic", 0, rlvr_tokens)
+    return root
+
+
+def test_each_stage_against_the_one_before_it_hand_computed(tmp_path):
+    seeds = seed_dirs(fabricate_with_sft_and_control(tmp_path))
+    rlvr = stage_changes(seeds, "synthetic")[("rlvr", "sft")]
+    assert [rlvr[s]["accuracy_diff"] for s in (0, 1)] == pytest.approx([0.0, 0.5])
+    assert [rlvr[s]["length_change"] for s in (0, 1)] == pytest.approx([-0.5, -0.5])
+    assert rlvr[0]["aes"] == pytest.approx(0.5) and rlvr[1]["aes"] is None  # no AES from accuracy 0
+    control = against_all_arm(seeds, "synthetic")
+    assert list(control) == ["opsd-unrelated-s0"]  # the all arm is not compared with itself
+    assert [control["opsd-unrelated-s0"][s]["accuracy_diff"] for s in (0, 1)] == pytest.approx([-1.0, -0.5])
+    assert [control["opsd-unrelated-s0"][s]["length_change"] for s in (0, 1)] == pytest.approx([1.0, 1.0])
+
+    text = write_report(tmp_path).read_text()
+    assert "| rlvr | 0 | +0.0 pp [+0.0, +0.0] | -50.0% [-50.0%, -50.0%] | +0.500 |" in text
+    assert "| rlvr | 1 | +50.0 pp [+50.0, +50.0] | -50.0% [-50.0%, -50.0%] | – |" in text
+    assert "| opsd-unrelated-s0 | 0 | -100.0 pp [-100.0, -100.0] | +100.0% [+100.0%, +100.0%] |" in text
+    findings = text.split("### Findings (hold in every seed)")[1].split("###")[0]
+    assert "`rlvr` is shorter than `sft` in every seed (-50.0% to -50.0%)" in findings
+    assert "`rlvr` is more accurate than `sft`" not in findings  # +0 pp in seed 0
+    assert "`opsd-unrelated-s0` is less accurate than the `all` arm in every seed (-100.0 to -50.0 pp)" in findings
+    assert "`opsd-unrelated-s0` is longer than the `all` arm in every seed (+100.0% to +100.0%)" in findings
+    assert "`opsd-unrelated-s0` is less accurate than `rlvr` in every seed (-50.0 to -50.0 pp)" in findings
 
 
 def test_a_checkpoint_missing_in_one_seed_is_no_finding(tmp_path):

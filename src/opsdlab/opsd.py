@@ -36,7 +36,7 @@ from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, check_vllm_fields, concat_batches,
                           global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
-from opsdlab.runtime import JsonlMetrics, resume_point, save_trained
+from opsdlab.runtime import JsonlMetrics, is_main_process, resume_point, save_trained
 from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
 
@@ -440,7 +440,8 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
     """Distil on gated rollouts of `examples`, resume from a checkpoint if any, save to stage_dir/model."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "opsd_config.json").write_text(json.dumps(asdict(config), indent=2))
+    if is_main_process():  # every process holds the same config; one writes it
+        (stage_dir / "opsd_config.json").write_text(json.dumps(asdict(config), indent=2))
     eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     trainer = OPSDTrainer(
         model=model,

@@ -411,6 +411,37 @@ def seed_changes(seeds: dict[int, Path], set_name: str) -> dict[str, dict[int, d
     return dict(found)
 
 
+def stage_changes(seeds: dict[int, Path], set_name: str) -> dict[tuple[str, str], dict[int, dict]]:
+    """(stage, stage before it) -> seed -> `paired_change`, for consecutive evaluated stages of base,
+    sft, rlvr: what each stage did to accuracy and length, within each seed."""
+    found: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for seed, run_dir in seeds.items():
+        stages = [n for n in ("base", "sft", "rlvr") if _samples(run_dir, n, set_name) is not None]
+        for before, after in zip(stages, stages[1:]):
+            found[(after, before)][seed] = paired_change(_samples(run_dir, before, set_name),
+                                                         _samples(run_dir, after, set_name))
+    return dict(found)
+
+
+def all_arm_of(checkpoint: str) -> str:
+    """The `all`-gate arm with the same OPSD seed: `opsd-unrelated-s0` -> `opsd-all-s0`."""
+    return f"opsd-all-s{checkpoint.rsplit('-s', 1)[1]}"
+
+
+def against_all_arm(seeds: dict[int, Path], set_name: str) -> dict[str, dict[int, dict]]:
+    """OPSD checkpoint -> seed -> `paired_change` against the `all` arm of the same OPSD seed: whether
+    the gate or the teacher's context changed anything, compared directly rather than through RLVR."""
+    found: dict[str, dict[int, dict]] = defaultdict(dict)
+    for seed, run_dir in seeds.items():
+        for name in checkpoint_order(run_dir):
+            if not name.startswith("opsd-") or arm_of(name) == "all":
+                continue
+            after, before = _samples(run_dir, name, set_name), _samples(run_dir, all_arm_of(name), set_name)
+            if after is not None and before is not None:
+                found[name][seed] = paired_change(before, after)
+    return dict(found)
+
+
 def _pp(d: dict) -> str:
     lo, hi = d["accuracy_diff_ci"]
     return f"{100 * d['accuracy_diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
@@ -443,8 +474,8 @@ def teacher_advantage_table(advantages: dict, seeds: list[int]) -> list[str]:
     return lines
 
 
-def change_table(changes: dict, reference: str) -> list[str]:
-    lines = [f"| checkpoint | seed | Δacc vs {reference} [95% CI] | length change [95% CI] | AES |",
+def change_table(changes: dict, reference: str, label: str = "checkpoint") -> list[str]:
+    lines = [f"| {label} | seed | Δacc vs {reference} [95% CI] | length change [95% CI] | AES |",
              "|---|---|---|---|---|"]
     for name, by_seed in changes.items():
         for seed, d in sorted(by_seed.items()):
@@ -464,22 +495,23 @@ def holds_table(changes: dict, seeds: list[int]) -> list[str]:
     return lines
 
 
-def findings(advantages: dict, changes: dict, seeds: list[int], reference: str) -> list[str]:
-    """The statements that hold in every seed (same sign, 95% CI excluding 0), as bullet lines."""
+def findings(advantages: dict, comparisons: list[tuple[str, str, dict]], seeds: list[int]) -> list[str]:
+    """The statements that hold in every seed (same sign, 95% CI excluding 0), as bullet lines.
+    `comparisons`: (checkpoint, what it is compared with, seed -> paired change)."""
     out = []
     for (name, context), by_seed in advantages.items():
         if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
             diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
             out.append(f"- At `{name}`, the teacher prompt (`{context}`) is {'more' if sign > 0 else 'less'} accurate "
                        f"than the student prompt in every seed ({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
-    for name, by_seed in changes.items():
+    for name, reference, by_seed in comparisons:
         if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
             diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
-            out.append(f"- `{name}` is {'more' if sign > 0 else 'less'} accurate than `{reference}` in every seed "
+            out.append(f"- `{name}` is {'more' if sign > 0 else 'less'} accurate than {reference} in every seed "
                        f"({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
         if sign := holds_in_every_seed(by_seed, seeds, "length_change"):
             pct = [100 * d["length_change"] for d in by_seed.values()]
-            out.append(f"- `{name}` is {'longer' if sign > 0 else 'shorter'} than `{reference}` in every seed "
+            out.append(f"- `{name}` is {'longer' if sign > 0 else 'shorter'} than {reference} in every seed "
                        f"({min(pct):+.1f}% to {max(pct):+.1f}%).")
     return out or ["- None: no change keeps its sign with a 95% CI excluding 0 in every seed."]
 
@@ -505,10 +537,18 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
           "change whose paired 95% CI excludes 0 with the same sign in every seed.", ""]
     for set_name in set_names:
         advantages = teacher_advantages(seeds, set_name)
+        stages = stage_changes(seeds, set_name)
         changes = seed_changes(seeds, set_name)
+        versus_all = against_all_arm(seeds, set_name)
+        comparisons = ([(name, f"`{before}`", by_seed) for (name, before), by_seed in stages.items()]
+                       + [(name, f"`{reference}`", by_seed) for name, by_seed in changes.items()]
+                       + [(name, "the `all` arm", by_seed) for name, by_seed in versus_all.items()])
         md += [f"## {set_name}", "", "### Findings (hold in every seed)", "",
-               *findings(advantages, changes, order, reference), "",
+               *findings(advantages, comparisons, order), "",
                "### Checkpoints over seeds", "", *seed_checkpoint_table(seeds, set_name), ""]
+        for (name, before), by_seed in stages.items():
+            md += [f"### `{name}` against `{before}` per seed", "", *change_table({name: by_seed}, before, "stage"),
+                   "", *holds_table({name: by_seed}, order), ""]
         if advantages:
             md += ["### Teacher advantage per seed (teacher prompt avg@k − student prompt avg@k, paired 95% CI)",
                    "", *teacher_advantage_table(advantages, order), ""]
@@ -520,6 +560,10 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
             draw_changes(points, reference, f"OPSD arms, one point per pipeline seed (95% CI): {set_name}",
                          out_dir / f"changes_{set_name}.png")
             md += [f"![changes](changes_{set_name}.png)", ""]
+        if versus_all:
+            md += ["### OPSD arms against the `all` arm (same pipeline seed and OPSD seed)", "",
+                   "Whether the gate or the teacher's context made a difference, paired on the same problems.", "",
+                   *change_table(versus_all, "all"), "", *holds_table(versus_all, order), ""]
     md += ["## Settings", "", f"- pipeline seeds: {order}, present: {list(seeds)}",
            f"- OPSD arms: `{json.dumps(config.get('arms', []))}`, OPSD seeds {config.get('opsd_seeds')}", ""]
     path = out_dir / "report.md"
