@@ -75,6 +75,17 @@ def test_killed_during_opsd_then_rerun_finishes_without_touching_finished_work(t
     assert write_report(run_dir).read_text() == text  # a pure function of the run directory
 
 
+def test_a_pipeline_without_opsd_evaluates_its_rlvr_checkpoint(tmp_path):
+    config = load_config("tiny", [f"run_dir={tmp_path}", "stages=[sft, rlvr]",
+                                  *(f"{key}={json.dumps(value)}" for key, value in TINY_RUN.items()),
+                                  "eval.greedy=false", "eval.base=false"])
+    run_pipeline(config)
+    evaluated = sorted(p.parent.relative_to(tmp_path / "eval").as_posix()
+                       for p in (tmp_path / "eval").glob("*/*/summary.json"))
+    # The teacher check belongs to OPSD's starting checkpoint; without OPSD only SFT gets one.
+    assert evaluated == ["rlvr/synthetic", "sft/synthetic", "sft/synthetic-teacher-solution"]
+
+
 def test_resume_point_skips_and_removes_a_checkpoint_killed_while_saving(tmp_path):
     from opsdlab.runtime import resume_point
 

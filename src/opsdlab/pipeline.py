@@ -210,6 +210,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
             finish_stage(run_dir, stage_dir, f"[rlvr] done in {time.time() - start:.0f}s", kind="stage",
                          stage="rlvr")
         current = stage_dir / "model"
+        evaluate_checkpoint(run_dir, "rlvr", current, config, task, sets)  # also when no OPSD follows
 
     if "opsd" in config.stages:
         start_name = "rlvr" if "rlvr" in config.stages else ("sft" if "sft" in config.stages else "base")
