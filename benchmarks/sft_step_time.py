@@ -1,0 +1,113 @@
+"""Time the demo's SFT step on the tiny task: the default against the levers that would make it cheaper.
+
+    python benchmarks/sft_step_time.py [--steps 40] [--threads 1,2]
+
+SFT is most of the demo's wall time (README, "Where the demo's time goes"). Each variant trains a
+fresh copy of the tiny base model for `--steps` SFT steps on the demo's rows (TRL's SFTTrainer, as
+the pipeline runs it) and records the wall time of every optimizer step; the median of the steps
+after the first five is the figure. The variants change only how rows are batched, not the data:
+the default (32 random rows per step), length-grouped batches (transformers' LengthGroupedSampler,
+which cuts padding) and 64 rows per step. This measures speed only: whether a variant trains as good
+a model in fewer seconds is a question for the pipeline over seeds. Results, with the machine and
+the load average, go to benchmarks/results/sft_step_time.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "sft_step_time.json"
+
+# Name -> (SFTStageConfig changes, SFTConfig changes).
+VARIANTS = {
+    "default: 32 random rows per step": ({}, {}),
+    "length-grouped batches of 32": ({}, {"train_sampling_strategy": "group_by_length"}),
+    "64 random rows per step": ({"batch_size": 64}, {}),
+}
+
+
+def step_seconds(base_model: Path, rows: list[dict], stage, trainer_changes: dict, out_dir: Path) -> list[float]:
+    """Wall time of every optimizer step of one SFT run."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    from opsdlab.models import load_policy
+    from opsdlab.sft import sft_args
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    model, tokenizer = load_policy(base_model, "float32", False)
+    args = sft_args(stage, out_dir, seed=0, eos_token=tokenizer.eos_token)
+    for key, value in trainer_changes.items():
+        setattr(args, key, value)
+    clock = StepClock()
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock]).train()
+    return clock.times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", default="1,2", help="torch CPU thread counts to try, comma-separated")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+
+    import torch
+
+    from opsdlab.config import load_config
+    from opsdlab.models import load_policy
+    from opsdlab.pipeline import prepare_base
+    from opsdlab.tasks import build_task
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config("tiny", [f"run_dir={tmp}"])
+        task = build_task(config.task.name, config.task.options, seed=config.seed)
+        base = prepare_base(Path(tmp), config, task)
+        _, tokenizer = load_policy(base, "float32", False)
+        rows = task.sft_rows(tokenizer, config.sft.rows, thinking=config.task.thinking, seed=config.seed)
+        load_before = os.getloadavg()
+        results = []
+        for threads in [int(t) for t in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            for name, (stage_changes, trainer_changes) in VARIANTS.items():
+                stage = replace(config.sft, max_steps=args.steps, save_steps=10 * args.steps,
+                                logging_steps=10 * args.steps, **stage_changes)
+                times = step_seconds(base, rows, stage, trainer_changes, Path(tmp) / f"sft-{threads}-{len(results)}")
+                median = statistics.median(times[5:] or times)
+                results.append({"variant": name, "threads": threads, "steps": len(times),
+                                "median_step_seconds": round(median, 4),
+                                "rows_per_second": round(stage.batch_size / median, 1)})
+                print(f"{threads} thread(s), {name}: {median:.3f} s/step, {stage.batch_size / median:.0f} rows/s",
+                      flush=True)
+
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "python benchmarks/sft_step_time.py " + f"--steps {args.steps} --threads {args.threads}",
+              "cpu_count": os.cpu_count(), "torch": torch.__version__,
+              "load_average_before": [round(x, 2) for x in load_before],
+              "load_average_after": [round(x, 2) for x in os.getloadavg()],
+              "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
