@@ -24,6 +24,7 @@ def test_dotted_overrides_and_arm_configs():
     ("stages=[sft, ppo]", "unknown"),
     ("rlvr.group_size=1", "group_size"),
     ("eval.sampling.temperature=-1", "temperature"),
+    ("sft.batching=sorted", r"sft: batching must be one of \['length_grouped', 'random'\], got 'sorted'"),
     ("nonsense", "key=value"),
 ])
 def test_bad_configs_name_the_key(override, message):
