@@ -19,7 +19,8 @@ from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_arg
 
 # How rows are drawn into batches: named choice -> the Trainer's `train_sampling_strategy`.
 # `length_grouped` puts rows of similar length together (less padding, cheaper steps on a CPU;
-# benchmarks/sft_step_time.py) at the cost of batches that are less random.
+# benchmarks/sft_step_time.py) at the cost of batches that are less random: where length tells the
+# kind of row apart (the tiny task's privileged rows are the long ones) it trains a much worse model.
 BATCHING = {"random": "random", "length_grouped": "group_by_length"}
 
 
