@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from opsdlab.data import Example
 from opsdlab.metrics import Sample, summarize
-from opsdlab.models import thinking_token_count
+from opsdlab.models import end_token_ids, thinking_token_count
 from opsdlab.prompts import DEFAULT_INSTRUCTION, render_prompt
 from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct
 
@@ -66,7 +66,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, des
     torch.manual_seed(sampling.seed)
     was_training = model.training
     model.eval()
-    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    eos_ids = end_token_ids(tokenizer)
     out: list[Generation] = []
     sample_kwargs = (
         dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
@@ -187,7 +187,7 @@ def evaluate(
                for ex in examples]
     repeated = [p for p in prompts for _ in range(sampling.k)]
     generations = BACKENDS[check_backend(backend)].generate(model, tokenizer, prompts, sampling, desc)
-    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    eos_ids = end_token_ids(tokenizer)
     samples = []
     for index, generation in enumerate(generations):
         example = examples[index // sampling.k]

@@ -266,6 +266,12 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
     return folder
 
 
+def end_token_ids(tokenizer) -> set[int]:
+    """The ids that end a response: EOS, and the pad token (a batch pads finished rows with it).
+    Generation stops at them, truncation is their absence, and response lengths exclude them."""
+    return {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+
+
 def thinking_token_count(token_ids: list[int], tokenizer: PreTrainedTokenizerBase, prompt: str = "") -> int:
     """Tokens strictly between <think> and </think> in a response (0 without a think block).
 

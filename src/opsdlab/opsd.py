@@ -31,18 +31,18 @@ from transformers import TrainerCallback
 from opsdlab.data import Example, pair_unrelated
 from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
 from opsdlab.gates import GATES, route
-from opsdlab.models import output_head, save_policy
+from opsdlab.models import end_token_ids, output_head, save_policy
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
-from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, check_vllm_fields, concat_batches,
-                          global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
+from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
+                          concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
 from opsdlab.runtime import JsonlMetrics, is_main_process, resume_point, save_trained
 from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
 
 
 @dataclass(frozen=True)
-class OPSDStageConfig:
+class OPSDStageConfig(VLLMGeneration):
     """OPSD settings.
 
     Batch: `prompts_per_step` distinct prompts, each with `rollouts_per_prompt` rollouts, make one
@@ -73,13 +73,6 @@ class OPSDStageConfig:
     chunk_size: int = 1024
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
-    use_vllm: bool = False  # rollouts from vLLM through TRL; the vllm_* fields as in RLVRStageConfig
-    vllm_mode: str = "colocate"
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_tensor_parallel_size: int = 1
-    vllm_max_model_length: int | None = None
-    vllm_enable_sleep_mode: bool = False
-    vllm_server_base_url: str | None = None
     save_steps: int = 10
     logging_steps: int = 5
     report_to: str = "none"
@@ -442,7 +435,7 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
     stage_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():  # every process holds the same config; one writes it
         (stage_dir / "opsd_config.json").write_text(json.dumps(asdict(config), indent=2))
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    eos = end_token_ids(tokenizer)
     trainer = OPSDTrainer(
         model=model,
         reward_funcs=[VerifierReward(verifier, eos)],

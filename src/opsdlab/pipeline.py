@@ -151,6 +151,14 @@ def evaluate_sharded(model, tokenizer, examples: list[Example], verifier, sampli
     return samples, {**shards[0][1], **summarize(samples, k=sampling.k)}
 
 
+def write_config(config: PipelineConfig, run_dir: Path) -> None:
+    """The resolved config into `run_dir/config.yaml`, by the main process; every process waits."""
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
+    wait_for_everyone()
+
+
 def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
     """The starting model folder: the tiny default built here, or the user's folder."""
     if config.model.init != "tiny":
@@ -173,10 +181,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
     """Run (or resume) every configured stage and evaluation; return the run directory."""
     config.check_batches(launch_processes())  # an uneven batch fails now, not after the stages before it
     run_dir = Path(config.run_dir)
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")
-    wait_for_everyone()
+    write_config(config, run_dir)
     torch.manual_seed(config.seed)
     task = build_task(config.task.name, config.task.options, seed=config.seed)
     verifier = verifier_of(config, task)
@@ -258,10 +263,7 @@ def run_seeds(config: PipelineConfig) -> Path:
         return run_pipeline(config)
     if (run_dir / "summary.jsonl").exists():
         raise ConfigError(f"seeds: {run_dir} holds a single-seed run; give another run_dir")
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")
-    wait_for_everyone()
+    write_config(config, run_dir)
     for seed in config.seeds:
         run_pipeline(replace(config, seed=seed, seeds=(), run_dir=str(seed_run_dir(run_dir, seed))))
     return run_dir

@@ -331,6 +331,12 @@ def sample_texts(run_dir: Path, names: list[str], set_name: str, per_row: int = 
 # ---------------------------------------------------------------- runs over pipeline seeds
 
 
+def run_config(run_dir: Path) -> dict:
+    """The run's config.yaml as a dict (empty when the folder has none)."""
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
 def seed_dirs(run_dir: Path) -> dict[int, Path]:
     """The `seed-<n>/` run directories of a run over pipeline seeds, by seed; empty for a single run."""
     found = {}
@@ -416,10 +422,11 @@ def stage_changes(seeds: dict[int, Path], set_name: str) -> dict[tuple[str, str]
     sft, rlvr: what each stage did to accuracy and length, within each seed."""
     found: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for seed, run_dir in seeds.items():
-        stages = [n for n in ("base", "sft", "rlvr") if _samples(run_dir, n, set_name) is not None]
-        for before, after in zip(stages, stages[1:]):
-            found[(after, before)][seed] = paired_change(_samples(run_dir, before, set_name),
-                                                         _samples(run_dir, after, set_name))
+        loaded = {n: samples for n in ("base", "sft", "rlvr")
+                  if (samples := _samples(run_dir, n, set_name)) is not None}
+        names = list(loaded)
+        for before, after in zip(names, names[1:]):
+            found[(after, before)][seed] = paired_change(loaded[before], loaded[after])
     return dict(found)
 
 
@@ -433,12 +440,16 @@ def against_all_arm(seeds: dict[int, Path], set_name: str) -> dict[str, dict[int
     the gate or the teacher's context changed anything, compared directly rather than through RLVR."""
     found: dict[str, dict[int, dict]] = defaultdict(dict)
     for seed, run_dir in seeds.items():
+        all_arms: dict[str, list | None] = {}  # each `all` arm read once per seed
         for name in checkpoint_order(run_dir):
             if not name.startswith("opsd-") or arm_of(name) == "all":
                 continue
-            after, before = _samples(run_dir, name, set_name), _samples(run_dir, all_arm_of(name), set_name)
-            if after is not None and before is not None:
-                found[name][seed] = paired_change(before, after)
+            reference = all_arm_of(name)
+            if reference not in all_arms:
+                all_arms[reference] = _samples(run_dir, reference, set_name)
+            after = _samples(run_dir, name, set_name)
+            if after is not None and all_arms[reference] is not None:
+                found[name][seed] = paired_change(all_arms[reference], after)
     return dict(found)
 
 
@@ -523,7 +534,7 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
         write_report(seed_dir)
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    config = run_config(run_dir)
     order = [int(seed) for seed in config.get("seeds") or []] or list(seeds)  # a seed still to run holds nothing
     set_names = sorted({p.name for d in seeds.values() for n in checkpoint_order(d)
                         for p in (d / "eval" / n).iterdir() if is_main_set(p.name)})
@@ -578,7 +589,7 @@ def write_report(run_dir: str | Path) -> Path:
         return write_seeds_report(run_dir, seeds)
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    config = run_config(run_dir)
     names = checkpoint_order(run_dir)
     reference = reference_of(names)
     set_names = sorted({p.name for n in names for p in (run_dir / "eval" / n).iterdir() if is_main_set(p.name)})

@@ -10,13 +10,14 @@ processes. The OPSD stage reuses its refill machinery for steps whose gate keeps
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
+from opsdlab.models import end_token_ids
 from opsdlab.prompts import render_prompt
 from opsdlab.rewards import VerifierReward, format_reward
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
@@ -29,8 +30,29 @@ REWARD_SCALINGS = ("group", "batch", "none")
 LEFT_PADDED = ("prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask")
 
 
+VLLM_MODES = ("colocate", "server")
+
+
 @dataclass(frozen=True)
-class RLVRStageConfig:
+class VLLMGeneration:
+    """Rollouts from vLLM through TRL (`use_vllm`), shared by the RLVR and OPSD stage configs:
+    "colocate" builds an engine in each training process, "server" asks a running `trl vllm-serve`
+    (`vllm_server_base_url`). The fields are GRPOConfig's, passed through (`VLLM_FIELDS`)."""
+
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
+    vllm_max_model_length: int | None = None
+    vllm_enable_sleep_mode: bool = False
+    vllm_server_base_url: str | None = None
+
+
+VLLM_FIELDS = tuple(f.name for f in fields(VLLMGeneration))
+
+
+@dataclass(frozen=True)
+class RLVRStageConfig(VLLMGeneration):
     """GRPO-family RL settings.
 
     Batch: `prompts_per_step` prompts, each with `group_size` rollouts, make one optimizer step,
@@ -61,15 +83,6 @@ class RLVRStageConfig:
     num_iterations: int = 1
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
-    # Rollouts from vLLM through TRL (`use_vllm`): "colocate" builds an engine in each training
-    # process, "server" asks a running `trl vllm-serve` (base URL below). The other fields are TRL's.
-    use_vllm: bool = False
-    vllm_mode: str = "colocate"
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_tensor_parallel_size: int = 1
-    vllm_max_model_length: int | None = None
-    vllm_enable_sleep_mode: bool = False
-    vllm_server_base_url: str | None = None
     save_steps: int = 25
     logging_steps: int = 5
     report_to: str = "none"
@@ -92,11 +105,6 @@ class RLVRStageConfig:
         """Rollouts per device per micro-batch on `num_processes` processes (an error if uneven)."""
         return rollouts_per_device("rlvr", self.prompts_per_step, self.group_size, num_processes,
                                    self.gradient_accumulation_steps)
-
-
-VLLM_MODES = ("colocate", "server")
-VLLM_FIELDS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
-               "vllm_max_model_length", "vllm_enable_sleep_mode", "vllm_server_base_url")
 
 
 def check_vllm_fields(stage: str, config) -> None:
@@ -195,7 +203,7 @@ def rl_dataset(examples, tokenizer, thinking: bool) -> Dataset:
 
 
 def reward_functions(verifier: VerifierConfig, tokenizer, config: RLVRStageConfig) -> list:
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    eos = end_token_ids(tokenizer)
     funcs = [VerifierReward(verifier, eos)]
     if config.format_reward_weight:
         funcs.append(format_reward)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from opsdlab.models import end_token_ids
+
 
 @dataclass(frozen=True)
 class VLLMSettings:
@@ -208,7 +210,7 @@ def generate(engine, tokenizer, prompts: list[str], sampling, desc: str = "gener
 
     token_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     # model.generate stops at the EOS and `evaluate.generate` cuts at the first EOS or pad token.
-    stop = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
+    stop = sorted(end_token_ids(tokenizer))
     seeds = prompt_seeds(sampling.seed, len(prompts))
     sampled = (engine.sample(token_ids, sampling, seeds, stop) if isinstance(engine, Replicas)
                else _sample(engine, token_ids, sampling, seeds, stop))
