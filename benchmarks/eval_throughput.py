@@ -80,12 +80,13 @@ def measure(backend: str, model_dir: Path, examples, sampling, dtype: str, setti
             "mean_response_tokens": summary["mean_response_tokens"], "truncation_rate": summary["truncation_rate"]}
 
 
-def run(model_dir: Path, problems: int, sampling, dtype: str, settings) -> list[dict]:
+def run(model_dir: Path, problems: int, sampling, dtype: str, settings,
+        backends: tuple[str, ...] = ("transformers", "vllm")) -> list[dict]:
     from opsdlab.tasks import build_task
 
     examples = build_task("synthetic", {}).examples("test", problems)
     results = []
-    for backend in ("transformers", "vllm"):
+    for backend in backends:
         result = measure(backend, model_dir, examples, sampling, dtype, settings if backend == "vllm" else None)
         print(json.dumps(result), flush=True)
         results.append(result)

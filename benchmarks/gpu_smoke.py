@@ -47,6 +47,8 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/opsdlab-gpu-smoke")
     parser.add_argument("--processes", type=int, default=None, help="accelerate processes (default: GPU count)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per command")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated name prefixes to run (sft and rlvr feed the later steps)")
     args = parser.parse_args()
 
     import torch
@@ -84,6 +86,9 @@ def main() -> int:
                   str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", str(processes)]
         steps.append((name, launch + ["-m", "opsdlab.cli", "opsd", "--model", f"{work}/rlvr/model", "--out",
                                       f"{work}/opsd-{config}", "--gate", "correct", "--teacher-check", "0", *FEW]))
+    if args.only:
+        steps = [(name, command) for name, command in steps
+                 if any(name.startswith(prefix.strip()) for prefix in args.only.split(","))]
     for name, command in steps:
         if command == "RESUME":
             base = cli + ["opsd", "--model", f"{work}/rlvr/model", "--out", f"{work}/opsd-ema", "--gate", "all",

@@ -1,18 +1,19 @@
-"""Seconds per OPSD step and per GRPO step with vLLM colocated generation, on a model of the shape of
-Qwen3-1.7B (random init from its config: no download), plus eval throughput of both backends.
-Never part of the tests.
+"""Seconds per OPSD step and per GRPO step, with vLLM colocated generation (default) or transformers'
+`generate`, on a model of the shape of Qwen3-1.7B (random init from its config: no download), plus eval
+throughput of the backends in use. Never part of the tests.
 
     python benchmarks/gpu_step_bench.py [--steps 3] [--completion 4096] [--out benchmarks/results/gpu_step_bench.json]
+    python benchmarks/gpu_step_bench.py --generation transformers   # where vLLM is not installed
     python benchmarks/gpu_step_bench.py --tiny    # the same code path on CPU with tiny sizes (a dry run)
 
 Both stages train on the same batch (the same prompts, `--prompts` x `--rollouts` rollouts of up to
 `--completion` tokens per step; a random model rarely stops early, so completions run to the limit)
-with TRL's `use_vllm` in colocate mode. Each measurement runs in its own process, so that GPU
-memory and its peak belong to one stage. Reported per stage: seconds per step (median over the steps
-after the first, which includes compilation and warm-up), vLLM generation seconds and generated
-tokens per second, peak GPU memory allocated by torch (training and the vLLM engine share the process)
-and device memory in use at the end. Then eval throughput of the transformers and vLLM backends
-(`eval_throughput.py`) on the same model folder.
+with TRL's `use_vllm` in colocate mode, or TRL's transformers generation with `--generation transformers`.
+Each measurement runs in its own process, so that GPU memory and its peak belong to one stage. Reported
+per stage: seconds per step (median over the steps after the first, which includes compilation and
+warm-up), rollout generation seconds and generated tokens per second, peak GPU memory allocated by torch
+(training and a vLLM engine share the process) and device memory in use at the end. Then eval
+throughput of the backends in use (`eval_throughput.py`) on the same model folder.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def stage_config(stage: str, args):
 
     common = dict(max_steps=args.steps, prompts_per_step=args.prompts, max_completion_length=args.completion,
                   gradient_accumulation_steps=args.accumulation, gradient_checkpointing=not args.tiny,
-                  save_steps=10**6, logging_steps=1, use_vllm=True, vllm_mode="colocate",
+                  save_steps=10**6, logging_steps=1, use_vllm=args.generation == "vllm", vllm_mode="colocate",
                   vllm_gpu_memory_utilization=args.vllm_memory, vllm_max_model_length=args.completion + 512)
     if stage == "opsd":
         return OPSDStageConfig(**common, rollouts_per_prompt=args.rollouts, gate="all", min_kept_rollouts=0)
@@ -110,7 +111,7 @@ def measure_stage(stage: str, model_dir: Path, args) -> dict:
         trainer = RLVRTrainer(model=model, reward_funcs=reward, args=grpo_args(config, work, 0), train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Clock()])
     generation = {"seconds": [], "tokens": []}
-    generate = trainer.vllm_generation.generate
+    generate = trainer._generate  # TRL's rollout generation, either backend; returns (prompt_ids, completion_ids, ...)
 
     def timed_generate(*a, **kw):
         start = time.perf_counter()
@@ -119,7 +120,7 @@ def measure_stage(stage: str, model_dir: Path, args) -> dict:
         generation["tokens"].append(sum(len(ids) for ids in out[1]))
         return out
 
-    trainer.vllm_generation.generate = timed_generate
+    trainer._generate = timed_generate
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -144,7 +145,11 @@ def _child(what: str, model_dir: Path, args, out: Path) -> dict:
     command = [sys.executable, __file__, "--child", what, "--model-dir", str(model_dir), "--child-out", str(out),
                *args.forward]
     print("$ " + " ".join(command), flush=True)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as error:
+        tail = (str(error.stdout or "") + str(error.stderr or ""))[-3000:]
+        return {"stage": what, "returncode": "timeout", "timeout_seconds": args.timeout, "output_tail": tail}
     if result.returncode != 0 or not out.exists():
         tail = (result.stdout + result.stderr)[-3000:]
         print(tail, flush=True)
@@ -160,6 +165,8 @@ def main() -> int:
     parser.add_argument("--rollouts", type=int, default=None, help="rollouts per prompt (OPSD) = group size (GRPO)")
     parser.add_argument("--completion", type=int, default=None, help="max completion tokens")
     parser.add_argument("--accumulation", type=int, default=None, help="gradient accumulation steps")
+    parser.add_argument("--generation", choices=("vllm", "transformers"), default="vllm",
+                        help="rollout backend of both stages (TRL use_vllm colocate, or transformers generate)")
     parser.add_argument("--vllm-memory", type=float, default=0.3, help="vllm_gpu_memory_utilization")
     parser.add_argument("--eval-problems", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
@@ -175,7 +182,8 @@ def main() -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.forward = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in sizes] + \
-        [f"--vllm-memory={args.vllm_memory}", f"--work={args.work}"] + (["--tiny"] if args.tiny else [])
+        [f"--vllm-memory={args.vllm_memory}", f"--work={args.work}", f"--generation={args.generation}"] + \
+        (["--tiny"] if args.tiny else [])
 
     if args.child:
         if args.child == "eval":
@@ -188,7 +196,9 @@ def main() -> int:
             dtype = "float32" if args.tiny else "bfloat16"
             result = {"stage": "eval", "problems": args.eval_problems, "k": 4, "max_new_tokens": args.completion,
                       "dtype": dtype, "backends": run(Path(args.model_dir), args.eval_problems, sampling, dtype,
-                                                      VLLMSettings(gpu_memory_utilization=0.5, in_process=args.tiny))}
+                                                      VLLMSettings(gpu_memory_utilization=0.5, in_process=args.tiny),
+                                                      backends=("transformers", "vllm") if args.generation == "vllm"
+                                                      else ("transformers",))}
         else:
             result = measure_stage(args.child, Path(args.model_dir), args)
         Path(args.child_out).write_text(json.dumps(result))
@@ -214,7 +224,8 @@ def main() -> int:
                                                                else "gpu_step_bench.json"))
     record = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": described, "model": "tiny" if args.tiny else "Qwen3-1.7B shape, random init",
-              "sizes": {k: getattr(args, k) for k in sizes}, "vllm_gpu_memory_utilization": args.vllm_memory,
+              "sizes": {k: getattr(args, k) for k in sizes}, "generation": args.generation,
+              "vllm_gpu_memory_utilization": args.vllm_memory,
               "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

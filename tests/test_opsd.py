@@ -1,12 +1,17 @@
 """OPSD stage: alignment, loss scaling, empty gates, tokenization and tiny training runs."""
 
 import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from opsdlab.models import load_policy
-from opsdlab.opsd import (OPSDStageConfig, check_alignment, final_hidden, loss_normalizer, response_positions,
+from opsdlab.opsd import (SCORINGS, OPSDStageConfig, check_alignment, final_hidden, loss_normalizer, response_positions,
+                          scoring_for,
                           run_opsd)
 
 from opsd_helpers import EXACT, ScriptedReward, make_trainer, record_teacher_prompts, snapshot
@@ -301,3 +306,101 @@ def test_the_loss_applies_the_models_final_logit_softcapping(tmp_path, task, mon
     with torch.no_grad():
         assert torch.allclose(student_head(hidden), torch.tanh(student_lm_head(hidden) / 30.0) * 30.0, atol=1e-4)
         assert torch.allclose(teacher_head(hidden), torch.tanh(teacher_lm_head(hidden) / 30.0) * 30.0, atol=1e-4)
+
+
+def _scored_loss(scoring: str, student, teacher, student_ids, teacher_ids, completion, mask):
+    """The OPSD loss of one batch under one `SCORINGS` entry (all positions attended)."""
+    from opsdlab.divergences import chunked_divergence
+
+    way, width = SCORINGS[scoring], completion.shape[1]
+    student_scores = way.scores(student, student_ids, torch.ones_like(student_ids),
+                                response_positions(student_ids.shape[1] - width, width))
+    with torch.no_grad():
+        teacher_scores = way.scores(teacher, teacher_ids, torch.ones_like(teacher_ids),
+                                    response_positions(teacher_ids.shape[1] - width, width))
+    loss, _ = chunked_divergence(student_scores[mask], teacher_scores[mask], way.head(student), way.head(teacher),
+                                 completion[mask], "reverse_kl", chunk_size=3)
+    return loss
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "gemma2"])
+def test_hidden_and_logits_scoring_give_the_same_loss_and_gradients(task, architecture):
+    """The LM head applied chunk by chunk to hidden states and the logits of the model's own forward
+    (the scoring of sharded launches) are the same loss and gradient; Gemma 2 caps its logits in both."""
+    from opsdlab.models import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+    completion = torch.randint(5, len(tokenizer), (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    student_ids = torch.cat([torch.randint(5, len(tokenizer), (2, 3)), completion], 1)
+    teacher_ids = torch.cat([torch.randint(5, len(tokenizer), (2, 7)), completion], 1)
+    teacher = build_tiny_model(tokenizer, seed=1, architecture=architecture)
+    results = {}
+    for scoring in SCORINGS:
+        student = build_tiny_model(tokenizer, seed=0, architecture=architecture)
+        loss = _scored_loss(scoring, student, teacher, student_ids, teacher_ids, completion, mask)
+        loss.backward()
+        results[scoring] = loss.item(), {n: p.grad.clone() for n, p in student.named_parameters()}
+    (hidden_loss, hidden_grads), (logits_loss, logits_grads) = results["hidden"], results["logits"]
+    assert hidden_loss > 0 and abs(hidden_loss - logits_loss) < 1e-5
+    assert max((hidden_grads[n] - logits_grads[n]).abs().max().item() for n in hidden_grads) < 1e-5
+
+
+def test_sharded_launches_take_the_logits_from_the_forward():
+    """FSDP and ZeRO-3 keep the LM head sharded outside the forward; DDP, ZeRO-2 and one process do not."""
+    def launch(fsdp=None, zero_stage=None):
+        deepspeed = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed))
+
+    assert scoring_for(launch(fsdp=object())) == "logits"
+    assert scoring_for(launch(zero_stage=3)) == "logits"
+    assert scoring_for(launch(zero_stage=2)) == "hidden"
+    assert scoring_for(launch()) == "hidden"
+
+
+def test_fsdp2_sharded_student_and_teacher_get_the_unsharded_loss_and_gradients(tmp_path):
+    """Two gloo processes shard student and teacher with FSDP2 as accelerate and TRL do: the LM head on
+    hidden states fails there (the failure seen on a GPU), the forward's logits give the unsharded loss
+    and gradient."""
+    from launch_helpers import free_port, run_with_deadline
+
+    script = Path(__file__).parent / "scripts" / "fsdp_scoring.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(script), str(tmp_path)]
+    returncode, output = run_with_deadline(command, env, tmp_path / "launch.log", 150)
+    assert returncode == 0, output[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["parameters"] > 0
+        assert abs(result["sharded_logits_loss"] - result["reference_loss"]) < 1e-5
+        assert abs(result["reference_logits_loss"] - result["reference_loss"]) < 1e-5
+        assert result["gradient_difference"] < 1e-5
+        assert "DTensor" in (result["hidden_error"] or "")
+
+
+def test_the_trainer_trains_the_same_weights_with_either_scoring(tmp_path, tiny_folder, task, monkeypatch):
+    """Two OPSD steps through the real trainer, once as on one process and once with the scoring a
+    sharded launch picks: same rollouts, same weights."""
+    import opsdlab.opsd as opsd_module
+
+    widths, real = [], opsd_module.chunked_divergence
+
+    def spy(student_scores, *args, **kwargs):
+        widths.append(student_scores.shape[-1])
+        return real(student_scores, *args, **kwargs)
+
+    monkeypatch.setattr(opsd_module, "chunked_divergence", spy)
+    weights = {}
+    for scoring in SCORINGS:
+        monkeypatch.setattr(opsd_module, "scoring_for", lambda accelerator, chosen=scoring: chosen)
+        trainer = make_trainer(tmp_path / scoring, tiny_folder, task, max_steps=2, gate="all")
+        start = snapshot(trainer.model)
+        widths.clear()
+        trainer.train()
+        config = trainer.model.config
+        assert set(widths) == {config.hidden_size if scoring == "hidden" else config.vocab_size}
+        weights[scoring] = snapshot(trainer.model)
+    assert max((weights["hidden"][n] - start[n]).abs().max().item() for n in start) > 0
+    for name in start:
+        assert torch.allclose(weights["hidden"][name], weights["logits"][name], rtol=1e-4, atol=1e-6), name

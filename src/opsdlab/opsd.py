@@ -19,6 +19,7 @@ that TRL computes from groups are unused here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -185,6 +186,56 @@ def final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
     return output.hidden_states[-1]
 
 
+def response_hidden(model, input_ids, attention_mask, positions: slice) -> torch.Tensor:
+    """Final hidden states at the scored positions; the LM head runs later, one chunk at a time."""
+    return final_hidden(model, input_ids, attention_mask)[:, positions]
+
+
+def response_logits(model, input_ids, attention_mask, positions: slice) -> torch.Tensor:
+    """Logits at the scored positions, computed inside the model's own forward (`logits_to_keep`)."""
+    keep = input_ids.shape[1] - positions.start
+    output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+    return output.logits[:, :positions.stop - positions.start]
+
+
+def _identity_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda logits: logits
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How student and teacher score the response: `scores(model, ids, attn, positions)` runs the
+    model, `head(unwrapped_model)` maps those scores to logits inside `chunked_divergence`."""
+
+    scores: Callable
+    head: Callable
+
+
+# "hidden": the LM head applied to hidden states chunk by chunk, so no [tokens, V] tensor exists
+# (peak O(chunk x V)). "logits": the model's forward computes the logits ([tokens, V] twice, student
+# and teacher), for models whose LM head weights are whole only inside their forward.
+SCORINGS = {
+    "hidden": Scoring(response_hidden, output_head),
+    "logits": Scoring(response_logits, _identity_head),
+}
+
+
+def scoring_for(accelerator) -> str:
+    """The `SCORINGS` entry for this launch.
+
+    FSDP (reshard after forward) and DeepSpeed ZeRO-3 keep each parameter sharded outside the forward
+    of the module that owns it, so an LM head applied to hidden states after the forward sees a shard
+    (FSDP2: "mixed torch.Tensor and DTensor"); there the logits come from the forward itself.
+    """
+    state = accelerator.state
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return "logits"
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    if deepspeed is not None and getattr(deepspeed, "zero_stage", None) == 3:
+        return "logits"
+    return "hidden"
+
+
 def loss_normalizer(step_tokens: float, num_processes: int, accumulation_steps: int,
                     steps_per_generation: int) -> float:
     """What one micro-batch divides its summed per-token divergence by.
@@ -223,6 +274,7 @@ class OPSDTrainer(GRPOTrainer):
         self.teacher = build_teacher(opsd.teacher_weights, self.accelerator.unwrap_model(self.model),
                                      self.accelerator, rate=opsd.ema_rate, pretrained_adapter=pretrained_adapter)
         self.divergence_options = opsd.divergence_options()
+        self.scoring = SCORINGS[scoring_for(self.accelerator)]
         self.token_stats_path = token_stats_path
         self.refill = RefillSampler(self.train_dataset, self.args.seed)
         self.skipped_steps = 0
@@ -313,16 +365,16 @@ class OPSDTrainer(GRPOTrainer):
         check_alignment(student_ids, student_attn, student_positions, teacher_ids, teacher_attn, teacher_positions,
                         completion_ids, completion_mask)
 
-        student_hidden = final_hidden(model, student_ids, student_attn)[:, student_positions]
+        student_scores = self.scoring.scores(model, student_ids, student_attn, student_positions)
         unwrapped = self.accelerator.unwrap_model(model)
         with torch.no_grad(), self.teacher.use(unwrapped) as teacher_model:
-            teacher_hidden = final_hidden(teacher_model, teacher_ids, teacher_attn)[:, teacher_positions]
-            teacher_head = output_head(self.accelerator.unwrap_model(teacher_model))
+            teacher_scores = self.scoring.scores(teacher_model, teacher_ids, teacher_attn, teacher_positions)
+            teacher_head = self.scoring.head(self.accelerator.unwrap_model(teacher_model))
         mask = completion_mask.bool()
         names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
         token_names = [names[r] for r in range(len(rows_list)) for _ in range(int(mask[r].sum()))]
         loss_sum, stats = chunked_divergence(
-            student_hidden[mask], teacher_hidden[mask].detach(), output_head(unwrapped), teacher_head,
+            student_scores[mask], teacher_scores[mask].detach(), self.scoring.head(unwrapped), teacher_head,
             completion_ids[mask], token_names, self.divergence_options, chunk_size=self.opsd.chunk_size,
         )
         tokens = int(mask.sum()) if keep else 0
