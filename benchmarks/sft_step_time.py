@@ -1,15 +1,17 @@
 """Time the demo's SFT step on the tiny task: the default against the levers that would make it cheaper.
 
-    python benchmarks/sft_step_time.py [--steps 40] [--threads 1,2]
+    python benchmarks/sft_step_time.py [--steps 40] [--threads 1,2] [--variants 0,3] [--out FILE]
 
 SFT is most of the demo's wall time (README, "Where the demo's time goes"). Each variant trains a
 fresh copy of the tiny base model for `--steps` SFT steps on the demo's rows (TRL's SFTTrainer, as
 the pipeline runs it) and records the wall time of every optimizer step; the median of the steps
-after the first five is the figure. The variants change only how rows are batched, not the data:
-the default (32 random rows per step), length-grouped batches (`sft.batching: length_grouped`,
-transformers' LengthGroupedSampler, which cuts padding) and 64 rows per step. This measures speed only: whether a variant trains as good
-a model in fewer seconds is a question for the pipeline over seeds. Results, with the machine and
-the load average, go to benchmarks/results/sft_step_time.json.
+after the first five is the figure. The variants change how rows are batched or how the model runs,
+not the data: the default (32 random rows per step), length-grouped batches (`sft.batching:
+length_grouped`, transformers' LengthGroupedSampler, which cuts padding), 64 rows per step, and the
+model under `torch.compile` (inductor, dynamic shapes; its first step includes the compilation).
+This measures speed only: whether a variant trains as good a model in fewer seconds is a question
+for the pipeline over seeds. Results, with the machine and the load average, go to
+benchmarks/results/sft_step_time.json (or `--out`).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ VARIANTS = {
     "default: 32 random rows per step": {},
     "length-grouped batches of 32": {"batching": "length_grouped"},
     "64 random rows per step": {"batch_size": 64},
+    "torch.compile (dynamic shapes), 32 random rows": {"compile": True},
 }
 
 
-def step_seconds(base_model: Path, rows: list[dict], stage, out_dir: Path) -> list[float]:
-    """Wall time of every optimizer step of one SFT run."""
+def step_seconds(base_model: Path, rows: list[dict], stage, out_dir: Path, compile_model: bool = False) -> list[float]:
+    """Wall time of every optimizer step of one SFT run (the first compiled step includes compilation)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTTrainer
@@ -54,6 +57,8 @@ def step_seconds(base_model: Path, rows: list[dict], stage, out_dir: Path) -> li
             self.times.append(time.perf_counter() - self.start)
 
     model, tokenizer = load_policy(base_model, "float32", False)
+    if compile_model:
+        model.compile(dynamic=True)
     args = sft_args(stage, out_dir, seed=0, eos_token=tokenizer.eos_token)
     clock = StepClock()
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
@@ -65,6 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", default="1,2", help="torch CPU thread counts to try, comma-separated")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated indices into VARIANTS (default: all), e.g. 0,3")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -85,19 +92,25 @@ def main() -> None:
         results = []
         for threads in [int(t) for t in args.threads.split(",")]:
             torch.set_num_threads(threads)
-            for name, changes in VARIANTS.items():
+            chosen = list(VARIANTS.items())
+            if args.variants:
+                chosen = [chosen[int(i)] for i in args.variants.split(",")]
+            for name, changes in chosen:
+                changes = dict(changes)
+                compile_model = changes.pop("compile", False)
                 stage = replace(config.sft, max_steps=args.steps, save_steps=10 * args.steps,
                                 logging_steps=10 * args.steps, **changes)
-                times = step_seconds(base, rows, stage, Path(tmp) / f"sft-{threads}-{len(results)}")
+                times = step_seconds(base, rows, stage, Path(tmp) / f"sft-{threads}-{len(results)}", compile_model)
                 median = statistics.median(times[5:] or times)
                 results.append({"variant": name, "threads": threads, "steps": len(times),
-                                "median_step_seconds": round(median, 4),
+                                "median_step_seconds": round(median, 4), "first_step_seconds": round(times[0], 2),
                                 "rows_per_second": round(stage.batch_size / median, 1)})
                 print(f"{threads} thread(s), {name}: {median:.3f} s/step, {stage.batch_size / median:.0f} rows/s",
                       flush=True)
 
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "python benchmarks/sft_step_time.py " + f"--steps {args.steps} --threads {args.threads}",
+              "command": "python benchmarks/sft_step_time.py " + f"--steps {args.steps} --threads {args.threads}"
+                         + (f" --variants {args.variants}" if args.variants else ""),
               "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()],
