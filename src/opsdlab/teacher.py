@@ -53,8 +53,8 @@ def separate_copy(student, accelerator) -> torch.nn.Module:
         teacher = create_model_from_path(source, dtype=student.dtype,
                                          attn_implementation=config._attn_implementation, device_map=None)
     else:
-        # Built where the student lives: the random init that load_state_dict then overwrites took
-        # 8.5 s for a 0.3B model on one CPU core (minutes for an 8B model); on a GPU it is instant.
+        # Built where the student lives: the random init that load_state_dict then overwrites is
+        # single-threaded on CPU (40 s for Qwen3-1.7B's shape, benchmarks/teacher_copy_time.py), not on a GPU.
         device = next(student.parameters()).device
         with torch.device("cpu" if device.type == "meta" else device):
             teacher = AutoModelForCausalLM.from_config(config, dtype=student.dtype,
