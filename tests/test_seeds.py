@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import yaml
 from opsdlab import pipeline
 from opsdlab.cli import main
 from opsdlab.config import ConfigError, load_config
-from opsdlab.study import STUDY_ARMS, study_config
+from opsdlab import study
+from opsdlab.study import STUDY_ARMS, run_parts, study_config
 
 
 def test_seeds_default_to_the_single_seed_layout(tmp_path, monkeypatch):
@@ -138,3 +140,43 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     redone = {p for p in again if "unrelated-s0" in str(p) and "seed-1" in str(p)}
     assert redone and all(again[p] == finished[p] for p in finished if p not in redone)
     assert set(again) == set(finished)
+
+
+def test_run_parts_runs_at_most_jobs_at_once_and_returns_every_exit_code(tmp_path):
+    """Four parts, two at a time: each records when it ran; the failing one does not stop the others."""
+    script = ("import sys, time; open(sys.argv[1], 'w').write(str(time.time())); time.sleep(0.4); "
+              "open(sys.argv[1], 'a').write(' ' + str(time.time())); sys.exit(int(sys.argv[2]))")
+    parts = [([sys.executable, "-c", script, str(tmp_path / f"times-{i}"), str(3 if i == 1 else 0)],
+              tmp_path / "logs" / f"part-{i}.log") for i in range(4)]
+    codes = run_parts(parts, jobs=2, poll_seconds=0.05)
+    assert codes == {tmp_path / "logs" / f"part-{i}.log": (3 if i == 1 else 0) for i in range(4)}
+    spans = [tuple(map(float, (tmp_path / f"times-{i}").read_text().split())) for i in range(4)]
+    for start, _ in spans:  # how many parts were running at each part's start
+        assert sum(s <= start < e for s, e in spans) <= 2
+    assert max(s for s, _ in spans) >= min(e for _, e in spans)  # the third part waited for a slot
+
+
+def test_a_failed_study_part_is_a_clean_error_naming_its_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "run_parts", lambda parts, jobs, env: {log: (1 if "seed-1" in log.name else 0)
+                                                                       for _, log in parts})
+    argv = ["study", "--jobs", "2", "--presets", "tiny", "--seeds", "0,1", "--run-dir", str(tmp_path)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "1 of 2 parts failed" in error and str(tmp_path / "tiny" / "seed-1.log") in error
+    assert main([*argv[:2], "0", *argv[3:]]) == 2
+    assert "jobs: expected a positive number" in capsys.readouterr().err
+
+
+def test_tiny_study_with_two_jobs_runs_each_seed_in_its_own_process(tmp_path, capsys):
+    """`--jobs 2`: the two seeds run side by side as processes with their own logs; the report is over both."""
+    argv = ["study", "--jobs", "2", "--presets", "tiny", "--seeds", "0,1", "--run-dir", str(tmp_path), *TINY_STUDY]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 parts, 2 at a time" in out and "study wall time" in out
+    root = tmp_path / "tiny"
+    for seed in (0, 1):
+        assert "study wall time" in (root / f"seed-{seed}.log").read_text()
+        for arm in STUDY_ARMS:
+            assert (root / f"seed-{seed}" / "opsd" / f"{arm['name']}-s0" / "model" / "COMPLETE").exists()
+    assert yaml.safe_load((root / "config.yaml").read_text())["seeds"] == [0, 1]
+    assert "| opsd-none-s0 | 2/2 |" in (root / "report" / "report.md").read_text()

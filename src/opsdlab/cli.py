@@ -210,7 +210,8 @@ def cmd_study(args) -> int:
     from opsdlab.study import run_study
 
     start = time.time()
-    done = run_study(args.run_dir, [p for p in args.presets.split(",") if p], args.seeds, args.overrides)
+    done = run_study(args.run_dir, [p for p in args.presets.split(",") if p], args.seeds, args.overrides,
+                     jobs=args.jobs)
     for preset, result in done.items():
         print(f"{preset}: {result['report']}")
     print(f"study wall time: {time.time() - start:.0f}s")
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default: tiny,tiny-search)")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated pipeline seeds (default: 0,1,2)")
     p.add_argument("--run-dir", default="runs/study", help="one sub-directory per preset")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(preset, seed) parts run as this many processes at a time, each with OMP_NUM_THREADS "
+                        "= cores / jobs unless set (default: 1, in this process)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value applied to every preset")
     p.set_defaults(func=cmd_study)
 
@@ -305,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     from opsdlab.data import DataError
     from opsdlab.models import ModelFolderError
     from opsdlab.runtime import LaunchError
+    from opsdlab.study import StudyError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelFolderError, LaunchError, ValueError) as error:
+    except (ConfigError, DataError, ModelFolderError, LaunchError, StudyError, ValueError) as error:
         if os.environ.get("OPSDLAB_DEBUG"):
             raise
         message = str(error)

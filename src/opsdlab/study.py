@@ -3,11 +3,16 @@
 `run_study` runs, for each preset (a shipped config name or a YAML file), the whole pipeline over
 `STUDY_SEEDS` (`pipeline.run_seeds`) with the `STUDY_ARMS`, into `<run_dir>/<preset>/`, and writes
 that task's report over seeds. Every part resumes: rerunning the same command skips what finished.
+With `jobs` > 1 the (preset, seed) parts run as that many processes at a time, each with its share
+of the CPU threads (`run_parts`); the reports are then written over all seeds.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,14 +42,69 @@ def study_config(preset: str, run_dir: str | Path, seeds=STUDY_SEEDS, overrides:
     return load_config(preset, forced + list(overrides or []))
 
 
+class StudyError(RuntimeError):
+    """A part of the study failed; the message names each failed part and its log."""
+
+
+def part_command(preset: str, seed: int, run_dir: str | Path, overrides: list[str] | None = None) -> list[str]:
+    """The command that runs one (preset, seed) part of the study: the study itself on that seed."""
+    return [sys.executable, "-m", "opsdlab.cli", "study", "--presets", preset, "--seeds", str(seed),
+            "--run-dir", str(run_dir), *(overrides or [])]
+
+
+def run_parts(parts: list[tuple[list[str], Path]], jobs: int, env: dict | None = None,
+              poll_seconds: float = 0.5) -> dict[Path, int]:
+    """Run each (command, log file) with at most `jobs` running at once; the exit code per log.
+
+    Every part runs to its end even when another fails (each is a resumable run of its own); the
+    caller decides what a failure means.
+    """
+    if jobs < 1:
+        raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
+    waiting, running, codes = list(parts), [], {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            command, log = waiting.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log, "w")
+            running.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), handle, log))
+        for entry in list(running):
+            process, handle, log = entry
+            if process.poll() is not None:
+                handle.close()
+                codes[log] = process.returncode
+                running.remove(entry)
+        if running:
+            time.sleep(poll_seconds)
+    return codes
+
+
+def _threads_per_job(jobs: int) -> str:
+    """OMP_NUM_THREADS for each of `jobs` processes: the caller's setting, else an even share of the cores."""
+    return os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+
+
 def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
-              overrides: list[str] | None = None) -> dict[str, dict]:
+              overrides: list[str] | None = None, jobs: int = 1) -> dict[str, dict]:
     """Run (or resume) every preset of the study and write its report; per preset, the report path
-    and the wall time of this call in seconds."""
+    and the wall time of this call in seconds (with `jobs` > 1: the time to resume it and write its
+    report after every part ran; the parts' wall time is printed)."""
     names = [Path(preset).stem for preset in presets]
     if not presets or len(set(names)) != len(names):
         raise ConfigError(f"presets: expected distinct preset names (each gets <run_dir>/<name>), got {list(presets)}")
+    if jobs < 1:
+        raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
     configs = [study_config(preset, run_dir, seeds, overrides) for preset in presets]  # bad input fails first
+    if jobs > 1:
+        parts = [(part_command(preset, seed, run_dir, overrides), Path(run_dir) / name / f"seed-{seed}.log")
+                 for preset, name in zip(presets, names) for seed in seeds]
+        start = time.time()
+        codes = run_parts(parts, jobs, env={**os.environ, "OMP_NUM_THREADS": _threads_per_job(jobs)})
+        failed = [str(log) for log, code in codes.items() if code != 0]
+        print(f"[study] {len(parts)} parts, {jobs} at a time: {time.time() - start:.0f}s", flush=True)
+        if failed:
+            raise StudyError(f"study: {len(failed)} of {len(parts)} parts failed; see {', '.join(failed)} "
+                             "(rerun the same command to resume)")
     done = {}
     for preset, config in zip(presets, configs):
         start = time.time()
