@@ -180,3 +180,21 @@ def test_tiny_study_with_two_jobs_runs_each_seed_in_its_own_process(tmp_path, ca
             assert (root / f"seed-{seed}" / "opsd" / f"{arm['name']}-s0" / "model" / "COMPLETE").exists()
     assert yaml.safe_load((root / "config.yaml").read_text())["seeds"] == [0, 1]
     assert "| opsd-none-s0 | 2/2 |" in (root / "report" / "report.md").read_text()
+
+
+def test_an_interrupted_run_parts_stops_the_parts_still_running(tmp_path, monkeypatch):
+    started, real_popen = [], study.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study.subprocess, "Popen", popen)
+    monkeypatch.setattr(study.time, "sleep", interrupt)
+    parts = [([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / f"part-{i}.log") for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        run_parts(parts, jobs=2)
+    assert len(started) == 2 and all(process.poll() is not None for process in started)

@@ -62,20 +62,27 @@ def run_parts(parts: list[tuple[list[str], Path]], jobs: int, env: dict | None =
     if jobs < 1:
         raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
     waiting, running, codes = list(parts), [], {}
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            command, log = waiting.pop(0)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(log, "w")
-            running.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), handle, log))
-        for entry in list(running):
-            process, handle, log = entry
-            if process.poll() is not None:
-                handle.close()
-                codes[log] = process.returncode
-                running.remove(entry)
-        if running:
-            time.sleep(poll_seconds)
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                command, log = waiting.pop(0)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(log, "w")
+                running.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env),
+                                handle, log))
+            for entry in list(running):
+                process, handle, log = entry
+                if process.poll() is not None:
+                    handle.close()
+                    codes[log] = process.returncode
+                    running.remove(entry)
+            if running:
+                time.sleep(poll_seconds)
+    finally:  # interrupted: stop the parts still running (each resumes on the next call)
+        for process, handle, _ in running:
+            process.terminate()
+            process.wait()
+            handle.close()
     return codes
 
 
