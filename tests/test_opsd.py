@@ -348,9 +348,14 @@ def test_hidden_and_logits_scoring_give_the_same_loss_and_gradients(task, archit
 
 def test_sharded_launches_take_the_logits_from_the_forward():
     """FSDP and ZeRO-3 keep the LM head sharded outside the forward; DDP, ZeRO-2 and one process do not."""
+    from accelerate.utils import DistributedType
+
     def launch(fsdp=None, zero_stage=None):
+        kind = (DistributedType.FSDP if fsdp is not None else DistributedType.DEEPSPEED if zero_stage is not None
+                else DistributedType.MULTI_GPU)
         deepspeed = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
-        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed))
+        return SimpleNamespace(distributed_type=kind,
+                               state=SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed))
 
     assert scoring_for(launch(fsdp=object())) == "logits"
     assert scoring_for(launch(zero_stage=3)) == "logits"

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import DistributedType, is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import pad
 from transformers import TrainerCallback
@@ -38,7 +38,7 @@ from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
                           concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
 from opsdlab.runtime import JsonlMetrics, is_main_process, resume_point, save_trained
-from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, load_teacher_state, save_teacher_state
+from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
 
 
@@ -227,13 +227,8 @@ def scoring_for(accelerator) -> str:
     of the module that owns it, so an LM head applied to hidden states after the forward sees a shard
     (FSDP2: "mixed torch.Tensor and DTensor"); there the logits come from the forward itself.
     """
-    state = accelerator.state
-    if getattr(state, "fsdp_plugin", None) is not None:
-        return "logits"
-    deepspeed = getattr(state, "deepspeed_plugin", None)
-    if deepspeed is not None and getattr(deepspeed, "zero_stage", None) == 3:
-        return "logits"
-    return "hidden"
+    sharded = accelerator.distributed_type == DistributedType.FSDP or is_zero3(accelerator)
+    return "logits" if sharded else "hidden"
 
 
 def loss_normalizer(step_tokens: float, num_processes: int, accumulation_steps: int,

@@ -36,7 +36,8 @@ FROZEN_ADAPTER = "opsd_frozen"
 EMA_ADAPTER = "opsd_ema"
 
 
-def _zero3(accelerator) -> bool:
+def is_zero3(accelerator) -> bool:
+    """DeepSpeed ZeRO-3: every parameter partitioned outside the forward of the module that owns it."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return False
     return accelerator.state.deepspeed_plugin.zero_stage == 3
@@ -45,7 +46,7 @@ def _zero3(accelerator) -> bool:
 def separate_copy(student, accelerator) -> torch.nn.Module:
     """A new network holding the student's current weights, placed like TRL's reference model."""
     config = student.config
-    if _zero3(accelerator):
+    if is_zero3(accelerator):
         source = getattr(config, "_name_or_path", "")
         if not source:
             raise ValueError("teacher: under DeepSpeed ZeRO-3 the frozen/EMA teacher is loaded from the student's "
