@@ -175,7 +175,8 @@ def test_tiny_study_with_two_jobs_runs_each_seed_in_its_own_process(tmp_path, ca
     assert "2 parts, 2 at a time" in out and "study wall time" in out
     root = tmp_path / "tiny"
     for seed in (0, 1):
-        assert "study wall time" in (root / f"seed-{seed}.log").read_text()
+        # each part is its seed's own pipeline run: it ends with that seed's report, not the study's
+        assert f"report: {root / f'seed-{seed}' / 'report' / 'report.md'}" in (root / f"seed-{seed}.log").read_text()
         for arm in STUDY_ARMS:
             assert (root / f"seed-{seed}" / "opsd" / f"{arm['name']}-s0" / "model" / "COMPLETE").exists()
     assert yaml.safe_load((root / "config.yaml").read_text())["seeds"] == [0, 1]

@@ -248,6 +248,11 @@ def seed_run_dir(run_dir: str | Path, seed: int) -> Path:
     return Path(run_dir) / f"seed-{seed}"
 
 
+def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
+    """Pipeline seed `seed` of a run over seeds: a single-seed run in its `seed-<n>/` directory."""
+    return replace(config, seed=seed, seeds=(), run_dir=str(seed_run_dir(config.run_dir, seed)))
+
+
 def run_seeds(config: PipelineConfig) -> Path:
     """`run_pipeline` once per entry of `config.seeds`, each in its own `seed-<n>/` run directory.
 
@@ -265,7 +270,7 @@ def run_seeds(config: PipelineConfig) -> Path:
         raise ConfigError(f"seeds: {run_dir} holds a single-seed run; give another run_dir")
     write_config(config, run_dir)
     for seed in config.seeds:
-        run_pipeline(replace(config, seed=seed, seeds=(), run_dir=str(seed_run_dir(run_dir, seed))))
+        run_pipeline(seed_config(config, seed))
     return run_dir
 
 

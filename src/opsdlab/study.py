@@ -3,8 +3,9 @@
 `run_study` runs, for each preset (a shipped config name or a YAML file), the whole pipeline over
 `STUDY_SEEDS` (`pipeline.run_seeds`) with the `STUDY_ARMS`, into `<run_dir>/<preset>/`, and writes
 that task's report over seeds. Every part resumes: rerunning the same command skips what finished.
-With `jobs` > 1 the (preset, seed) parts run as that many processes at a time, each with its share
-of the CPU threads (`run_parts`); the reports are then written over all seeds.
+With `jobs` > 1 each (preset, seed) part runs as its own single-seed `opsdlab pipeline` process in
+its `seed-<n>/` directory, that many at a time, each with its share of the CPU threads
+(`run_parts`); the reports over all seeds are then written here, once every part has finished.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.pipeline import run_seeds
+from opsdlab.pipeline import run_seeds, seed_config, write_config
 from opsdlab.report import write_report
 
 STUDY_PRESETS = ("tiny", "tiny-search")
@@ -46,10 +47,14 @@ class StudyError(RuntimeError):
     """A part of the study failed; the message names each failed part and its log."""
 
 
-def part_command(preset: str, seed: int, run_dir: str | Path, overrides: list[str] | None = None) -> list[str]:
-    """The command that runs one (preset, seed) part of the study: the study itself on that seed."""
-    return [sys.executable, "-m", "opsdlab.cli", "study", "--presets", preset, "--seeds", str(seed),
-            "--run-dir", str(run_dir), *(overrides or [])]
+def part(config, seed: int) -> tuple[list[str], Path]:
+    """One (preset, seed) part of the study: the command that runs that seed's single-seed pipeline
+    from its resolved config (written here into its run directory) and the part's log file."""
+    part_config = seed_config(config, seed)
+    write_config(part_config, Path(part_config.run_dir))
+    command = [sys.executable, "-m", "opsdlab.cli", "pipeline", "--config",
+               str(Path(part_config.run_dir) / "config.yaml")]
+    return command, Path(config.run_dir) / f"seed-{seed}.log"
 
 
 def run_parts(parts: list[tuple[list[str], Path]], jobs: int, env: dict | None = None,
@@ -103,8 +108,9 @@ def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
         raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
     configs = [study_config(preset, run_dir, seeds, overrides) for preset in presets]  # bad input fails first
     if jobs > 1:
-        parts = [(part_command(preset, seed, run_dir, overrides), Path(run_dir) / name / f"seed-{seed}.log")
-                 for preset, name in zip(presets, names) for seed in seeds]
+        for config in configs:
+            write_config(config, Path(config.run_dir))
+        parts = [part(config, seed) for config in configs for seed in seeds]
         start = time.time()
         codes = run_parts(parts, jobs, env={**os.environ, "OMP_NUM_THREADS": _threads_per_job(jobs)})
         failed = [str(log) for log, code in codes.items() if code != 0]
