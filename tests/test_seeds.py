@@ -159,6 +159,8 @@ def test_run_parts_runs_at_most_jobs_at_once_and_returns_every_exit_code(tmp_pat
 def test_a_failed_study_part_is_a_clean_error_naming_its_log(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "run_parts", lambda parts, jobs, env: {log: (1 if "seed-1" in log.name else 0)
                                                                        for _, log in parts})
+    # after a failed part the parent must stop, not go on to run the seeds itself
+    monkeypatch.setattr(study, "run_seeds", lambda config: pytest.fail("the study went on after a failed part"))
     argv = ["study", "--jobs", "2", "--presets", "tiny", "--seeds", "0,1", "--run-dir", str(tmp_path)]
     assert main(argv) == 2
     error = capsys.readouterr().err
