@@ -170,6 +170,8 @@ def main() -> int:
     parser.add_argument("--vllm-memory", type=float, default=0.3, help="vllm_gpu_memory_utilization")
     parser.add_argument("--eval-problems", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
+    parser.add_argument("--stages", default="opsd,rlvr,eval",
+                        help="comma-separated measurements to run, of opsd, rlvr (GRPO) and eval")
     parser.add_argument("--work", default="/tmp/opsdlab-gpu-step-bench")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", choices=("opsd", "rlvr", "eval"), help=argparse.SUPPRESS)
@@ -204,6 +206,10 @@ def main() -> int:
         Path(args.child_out).write_text(json.dumps(result))
         return 0
 
+    stages = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
+    if not stages or set(stages) - {"opsd", "rlvr", "eval"}:
+        parser.error(f"--stages: expected a comma-separated subset of opsd,rlvr,eval, got {args.stages!r}")
+
     import torch
 
     from eval_throughput import machine
@@ -217,7 +223,7 @@ def main() -> int:
     start = time.perf_counter()
     model_dir = build_model(work / "model", args.tiny)
     print(f"model folder {model_dir}: {time.perf_counter() - start:.1f} s", flush=True)
-    results = [_child(what, model_dir, args, work / f"{what}.json") for what in ("opsd", "rlvr", "eval")]
+    results = [_child(what, model_dir, args, work / f"{what}.json") for what in stages]
     for result in results:
         print(json.dumps(result), flush=True)
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("gpu_step_bench_tiny_cpu.json" if args.tiny
