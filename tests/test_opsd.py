@@ -346,6 +346,32 @@ def test_hidden_and_logits_scoring_give_the_same_loss_and_gradients(task, archit
     assert max((hidden_grads[n] - logits_grads[n]).abs().max().item() for n in hidden_grads) < 1e-5
 
 
+def test_both_scorings_run_a_bf16_student_under_accelerate_mixed_precision(task):
+    """With `bf16=True` accelerate wraps the student's forward in autocast and returns its outputs in
+    float32, so the hidden states reach the bf16 LM head as float32: each scoring must still give the
+    loss (the same one, to bf16 precision) and a gradient."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    from opsdlab.models import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+    completion = torch.randint(5, len(tokenizer), (2, 5))
+    mask = torch.ones_like(completion, dtype=torch.bool)
+    student_ids = torch.cat([torch.randint(5, len(tokenizer), (2, 3)), completion], 1)
+    teacher_ids = torch.cat([torch.randint(5, len(tokenizer), (2, 7)), completion], 1)
+    teacher = build_tiny_model(tokenizer, seed=1).to(torch.bfloat16)
+    losses = {}
+    for scoring in SCORINGS:
+        student = build_tiny_model(tokenizer, seed=0).to(torch.bfloat16)
+        forward = student.forward  # as Accelerator.prepare_model wraps it for mixed_precision="bf16"
+        student.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(forward))
+        loss = _scored_loss(scoring, student, teacher, student_ids, teacher_ids, completion, mask)
+        loss.backward()
+        assert student.get_output_embeddings().weight.grad.abs().sum() > 0
+        losses[scoring] = loss.item()
+    assert losses["hidden"] > 0 and abs(losses["hidden"] - losses["logits"]) < 0.02 * losses["logits"]
+
+
 def test_sharded_launches_take_the_logits_from_the_forward():
     """FSDP and ZeRO-3 keep the LM head sharded outside the forward; DDP, ZeRO-2 and one process do not."""
     from accelerate.utils import DistributedType

@@ -293,6 +293,7 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
     `logit_scale` (multiplied), Granite's `logits_scaling` (divided), and Gemma 2/3's
     `final_logit_softcapping` (`tanh(logits / cap) * cap`). Use it wherever the LM head is applied
     to hidden states outside the model's forward; `check_output_head` verifies it on a model.
+    Hidden states are cast to the head's dtype first (float32 outputs of a mixed-precision forward).
     """
     head = model.get_output_embeddings()
     if head is None:
@@ -309,6 +310,12 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
     cap = float(cap) if cap else None
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
+        # Under bf16/fp16 mixed precision accelerate returns the forward's outputs in float32, while
+        # the head's weights stay in the model's dtype: compute the head in its own dtype, as the
+        # forward does (the divergence upcasts the logits afterwards).
+        weight = getattr(head, "weight", None)
+        if weight is not None and weight.is_floating_point() and hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
         out = head(hidden)
         if multiplier != 1.0:
             out = out * multiplier
