@@ -69,6 +69,8 @@ def main() -> int:
                         "--set", "dynamic_sampling=true"]),
         ("opsd frozen", cli + ["opsd", "--model", f"{work}/rlvr/model", "--out", f"{work}/opsd-frozen", "--gate",
                                "all", "--teacher-check", "20", *FEW]),
+        ("opsd bf16 weights", cli + ["opsd", "--model", f"{work}/rlvr/model", "--out", f"{work}/opsd-bf16", "--gate",
+                                     "all", "--teacher-check", "0", "--dtype", "bfloat16", *FEW]),
         ("opsd ema, killed at step 2 and resumed", "RESUME"),
         ("opsd lora", cli + ["opsd", "--model", f"{work}/rlvr/model", "--out", f"{work}/opsd-lora", "--gate", "all",
                              "--teacher-check", "0", *FEW, "--set", "lora_r=8"]),

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from opsdlab.cli import build_parser, main
 
@@ -100,6 +101,21 @@ def test_stage_commands_chain_through_model_folders(tmp_path, capsys):
     assert "teacher prompt (solution)" in captured.out
     assert "WARNING" in captured.err  # an untrained model's teacher prompt is no better than its student prompt
     assert (opsd / "model" / "model.safetensors").exists()
+
+
+def test_stage_commands_load_the_weights_in_the_dtype_asked(tmp_path, tiny_folder):
+    """`--dtype bfloat16`: the stage trains and saves bfloat16 weights (on CPU without mixed precision)."""
+    from safetensors import safe_open
+
+    from opsdlab import cli, models
+
+    assert cli.WEIGHT_DTYPES == models.DTYPES
+    out = tmp_path / "opsd"
+    assert main(["opsd", "--model", str(tiny_folder), "--out", str(out), "--dtype", "bfloat16", "--gate", "all",
+                 "--teacher-check", "0", "--set", "max_steps=1", "--set", "prompts_per_step=2",
+                 "--set", "rollouts_per_prompt=2", "--set", "max_completion_length=8"]) == 0
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
 
 
 def test_unknown_stage_option_is_a_clear_error(tmp_path, tiny_folder, capsys):

@@ -26,6 +26,7 @@ def test_dotted_overrides_and_arm_configs():
     ("eval.sampling.temperature=-1", "temperature"),
     ("sft.batching=sorted", r"sft: batching must be one of \['length_grouped', 'random'\], got 'sorted'"),
     ("nonsense", "key=value"),
+    ("model.dtype=float8", r"model.dtype: expected one of float32, bfloat16, float16, got 'float8'"),
 ])
 def test_bad_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from opsdlab import __version__
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # = models.DTYPES, kept here so --help stays light
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -101,6 +103,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sft(args) -> int:
+    import torch
+
     from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy
     from opsdlab.sft import SFTStageConfig, run_sft
     from opsdlab.tasks import build_task
@@ -110,12 +114,12 @@ def cmd_sft(args) -> int:
         task = build_task("synthetic")
         if args.model == "tiny":
             tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
-            model = build_tiny_model(tokenizer)
+            model = build_tiny_model(tokenizer).to(getattr(torch, args.dtype))
         else:
-            model, tokenizer = load_policy(args.model)
+            model, tokenizer = load_policy(args.model, args.dtype)
     else:
         task = build_task("file", {"train": args.data, "columns": args.columns})
-        model, tokenizer = load_policy(args.model)
+        model, tokenizer = load_policy(args.model, args.dtype)
     rows = task.sft_rows(tokenizer, config.rows, thinking=not args.no_thinking, seed=args.seed)
     out = run_sft(model, tokenizer, rows, config, Path(args.out), seed=args.seed)
     print(f"sft: wrote {out}")
@@ -139,7 +143,7 @@ def cmd_rlvr(args) -> int:
     config = _overrides(RLVRStageConfig, args.set)
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
-    model, tokenizer = load_policy(args.model)
+    model, tokenizer = load_policy(args.model, args.dtype)
     out = run_rlvr(model, tokenizer, examples, verifier, config, Path(args.out), thinking=not args.no_thinking,
                    seed=args.seed)
     print(f"rlvr: wrote {out}")
@@ -155,7 +159,7 @@ def cmd_opsd(args) -> int:
     config = _overrides(OPSDStageConfig, args.set, {"gate": args.gate} if args.gate is not None else {})
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
-    model, tokenizer = load_policy(args.model)
+    model, tokenizer = load_policy(args.model, args.dtype)
     thinking = not args.no_thinking
     if args.teacher_check > 0:
         held_out, _ = _examples_and_verifier(args, "test", args.teacher_check)
@@ -291,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="stage folder; the final model goes to OUT/model")
         _task_args(p)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
+                       help="weights' dtype (bfloat16 on GPUs; training then runs in bf16 mixed precision)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="stage option, repeatable (e.g. --set max_steps=50)")
         if name == "opsd":

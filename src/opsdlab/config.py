@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from opsdlab.evaluate import SamplingConfig, check_backend
+from opsdlab.models import DTYPES
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.rlvr import RLVRStageConfig
 from opsdlab.sft import SFTStageConfig
@@ -35,8 +36,12 @@ class ConfigError(ValueError):
 class ModelSection:
     init: str = "tiny"  # "tiny": build the offline default; otherwise a Hugging Face model folder
     size: str = "tiny"
-    dtype: str = "float32"
+    dtype: str = "float32"  # one of models.DTYPES; bfloat16 on GPUs
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -236,8 +236,13 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> PreTr
     return tokenizer
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # the weights' dtype when a model is loaded
+
+
 def load_model(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load a causal LM from a Hugging Face folder, safetensors only."""
+    """Load a causal LM from a Hugging Face folder, safetensors only, with weights in `dtype`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise ModelFolderError(f"model folder {folder} has no config.json; is it a Hugging Face model folder?")
