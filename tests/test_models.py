@@ -88,3 +88,35 @@ def test_thinking_token_count(tokenizer):
     inner = tokenizer("\n1 + 2 = 3\n", add_special_tokens=False)["input_ids"]
     assert thinking_token_count(ids, tokenizer) == len(inner)
     assert thinking_token_count(tokenizer("3", add_special_tokens=False)["input_ids"], tokenizer) == 0
+
+
+def _turn_end_model(tokenizer, turn_end: int):
+    """A tiny model whose greedy response is `turn_end` at every step, listed as an end of response in
+    its generation config but not the tokenizer's EOS (as Gemma's instruct models end a turn with
+    `<end_of_turn>` while their tokenizer's EOS is `<eos>`)."""
+    from opsdlab.models import build_tiny_model
+
+    model = build_tiny_model(tokenizer, seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # every logit 0 ...
+    model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i != turn_end]  # ... but one
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn_end]
+    return model
+
+
+def test_generation_and_grading_end_responses_at_the_generation_config_eos(tokenizer, task):
+    from opsdlab.evaluate import SamplingConfig, evaluate
+    from opsdlab.rlvr import RLVRStageConfig, reward_functions
+    from opsdlab.verifier import VerifierConfig
+
+    turn_end = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert turn_end not in {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    model = _turn_end_model(tokenizer, turn_end)
+    sampling = SamplingConfig(k=1, temperature=0.0, max_new_tokens=12)
+    samples, summary = evaluate(model, tokenizer, task.examples("test", 2), VerifierConfig(), sampling)
+    assert [(s.response_tokens, s.truncated) for s in samples] == [(0, False), (0, False)]
+    assert summary["truncation_rate"] == 0.0
+    # the RL reward reads the same ids as the end of a rollout (TRL's generation stops there too)
+    reward = reward_functions(VerifierConfig(), tokenizer, RLVRStageConfig(), model)[0]
+    reward(prompts=["", ""], completions=["", ""], completion_ids=[[7, turn_end], [7, 7]], answer=["1", "1"])
+    assert reward.last_truncated == [False, True]

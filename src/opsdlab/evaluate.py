@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from opsdlab.data import Example
 from opsdlab.metrics import Sample, summarize
-from opsdlab.models import end_token_ids, thinking_token_count
+from opsdlab.models import end_token_ids, stop_token_ids, thinking_token_count
 from opsdlab.prompts import DEFAULT_INSTRUCTION, render_prompt
 from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct
 
@@ -66,7 +66,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, des
     torch.manual_seed(sampling.seed)
     was_training = model.training
     model.eval()
-    eos_ids = end_token_ids(tokenizer)
+    eos_ids = end_token_ids(tokenizer, model)
     out: list[Generation] = []
     sample_kwargs = (
         dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
@@ -80,7 +80,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, des
                           add_special_tokens=True).to(device)
         output = model.generate(
             **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, **sample_kwargs,
+            eos_token_id=sorted(stop_token_ids(tokenizer, model)), **sample_kwargs,
         )
         for row in output[:, batch["input_ids"].shape[1]:].tolist():
             ids = _strip_after_eos(row, eos_ids)
@@ -187,7 +187,7 @@ def evaluate(
                for ex in examples]
     repeated = [p for p in prompts for _ in range(sampling.k)]
     generations = BACKENDS[check_backend(backend)].generate(model, tokenizer, prompts, sampling, desc)
-    eos_ids = end_token_ids(tokenizer)
+    eos_ids = end_token_ids(tokenizer, model)  # a vllm.LLM has no generation_config: the tokenizer's ids
     samples = []
     for index, generation in enumerate(generations):
         example = examples[index // sampling.k]

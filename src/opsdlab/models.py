@@ -271,10 +271,20 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
     return folder
 
 
-def end_token_ids(tokenizer) -> set[int]:
-    """The ids that end a response: EOS, and the pad token (a batch pads finished rows with it).
-    Generation stops at them, truncation is their absence, and response lengths exclude them."""
-    return {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+def stop_token_ids(tokenizer, model=None) -> set[int]:
+    """The ids generation stops at: the tokenizer's EOS and the model's `generation_config.eos_token_id`
+    (an int or a list: Gemma's instruct models end a turn with `<end_of_turn>`, Llama 3.1 lists three).
+    TRL's GRPO generation stops at the same union, so training and evaluation end responses alike."""
+    ids = {tokenizer.eos_token_id}
+    config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([config_ids] if isinstance(config_ids, int) else (config_ids or []))
+    return ids - {None}
+
+
+def end_token_ids(tokenizer, model=None) -> set[int]:
+    """The ids that end a response: the stop ids (`stop_token_ids`), and the pad token (a batch pads
+    finished rows with it). Truncation is their absence, and response lengths exclude them."""
+    return stop_token_ids(tokenizer, model) | ({tokenizer.pad_token_id} - {None})
 
 
 def thinking_token_count(token_ids: list[int], tokenizer: PreTrainedTokenizerBase, prompt: str = "") -> int:

@@ -482,7 +482,7 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
     stage_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():  # every process holds the same config; one writes it
         (stage_dir / "opsd_config.json").write_text(json.dumps(asdict(config), indent=2))
-    eos = end_token_ids(tokenizer)
+    eos = end_token_ids(tokenizer, model)
     trainer = OPSDTrainer(
         model=model,
         reward_funcs=[VerifierReward(verifier, eos)],

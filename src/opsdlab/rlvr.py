@@ -202,8 +202,10 @@ def rl_dataset(examples, tokenizer, thinking: bool) -> Dataset:
     ])
 
 
-def reward_functions(verifier: VerifierConfig, tokenizer, config: RLVRStageConfig) -> list:
-    eos = end_token_ids(tokenizer)
+def reward_functions(verifier: VerifierConfig, tokenizer, config: RLVRStageConfig, model=None) -> list:
+    """The verifier reward (grading and truncation, with the ids that end `model`'s responses), plus
+    the format reward when weighted."""
+    eos = end_token_ids(tokenizer, model)
     funcs = [VerifierReward(verifier, eos)]
     if config.format_reward_weight:
         funcs.append(format_reward)
@@ -338,7 +340,7 @@ def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRS
     stage_dir = Path(stage_dir)
     trainer = RLVRTrainer(
         model=model,
-        reward_funcs=reward_functions(verifier, tokenizer, config),
+        reward_funcs=reward_functions(verifier, tokenizer, config, model),
         args=grpo_args(config, stage_dir, seed),
         train_dataset=rl_dataset(examples, tokenizer, thinking),
         processing_class=tokenizer,
