@@ -118,6 +118,23 @@ def test_stage_commands_load_the_weights_in_the_dtype_asked(tmp_path, tiny_folde
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
 
 
+def test_eval_loads_the_weights_in_the_dtype_asked(tmp_path, tiny_folder, monkeypatch):
+    from opsdlab import evaluate
+
+    loaded, real = [], evaluate.load_for_eval
+
+    def spy(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(evaluate, "load_for_eval", spy)
+    assert main(["eval", "--model", str(tiny_folder), "--out", str(tmp_path), "--dtype", "bfloat16", "--problems", "2",
+                 "--k", "1", "--max-new-tokens", "4"]) == 0
+    assert loaded == [torch.bfloat16]
+    assert json.loads((tmp_path / "summary.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_unknown_stage_option_is_a_clear_error(tmp_path, tiny_folder, capsys):
     assert main(["opsd", "--model", str(tiny_folder), "--out", str(tmp_path), "--set", "gaet=all"]) == 2
     assert "gaet" in capsys.readouterr().err

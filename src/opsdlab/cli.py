@@ -91,11 +91,12 @@ def cmd_eval(args) -> int:
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     settings = VLLMSettings(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                             gpu_memory_utilization=args.gpu_memory_utilization)
-    model, tokenizer = load_for_eval(args.model, args.backend, settings=settings, seed=args.seed)
+    model, tokenizer = load_for_eval(args.model, args.backend, args.dtype, settings=settings, seed=args.seed)
     samples, summary = evaluate(model, tokenizer, examples, verifier, sampling, thinking=not args.no_thinking,
                                 context=args.context, backend=args.backend)
     summary["model"] = str(args.model)
     summary["data"] = args.data
+    summary["dtype"] = args.dtype
     write_eval(args.out, samples, summary)
     print(one_line(Path(args.model).name, summary))
     print(f"wrote {Path(args.out) / 'summary.json'} and samples.jsonl")
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="transformers",
                    help="what samples the responses: transformers (model.generate) or vllm (vLLM's engine)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weights' dtype (bfloat16 on GPUs)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
     p.add_argument("--data-parallel-size", type=int, default=1, help="vllm: model replicas")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
