@@ -27,6 +27,7 @@ def test_dotted_overrides_and_arm_configs():
     ("sft.batching=sorted", r"sft: batching must be one of \['length_grouped', 'random'\], got 'sorted'"),
     ("nonsense", "key=value"),
     ("model.dtype=float8", r"model.dtype: expected one of float32, bfloat16, float16, got 'float8'"),
+    ("eval.dtype=half", r"eval.dtype: expected one of float32, bfloat16, float16 or null, got 'half'"),
 ])
 def test_bad_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -104,7 +105,8 @@ def test_presets_load_and_round_trip(tmp_path):
 
 def test_the_one_gpu_preset_splits_its_batches_for_one_process():
     config = load_config("qwen3-1.7b")
-    assert config.stages == ("rlvr", "opsd") and config.model.dtype == "bfloat16"
+    # float32 weights (an lr-1e-6 step survives them; bf16 compute on the GPU), evaluated in bf16
+    assert config.stages == ("rlvr", "opsd") and (config.model.dtype, config.eval.dtype) == ("float32", "bfloat16")
     config.check_batches(1)
     assert config.rlvr.per_device_batch(1) == 4  # 32 prompts x 8 rollouts over 64 accumulation steps
     for arm in config.arms:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from opsdlab.config import load_config
@@ -99,3 +100,27 @@ def test_resume_point_skips_and_removes_a_checkpoint_killed_while_saving(tmp_pat
     assert resume_point(tmp_path) == str(checkpoints / "checkpoint-2")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]
     assert resume_point(tmp_path / "nothing") is None
+
+
+def test_checkpoints_are_evaluated_in_eval_dtype_else_the_training_dtype(tmp_path, tiny_folder, task, monkeypatch):
+    """`eval.dtype` (e.g. bfloat16 for a model trained from float32 weights) sets the evaluated weights'
+    dtype, which summary.json records; left unset it is `model.dtype`."""
+    from opsdlab import pipeline
+    from opsdlab.config import load_config
+
+    loaded, real = [], pipeline.load_for_eval
+
+    def spy(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(pipeline, "load_for_eval", spy)
+    small = ["eval.problems=2", "eval.greedy=false", "eval.sampling={k: 1, max_new_tokens: 4}"]
+    for run, overrides in (("bf16", ["eval.dtype=bfloat16"]), ("default", [])):
+        config = load_config("tiny", [f"run_dir={tmp_path / run}", *small, *overrides])
+        sets = pipeline.eval_sets(config, task)
+        pipeline.evaluate_checkpoint(tmp_path / run, "start", tiny_folder, config, task, sets)
+        summary = json.loads(next((tmp_path / run / "eval" / "start").glob("*/summary.json")).read_text())
+        assert summary["dtype"] == ("bfloat16" if overrides else "float32")
+    assert loaded == [torch.bfloat16, torch.float32]

@@ -63,9 +63,12 @@ class EvalSection:
     base: bool = True  # false: skip the random-init base model (all-wrong, and slow: it never stops)
     backend: str = "transformers"  # a key of evaluate.BACKENDS: "transformers" or "vllm"
     vllm: VLLMSettings = VLLMSettings()  # the vLLM engine, when backend is "vllm"
+    dtype: str | None = None  # the evaluated weights' dtype; None: model.dtype (training's)
 
     def __post_init__(self):
         check_backend(self.backend)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"eval.dtype: expected one of {', '.join(DTYPES)} or null, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

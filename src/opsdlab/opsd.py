@@ -37,7 +37,7 @@ from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
                           concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
-from opsdlab.runtime import JsonlMetrics, is_main_process, resume_point, save_trained
+from opsdlab.runtime import JsonlMetrics, is_main_process, resume_point, save_trained, warn_if_updates_vanish
 from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
 
@@ -495,6 +495,7 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
         student_thinking=thinking,
         token_stats_path=stage_dir / "token_stats.jsonl",
     )
+    warn_if_updates_vanish(trainer, "opsd")
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))
     if not config.lora_r:
         return save_trained(trainer, stage_dir / "model")

@@ -109,18 +109,19 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
                                                batch_size=config.eval.sampling.batch_size), "none"))
     if teacher_context:
         runs.append((f"-teacher-{teacher_context}", config.eval.sampling, teacher_context))
+    dtype = config.eval.dtype or config.model.dtype
     for set_name, examples in sets.items():
         for suffix, sampling, context in runs:
             out = run_dir / "eval" / name / f"{set_name}{suffix}"
             if not main_decides(lambda: (out / "summary.json").exists()):
                 if model is None:
-                    model, tokenizer = load_for_eval(model_dir, config.eval.backend, config.model.dtype,
+                    model, tokenizer = load_for_eval(model_dir, config.eval.backend, dtype,
                                                      config.model.trust_remote_code, config.eval.vllm, config.seed)
                 samples, summary = evaluate_sharded(model, tokenizer, examples, verifier, sampling,
                                                     backend=config.eval.backend, thinking=config.task.thinking,
                                                     context=context, desc=f"eval {name}/{set_name}{suffix}")
                 if is_main_process():
-                    summary["checkpoint"] = name
+                    summary.update(checkpoint=name, dtype=dtype)
                     write_eval(out, samples, summary)
                     log(run_dir, one_line(f"[eval] {name}/{set_name}{suffix}", summary), kind="eval",
                         checkpoint=name, set=f"{set_name}{suffix}")

@@ -21,7 +21,7 @@ from opsdlab.models import end_token_ids
 from opsdlab.prompts import render_prompt
 from opsdlab.rewards import VerifierReward, format_reward
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, resume_point, save_trained)
+                             per_device_rows, resume_point, save_trained, warn_if_updates_vanish)
 from opsdlab.verifier import VerifierConfig
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
@@ -348,5 +348,6 @@ def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRS
         dynamic_sampling=config.dynamic_sampling,
         dynamic_sampling_max_rounds=config.dynamic_sampling_max_rounds,
     )
+    warn_if_updates_vanish(trainer, "rlvr")
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))
     return save_trained(trainer, stage_dir / "model")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,49 @@ def precision_kwargs() -> dict:
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported(), "fp16": False, "use_cpu": False}
     return {"bf16": False, "fp16": False, "use_cpu": True}
+
+
+def vanishing_update_fraction(parameters, step: float, chunk: int = 1 << 24) -> float:
+    """Fraction of the elements of `parameters` that a change of `step` leaves exactly as they are.
+
+    Computed in each tensor's own dtype, as the optimizer writes it: in bfloat16 (8 significant
+    bits) a weight of magnitude 0.02 has a spacing of about 1.2e-4, so an AdamW step of size 1e-6
+    rounds back to the same number. Zeros always move.
+    """
+    unchanged = total = 0
+    for parameter in parameters:
+        flat = parameter.detach().reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            values = flat[start:start + chunk]
+            unchanged += int(((values + step) == values).sum())
+        total += flat.numel()
+    return unchanged / total if total else 0.0
+
+
+def warn_if_updates_vanish(trainer, stage: str, threshold: float = 0.25) -> float | None:
+    """Warn when most trainable weights are too coarse (bf16/fp16) for a step of the learning rate.
+
+    An AdamW step moves a weight by about the learning rate at most; with low-precision weights and
+    no float32 master copy (one process, DDP, FSDP) that step is lost wherever it is below half the
+    spacing of the weight's dtype. DeepSpeed keeps float32 master weights, so it is not checked.
+    Returns the fraction checked (None when nothing was), and warns on the main process above
+    `threshold`.
+    """
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    coarse = [p for p in trainer.model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if not coarse:
+        return None
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    learning_rate = trainer.args.learning_rate
+    fraction = vanishing_update_fraction(coarse, learning_rate) * sum(p.numel() for p in coarse) / trainable
+    if fraction >= threshold and is_main_process():
+        print(f"WARNING: {stage}: a step of the learning rate ({learning_rate:g}) leaves {fraction:.0%} of the "
+              f"trainable weights unchanged: they are {coarse[0].dtype} numbers too coarse for it, so the "
+              "optimizer barely moves them. Load the weights in float32 (--dtype float32, model.dtype: float32; "
+              "on a GPU training still runs in bf16 mixed precision) or train under DeepSpeed (float32 master "
+              "weights).", file=sys.stderr, flush=True)
+    return fraction
 
 
 def launch_processes() -> int:

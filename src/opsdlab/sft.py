@@ -15,7 +15,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, resume_point, save_trained)
+                             per_device_rows, resume_point, save_trained, warn_if_updates_vanish)
 
 # How rows are drawn into batches: named choice -> the Trainer's `train_sampling_strategy`.
 # `length_grouped` puts rows of similar length together (less padding, cheaper steps on a CPU;
@@ -91,5 +91,6 @@ def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_di
     args = sft_args(config, stage_dir, seed, tokenizer.eos_token)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")])
+    warn_if_updates_vanish(trainer, "sft")
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))
     return save_trained(trainer, stage_dir / "model")
