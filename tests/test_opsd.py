@@ -225,6 +225,29 @@ def test_a_step_that_keeps_nothing_changes_no_weight_and_no_optimizer_state(tmp_
     assert trainer.skipped_steps == 1
 
 
+def test_a_step_taken_one_parameter_group_at_a_time_updates_every_group(tmp_path, tiny_folder, task):
+    """DeepSpeed's ZeRO-1/2 optimizer steps the Trainer's optimizer once per parameter group: every call
+    of one optimizer step follows the step's single keep-or-skip decision, so no group is left out."""
+    trainer = make_trainer(tmp_path, tiny_folder, task, gate="all", max_steps=2)
+    optimizer = trainer.create_optimizer()
+    guarded_step, groups = optimizer.step, optimizer.param_groups
+    assert len(groups) == 2 and all(group["params"] for group in groups)  # decayed and not decayed
+
+    def one_group_at_a_time(*args, **kwargs):
+        for group in groups:  # as ZeRO's _optimizer_step(group_no)
+            optimizer.param_groups = [group]
+            guarded_step()
+        optimizer.param_groups = groups
+
+    optimizer.step = one_group_at_a_time
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert trainer.skipped_steps == 0 and not trainer.last_step_skipped
+    for group in groups:
+        assert all(id(p) in {id(q) for q in optimizer.state} for p in group["params"])
+    assert min((before[n] - p).abs().max().item() for n, p in trainer.model.named_parameters()) > 0
+
+
 def test_an_empty_round_is_refilled_with_fresh_prompts(tmp_path, tiny_folder, task):
     """Round 1 keeps nothing; the refill round keeps every rollout; the batch keeps its size."""
     reward = ScriptedReward(lambda call, n: [call % 2 == 0] * n)  # calls 1, 3, ... all wrong
