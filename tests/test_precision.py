@@ -14,6 +14,8 @@ def test_vanishing_update_fraction_hand_values():
     assert vanishing_update_fraction([weights], 1e-3) == 0.5
     assert vanishing_update_fraction([weights.float()], 1e-3) == 0.0
     assert vanishing_update_fraction([weights], 5e-3) == 0.25  # above 2**-8 (1.0 moves), below 2**-7 (3.0 does not)
+    # weights this rank has not loaded (FSDP's RAM-efficient loading puts them on the meta device) are left out
+    assert vanishing_update_fraction([weights, torch.empty(8, dtype=torch.bfloat16, device="meta")], 1e-3) == 0.5
 
 
 def test_vanishing_update_fraction_is_what_an_optimizer_step_does():

@@ -52,7 +52,7 @@ def vanishing_update_fraction(parameters, step: float, per_tensor: int = 1 << 20
     unchanged = total = 0.0
     for parameter in parameters:
         flat = parameter.detach().reshape(-1)
-        if flat.numel() == 0:
+        if flat.numel() == 0 or flat.is_meta:  # meta: not loaded on this rank (FSDP's RAM-efficient loading)
             continue
         values = flat[::max(1, flat.numel() // per_tensor)]
         unchanged += float(((values + step) == values).sum()) / values.numel() * flat.numel()
