@@ -53,3 +53,22 @@ def bos_folder(tmp_path_factory, task):
     folder = tmp_path_factory.mktemp("bos") / "model"
     save_policy(build_tiny_model(tokenizer, seed=0), tokenizer, folder)
     return folder
+
+
+@pytest.fixture
+def loaded_dtypes(monkeypatch):
+    """`spy(module)` wraps `module.load_for_eval` and returns the list that receives the dtype of each
+    model it loads."""
+
+    def spy(module) -> list:
+        loaded, real = [], module.load_for_eval
+
+        def load_for_eval(*args, **kwargs):
+            model, tokenizer = real(*args, **kwargs)
+            loaded.append(next(model.parameters()).dtype)
+            return model, tokenizer
+
+        monkeypatch.setattr(module, "load_for_eval", load_for_eval)
+        return loaded
+
+    return spy

@@ -118,17 +118,10 @@ def test_stage_commands_load_the_weights_in_the_dtype_asked(tmp_path, tiny_folde
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
 
 
-def test_eval_loads_the_weights_in_the_dtype_asked(tmp_path, tiny_folder, monkeypatch):
+def test_eval_loads_the_weights_in_the_dtype_asked(tmp_path, tiny_folder, loaded_dtypes):
     from opsdlab import evaluate
 
-    loaded, real = [], evaluate.load_for_eval
-
-    def spy(*args, **kwargs):
-        model, tokenizer = real(*args, **kwargs)
-        loaded.append(next(model.parameters()).dtype)
-        return model, tokenizer
-
-    monkeypatch.setattr(evaluate, "load_for_eval", spy)
+    loaded = loaded_dtypes(evaluate)
     assert main(["eval", "--model", str(tiny_folder), "--out", str(tmp_path), "--dtype", "bfloat16", "--problems", "2",
                  "--k", "1", "--max-new-tokens", "4"]) == 0
     assert loaded == [torch.bfloat16]

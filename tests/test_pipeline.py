@@ -102,20 +102,13 @@ def test_resume_point_skips_and_removes_a_checkpoint_killed_while_saving(tmp_pat
     assert resume_point(tmp_path / "nothing") is None
 
 
-def test_checkpoints_are_evaluated_in_eval_dtype_else_the_training_dtype(tmp_path, tiny_folder, task, monkeypatch):
+def test_checkpoints_are_evaluated_in_eval_dtype_else_the_training_dtype(tmp_path, tiny_folder, task, loaded_dtypes):
     """`eval.dtype` (e.g. bfloat16 for a model trained from float32 weights) sets the evaluated weights'
     dtype, which summary.json records; left unset it is `model.dtype`."""
     from opsdlab import pipeline
     from opsdlab.config import load_config
 
-    loaded, real = [], pipeline.load_for_eval
-
-    def spy(*args, **kwargs):
-        model, tokenizer = real(*args, **kwargs)
-        loaded.append(next(model.parameters()).dtype)
-        return model, tokenizer
-
-    monkeypatch.setattr(pipeline, "load_for_eval", spy)
+    loaded = loaded_dtypes(pipeline)
     small = ["eval.problems=2", "eval.greedy=false", "eval.sampling={k: 1, max_new_tokens: 4}"]
     for run, overrides in (("bf16", ["eval.dtype=bfloat16"]), ("default", [])):
         config = load_config("tiny", [f"run_dir={tmp_path / run}", *small, *overrides])

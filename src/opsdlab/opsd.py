@@ -275,7 +275,7 @@ class OPSDTrainer(GRPOTrainer):
         self.skipped_steps = 0
         self.last_step_skipped = False
         self._step_kept_tokens = 0
-        self._step_decided: str | None = None  # "step" or "skip" once the optimizer step has decided
+        self._step_undecided = True  # until this optimizer step's first call decides (last_step_skipped)
         self.add_callback(_TeacherUpdate(self))
 
     # -------------------------------------------------------------- rollouts -> gated batch
@@ -378,7 +378,7 @@ class OPSDTrainer(GRPOTrainer):
             normalizer = loss_normalizer(float(inputs["opsd_step_tokens"]), self.accelerator.num_processes,
                                          self.current_gradient_accumulation_steps, self.args.steps_per_generation)
             self._step_kept_tokens += tokens
-            self._step_decided = None
+            self._step_undecided = True
         else:
             normalizer = max(tokens, 1)
         loss = loss_sum * (1.0 if keep else 0.0) / normalizer
@@ -410,15 +410,15 @@ class OPSDTrainer(GRPOTrainer):
         def step(*args, **kwargs):
             # DeepSpeed's ZeRO optimizers call this once per parameter group within one optimizer step:
             # the first call decides for the step, the next micro-batch's loss clears the decision.
-            if self._step_decided is None:
+            if self._step_undecided:
+                self._step_undecided = False
                 kept = global_sum(self.accelerator, self._step_kept_tokens)
                 self._step_kept_tokens = 0
                 self.last_step_skipped = kept == 0
-                self._step_decided = "skip" if self.last_step_skipped else "step"
                 if self.last_step_skipped:
                     self.skipped_steps += 1
                     self._metrics["train"]["opsd/skipped_steps"].append(self.skipped_steps)
-            if self._step_decided == "skip":
+            if self.last_step_skipped:
                 return None
             return inner_step(*args, **kwargs)
 
