@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from opsdlab.evaluate import SamplingConfig, check_backend
-from opsdlab.models import DTYPES
+from opsdlab.models import DTYPES, TINY_SIZES
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.rlvr import RLVRStageConfig
 from opsdlab.sft import SFTStageConfig
@@ -35,11 +35,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelSection:
     init: str = "tiny"  # "tiny": build the offline default; otherwise a Hugging Face model folder
-    size: str = "tiny"
+    size: str = "tiny"  # the offline model's size, one of models.TINY_SIZES (used when init is "tiny")
     dtype: str = "float32"  # one of models.DTYPES; bfloat16 on GPUs
     trust_remote_code: bool = False
 
     def __post_init__(self):
+        if self.size not in TINY_SIZES:
+            raise ConfigError(f"model.size: expected one of {', '.join(TINY_SIZES)}, got {self.size!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
