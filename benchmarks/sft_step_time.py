@@ -34,6 +34,10 @@ VARIANTS = {
     "length-grouped batches of 32": {"batching": "length_grouped"},
     "64 random rows per step": {"batch_size": 64},
     "torch.compile (dynamic shapes), 32 random rows": {"compile": True},
+    "32 random rows per step in 2 length-balanced micro-batches": {"batching": "rebalanced",
+                                                                   "gradient_accumulation_steps": 2},
+    "32 random rows per step in 4 length-balanced micro-batches": {"batching": "rebalanced",
+                                                                   "gradient_accumulation_steps": 4},
 }
 
 

@@ -31,7 +31,9 @@ SCRIPT = Path(__file__).parent / "scripts" / "two_process_pipeline.py"
 WORKER_DEADLINE = 240  # seconds; a normal run finishes well within it, even on loaded cores
 
 RUN = {
-    "sft": {"rows": 64, "max_steps": 3, "batch_size": 8, "save_steps": 2, "logging_steps": 1},
+    # SFT steps of 8 rows split by length into 2 micro-batches on each process (as the tiny preset runs).
+    "sft": {"rows": 64, "max_steps": 3, "batch_size": 8, "save_steps": 2, "logging_steps": 1, "batching": "rebalanced",
+            "gradient_accumulation_steps": 2},
     # All-zero rewards on this barely trained model: dynamic sampling drops every group and refills
     # on both processes (RLVR training on 2 processes is covered by test_multiprocess.py).
     "rlvr": {"max_steps": 2, "prompts_per_step": 4, "group_size": 2, "max_completion_length": 16,

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from opsdlab.evaluate import SamplingConfig, evaluate
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy
 from opsdlab.sft import SFTStageConfig, run_sft
@@ -29,8 +31,9 @@ def test_sft_lowers_loss_and_beats_chance(tmp_path):
     assert summary["avg_at_k"] > 0.4
 
 
-def _padding_share(batching: str, tmp_path) -> float:
-    """Share of padding in the first 8 training batches the SFT trainer draws with `batching`."""
+def _sft_trainer(batching: str, tmp_path, *, rows: int = 256, batch_size: int = 16,
+                 gradient_accumulation_steps: int = 1, max_steps: int = 8, save_steps: int = 1000, seed: int = 0):
+    """The pipeline's SFT trainer on synthetic rows, with the batching under test."""
     from datasets import Dataset
     from trl import SFTTrainer
 
@@ -38,17 +41,106 @@ def _padding_share(batching: str, tmp_path) -> float:
 
     task = build_task("synthetic")
     tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
-    config = SFTStageConfig(rows=256, max_steps=8, batch_size=16, batching=batching)
-    rows = task.sft_rows(tokenizer, config.rows)
-    trainer = SFTTrainer(model=build_tiny_model(tokenizer, seed=0), processing_class=tokenizer,
-                         args=sft_args(config, tmp_path / batching, seed=0, eos_token=tokenizer.eos_token),
-                         train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
-                                                          for r in rows]))
-    masks = [batch["attention_mask"] for _, batch in zip(range(8), trainer.get_train_dataloader())]
+    config = SFTStageConfig(rows=rows, max_steps=max_steps, batch_size=batch_size, batching=batching,
+                            gradient_accumulation_steps=gradient_accumulation_steps, save_steps=save_steps,
+                            logging_steps=1000)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                 for r in task.sft_rows(tokenizer, config.rows)])
+    return SFTTrainer(model=build_tiny_model(tokenizer, seed=seed), processing_class=tokenizer,
+                      args=sft_args(config, tmp_path / batching, seed=0, eos_token=tokenizer.eos_token),
+                      train_dataset=dataset)
+
+
+def _epoch_batches(trainer, epoch: int) -> list[dict]:
+    """The micro-batches the trainer's dataloader draws in one epoch, as the training loop sets it."""
+    loader = trainer.get_train_dataloader()
+    loader.set_epoch(epoch)
+    inner = getattr(loader.batch_sampler, "batch_sampler", None)
+    if hasattr(inner, "set_epoch"):
+        inner.set_epoch(epoch)
+    return list(loader)
+
+
+def _padding_share(batches: list[dict]) -> float:
+    masks = [batch["attention_mask"] for batch in batches]
     return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
 
+def _rows(batch: dict) -> list[tuple]:
+    """Each row of a padded batch as its unpadded token ids."""
+    return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+def _mean_length_span(batches: list[dict], per_step: int) -> float:
+    """Mean over optimizer steps of (longest - shortest row) in tokens."""
+    spans = []
+    for start in range(0, len(batches), per_step):
+        lengths = [int(n) for batch in batches[start:start + per_step] for n in batch["attention_mask"].sum(1)]
+        spans.append(max(lengths) - min(lengths))
+    return sum(spans) / len(spans)
+
+
 def test_length_grouped_batching_cuts_padding(tmp_path):
-    random_share, grouped_share = _padding_share("random", tmp_path), _padding_share("length_grouped", tmp_path)
+    random_share = _padding_share(_epoch_batches(_sft_trainer("random", tmp_path), 0)[:8])
+    grouped_share = _padding_share(_epoch_batches(_sft_trainer("length_grouped", tmp_path), 0)[:8])
     assert random_share > 0.15  # the synthetic rows vary in length
     assert grouped_share < 0.6 * random_share  # 0.14 against 0.27 with these seeds
+
+
+def test_rebalanced_batching_keeps_random_steps_and_cuts_padding(tmp_path):
+    """`rebalanced`: each optimizer step is still `batch_size` rows drawn at random, split into
+    micro-batches of similar length; every row once per epoch, a new order each epoch."""
+    trainer = _sft_trainer("rebalanced", tmp_path, batch_size=16, gradient_accumulation_steps=2)
+    epochs = [_epoch_batches(trainer, epoch) for epoch in (0, 1)]
+    dataset_rows = sorted(tuple(ids) for ids in trainer.train_dataset["input_ids"])
+    for batches in epochs:
+        assert len(batches) == 2 * (256 // 16)
+        assert sorted(row for batch in batches for row in _rows(batch)) == dataset_rows
+        steps = [batches[i]["input_ids"].shape[0] + batches[i + 1]["input_ids"].shape[0]
+                 for i in range(0, len(batches), 2)]
+        assert steps == [16] * len(steps)
+        # Micro-batch sizes vary with length: short rows go in larger micro-batches.
+        assert len({batch["input_ids"].shape[0] for batch in batches}) > 1
+    random_epoch = _epoch_batches(_sft_trainer("random", tmp_path, batch_size=16), 0)
+    # A step spans short and long rows as a random batch does (length-grouped steps would not).
+    assert _mean_length_span(epochs[0], per_step=2) > 0.7 * _mean_length_span(random_epoch, per_step=1)
+    first_steps = [{row for batch in batches[:2] for row in _rows(batch)} for batches in epochs]
+    assert first_steps[0] != first_steps[1]
+    assert _padding_share(epochs[0]) < 0.7 * _padding_share(random_epoch)  # 0.16 against 0.28 here
+
+
+def test_rebalanced_step_has_the_gradient_of_one_batch(tmp_path):
+    """Two length-balanced micro-batches of one step give the gradient of all its rows in one batch:
+    the loss is normalised by the step's completion tokens, not per micro-batch."""
+    from transformers import TrainerCallback
+
+    class FirstGradient(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                self.grads = [p.grad.detach().clone() for p in model.parameters()]
+
+    grads = {}
+    for batching, accumulation in (("random", 1), ("rebalanced", 2)):
+        # 32 rows and a batch of 32: the first step holds every row, whatever the order.
+        trainer = _sft_trainer(batching, tmp_path, rows=32, batch_size=32,
+                               gradient_accumulation_steps=accumulation, max_steps=1)
+        trainer.args.max_grad_norm = 0.0  # compare the gradients themselves, not their clipped direction
+        trainer.add_callback(clock := FirstGradient())
+        trainer.train()
+        grads[batching] = clock.grads
+    for one_batch, balanced in zip(grads["random"], grads["rebalanced"]):
+        torch.testing.assert_close(balanced, one_batch, rtol=1e-4, atol=1e-6)
+
+
+def test_rebalanced_resume_across_an_epoch_matches_an_uninterrupted_run(tmp_path):
+    """4 steps per epoch; resuming from step 6 (inside epoch 2) ends on the same weights."""
+    def trainer():
+        return _sft_trainer("rebalanced", tmp_path, rows=32, batch_size=8, gradient_accumulation_steps=2,
+                            max_steps=8, save_steps=3)
+
+    straight = trainer()
+    straight.train()
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "rebalanced" / "checkpoints" / "checkpoint-6"))
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

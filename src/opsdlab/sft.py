@@ -18,10 +18,17 @@ from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_arg
                              per_device_rows, resume_point, save_trained, warn_if_updates_vanish)
 
 # How rows are drawn into batches: named choice -> the Trainer's `train_sampling_strategy`.
+# `random`: each micro-batch is rows drawn at random, padded to its longest row.
 # `length_grouped` puts rows of similar length together (less padding, cheaper steps on a CPU;
 # benchmarks/sft_step_time.py) at the cost of batches that are less random: where length tells the
 # kind of row apart (the tiny task's privileged rows are the long ones) it trains a much worse model.
-BATCHING = {"random": "random", "length_grouped": "group_by_length"}
+# `rebalanced` (transformers' BatchRebalanceSampler) keeps each optimizer step a random draw of
+# `batch_size` rows and splits only that step's rows by length into its gradient-accumulation
+# micro-batches; the loss is normalised over the whole step, so the step's gradient is the one of its
+# rows in a single batch, with less padding. It needs gradient_accumulation_steps > 1 (or several
+# processes) to split anything. Its shuffle is transformers' own (seed 42 + epoch), over rows drawn
+# from the run's seed.
+BATCHING = {"random": "random", "length_grouped": "group_by_length", "rebalanced": "batch_rebalance"}
 
 
 @dataclass(frozen=True)
