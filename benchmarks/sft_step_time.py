@@ -7,8 +7,9 @@ fresh copy of the tiny base model for `--steps` SFT steps on the demo's rows (TR
 the pipeline runs it) and records the wall time of every optimizer step; the median of the steps
 after the first five is the figure. The variants change how rows are batched or how the model runs,
 not the data: the default (32 random rows per step), length-grouped batches (`sft.batching:
-length_grouped`, transformers' LengthGroupedSampler, which cuts padding), 64 rows per step, and the
-model under `torch.compile` (inductor, dynamic shapes; its first step includes the compilation).
+length_grouped`, transformers' LengthGroupedSampler, which cuts padding), 64 rows per step, the
+model under `torch.compile` (inductor, dynamic shapes; its first step includes the compilation), and
+each step's 32 random rows split by length into 2 or 4 micro-batches (`sft.batching: rebalanced`).
 This measures speed only: whether a variant trains as good a model in fewer seconds is a question
 for the pipeline over seeds. Results, with the machine and the load average, go to
 benchmarks/results/sft_step_time.json (or `--out`).

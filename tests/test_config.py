@@ -24,6 +24,7 @@ def test_dotted_overrides_and_arm_configs():
     ("stages=[sft, ppo]", "unknown"),
     ("rlvr.group_size=1", "group_size"),
     ("eval.sampling.temperature=-1", "temperature"),
+    ("sft.probe_every=-1", "sft: probe_every must be >= 0"),
     ("sft.batching=sorted", r"sft: batching must be one of \['length_grouped', 'random', 'rebalanced'\], got 'sorted'"),
     ("nonsense", "key=value"),
     ("model.dtype=float8", r"model.dtype: expected one of float32, bfloat16, float16, got 'float8'"),

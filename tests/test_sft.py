@@ -144,3 +144,56 @@ def test_rebalanced_resume_across_an_epoch_matches_an_uninterrupted_run(tmp_path
     resumed.train(resume_from_checkpoint=str(tmp_path / "rebalanced" / "checkpoints" / "checkpoint-6"))
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _probe_run(tmp_path, name: str, probe_every: int):
+    """SFT of 10 steps over 64 rows, probed every `probe_every` steps (0: never), with attention dropout:
+    training then draws from torch's generator, which generation reseeds."""
+    from opsdlab.sft import TeacherProbe
+
+    task = build_task("synthetic")
+    tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+    config = SFTStageConfig(rows=64, max_steps=10, batch_size=8, save_steps=1000, logging_steps=1000)
+    stage_dir = tmp_path / name
+    probes = [TeacherProbe(stage_dir / "probe.jsonl", task.examples("test", 4), VerifierConfig(compare="exact"),
+                           ["none", "solution"], every=probe_every, max_new_tokens=8)] if probe_every else []
+    model = build_tiny_model(tokenizer, seed=0)
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    torch.manual_seed(0)
+    out = run_sft(model, tokenizer, task.sft_rows(tokenizer, config.rows), config, stage_dir, callbacks=probes)
+    return load_policy(out)[0], stage_dir / "probe.jsonl", probes
+
+
+def test_the_teacher_probe_records_each_step_and_does_not_change_training(tmp_path):
+    """Probes at steps 3, 6 and 9: the probed run ends on the unprobed run's weights, although
+    generation reseeds torch's generator and the dropout masks after each probe come from it."""
+    plain, _, _ = _probe_run(tmp_path, "plain", 0)
+    probed, path, (probe,) = _probe_run(tmp_path, "probed", 3)
+    for a, b in zip(plain.parameters(), probed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["context"]) for r in records] == [(s, c) for s in (3, 6, 9) for c in ("none", "solution")]
+    assert all(0 <= r["accuracy"] <= 1 and r["problems"] == 4 for r in records)
+
+    # A resumed run does not probe a step twice.
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(global_step=6, is_world_process_zero=True)
+    probe.on_step_end(None, state, None, model=probed, processing_class=None)
+    assert len(path.read_text().splitlines()) == 6
+
+
+def test_the_report_tables_the_teacher_probe(tmp_path):
+    from opsdlab.report import probe_table
+
+    (tmp_path / "sft").mkdir()
+    records = [{"step": 50, "context": "none", "accuracy": 0.25, "problems": 100},
+               {"step": 50, "context": "solution", "accuracy": 0.5, "problems": 100},
+               {"step": 100, "context": "none", "accuracy": 0.5, "problems": 100},
+               {"step": 100, "context": "solution", "accuracy": 0.375, "problems": 100}]
+    (tmp_path / "sft" / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = probe_table(tmp_path)
+    assert table[-2:] == ["| 50 | 0.250 | 0.500 | +25.0 pp |", "| 100 | 0.500 | 0.375 | -12.5 pp |"]
+    assert probe_table(tmp_path / "nothing") == []

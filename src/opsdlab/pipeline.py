@@ -6,6 +6,7 @@ A run directory holds everything a report needs and is how a run resumes:
     summary.jsonl               one line per finished stage or evaluation
     base/model/                 the starting model (built here for the tiny default)
     sft/ rlvr/                  model/ (final HF folder), checkpoints/, metrics.jsonl
+    sft/probe.jsonl             with sft.probe_every: student and teacher greedy accuracy per step
     opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl
     eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
 
@@ -43,7 +44,7 @@ from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.rlvr import run_rlvr
 from opsdlab.runtime import (is_main_process, launch_processes, main_decides, shard_and_gather,
                              wait_for_everyone)
-from opsdlab.sft import run_sft
+from opsdlab.sft import TeacherProbe, run_sft
 from opsdlab.tasks import build_task
 from opsdlab.verifier import VerifierConfig
 
@@ -178,6 +179,17 @@ def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
     return stage_dir / "model"
 
 
+def sft_probe(config: PipelineConfig, stage_dir: Path, sets: dict, verifier) -> list:
+    """The SFT teacher probe, if configured: the first evaluation set's first `probe_problems`
+    problems, from the student prompt and the OPSD teacher's."""
+    if not config.sft.probe_every:
+        return []
+    examples = next(iter(sets.values()))[:config.sft.probe_problems]
+    return [TeacherProbe(stage_dir / "probe.jsonl", examples, verifier, ["none", config.opsd.teacher_context],
+                         every=config.sft.probe_every, thinking=config.task.thinking,
+                         max_new_tokens=config.eval.sampling.max_new_tokens)]
+
+
 def run_pipeline(config: PipelineConfig) -> Path:
     """Run (or resume) every configured stage and evaluation; return the run directory."""
     config.check_batches(launch_processes())  # an uneven batch fails now, not after the stages before it
@@ -199,7 +211,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
             start = time.time()
             model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
             rows = task.sft_rows(tokenizer, config.sft.rows, thinking=thinking, seed=config.seed)
-            run_sft(model, tokenizer, rows, config.sft, stage_dir, seed=config.seed)
+            run_sft(model, tokenizer, rows, config.sft, stage_dir, seed=config.seed,
+                    callbacks=sft_probe(config, stage_dir, sets, verifier))
             finish_stage(run_dir, stage_dir, f"[sft] done in {time.time() - start:.0f}s", kind="stage", stage="sft")
         current = stage_dir / "model"
         evaluate_checkpoint(run_dir, "sft", current, config, task, sets,

@@ -124,6 +124,32 @@ def stage_summary(run_dir: Path) -> list[str]:
     return lines
 
 
+def probe_table(run_dir: Path) -> list[str]:
+    """The SFT teacher probe (`sft/probe.jsonl`): greedy accuracy per step from the student prompt and
+    from each teacher context, and the teacher's lead; empty when SFT ran without the probe."""
+    records = read_jsonl(run_dir / "sft" / "probe.jsonl")
+    if not records:
+        return []
+    by_step: dict[int, dict[str, float]] = {}
+    for record in records:
+        by_step.setdefault(record["step"], {})[record["context"]] = record["accuracy"]
+    contexts = sorted({r["context"] for r in records} - {"none"})
+    problems = records[0]["problems"]
+    lines = [f"Greedy accuracy on {problems} held-out problems during SFT.", "",
+             "| step | student prompt | " + " | ".join(f"teacher ({c}) | lead ({c})" for c in contexts) + " |",
+             "|---|---|" + "---|---|" * len(contexts)]
+    for step in sorted(by_step):
+        row = by_step[step]
+        student = row.get("none")
+        cells = [f"{step}", _fmt(student)]
+        for context in contexts:
+            teacher = row.get(context)
+            lead = None if teacher is None or student is None else teacher - student
+            cells += [_fmt(teacher), "–" if lead is None else f"{100 * lead:+.1f} pp"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_accuracy_length(run_dir: Path, names: list[str], set_name: str, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in names:
@@ -617,6 +643,8 @@ def write_report(run_dir: str | Path) -> Path:
         md += ["### Sample responses", "", *sample_texts(run_dir, names, set_name)]
     if plot_training_curves(run_dir, out_dir / "training_curves.png"):
         md += ["## Training curves", "", "![training curves](training_curves.png)", ""]
+    if probe := probe_table(run_dir):
+        md += ["## The teacher prompt during SFT", "", *probe, ""]
     shifts = token_shifts(run_dir, out_dir / "kl_by_position.png")
     if shifts:
         md += ["## What the teacher changes", "", *shifts, "", "![KL by position](kl_by_position.png)", ""]

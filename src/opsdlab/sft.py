@@ -8,14 +8,20 @@ learns to use a reference solution; a real model is fine-tuned on problem + solu
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from opsdlab.data import Example
+from opsdlab.evaluate import SamplingConfig, evaluate
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, resume_point, save_trained, warn_if_updates_vanish)
+                             per_device_rows, read_jsonl, resume_point, save_trained, warn_if_updates_vanish)
+from opsdlab.verifier import VerifierConfig
 
 # How rows are drawn into batches: named choice -> the Trainer's `train_sampling_strategy`.
 # `random`: each micro-batch is rows drawn at random, padded to its longest row.
@@ -51,6 +57,11 @@ class SFTStageConfig:
     gradient_checkpointing: bool = False
     report_to: str = "none"
     batching: str = "random"
+    # Every `probe_every` steps (0: never) the pipeline grades greedy answers to `probe_problems`
+    # held-out problems from the student prompt and from the OPSD teacher's prompt (`TeacherProbe`):
+    # when, during SFT, the model learns to use the privileged context.
+    probe_every: int = 0
+    probe_problems: int = 100
 
     def __post_init__(self):
         if self.batching not in BATCHING:
@@ -59,6 +70,9 @@ class SFTStageConfig:
             raise ValueError("sft: rows, max_steps, batch_size and gradient_accumulation_steps must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"sft: learning_rate must be > 0, got {self.learning_rate}")
+        if self.probe_every < 0 or self.probe_problems < 1:
+            raise ValueError(f"sft: probe_every must be >= 0 and probe_problems >= 1, got {self.probe_every} "
+                             f"and {self.probe_problems}")
 
     def per_device_batch(self, num_processes: int) -> int:
         """Rows per device per micro-batch on `num_processes` processes (an error if uneven)."""
@@ -91,13 +105,49 @@ def sft_args(config: SFTStageConfig, stage_dir: Path, seed: int, eos_token: str,
     return args
 
 
-def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_dir: Path, seed: int = 0) -> Path:
+class TeacherProbe(TrainerCallback):
+    """Greedy accuracy of the student prompt and of each teacher context on held-out problems, every
+    `every` optimizer steps, appended to `path` (one JSON line per step and context).
+
+    The main process alone generates; the others wait for it at the next step's gradient exchange.
+    Generation seeds torch's random generator, so the probe runs inside a forked RNG state: a probed
+    run trains on exactly the batches of an unprobed one. A resumed run skips the steps already in
+    `path`.
+    """
+
+    def __init__(self, path: Path, examples: list[Example], verifier: VerifierConfig, contexts: list[str], *,
+                 every: int, thinking: bool = True, max_new_tokens: int = 192):
+        self.path, self.examples, self.verifier, self.contexts = Path(path), examples, verifier, contexts
+        self.every, self.thinking = every, thinking
+        self.sampling = SamplingConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        step = state.global_step
+        if not state.is_world_process_zero or step % self.every:
+            return
+        if any(record["step"] == step for record in read_jsonl(self.path)):
+            return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            records = [self.probe(model, processing_class, step, context) for context in self.contexts]
+        with open(self.path, "a") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in records)
+
+    def probe(self, model, tokenizer, step: int, context: str) -> dict:
+        _, summary = evaluate(model, tokenizer, self.examples, self.verifier, self.sampling, thinking=self.thinking,
+                              context=context, desc=f"sft probe {context} @{step}")
+        return {"step": step, "context": context, "accuracy": summary["avg_at_k"],
+                "mean_tokens": summary["mean_response_tokens"], "problems": len(self.examples)}
+
+
+def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_dir: Path, seed: int = 0,
+            callbacks: list[TrainerCallback] = ()) -> Path:
     """Train on `rows` (prompt, completion), resume from a checkpoint if one exists, save to stage_dir/model."""
     stage_dir = Path(stage_dir)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     args = sft_args(config, stage_dir, seed, tokenizer.eos_token)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")])
+                         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl"), *callbacks])
     warn_if_updates_vanish(trainer, "sft")
     trainer.train(resume_from_checkpoint=resume_point(stage_dir))
     return save_trained(trainer, stage_dir / "model")
