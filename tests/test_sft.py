@@ -185,6 +185,20 @@ def test_the_teacher_probe_records_each_step_and_does_not_change_training(tmp_pa
     assert len(path.read_text().splitlines()) == 6
 
 
+def test_the_teacher_probe_refuses_sharded_weights(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from opsdlab.sft import TeacherProbe
+
+    probe = TeacherProbe(tmp_path / "probe.jsonl", [], VerifierConfig(), ["none"], every=10)
+    probe.on_train_begin(SimpleNamespace(world_size=2, deepspeed=None, fsdp=None), None, None)  # DDP is fine
+    for sharded in ({"deepspeed": "zero3.json", "fsdp": None}, {"deepspeed": None, "fsdp": "full_shard"}):
+        with pytest.raises(ValueError, match="probe_every=0 with DeepSpeed or FSDP"):
+            probe.on_train_begin(SimpleNamespace(world_size=2, **sharded), None, None)
+
+
 def test_the_report_tables_the_teacher_probe(tmp_path):
     from opsdlab.report import probe_table
 

@@ -110,6 +110,8 @@ class TeacherProbe(TrainerCallback):
     `every` optimizer steps, appended to `path` (one JSON line per step and context).
 
     The main process alone generates; the others wait for it at the next step's gradient exchange.
+    Weights sharded over processes (DeepSpeed ZeRO-3, FSDP) would need every process to generate, so
+    the probe refuses them.
     Generation seeds torch's random generator, so the probe runs inside a forked RNG state: a probed
     run trains on exactly the batches of an unprobed one. A resumed run skips the steps already in
     `path`.
@@ -120,6 +122,11 @@ class TeacherProbe(TrainerCallback):
         self.path, self.examples, self.verifier, self.contexts = Path(path), examples, verifier, contexts
         self.every, self.thinking = every, thinking
         self.sampling = SamplingConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1 and (args.deepspeed or args.fsdp):
+            raise ValueError("sft.probe_every: the SFT probe generates on the main process alone, which needs "
+                             "whole weights on it; set sft.probe_every=0 with DeepSpeed or FSDP")
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         step = state.global_step
