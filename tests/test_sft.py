@@ -200,7 +200,7 @@ def test_the_teacher_probe_refuses_sharded_weights(tmp_path):
 
 
 def test_the_report_tables_the_teacher_probe(tmp_path):
-    from opsdlab.report import probe_table
+    from opsdlab.report import probe_seed_table, probe_table
 
     (tmp_path / "sft").mkdir()
     records = [{"step": 50, "context": "none", "accuracy": 0.25, "problems": 100},
@@ -211,3 +211,5 @@ def test_the_report_tables_the_teacher_probe(tmp_path):
     table = probe_table(tmp_path)
     assert table[-2:] == ["| 50 | 0.250 | 0.500 | +25.0 pp |", "| 100 | 0.500 | 0.375 | -12.5 pp |"]
     assert probe_table(tmp_path / "nothing") == []
+    seed_table = probe_seed_table({0: tmp_path, 1: tmp_path / "nothing"})
+    assert seed_table[-2:] == ["| 50 | 0.250 / 0.500 (+25.0 pp) |", "| 100 | 0.500 / 0.375 (-12.5 pp) |"]

@@ -124,28 +124,55 @@ def stage_summary(run_dir: Path) -> list[str]:
     return lines
 
 
-def probe_table(run_dir: Path) -> list[str]:
-    """The SFT teacher probe (`sft/probe.jsonl`): greedy accuracy per step from the student prompt and
-    from each teacher context, and the teacher's lead; empty when SFT ran without the probe."""
-    records = read_jsonl(run_dir / "sft" / "probe.jsonl")
-    if not records:
-        return []
+def probe_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
+    """The SFT teacher probe (`sft/probe.jsonl`): step -> context -> greedy accuracy ("none" is the
+    student prompt); empty when SFT ran without the probe."""
     by_step: dict[int, dict[str, float]] = {}
-    for record in records:
+    for record in read_jsonl(run_dir / "sft" / "probe.jsonl"):
         by_step.setdefault(record["step"], {})[record["context"]] = record["accuracy"]
-    contexts = sorted({r["context"] for r in records} - {"none"})
-    problems = records[0]["problems"]
+    return by_step
+
+
+def _lead(row: dict[str, float], context: str) -> str:
+    if context not in row or "none" not in row:
+        return "–"
+    return f"{100 * (row[context] - row['none']):+.1f} pp"
+
+
+def probe_table(run_dir: Path) -> list[str]:
+    """Per probed SFT step: the student prompt's and each teacher context's greedy accuracy, and the lead."""
+    by_step = probe_by_step(run_dir)
+    if not by_step:
+        return []
+    contexts = sorted({c for row in by_step.values() for c in row} - {"none"})
+    problems = read_jsonl(run_dir / "sft" / "probe.jsonl")[0]["problems"]
     lines = [f"Greedy accuracy on {problems} held-out problems during SFT.", "",
              "| step | student prompt | " + " | ".join(f"teacher ({c}) | lead ({c})" for c in contexts) + " |",
              "|---|---|" + "---|---|" * len(contexts)]
-    for step in sorted(by_step):
-        row = by_step[step]
-        student = row.get("none")
-        cells = [f"{step}", _fmt(student)]
+    for step, row in sorted(by_step.items()):
+        cells = [str(step), _fmt(row.get("none"))]
         for context in contexts:
-            teacher = row.get(context)
-            lead = None if teacher is None or student is None else teacher - student
-            cells += [_fmt(teacher), "–" if lead is None else f"{100 * lead:+.1f} pp"]
+            cells += [_fmt(row.get(context)), _lead(row, context)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def probe_seed_table(seeds: dict[int, Path]) -> list[str]:
+    """The SFT teacher probe side by side over seeds: per step and seed, student / teacher (lead)."""
+    probes = {seed: probe_by_step(d) for seed, d in seeds.items()}
+    probes = {seed: by_step for seed, by_step in probes.items() if by_step}
+    if not probes:
+        return []
+    steps = sorted({step for by_step in probes.values() for step in by_step})
+    lines = ["| step | " + " | ".join(f"seed {seed}: student / teacher (lead)" for seed in probes) + " |",
+             "|---|" + "---|" * len(probes)]
+    for step in steps:
+        cells = [str(step)]
+        for by_step in probes.values():
+            row = by_step.get(step, {})
+            teachers = sorted(set(row) - {"none"})
+            cells.append(" · ".join(f"{_fmt(row.get('none'))} / {_fmt(row[c])} ({_lead(row, c)})" for c in teachers)
+                         or "–")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -601,6 +628,8 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
             md += ["### OPSD arms against the `all` arm (same pipeline seed and OPSD seed)", "",
                    "Whether the gate or the teacher's context made a difference, paired on the same problems.", "",
                    *change_table(versus_all, "all"), "", *holds_table(versus_all, order), ""]
+    if probe := probe_seed_table(seeds):
+        md += ["## The teacher prompt during SFT (greedy accuracy on held-out problems)", "", *probe, ""]
     md += ["## Settings", "", f"- pipeline seeds: {order}, present: {list(seeds)}",
            f"- OPSD arms: `{json.dumps(config.get('arms', []))}`, OPSD seeds {config.get('opsd_seeds')}", ""]
     path = out_dir / "report.md"
