@@ -60,6 +60,9 @@ GATE_CHOICES = "['all', 'correct', 'correct_or_truncated', 'incorrect', 'split']
     (["sft", "--set", "learning_rate=abc"],
      "opsdlab sft: error: --set learning_rate: expected a number, got 'abc' (str)"),
     (["rlvr", "--set", "group_size=1"], "opsdlab rlvr: error: group_size must be >= 2 (group-centred advantages), got 1"),
+    (["sft", "--set", "probe_every=50"], "opsdlab sft: error: --set probe_every: the SFT teacher probe runs in "
+     "`opsdlab pipeline` (it grades held-out problems from the OPSD teacher's prompt); set sft.probe_every in a "
+     "pipeline config"),
 ])
 def test_stage_option_errors_are_exact_and_name_the_option(tmp_path, capsys, argv, message):
     """Checked before any model is loaded; the stage's label is not repeated after the command's."""

@@ -111,6 +111,11 @@ def cmd_sft(args) -> int:
     from opsdlab.tasks import build_task
 
     config = _overrides(SFTStageConfig, args.set)
+    if config.probe_every:
+        from opsdlab.config import ConfigError
+
+        raise ConfigError("--set probe_every: the SFT teacher probe runs in `opsdlab pipeline` (it grades held-out "
+                          "problems from the OPSD teacher's prompt); set sft.probe_every in a pipeline config")
     if args.data == "synthetic":
         task = build_task("synthetic")
         if args.model == "tiny":
