@@ -156,7 +156,8 @@ def _probe_run(tmp_path, name: str, probe_every: int):
     config = SFTStageConfig(rows=64, max_steps=10, batch_size=8, save_steps=1000, logging_steps=1000)
     stage_dir = tmp_path / name
     probes = [TeacherProbe(stage_dir / "probe.jsonl", task.examples("test", 4), VerifierConfig(compare="exact"),
-                           ["none", "solution"], every=probe_every, max_new_tokens=8)] if probe_every else []
+                           ["none", "solution"], every=probe_every, max_new_tokens=8, k=2, temperature=0.6)
+              ] if probe_every else []
     model = build_tiny_model(tokenizer, seed=0)
     for module in model.modules():
         if hasattr(module, "attention_dropout"):
@@ -167,15 +168,15 @@ def _probe_run(tmp_path, name: str, probe_every: int):
 
 
 def test_the_teacher_probe_records_each_step_and_does_not_change_training(tmp_path):
-    """Probes at steps 3, 6 and 9: the probed run ends on the unprobed run's weights, although
-    generation reseeds torch's generator and the dropout masks after each probe come from it."""
+    """Sampled probes at steps 3, 6 and 9: the probed run ends on the unprobed run's weights, although
+    generation reseeds and draws from torch's generator and the dropout masks come from it."""
     plain, _, _ = _probe_run(tmp_path, "plain", 0)
     probed, path, (probe,) = _probe_run(tmp_path, "probed", 3)
     for a, b in zip(plain.parameters(), probed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["step"], r["context"]) for r in records] == [(s, c) for s in (3, 6, 9) for c in ("none", "solution")]
-    assert all(0 <= r["accuracy"] <= 1 and r["problems"] == 4 for r in records)
+    assert all(0 <= r["accuracy"] <= 1 and r["problems"] == 4 and r["k"] == 2 for r in records)
 
     # A resumed run does not probe a step twice.
     from types import SimpleNamespace
@@ -203,13 +204,18 @@ def test_the_report_tables_the_teacher_probe(tmp_path):
     from opsdlab.report import probe_seed_table, probe_table
 
     (tmp_path / "sft").mkdir()
-    records = [{"step": 50, "context": "none", "accuracy": 0.25, "problems": 100},
+    records = [{"step": 50, "context": "none", "accuracy": 0.25, "problems": 100},  # written before k was
                {"step": 50, "context": "solution", "accuracy": 0.5, "problems": 100},
                {"step": 100, "context": "none", "accuracy": 0.5, "problems": 100},
                {"step": 100, "context": "solution", "accuracy": 0.375, "problems": 100}]
     (tmp_path / "sft" / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     table = probe_table(tmp_path)
+    assert table[0] == "Greedy accuracy on 100 held-out problems during SFT."
     assert table[-2:] == ["| 50 | 0.250 | 0.500 | +25.0 pp |", "| 100 | 0.500 | 0.375 | -12.5 pp |"]
     assert probe_table(tmp_path / "nothing") == []
-    seed_table = probe_seed_table({0: tmp_path, 1: tmp_path / "nothing"})
+    seed_table = probe_seed_table({1: tmp_path / "nothing", 0: tmp_path})
+    assert seed_table[0] == "Greedy accuracy on 100 held-out problems, per seed."
     assert seed_table[-2:] == ["| 50 | 0.250 / 0.500 (+25.0 pp) |", "| 100 | 0.500 / 0.375 (-12.5 pp) |"]
+    sampled = {**records[0], "k": 4, "temperature": 0.6}
+    (tmp_path / "sft" / "probe.jsonl").write_text(json.dumps(sampled) + "\n")
+    assert probe_table(tmp_path)[0] == "avg@4 at temperature 0.6 on 100 held-out problems during SFT."

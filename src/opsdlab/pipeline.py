@@ -6,7 +6,7 @@ A run directory holds everything a report needs and is how a run resumes:
     summary.jsonl               one line per finished stage or evaluation
     base/model/                 the starting model (built here for the tiny default)
     sft/ rlvr/                  model/ (final HF folder), checkpoints/, metrics.jsonl
-    sft/probe.jsonl             with sft.probe_every: student and teacher greedy accuracy per step
+    sft/probe.jsonl             with sft.probe_every: student and teacher accuracy per probed step
     opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl
     eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
 
@@ -187,7 +187,8 @@ def sft_probe(config: PipelineConfig, stage_dir: Path, sets: dict, verifier) -> 
     examples = next(iter(sets.values()))[:config.sft.probe_problems]
     return [TeacherProbe(stage_dir / "probe.jsonl", examples, verifier, ["none", config.opsd.teacher_context],
                          every=config.sft.probe_every, thinking=config.task.thinking,
-                         max_new_tokens=config.eval.sampling.max_new_tokens)]
+                         max_new_tokens=config.eval.sampling.max_new_tokens, k=config.sft.probe_k,
+                         temperature=config.sft.probe_temperature)]
 
 
 def run_pipeline(config: PipelineConfig) -> Path:

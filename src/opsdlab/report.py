@@ -125,12 +125,20 @@ def stage_summary(run_dir: Path) -> list[str]:
 
 
 def probe_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
-    """The SFT teacher probe (`sft/probe.jsonl`): step -> context -> greedy accuracy ("none" is the
-    student prompt); empty when SFT ran without the probe."""
+    """The SFT teacher probe (`sft/probe.jsonl`): step -> context -> accuracy ("none" is the student
+    prompt); empty when SFT ran without the probe."""
     by_step: dict[int, dict[str, float]] = {}
     for record in read_jsonl(run_dir / "sft" / "probe.jsonl"):
         by_step.setdefault(record["step"], {})[record["context"]] = record["accuracy"]
     return by_step
+
+
+def probe_measure(run_dir: Path) -> str:
+    """What the probe's accuracy is, e.g. "Greedy accuracy on 100 held-out problems"."""
+    first = read_jsonl(run_dir / "sft" / "probe.jsonl")[0]
+    k, temperature = first.get("k", 1), first.get("temperature", 0.0)
+    measure = "Greedy accuracy" if temperature == 0 else f"avg@{k} at temperature {temperature}"
+    return f"{measure} on {first['problems']} held-out problems"
 
 
 def _lead(row: dict[str, float], context: str) -> str:
@@ -140,13 +148,12 @@ def _lead(row: dict[str, float], context: str) -> str:
 
 
 def probe_table(run_dir: Path) -> list[str]:
-    """Per probed SFT step: the student prompt's and each teacher context's greedy accuracy, and the lead."""
+    """Per probed SFT step: the student prompt's and each teacher context's accuracy, and the lead."""
     by_step = probe_by_step(run_dir)
     if not by_step:
         return []
     contexts = sorted({c for row in by_step.values() for c in row} - {"none"})
-    problems = read_jsonl(run_dir / "sft" / "probe.jsonl")[0]["problems"]
-    lines = [f"Greedy accuracy on {problems} held-out problems during SFT.", "",
+    lines = [f"{probe_measure(run_dir)} during SFT.", "",
              "| step | student prompt | " + " | ".join(f"teacher ({c}) | lead ({c})" for c in contexts) + " |",
              "|---|---|" + "---|---|" * len(contexts)]
     for step, row in sorted(by_step.items()):
@@ -164,7 +171,8 @@ def probe_seed_table(seeds: dict[int, Path]) -> list[str]:
     if not probes:
         return []
     steps = sorted({step for by_step in probes.values() for step in by_step})
-    lines = ["| step | " + " | ".join(f"seed {seed}: student / teacher (lead)" for seed in probes) + " |",
+    lines = [f"{probe_measure(seeds[next(iter(probes))])}, per seed.", "",
+             "| step | " + " | ".join(f"seed {seed}: student / teacher (lead)" for seed in probes) + " |",
              "|---|" + "---|" * len(probes)]
     for step in steps:
         cells = [str(step)]
@@ -629,7 +637,7 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
                    "Whether the gate or the teacher's context made a difference, paired on the same problems.", "",
                    *change_table(versus_all, "all"), "", *holds_table(versus_all, order), ""]
     if probe := probe_seed_table(seeds):
-        md += ["## The teacher prompt during SFT (greedy accuracy on held-out problems)", "", *probe, ""]
+        md += ["## The teacher prompt during SFT", "", *probe, ""]
     md += ["## Settings", "", f"- pipeline seeds: {order}, present: {list(seeds)}",
            f"- OPSD arms: `{json.dumps(config.get('arms', []))}`, OPSD seeds {config.get('opsd_seeds')}", ""]
     path = out_dir / "report.md"

@@ -57,11 +57,15 @@ class SFTStageConfig:
     gradient_checkpointing: bool = False
     report_to: str = "none"
     batching: str = "random"
-    # Every `probe_every` steps (0: never) the pipeline grades greedy answers to `probe_problems`
-    # held-out problems from the student prompt and from the OPSD teacher's prompt (`TeacherProbe`):
-    # when, during SFT, the model learns to use the privileged context.
+    # Every `probe_every` steps (0: never) the pipeline grades answers to `probe_problems` held-out
+    # problems from the student prompt and from the OPSD teacher's prompt (`TeacherProbe`): when,
+    # during SFT, the model learns to use the privileged context. Greedy by default; `probe_k`
+    # samples at `probe_temperature` show what greedy hides once the student's greedy answers are
+    # good (a reading teacher stays accurate under sampling, a student does not).
     probe_every: int = 0
     probe_problems: int = 100
+    probe_k: int = 1
+    probe_temperature: float = 0.0
 
     def __post_init__(self):
         if self.batching not in BATCHING:
@@ -70,9 +74,10 @@ class SFTStageConfig:
             raise ValueError("sft: rows, max_steps, batch_size and gradient_accumulation_steps must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"sft: learning_rate must be > 0, got {self.learning_rate}")
-        if self.probe_every < 0 or self.probe_problems < 1:
-            raise ValueError(f"sft: probe_every must be >= 0 and probe_problems >= 1, got {self.probe_every} "
-                             f"and {self.probe_problems}")
+        if self.probe_every < 0 or self.probe_problems < 1 or self.probe_k < 1 or self.probe_temperature < 0:
+            raise ValueError(f"sft: need probe_every >= 0, probe_problems >= 1, probe_k >= 1 and "
+                             f"probe_temperature >= 0, got {self.probe_every}, {self.probe_problems}, "
+                             f"{self.probe_k} and {self.probe_temperature}")
 
     def per_device_batch(self, num_processes: int) -> int:
         """Rows per device per micro-batch on `num_processes` processes (an error if uneven)."""
@@ -106,8 +111,9 @@ def sft_args(config: SFTStageConfig, stage_dir: Path, seed: int, eos_token: str,
 
 
 class TeacherProbe(TrainerCallback):
-    """Greedy accuracy of the student prompt and of each teacher context on held-out problems, every
-    `every` optimizer steps, appended to `path` (one JSON line per step and context).
+    """Accuracy (avg@k; greedy by default) of the student prompt and of each teacher context on
+    held-out problems, every `every` optimizer steps, appended to `path` (one JSON line per step and
+    context).
 
     The main process alone generates; the others wait for it at the next step's gradient exchange.
     Weights sharded over processes (DeepSpeed ZeRO-3, FSDP) would need every process to generate, so
@@ -118,10 +124,11 @@ class TeacherProbe(TrainerCallback):
     """
 
     def __init__(self, path: Path, examples: list[Example], verifier: VerifierConfig, contexts: list[str], *,
-                 every: int, thinking: bool = True, max_new_tokens: int = 192):
+                 every: int, thinking: bool = True, max_new_tokens: int = 192, k: int = 1,
+                 temperature: float = 0.0):
         self.path, self.examples, self.verifier, self.contexts = Path(path), examples, verifier, contexts
         self.every, self.thinking = every, thinking
-        self.sampling = SamplingConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        self.sampling = SamplingConfig(k=k, temperature=temperature, max_new_tokens=max_new_tokens)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.world_size > 1 and (args.deepspeed or args.fsdp):
@@ -144,7 +151,8 @@ class TeacherProbe(TrainerCallback):
         _, summary = evaluate(model, tokenizer, self.examples, self.verifier, self.sampling, thinking=self.thinking,
                               context=context, desc=f"sft probe {context} @{step}")
         return {"step": step, "context": context, "accuracy": summary["avg_at_k"],
-                "mean_tokens": summary["mean_response_tokens"], "problems": len(self.examples)}
+                "mean_tokens": summary["mean_response_tokens"], "problems": len(self.examples),
+                "k": self.sampling.k, "temperature": self.sampling.temperature}
 
 
 def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_dir: Path, seed: int = 0,
