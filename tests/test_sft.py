@@ -178,11 +178,15 @@ def test_the_teacher_probe_records_each_step_and_does_not_change_training(tmp_pa
     assert [(r["step"], r["context"]) for r in records] == [(s, c) for s in (3, 6, 9) for c in ("none", "solution")]
     assert all(0 <= r["accuracy"] <= 1 and r["problems"] == 4 and r["k"] == 2 for r in records)
 
-    # A resumed run does not probe a step twice.
+    # A resumed run (a new probe on the same file) does not probe a step twice.
     from types import SimpleNamespace
 
+    from opsdlab.sft import TeacherProbe
+
+    resumed = TeacherProbe(path, probe.examples, probe.verifier, probe.contexts, every=3, max_new_tokens=8)
+    _, tokenizer = load_policy(path.parent / "model")
     state = SimpleNamespace(global_step=6, is_world_process_zero=True)
-    probe.on_step_end(None, state, None, model=probed, processing_class=None)
+    resumed.on_step_end(None, state, None, model=probed, processing_class=tokenizer)
     assert len(path.read_text().splitlines()) == 6
 
 

@@ -129,6 +129,7 @@ class TeacherProbe(TrainerCallback):
         self.path, self.examples, self.verifier, self.contexts = Path(path), examples, verifier, contexts
         self.every, self.thinking = every, thinking
         self.sampling = SamplingConfig(k=k, temperature=temperature, max_new_tokens=max_new_tokens)
+        self.done = {record["step"] for record in read_jsonl(self.path)}  # probed before a resume
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.world_size > 1 and (args.deepspeed or args.fsdp):
@@ -137,15 +138,14 @@ class TeacherProbe(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         step = state.global_step
-        if not state.is_world_process_zero or step % self.every:
-            return
-        if any(record["step"] == step for record in read_jsonl(self.path)):
+        if not state.is_world_process_zero or step % self.every or step in self.done:
             return
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             records = [self.probe(model, processing_class, step, context) for context in self.contexts]
         with open(self.path, "a") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in records)
+        self.done.add(step)
 
     def probe(self, model, tokenizer, step: int, context: str) -> dict:
         _, summary = evaluate(model, tokenizer, self.examples, self.verifier, self.sampling, thinking=self.thinking,
