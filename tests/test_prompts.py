@@ -63,3 +63,49 @@ def test_unrelated_context_without_a_partner_is_an_error_naming_the_example(toke
 
     with pytest.raises(ValueError, match="'p1' has no unrelated_solution.*pair_unrelated"):
         render_prompt(tokenizer, replace(EXAMPLE, unrelated_solution=None), context="unrelated")
+
+
+@pytest.mark.parametrize("task_name", ["synthetic", "search"])
+def test_a_task_instruction_reaches_every_role(task_name):
+    """`task.options.instruction` words the prompt of SFT rows, RLVR/OPSD rollouts, the OPSD teacher
+    (rebuilt from a dataset row) and evaluation alike; "" leaves the problem alone."""
+    import random
+
+    from opsdlab.data import DEFAULT_INSTRUCTION
+    from opsdlab.models import build_tiny_tokenizer
+    from opsdlab.opsd import _example, opsd_dataset
+    from opsdlab.tasks import build_task
+
+    for instruction in ("", "Add them."):
+        task = build_task(task_name, {"instruction": instruction})
+        tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+        examples = task.examples("train", 2)
+        example = examples[0]
+        student = render_prompt(tokenizer, example)
+        assert DEFAULT_INSTRUCTION not in student
+        expected = example.problem + ("\n" + instruction if instruction else "") + "<|im_end|>"
+        assert expected in student
+        rows = task.sft_rows(tokenizer, 40, thinking=True, seed=0)
+        assert all(DEFAULT_INSTRUCTION not in row["prompt"] for row in rows)
+        assert any(row["context"] == "solution" for row in rows)
+        row = opsd_dataset(examples, tokenizer, True)[0]
+        assert row["prompt"] == student
+        for context in ("solution", "unrelated", "concise"):
+            teacher = render_prompt(tokenizer, _example(row), context=context)
+            block = TEACHER_CONTEXTS[context](_example(row), None)
+            cut = student.index("<|im_end|>")
+            assert teacher == student[:cut] + "\n\n" + block + student[cut:]
+    assert build_task(task_name, {}).examples("train", 1)[0].instruction == DEFAULT_INSTRUCTION
+
+
+@pytest.mark.parametrize("task_name", ["synthetic", "search"])
+def test_an_empty_instruction_override_means_none_and_a_number_is_an_error(task_name):
+    """`task.options.instruction=` (the shell ate the quotes: YAML null) and `=""` both mean none."""
+    from opsdlab.config import load_config
+    from opsdlab.tasks import build_task
+
+    for override in ("task.options.instruction=", 'task.options.instruction=""'):
+        options = load_config(None, [override]).task.options
+        assert build_task(task_name, options).config.instruction == ""
+    with pytest.raises(ValueError, match=f"{task_name} task: instruction must be text"):
+        build_task(task_name, {"instruction": 3})

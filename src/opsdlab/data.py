@@ -19,6 +19,9 @@ from typing import Any
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
+# What the user turn asks after the problem, unless a task words it otherwise (`Example.instruction`).
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
 
 @dataclass(frozen=True)
 class Example:
@@ -26,7 +29,8 @@ class Example:
 
     `unrelated_solution` is the reference solution of a *different* problem of the same format
     (set by `pair_unrelated`): the `unrelated` teacher reads it, a hint's style without its
-    information.
+    information. `instruction` follows the problem in every role's prompt ("" for none): a generated
+    task may word it shorter than a benchmark's, since it is in every row, rollout and evaluation.
     """
 
     id: str
@@ -34,6 +38,7 @@ class Example:
     solution: str
     answer: str
     unrelated_solution: str | None = None
+    instruction: str = DEFAULT_INSTRUCTION
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from opsdlab.data import Example
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import end_token_ids, stop_token_ids, thinking_token_count
-from opsdlab.prompts import DEFAULT_INSTRUCTION, render_prompt
+from opsdlab.prompts import render_prompt
 from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct
 
 
@@ -175,7 +175,7 @@ def evaluate(
     *,
     thinking: bool = True,
     context: str = "none",
-    instruction: str = DEFAULT_INSTRUCTION,
+    instruction: str | None = None,
     desc: str = "eval",
     backend: str = "transformers",
 ) -> tuple[list[Sample], dict]:

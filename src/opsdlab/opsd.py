@@ -29,7 +29,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import pad
 from transformers import TrainerCallback
 
-from opsdlab.data import Example, pair_unrelated
+from opsdlab.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
 from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
 from opsdlab.gates import GATES, route
 from opsdlab.models import end_token_ids, output_head, save_policy
@@ -463,7 +463,8 @@ class OPSDTrainer(GRPOTrainer):
 
 def _example(row: dict) -> Example:
     return Example(id=str(row.get("id", "")), problem=row["problem"], solution=row.get("solution", ""),
-                   answer=str(row["answer"]), unrelated_solution=row.get("unrelated_solution"))
+                   answer=str(row["answer"]), unrelated_solution=row.get("unrelated_solution"),
+                   instruction=row.get("instruction", DEFAULT_INSTRUCTION))
 
 
 def opsd_dataset(examples, tokenizer, thinking: bool):

@@ -17,10 +17,8 @@ from typing import Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from opsdlab.data import Example
+from opsdlab.data import DEFAULT_INSTRUCTION, Example  # noqa: F401  (DEFAULT_INSTRUCTION re-exported)
 from opsdlab.templates import check_thinking, strip_bos
-
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 def _solution_context(example: Example, sibling: str | None) -> str:
@@ -83,12 +81,14 @@ def _ends_with(text: str, suffix: str) -> bool:
     return " ".join(text.split()).endswith(" ".join(suffix.split()))
 
 
-def user_message(example: Example, instruction: str = DEFAULT_INSTRUCTION, context: str | None = None) -> str:
-    """The user turn: problem, instruction, then the privileged block if any.
+def user_message(example: Example, instruction: str | None = None, context: str | None = None) -> str:
+    """The user turn: problem, instruction (the example's own unless given), then the privileged
+    block if any.
 
     A problem that already ends with the instruction (as in many public benchmark files) keeps it
     once: the instruction is not appended again.
     """
+    instruction = example.instruction if instruction is None else instruction
     text = example.problem.strip()
     if instruction and not _ends_with(text, instruction):
         text += "\n" + instruction
@@ -104,11 +104,12 @@ def render_prompt(
     thinking: bool = True,
     context: str = "none",
     sibling: str | None = None,
-    instruction: str = DEFAULT_INSTRUCTION,
+    instruction: str | None = None,
 ) -> str:
     """Render the generation prompt for one role as text through the tokenizer's chat template.
 
-    `context` names an entry of TEACHER_CONTEXTS; "none" is the student prompt. Raises
+    `context` names an entry of TEACHER_CONTEXTS; "none" is the student prompt. `instruction`
+    (None: the example's own) follows the problem in every role alike. Raises
     `templates.ThinkingSwitchError` when the template always renders the other thinking mode. The
     text is meant to be tokenized with special tokens: a leading BOS that the tokenizer adds
     anyway is left out.

@@ -197,7 +197,7 @@ def rl_dataset(examples, tokenizer, thinking: bool) -> Dataset:
     """Rows with the rendered student prompt plus the fields later stages need."""
     return Dataset.from_list([
         {"prompt": render_prompt(tokenizer, ex, thinking=thinking), "answer": ex.answer, "problem": ex.problem,
-         "solution": ex.solution, "id": ex.id}
+         "solution": ex.solution, "id": ex.id, "instruction": ex.instruction}
         for ex in examples
     ])
 

@@ -23,6 +23,15 @@ def check_unit_interval(task: str, config, names: tuple[str, ...]) -> None:
             raise ValueError(f"{task} task: {name} must be in [0, 1], got {value}")
 
 
+def checked_instruction(task: str, config) -> None:
+    """Normalise `config.instruction`: None (an empty value in YAML or on the command line) means no
+    instruction; anything but text is an error naming the task."""
+    if config.instruction is None:
+        object.__setattr__(config, "instruction", "")
+    elif not isinstance(config.instruction, str):
+        raise ValueError(f"{task} task: instruction must be text (\"\" for none), got {config.instruction!r}")
+
+
 def sft_rows_with_contexts(examples: list[Example], tokenizer, response: Callable, *, thinking: bool,
                            rng: random.Random, privileged_fraction: float, context_mix: dict[str, float]
                            ) -> list[dict]:

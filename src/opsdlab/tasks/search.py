@@ -48,8 +48,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from opsdlab.data import Example
-from opsdlab.tasks.rows import check_unit_interval, context_messages, sft_rows_with_contexts
+from opsdlab.data import DEFAULT_INSTRUCTION, Example
+from opsdlab.tasks.rows import check_unit_interval, checked_instruction, context_messages, sft_rows_with_contexts
 
 ORDERS = ("listed", "random")
 CHECKS = ("add", "code")
@@ -81,6 +81,7 @@ class SearchConfig:
     privileged_fraction: float = 0.5
     check: str = "add"
     code_seed: int = 0
+    instruction: str = DEFAULT_INSTRUCTION  # follows the problem in every prompt; "" for none
 
     def __post_init__(self):
         if not 2 <= self.min_numbers <= self.max_numbers:
@@ -94,6 +95,7 @@ class SearchConfig:
             raise ValueError(f"search task: order must be one of {ORDERS}, got {self.order!r}")
         if self.check not in CHECKS:
             raise ValueError(f"search task: check must be one of {CHECKS}, got {self.check!r}")
+        checked_instruction("search", self)
 
 
 def code_table(config: SearchConfig) -> dict[int, int]:
@@ -313,7 +315,7 @@ class SearchTask:
             text = problem_text(problem)
             if is_test_problem(text) == (split == "test"):
                 out.append(Example(id=f"{split}-{index}", problem=text, solution=reference_solution(problem),
-                                   answer=str(problem.answer)))
+                                   answer=str(problem.answer), instruction=self.config.instruction))
         raise ValueError(f"search task: could not draw {count} {split} problems")
 
     def response(self, example: Example, context: str, thinking: bool, rng: random.Random) -> str:

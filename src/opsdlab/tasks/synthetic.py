@@ -35,8 +35,9 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from opsdlab.data import Example
-from opsdlab.tasks.rows import check_unit_interval, context_messages, sft_rows_with_contexts
+from opsdlab.data import DEFAULT_INSTRUCTION, Example
+from opsdlab.tasks.rows import (check_unit_interval, checked_instruction, context_messages,
+                                sft_rows_with_contexts)
 
 PRIVILEGED_STYLES = ("concise", "same")
 
@@ -62,6 +63,8 @@ class SyntheticConfig:
     privileged_style: str = "concise"
     privileged_redundancy: float = 0.2
     privileged_fraction: float = 0.5
+    # Follows the problem in every prompt; "" for none ("What is 6 + 8?" asks for itself).
+    instruction: str = DEFAULT_INSTRUCTION
 
     def __post_init__(self):
         if not 2 <= self.min_terms <= self.max_terms:
@@ -73,6 +76,7 @@ class SyntheticConfig:
         if self.privileged_style not in PRIVILEGED_STYLES:
             raise ValueError(f"synthetic task: privileged_style must be one of {PRIVILEGED_STYLES}, "
                              f"got {self.privileged_style!r}")
+        checked_instruction("synthetic", self)
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def make_problem(rng: random.Random, config: SyntheticConfig, index: int, split:
     terms = [rng.randint(1, config.max_term) for _ in range(count)]
     problem = "What is " + " + ".join(str(t) for t in terms) + "?"
     return Example(id=f"{split}-{index}", problem=problem, solution=reference_solution(terms),
-                   answer=str(sum(terms)))
+                   answer=str(sum(terms)), instruction=config.instruction)
 
 
 def is_test_problem(problem: str) -> bool:
