@@ -84,7 +84,7 @@ def test_batches_are_checked_against_the_number_of_processes():
         config.check_batches(3)
     assert str(error.value) == ("arms.all: prompts_per_step (32) must be a multiple of the number of processes (3): "
                                 "each process generates whole groups of rollouts")
-    with pytest.raises(ConfigError, match=r"^sft: batch_size \(32\) = 32 rows"):
+    with pytest.raises(ConfigError, match=r"^sft: batch_size \(16\) = 16 rows"):
         load_config("tiny", ["sft.gradient_accumulation_steps=3"]).check_batches(1)
     load_config("tiny").check_batches(1)
 
