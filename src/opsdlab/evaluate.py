@@ -175,7 +175,6 @@ def evaluate(
     *,
     thinking: bool = True,
     context: str = "none",
-    instruction: str | None = None,
     desc: str = "eval",
     backend: str = "transformers",
 ) -> tuple[list[Sample], dict]:
@@ -183,8 +182,7 @@ def evaluate(
 
     `model` is the engine of `backend` (see `load_for_eval`): a transformers model or a vllm.LLM.
     """
-    prompts = [render_prompt(tokenizer, ex, thinking=thinking, context=context, instruction=instruction)
-               for ex in examples]
+    prompts = [render_prompt(tokenizer, ex, thinking=thinking, context=context) for ex in examples]
     repeated = [p for p in prompts for _ in range(sampling.k)]
     generations = BACKENDS[check_backend(backend)].generate(model, tokenizer, prompts, sampling, desc)
     eos_ids = end_token_ids(tokenizer, model)  # a vllm.LLM has no generation_config: the tokenizer's ids

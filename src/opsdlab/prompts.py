@@ -81,17 +81,15 @@ def _ends_with(text: str, suffix: str) -> bool:
     return " ".join(text.split()).endswith(" ".join(suffix.split()))
 
 
-def user_message(example: Example, instruction: str | None = None, context: str | None = None) -> str:
-    """The user turn: problem, instruction (the example's own unless given), then the privileged
-    block if any.
+def user_message(example: Example, context: str | None = None) -> str:
+    """The user turn: problem, the example's instruction, then the privileged block if any.
 
     A problem that already ends with the instruction (as in many public benchmark files) keeps it
     once: the instruction is not appended again.
     """
-    instruction = example.instruction if instruction is None else instruction
     text = example.problem.strip()
-    if instruction and not _ends_with(text, instruction):
-        text += "\n" + instruction
+    if example.instruction and not _ends_with(text, example.instruction):
+        text += "\n" + example.instruction
     if context:
         text += "\n\n" + context
     return text
@@ -104,12 +102,11 @@ def render_prompt(
     thinking: bool = True,
     context: str = "none",
     sibling: str | None = None,
-    instruction: str | None = None,
 ) -> str:
     """Render the generation prompt for one role as text through the tokenizer's chat template.
 
-    `context` names an entry of TEACHER_CONTEXTS; "none" is the student prompt. `instruction`
-    (None: the example's own) follows the problem in every role alike. Raises
+    `context` names an entry of TEACHER_CONTEXTS; "none" is the student prompt. The
+    example's `instruction` follows the problem in every role alike. Raises
     `templates.ThinkingSwitchError` when the template always renders the other thinking mode. The
     text is meant to be tokenized with special tokens: a leading BOS that the tokenizer adds
     anyway is left out.
@@ -118,7 +115,7 @@ def render_prompt(
         raise ValueError(f"unknown teacher context {context!r}; choose one of {sorted(TEACHER_CONTEXTS)}")
     check_thinking(tokenizer, thinking, role="student prompt" if context == "none" else f"teacher prompt ({context})")
     block = TEACHER_CONTEXTS[context](example, sibling)
-    messages = [{"role": "user", "content": user_message(example, instruction, block)}]
+    messages = [{"role": "user", "content": user_message(example, block)}]
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
     )
