@@ -458,3 +458,28 @@ def test_the_trainer_trains_the_same_weights_with_either_scoring(tmp_path, tiny_
     assert max((weights["hidden"][n] - start[n]).abs().max().item() for n in start) > 0
     for name in start:
         assert torch.allclose(weights["hidden"][name], weights["logits"][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_task_instruction_reaches_the_teacher_through_the_trainer(tmp_path):
+    """With `instruction: ""` the real trainer's teacher prompts (two optimizer steps) are the student
+    prompts of the same rows plus the reference block: no generic instruction creeps back in when the
+    teacher's example is rebuilt from a dataset row."""
+    from opsdlab.data import Example
+    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, save_policy
+    from opsdlab.prompts import DEFAULT_INSTRUCTION, TEACHER_CONTEXTS
+    from opsdlab.tasks import build_task
+
+    task = build_task("synthetic", {"instruction": ""})
+    tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
+    folder = tmp_path / "model"
+    save_policy(build_tiny_model(tokenizer, seed=0), tokenizer, folder)
+    trainer = make_trainer(tmp_path / "opsd", folder, task, teacher_context="solution")
+    teacher_rows = record_teacher_prompts(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 2 and teacher_rows
+    for row, ids in teacher_rows:
+        teacher = tokenizer.decode(ids)
+        assert DEFAULT_INSTRUCTION not in teacher and DEFAULT_INSTRUCTION not in row["prompt"]
+        block = TEACHER_CONTEXTS["solution"](Example(row["id"], row["problem"], row["solution"], row["answer"]), None)
+        cut = row["prompt"].index("<|im_end|>")
+        assert ids == tokenizer(row["prompt"][:cut] + "\n\n" + block + row["prompt"][cut:])["input_ids"]
