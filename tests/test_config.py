@@ -29,7 +29,7 @@ def test_dotted_overrides_and_arm_configs():
     ("sft.batching=sorted", r"sft: batching must be one of \['length_grouped', 'random', 'rebalanced'\], got 'sorted'"),
     ("nonsense", "key=value"),
     ("model.dtype=float8", r"model.dtype: expected one of float32, bfloat16, float16, got 'float8'"),
-    ("model.size=huge", r"model.size: expected one of tiny, micro, small, got 'huge'"),
+    ("model.size=huge", r"model.size: expected one of tiny, micro, shallow, small, got 'huge'"),
     ("eval.dtype=half", r"eval.dtype: expected one of float32, bfloat16, float16 or null, got 'half'"),
 ])
 def test_bad_configs_name_the_key(override, message):

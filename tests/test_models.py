@@ -30,10 +30,11 @@ def test_chat_template_thinking_switch(tokenizer):
 
 
 def test_offline_sizes_order_by_parameters_and_share_the_tokenizer(tokenizer):
-    models = {size: build_tiny_model(tokenizer, size) for size in ("micro", "tiny", "small")}
+    models = {size: build_tiny_model(tokenizer, size) for size in ("micro", "shallow", "tiny", "small")}
     params = {size: sum(p.numel() for p in model.parameters()) for size, model in models.items()}
-    assert params["micro"] < params["tiny"] < params["small"]
+    assert params["micro"] < params["shallow"] < params["tiny"] < params["small"]
     assert 0.3e6 < params["micro"] < 0.4e6
+    assert models["shallow"].config.num_hidden_layers == models["tiny"].config.num_hidden_layers - 1
     ids = tokenizer("What is 1 + 2?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert models["micro"](ids).logits.shape == (1, ids.shape[1], len(tokenizer))
