@@ -1,15 +1,17 @@
 """Time the demo's SFT step on the tiny task: the default against the levers that would make it cheaper.
 
-    python benchmarks/sft_step_time.py [--steps 40] [--threads 1,2] [--variants 0,3] [--out FILE]
+    python benchmarks/sft_step_time.py [--steps 40] [--threads 1,2] [--variants 0,3] [--sizes tiny,shallow] [--out FILE]
 
 SFT is most of the demo's wall time (README, "Where the demo's time goes"). Each variant trains a
 fresh copy of the tiny base model for `--steps` SFT steps on the demo's rows (TRL's SFTTrainer, as
 the pipeline runs it) and records the wall time of every optimizer step; the median of the steps
 after the first five is the figure. The variants change how rows are batched or how the model runs,
-not the data: the default (32 random rows per step), length-grouped batches (`sft.batching:
-length_grouped`, transformers' LengthGroupedSampler, which cuts padding), 64 rows per step, the
-model under `torch.compile` (inductor, dynamic shapes; its first step includes the compilation), and
-each step's 32 random rows split by length into 2 or 4 micro-batches (`sft.batching: rebalanced`).
+not the data: the preset's batching (random rows, `sft.batch_size` per step; each result records
+it), length-grouped batches (`sft.batching: length_grouped`, transformers' LengthGroupedSampler,
+which cuts padding), 64 rows per step, the model under `torch.compile` (inductor, dynamic shapes;
+its first step includes the compilation), and each step's random rows split by length into 2 or 4
+micro-batches (`sft.batching: rebalanced`). `--sizes` repeats every variant per offline model size
+(`model.size`, models.TINY_SIZES).
 This measures speed only: whether a variant trains as good a model in fewer seconds is a question
 for the pipeline over seeds. Results, with the machine and the load average, go to
 benchmarks/results/sft_step_time.json (or `--out`).
@@ -31,14 +33,12 @@ RESULTS = Path(__file__).parent / "results" / "sft_step_time.json"
 
 # Name -> changes to the demo's SFTStageConfig.
 VARIANTS = {
-    "default: 32 random rows per step": {},
-    "length-grouped batches of 32": {"batching": "length_grouped"},
+    "default: random rows": {},
+    "length-grouped batches": {"batching": "length_grouped"},
     "64 random rows per step": {"batch_size": 64},
-    "torch.compile (dynamic shapes), 32 random rows": {"compile": True},
-    "32 random rows per step in 2 length-balanced micro-batches": {"batching": "rebalanced",
-                                                                   "gradient_accumulation_steps": 2},
-    "32 random rows per step in 4 length-balanced micro-batches": {"batching": "rebalanced",
-                                                                   "gradient_accumulation_steps": 4},
+    "torch.compile (dynamic shapes), random rows": {"compile": True},
+    "random rows in 2 length-balanced micro-batches": {"batching": "rebalanced", "gradient_accumulation_steps": 2},
+    "random rows in 4 length-balanced micro-batches": {"batching": "rebalanced", "gradient_accumulation_steps": 4},
 }
 
 
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="torch CPU thread counts to try, comma-separated")
     parser.add_argument("--variants", default=None,
                         help="comma-separated indices into VARIANTS (default: all), e.g. 0,3")
+    parser.add_argument("--sizes", default="tiny", help="offline model sizes to time, comma-separated")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -87,35 +88,37 @@ def main() -> None:
     from opsdlab.pipeline import prepare_base
     from opsdlab.tasks import build_task
 
+    chosen = list(VARIANTS.items())
+    if args.variants:
+        chosen = [chosen[int(i)] for i in args.variants.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config("tiny", [f"run_dir={tmp}"])
-        task = build_task(config.task.name, config.task.options, seed=config.seed)
-        base = prepare_base(Path(tmp), config, task)
-        _, tokenizer = load_policy(base, "float32", False)
-        rows = task.sft_rows(tokenizer, config.sft.rows, thinking=config.task.thinking, seed=config.seed)
         load_before = os.getloadavg()
         results = []
-        for threads in [int(t) for t in args.threads.split(",")]:
-            torch.set_num_threads(threads)
-            chosen = list(VARIANTS.items())
-            if args.variants:
-                chosen = [chosen[int(i)] for i in args.variants.split(",")]
-            for name, changes in chosen:
-                changes = dict(changes)
-                compile_model = changes.pop("compile", False)
-                stage = replace(config.sft, max_steps=args.steps, save_steps=10 * args.steps,
-                                logging_steps=10 * args.steps, **changes)
-                times = step_seconds(base, rows, stage, Path(tmp) / f"sft-{threads}-{len(results)}", compile_model)
-                median = statistics.median(times[5:] or times)
-                results.append({"variant": name, "threads": threads, "steps": len(times),
-                                "median_step_seconds": round(median, 4), "first_step_seconds": round(times[0], 2),
-                                "rows_per_second": round(stage.batch_size / median, 1)})
-                print(f"{threads} thread(s), {name}: {median:.3f} s/step, {stage.batch_size / median:.0f} rows/s",
-                      flush=True)
+        for size in args.sizes.split(","):
+            config = load_config("tiny", [f"run_dir={tmp}/{size}", f"model.size={size}"])
+            task = build_task(config.task.name, config.task.options, seed=config.seed)
+            base = prepare_base(Path(config.run_dir), config, task)
+            _, tokenizer = load_policy(base, "float32", False)
+            rows = task.sft_rows(tokenizer, config.sft.rows, thinking=config.task.thinking, seed=config.seed)
+            for threads in [int(t) for t in args.threads.split(",")]:
+                torch.set_num_threads(threads)
+                for name, changes in chosen:
+                    changes = dict(changes)
+                    compile_model = changes.pop("compile", False)
+                    stage = replace(config.sft, max_steps=args.steps, save_steps=10 * args.steps,
+                                    logging_steps=10 * args.steps, **changes)
+                    times = step_seconds(base, rows, stage, Path(tmp) / f"sft-{len(results)}", compile_model)
+                    median = statistics.median(times[5:] or times)
+                    results.append({"variant": name, "model_size": size, "batch_size": stage.batch_size,
+                                    "threads": threads, "steps": len(times),
+                                    "median_step_seconds": round(median, 4), "first_step_seconds": round(times[0], 2),
+                                    "rows_per_second": round(stage.batch_size / median, 1)})
+                    print(f"{size}, {threads} thread(s), {name}: {median:.3f} s/step, "
+                          f"{stage.batch_size / median:.0f} rows/s", flush=True)
 
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/sft_step_time.py " + f"--steps {args.steps} --threads {args.threads}"
-                         + (f" --variants {args.variants}" if args.variants else ""),
+                         + (f" --variants {args.variants}" if args.variants else "") + f" --sizes {args.sizes}",
               "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()],

@@ -88,8 +88,9 @@ TINY_SIZES = {
     # tried for a faster demo and not adopted (README, "A smaller task and model").
     "micro": TinySize(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=288),
-    # 0.62M parameters, "tiny" with 3 layers instead of 4: SFT steps 0.67x as long; tried for a faster
-    # demo and not adopted, its teacher's lead did not survive RLVR in every seed (README, "Three more screens").
+    # 0.62M parameters, "tiny" with 3 layers instead of 4: the demo's SFT in 0.76x the time; tried for a
+    # faster demo and not adopted, its teacher's lead did not survive RLVR in every seed (README,
+    # "Three more screens").
     "shallow": TinySize(num_hidden_layers=3),
     "small": TinySize(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                       intermediate_size=576),
