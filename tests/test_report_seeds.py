@@ -7,8 +7,8 @@ import yaml
 
 from opsdlab.evaluate import write_eval
 from opsdlab.metrics import Sample, summarize
-from opsdlab.report import (against_all_arm, consistent_sign, seed_changes, seed_dirs, spread, stage_changes,
-                            teacher_advantages, write_report)
+from opsdlab.report import (against_all_arm, arm_teacher_context, consistent_sign, lead_and_change, run_config,
+                            seed_changes, seed_dirs, spread, stage_changes, teacher_advantages, write_report)
 
 PROBLEMS = 4
 
@@ -28,7 +28,7 @@ def fabricate(root: Path) -> Path:
     """Two seeds. avg@k and tokens (rlvr -> opsd-all-s0): seed 0 0.5, 10 -> 1.0, 5; seed 1 0.5, 20 -> 0.5, 10.
     The teacher prompt at rlvr reads 1.0 against the student's 0.5 in both seeds."""
     (root / "config.yaml").write_text(yaml.safe_dump({"seeds": [0, 1], "arms": [{"name": "all", "gate": "all"}],
-                                                     "opsd_seeds": [0]}))
+                                                     "opsd_seeds": [0], "opsd": {"teacher_context": "solution"}}))
     for seed, (rlvr_tokens, opsd_correct) in {0: (10, 2), 1: (20, 1)}.items():
         run_dir = root / f"seed-{seed}"
         _eval(run_dir, "rlvr", "synthetic", 1, rlvr_tokens)
@@ -80,6 +80,32 @@ def test_the_report_states_only_what_holds_in_every_seed(tmp_path):
     for seed in (0, 1):  # each seed keeps its own single-run report
         assert "opsd-all-s0" in (root / f"seed-{seed}" / "report" / "report.md").read_text()
     assert write_report(root).read_text() == text  # a pure function of the run directory
+
+
+def test_an_arms_teacher_context_is_its_own_else_the_opsd_stages():
+    config = {"opsd": {"teacher_context": "solution"},
+              "arms": [{"name": "all", "gate": "all"}, {"name": "blind", "gate": "all", "teacher_context": "none"}]}
+    assert arm_teacher_context(config, "all") == "solution"
+    assert arm_teacher_context(config, "blind") == "none"
+    assert arm_teacher_context(config, "missing") is None
+
+
+def test_each_arm_against_its_teachers_lead_at_the_start(tmp_path):
+    root = fabricate(tmp_path)
+    _eval(root / "seed-1", "rlvr", "synthetic-teacher-solution", 1, 20, context="solution")  # seed 1: no lead
+    seeds = seed_dirs(root)
+    advantages, changes = teacher_advantages(seeds, "synthetic"), seed_changes(seeds, "synthetic")
+    # The solution teacher leads by 0.5 at rlvr in seed 0 and by 0 in seed 1; the all arm gains 0.5 and 0.
+    points = lead_and_change(seeds, run_config(root), advantages, changes)
+    assert [(arm, seed) for arm, seed, _, _ in points] == [("all", 0), ("all", 1)]
+    assert [lead["accuracy_diff"] for _, _, lead, _ in points] == pytest.approx([0.5, 0.0])
+    assert [change["accuracy_diff"] for _, _, _, change in points] == pytest.approx([0.5, 0.0])
+    # An arm trained with a context never checked at the start has no lead to plot.
+    other = {**run_config(root), "arms": [{"name": "all", "gate": "all", "teacher_context": "concise"}]}
+    assert lead_and_change(seeds, other, advantages, changes) == []
+    text = write_report(root).read_text()
+    assert "![lead vs change](lead_vs_change_synthetic.png)" in text
+    assert (root / "report" / "lead_vs_change_synthetic.png").stat().st_size > 1000
 
 
 def fabricate_with_sft_and_control(root: Path) -> Path:

@@ -520,6 +520,56 @@ def against_all_arm(seeds: dict[int, Path], set_name: str) -> dict[str, dict[int
     return dict(found)
 
 
+def arm_teacher_context(config: dict, arm: str) -> str | None:
+    """The teacher context arm `arm` trained with, from a run's resolved config: the arm's own
+    `teacher_context`, else the OPSD stage's; None for an arm the config does not name."""
+    for entry in config.get("arms") or []:
+        if entry.get("name") == arm:
+            return entry.get("teacher_context") or (config.get("opsd") or {}).get("teacher_context")
+    return None
+
+
+def lead_and_change(seeds: dict[int, Path], config: dict, advantages: dict, changes: dict
+                    ) -> list[tuple[str, int, dict, dict]]:
+    """(arm, seed, its teacher's advantage over the student prompt at the starting checkpoint, the
+    arm's paired change against that checkpoint) for every seed-arm whose teacher context was
+    checked there: whether what OPSD does to accuracy follows how much better its teacher is."""
+    points = []
+    for name, by_seed in changes.items():
+        context = arm_teacher_context(config, arm_of(name))
+        for seed, change in sorted(by_seed.items()):
+            start = reference_of(checkpoint_order(seeds[seed]))
+            if (lead := advantages.get((start, context), {}).get(seed)) is not None:
+                points.append((arm_of(name), seed, lead, change))
+    return points
+
+
+def draw_lead_vs_change(points: list[tuple[str, int, dict, dict]], reference: str, title: str, out: Path) -> None:
+    """The arm's accuracy change (pp) against its teacher's advantage at the start (pp), with paired
+    CI bars; one colour per arm, each point labelled with its pipeline seed."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors, labeled = {}, set()
+    for arm, seed, lead, change in points:
+        color = colors.setdefault(arm, f"C{len(colors)}")
+        x, y = 100 * lead["accuracy_diff"], 100 * change["accuracy_diff"]
+        xl, xh = (100 * v for v in lead["accuracy_diff_ci"])
+        yl, yh = (100 * v for v in change["accuracy_diff_ci"])
+        ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=2, color=color,
+                    label=None if arm in labeled else arm)
+        ax.annotate(f"s{seed}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        labeled.add(arm)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel(f"teacher prompt − student prompt accuracy at {reference} (pp)")
+    ax.set_ylabel(f"arm's accuracy change vs {reference} (pp)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def _pp(d: dict) -> str:
     lo, hi = d["accuracy_diff_ci"]
     return f"{100 * d['accuracy_diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
@@ -638,6 +688,14 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
             draw_changes(points, reference, f"OPSD arms, one point per pipeline seed (95% CI): {set_name}",
                          out_dir / f"changes_{set_name}.png")
             md += [f"![changes](changes_{set_name}.png)", ""]
+            if leads := lead_and_change(seeds, config, advantages, changes):
+                draw_lead_vs_change(leads, reference, f"Teacher's lead vs the arm's Δacc, per seed-arm (95% CI): "
+                                    f"{set_name}", out_dir / f"lead_vs_change_{set_name}.png")
+                md += [f"### The teacher's lead at `{reference}` against each arm's accuracy change", "",
+                       "Whether what an arm does to accuracy follows how much better its teacher prompt is than the "
+                       "student prompt at the checkpoint OPSD starts from (the teacher advantage table's row for the "
+                       "arm's teacher context). A descriptive figure: no finding is drawn from it.", "",
+                       f"![lead vs change](lead_vs_change_{set_name}.png)", ""]
         if versus_all:
             md += ["### OPSD arms against the `all` arm (same pipeline seed and OPSD seed)", "",
                    "Whether the gate or the teacher's context made a difference, paired on the same problems.", "",
