@@ -8,7 +8,8 @@ import yaml
 from opsdlab.evaluate import write_eval
 from opsdlab.metrics import Sample, summarize
 from opsdlab.report import (against_all_arm, arm_teacher_context, consistent_sign, lead_and_change, run_config,
-                            seed_changes, seed_dirs, spread, stage_changes, teacher_advantages, write_report)
+                            seed_changes, seed_dirs, spread, stage_changes, teacher_advantages, teacher_stage_changes,
+                            write_report)
 
 PROBLEMS = 4
 
@@ -141,6 +142,26 @@ def test_each_stage_against_the_one_before_it_hand_computed(tmp_path):
     assert "`opsd-unrelated-s0` is less accurate than the `all` arm in every seed (-100.0 to -50.0 pp)" in findings
     assert "`opsd-unrelated-s0` is longer than the `all` arm in every seed (+100.0% to +100.0%)" in findings
     assert "`opsd-unrelated-s0` is less accurate than `rlvr` in every seed (-50.0 to -50.0 pp)" in findings
+
+
+def test_the_teacher_prompt_across_stages_hand_computed(tmp_path):
+    """The teacher prompt reads 1.0 at sft and 0.5 at rlvr in both seeds, at the same length: RLVR
+    eroded the reading, −50 pp in every seed, a finding of its own beside the student prompt's."""
+    root = fabricate_with_sft_and_control(tmp_path)
+    for seed, tokens in {0: 10, 1: 20}.items():
+        _eval(root / f"seed-{seed}", "sft", "synthetic-teacher-solution", 2, tokens, context="solution")
+        _eval(root / f"seed-{seed}", "rlvr", "synthetic-teacher-solution", 1, tokens, context="solution")
+    changes = teacher_stage_changes(seed_dirs(root), "synthetic")
+    assert list(changes) == ["solution"] and list(changes["solution"]) == [("rlvr", "sft")]
+    by_seed = changes["solution"][("rlvr", "sft")]
+    assert [by_seed[s]["accuracy_diff"] for s in (0, 1)] == pytest.approx([-0.5, -0.5])
+    assert [by_seed[s]["length_change"] for s in (0, 1)] == pytest.approx([0.0, 0.0])
+    text = write_report(root).read_text()
+    assert "### The teacher prompt (`solution`): `rlvr` against `sft` per seed" in text
+    findings = text.split("### Findings (hold in every seed)")[1].split("###")[0]
+    assert ("- `rlvr` on the teacher prompt (`solution`) is less accurate than `sft` on the same prompt in every "
+            "seed (-50.0 to -50.0 pp).") in findings
+    assert "`rlvr` is shorter than `sft` in every seed" in findings  # the student prompt's own change stays
 
 
 def test_a_checkpoint_missing_in_one_seed_is_no_finding(tmp_path):

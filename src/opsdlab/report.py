@@ -484,17 +484,29 @@ def seed_changes(seeds: dict[int, Path], set_name: str) -> dict[str, dict[int, d
     return dict(found)
 
 
-def stage_changes(seeds: dict[int, Path], set_name: str) -> dict[tuple[str, str], dict[int, dict]]:
+def stage_changes(seeds: dict[int, Path], set_name: str, folder: str | None = None
+                  ) -> dict[tuple[str, str], dict[int, dict]]:
     """(stage, stage before it) -> seed -> `paired_change`, for consecutive evaluated stages of base,
-    sft, rlvr: what each stage did to accuracy and length, within each seed."""
+    sft, rlvr: what each stage did to accuracy and length, within each seed. `folder` picks another
+    evaluation of each stage than the student prompt's, e.g. `<set>-teacher-solution`."""
     found: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for seed, run_dir in seeds.items():
         loaded = {n: samples for n in ("base", "sft", "rlvr")
-                  if (samples := _samples(run_dir, n, set_name)) is not None}
+                  if (samples := _samples(run_dir, n, folder or set_name)) is not None}
         names = list(loaded)
         for before, after in zip(names, names[1:]):
             found[(after, before)][seed] = paired_change(loaded[before], loaded[after])
     return dict(found)
+
+
+def teacher_stage_changes(seeds: dict[int, Path], set_name: str) -> dict[str, dict[tuple[str, str], dict[int, dict]]]:
+    """Teacher context -> `stage_changes` of the teacher prompt's own evaluations: what each stage did
+    to the model's accuracy *when it reads the privileged context*. RLVR never shows that context, so
+    this is whether it keeps, or erodes, the skill OPSD's teacher relies on."""
+    contexts = sorted({folder.name.removeprefix(f"{set_name}-teacher-") for run_dir in seeds.values()
+                       for folder in (run_dir / "eval").glob(f"*/{set_name}-teacher-*")})
+    found = {context: stage_changes(seeds, set_name, f"{set_name}-teacher-{context}") for context in contexts}
+    return {context: changes for context, changes in found.items() if changes}
 
 
 def all_arm_of(checkpoint: str) -> str:
@@ -625,7 +637,8 @@ def holds_table(changes: dict, seeds: list[int]) -> list[str]:
 
 def findings(advantages: dict, comparisons: list[tuple[str, str, dict]], seeds: list[int]) -> list[str]:
     """The statements that hold in every seed (same sign, 95% CI excluding 0), as bullet lines.
-    `comparisons`: (checkpoint, what it is compared with, seed -> paired change)."""
+    `comparisons`: (what is compared, what it is compared with, seed -> paired change), both as
+    Markdown phrases (e.g. "`opsd-all-s0`", "`rlvr`")."""
     out = []
     for (name, context), by_seed in advantages.items():
         if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
@@ -635,11 +648,11 @@ def findings(advantages: dict, comparisons: list[tuple[str, str, dict]], seeds: 
     for name, reference, by_seed in comparisons:
         if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
             diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
-            out.append(f"- `{name}` is {'more' if sign > 0 else 'less'} accurate than {reference} in every seed "
+            out.append(f"- {name} is {'more' if sign > 0 else 'less'} accurate than {reference} in every seed "
                        f"({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
         if sign := holds_in_every_seed(by_seed, seeds, "length_change"):
             pct = [100 * d["length_change"] for d in by_seed.values()]
-            out.append(f"- `{name}` is {'longer' if sign > 0 else 'shorter'} than {reference} in every seed "
+            out.append(f"- {name} is {'longer' if sign > 0 else 'shorter'} than {reference} in every seed "
                        f"({min(pct):+.1f}% to {max(pct):+.1f}%).")
     return out or ["- None: no change keeps its sign with a 95% CI excluding 0 in every seed."]
 
@@ -666,11 +679,15 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
     for set_name in set_names:
         advantages = teacher_advantages(seeds, set_name)
         stages = stage_changes(seeds, set_name)
+        teacher_stages = teacher_stage_changes(seeds, set_name)
         changes = seed_changes(seeds, set_name)
         versus_all = against_all_arm(seeds, set_name)
-        comparisons = ([(name, f"`{before}`", by_seed) for (name, before), by_seed in stages.items()]
-                       + [(name, f"`{reference}`", by_seed) for name, by_seed in changes.items()]
-                       + [(name, "the `all` arm", by_seed) for name, by_seed in versus_all.items()])
+        comparisons = ([(f"`{name}`", f"`{before}`", by_seed) for (name, before), by_seed in stages.items()]
+                       + [(f"`{name}` on the teacher prompt (`{context}`)", f"`{before}` on the same prompt", by_seed)
+                          for context, by_stage in teacher_stages.items()
+                          for (name, before), by_seed in by_stage.items()]
+                       + [(f"`{name}`", f"`{reference}`", by_seed) for name, by_seed in changes.items()]
+                       + [(f"`{name}`", "the `all` arm", by_seed) for name, by_seed in versus_all.items()])
         md += [f"## {set_name}", "", "### Findings (hold in every seed)", "",
                *findings(advantages, comparisons, order), "",
                "### Checkpoints over seeds", "", *seed_checkpoint_table(seeds, set_name), ""]
@@ -680,6 +697,12 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
         if advantages:
             md += ["### Teacher advantage per seed (teacher prompt avg@k − student prompt avg@k, paired 95% CI)",
                    "", *teacher_advantage_table(advantages, order), ""]
+        for context, by_stage in teacher_stages.items():
+            for (name, before), by_seed in by_stage.items():
+                md += [f"### The teacher prompt (`{context}`): `{name}` against `{before}` per seed", "",
+                       "The same model read through the teacher's prompt at both stages: whether the stage kept "
+                       "what OPSD's teacher relies on.", "",
+                       *change_table({name: by_seed}, before, "stage"), "", *holds_table({name: by_seed}, order), ""]
         if changes:
             md += [f"### OPSD arms against their seed's `{reference}`", "", *change_table(changes, reference),
                    "", *holds_table(changes, order), ""]
