@@ -314,13 +314,24 @@ def draw_changes(points: list[tuple[str, str, dict]], reference: str, title: str
 
     `points` are (arm, note, paired_change); a non-empty note is written next to its point.
     """
+    draw_ci_scatter([(arm, note, _scaled(d, "length_change"), _scaled(d, "accuracy_diff")) for arm, note, d in points],
+                    f"length change vs {reference} (%)", f"accuracy change vs {reference} (pp)", title, out)
+
+
+def _scaled(d: dict, key: str) -> tuple[float, float, float]:
+    """(value, CI low, CI high) of `key` in a paired change, in percent / percentage points."""
+    low, high = d[f"{key}_ci"]
+    return 100 * d[key], 100 * low, 100 * high
+
+
+def draw_ci_scatter(points: list[tuple[str, str, tuple, tuple]], xlabel: str, ylabel: str, title: str,
+                    out: Path) -> None:
+    """One point per (arm, note, (x, x low, x high), (y, y low, y high)) with its CI bars on both axes,
+    one colour per arm, the note written next to its point; grey lines at 0."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors, labeled = {}, set()
-    for arm, note, d in points:
+    for arm, note, (x, xl, xh), (y, yl, yh) in points:
         color = colors.setdefault(arm, f"C{len(colors)}")
-        x, y = 100 * d["length_change"], 100 * d["accuracy_diff"]
-        xl, xh = (100 * v for v in d["length_change_ci"])
-        yl, yh = (100 * v for v in d["accuracy_diff_ci"])
         ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=2, color=color,
                     label=None if arm in labeled else arm)
         if note:
@@ -328,8 +339,8 @@ def draw_changes(points: list[tuple[str, str, dict]], reference: str, title: str
         labeled.add(arm)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel(f"length change vs {reference} (%)")
-    ax.set_ylabel(f"accuracy change vs {reference} (pp)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -559,27 +570,10 @@ def lead_and_change(seeds: dict[int, Path], config: dict, advantages: dict, chan
 def draw_lead_vs_change(points: list[tuple[str, int, dict, dict]], reference: str, title: str, out: Path) -> None:
     """The arm's accuracy change (pp) against its teacher's advantage at the start (pp), with paired
     CI bars; one colour per arm, each point labelled with its pipeline seed."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    colors, labeled = {}, set()
-    for arm, seed, lead, change in points:
-        color = colors.setdefault(arm, f"C{len(colors)}")
-        x, y = 100 * lead["accuracy_diff"], 100 * change["accuracy_diff"]
-        xl, xh = (100 * v for v in lead["accuracy_diff_ci"])
-        yl, yh = (100 * v for v in change["accuracy_diff_ci"])
-        ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=2, color=color,
-                    label=None if arm in labeled else arm)
-        ax.annotate(f"s{seed}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-        labeled.add(arm)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel(f"teacher prompt − student prompt accuracy at {reference} (pp)")
-    ax.set_ylabel(f"arm's accuracy change vs {reference} (pp)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    draw_ci_scatter([(arm, f"s{seed}", _scaled(lead, "accuracy_diff"), _scaled(change, "accuracy_diff"))
+                     for arm, seed, lead, change in points],
+                    f"teacher prompt − student prompt accuracy at {reference} (pp)",
+                    f"arm's accuracy change vs {reference} (pp)", title, out)
 
 
 def _pp(d: dict) -> str:
