@@ -93,13 +93,14 @@ def main() -> None:
         chosen = [chosen[int(i)] for i in args.variants.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         load_before = os.getloadavg()
-        results = []
+        results, rows = [], None
         for size in args.sizes.split(","):
             config = load_config("tiny", [f"run_dir={tmp}/{size}", f"model.size={size}"])
             task = build_task(config.task.name, config.task.options, seed=config.seed)
             base = prepare_base(Path(config.run_dir), config, task)
-            _, tokenizer = load_policy(base, "float32", False)
-            rows = task.sft_rows(tokenizer, config.sft.rows, thinking=config.task.thinking, seed=config.seed)
+            if rows is None:  # every size shares the task's tokenizer, so the rows are the same
+                _, tokenizer = load_policy(base, "float32", False)
+                rows = task.sft_rows(tokenizer, config.sft.rows, thinking=config.task.thinking, seed=config.seed)
             for threads in [int(t) for t in args.threads.split(",")]:
                 torch.set_num_threads(threads)
                 for name, changes in chosen:

@@ -557,12 +557,12 @@ def lead_and_change(seeds: dict[int, Path], config: dict, advantages: dict, chan
     """(arm, seed, its teacher's advantage over the student prompt at the starting checkpoint, the
     arm's paired change against that checkpoint) for every seed-arm whose teacher context was
     checked there: whether what OPSD does to accuracy follows how much better its teacher is."""
+    starts = {seed: reference_of(checkpoint_order(run_dir)) for seed, run_dir in seeds.items()}
     points = []
     for name, by_seed in changes.items():
         context = arm_teacher_context(config, arm_of(name))
         for seed, change in sorted(by_seed.items()):
-            start = reference_of(checkpoint_order(seeds[seed]))
-            if (lead := advantages.get((start, context), {}).get(seed)) is not None:
+            if (lead := advantages.get((starts[seed], context), {}).get(seed)) is not None:
                 points.append((arm_of(name), seed, lead, change))
     return points
 
