@@ -2,9 +2,9 @@
 
     python benchmarks/demo_time.py [--threads N] [--run-dir DIR] [key=value ...]
 
-Every line the pipeline logs to summary.jsonl (a finished stage or evaluation) is timed from the
-line before it, so each stage's entry is its training time and each evaluation's its own time;
-`report` is the report build. The result, with the machine, the torch threads and the load average
+Every line the pipeline logs to summary.jsonl (a finished stage or evaluation) carries its own
+seconds (lines without them are timed from the line before), so each stage's entry is its training
+time and each evaluation's its own time; `report` is the report build. The result, with the machine, the torch threads and the load average
 before and after (timings under load are upper bounds), goes to benchmarks/results/demo_time.json.
 Extra `key=value` arguments are pipeline overrides, as for `opsdlab demo`.
 """
@@ -42,12 +42,15 @@ def item_name(record: dict) -> str:
 
 
 def timeline(summary: Path, start: float) -> list[dict]:
-    """(item, seconds) for every summary line, each timed from the previous line (1 s resolution)."""
+    """(item, seconds) for every summary line: the seconds the line records (a stage's training, one
+    evaluation), else the time since the previous line (1 s resolution). With `workers` > 1 steps
+    overlap, so the items add up to more than the wall time."""
     items, previous = [], start
     for line in summary.read_text().splitlines():
         record = json.loads(line)
         stamp = time.mktime(time.strptime(record["time"], "%Y-%m-%d %H:%M:%S"))
-        items.append({"item": item_name(record), "seconds": round(max(stamp - previous, 0.0), 1)})
+        seconds = record.get("seconds", max(stamp - previous, 0.0))
+        items.append({"item": item_name(record), "seconds": round(seconds, 1)})
         previous = stamp
     return items
 
@@ -100,6 +103,7 @@ def main() -> None:
         "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "torch_threads": torch.get_num_threads(),
+        "workers": config.workers,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],

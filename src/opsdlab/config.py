@@ -94,6 +94,9 @@ class PipelineConfig:
                    ArmSection("incorrect", {"gate": "incorrect"}))
     opsd_seeds: tuple = (0,)
     eval: EvalSection = EvalSection()
+    # Processes that run independent steps side by side (the SFT evaluation beside RLVR, the OPSD
+    # arms beside each other; `pipeline.run_in_workers`); 1: every step in this process, in order.
+    workers: int = 1
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -106,6 +109,8 @@ class PipelineConfig:
             self.arm_config(arm)  # validates each arm's overrides now, not mid-run
         if not self.opsd_seeds:
             raise ConfigError("opsd_seeds: give at least one seed")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers: expected a positive number of processes, got {self.workers!r}")
         if (any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds)
                 or len(set(self.seeds)) != len(self.seeds)):
             raise ConfigError(f"seeds: expected distinct non-negative integers, got {list(self.seeds)}")

@@ -22,14 +22,24 @@ only under such a launch; a plain `python` run stays a single process.
 
 With `seeds: [0, 1, 2]` (`run_seeds`), the run directory holds `config.yaml`, `report/` and one
 such single-seed run directory per seed, `seed-<n>/`.
+
+The work after the base model is a list of steps (`pipeline_steps`: train a stage, evaluate a
+checkpoint, check a teacher prompt), each naming the steps whose outputs it reads. One process runs
+them in list order. With `workers: N` (> 1, single-process runs only) N worker processes run every
+step whose inputs are finished, side by side: the SFT evaluation beside RLVR, the RLVR evaluation
+beside the OPSD arms. Each step seeds itself, so the outputs are those of the single-process order;
+on a CPU whose results do not depend on the thread count they are identical to the last digit.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
 import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -118,6 +128,7 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
                 if model is None:
                     model, tokenizer = load_for_eval(model_dir, config.eval.backend, dtype,
                                                      config.model.trust_remote_code, config.eval.vllm, config.seed)
+                start = time.time()
                 samples, summary = evaluate_sharded(model, tokenizer, examples, verifier, sampling,
                                                     backend=config.eval.backend, thinking=config.task.thinking,
                                                     context=context, desc=f"eval {name}/{set_name}{suffix}")
@@ -125,7 +136,7 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
                     summary.update(checkpoint=name, dtype=dtype)
                     write_eval(out, samples, summary)
                     log(run_dir, one_line(f"[eval] {name}/{set_name}{suffix}", summary), kind="eval",
-                        checkpoint=name, set=f"{set_name}{suffix}")
+                        checkpoint=name, set=f"{set_name}{suffix}", seconds=round(time.time() - start, 1))
                 wait_for_everyone()
             results[f"{set_name}{suffix}"] = json.loads((out / "summary.json").read_text())
     return results
@@ -191,71 +202,244 @@ def sft_probe(config: PipelineConfig, stage_dir: Path, sets: dict, verifier) -> 
                          temperature=config.sft.probe_temperature)]
 
 
+@dataclass(frozen=True)
+class Step:
+    """One unit of the work after the base model, as data (a worker process receives it pickled).
+
+    `kind` is a key of `STEP_KINDS`; `checkpoint` names what the step trains or evaluates ("sft",
+    "rlvr", "opsd-<arm>-s<seed>", "base") and `model_dir` the folder it starts from or evaluates;
+    `after` names the steps whose outputs it reads.
+    """
+
+    name: str
+    kind: str
+    checkpoint: str
+    model_dir: str
+    after: tuple = ()
+    context: str | None = None  # the teacher prompt evaluated beside the student's (evaluate, check)
+    arm: str | None = None      # opsd: the arm's name and its OPSD seed
+    opsd_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every step of one run reads: its config, task, evaluation sets and verifier."""
+
+    config: PipelineConfig
+    task: object
+    sets: dict
+    verifier: VerifierConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+
+def open_run(config: PipelineConfig) -> Run:
+    """The task, evaluation sets and verifier of a run, built from its config (cheap; each process builds its own)."""
+    task = build_task(config.task.name, config.task.options, seed=config.seed)
+    return Run(config, task, eval_sets(config, task), verifier_of(config, task))
+
+
+def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
+    """Every step after the base model, in the order one process runs them.
+
+    The teacher checks of the OPSD start checkpoint run one after another, after its own
+    evaluation: each rereads (and would otherwise rewrite) the same student-prompt evaluation.
+    """
+    run_dir = Path(config.run_dir)
+    steps: list[Step] = []
+    start, start_dir, made_by = "base", base, ()  # the latest checkpoint, its folder, the step that trains it
+    if config.eval.base:
+        steps.append(Step("eval base", "evaluate", "base", str(base)))
+    for stage in ("sft", "rlvr"):
+        if stage not in config.stages:
+            continue
+        stage_model = run_dir / stage / "model"
+        teacher = config.opsd.teacher_context if stage == "sft" and config.eval.teacher_check else None
+        steps += [Step(f"train {stage}", stage, stage, str(start_dir), after=made_by),
+                  Step(f"eval {stage}", "evaluate", stage, str(stage_model), after=(f"train {stage}",),
+                       context=teacher)]
+        start, start_dir, made_by = stage, stage_model, (f"train {stage}",)
+    if "opsd" not in config.stages:
+        return steps
+    previous = made_by + tuple(step.name for step in steps if step.kind == "evaluate" and step.checkpoint == start)
+    for context in sorted({config.arm_config(arm).teacher_context for arm in config.arms}):
+        name = f"check {start} {context}"
+        steps.append(Step(name, "check", start, str(start_dir), after=previous,
+                          context=context if config.eval.teacher_check else None))
+        previous = (name,)
+    for arm in config.arms:
+        for seed in config.opsd_seeds:
+            name = f"opsd-{arm.name}-s{seed}"
+            steps += [Step(f"train {name}", "opsd", name, str(start_dir), after=made_by, arm=arm.name, opsd_seed=seed),
+                      Step(f"eval {name}", "evaluate", name, str(run_dir / "opsd" / f"{arm.name}-s{seed}" / "model"),
+                           after=(f"train {name}",))]
+    return steps
+
+
+def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> None:
+    """Call `train()` unless the stage is complete, then mark it complete and log its seconds."""
+    if stage_done(stage_dir):
+        return
+    start = time.time()
+    train()
+    seconds = time.time() - start
+    finish_stage(run.run_dir, stage_dir, f"{label} done in {seconds:.0f}s", kind="stage", stage=stage,
+                 seconds=round(seconds, 1))
+
+
+def _train_sft(run: Run, step: Step) -> None:
+    config, stage_dir = run.config, run.run_dir / "sft"
+
+    def train():
+        model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
+        rows = run.task.sft_rows(tokenizer, config.sft.rows, thinking=config.task.thinking, seed=config.seed)
+        run_sft(model, tokenizer, rows, config.sft, stage_dir, seed=config.seed,
+                callbacks=sft_probe(config, stage_dir, run.sets, run.verifier))
+
+    _train_stage(run, stage_dir, "sft", "[sft]", train)
+
+
+def _train_rlvr(run: Run, step: Step) -> None:
+    config, stage_dir = run.config, run.run_dir / "rlvr"
+
+    def train():
+        model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
+        examples = run.task.examples("train", config.rlvr.train_problems)
+        run_rlvr(model, tokenizer, examples, run.verifier, config.rlvr, stage_dir, thinking=config.task.thinking,
+                 seed=config.seed)
+
+    _train_stage(run, stage_dir, "rlvr", "[rlvr]", train)
+
+
+def _train_arm(run: Run, step: Step) -> None:
+    config = run.config
+    arm = next(arm for arm in config.arms if arm.name == step.arm)
+    stage_dir = run.run_dir / "opsd" / f"{arm.name}-s{step.opsd_seed}"
+
+    def train():
+        arm_config = config.arm_config(arm)
+        examples = run.task.examples("train", arm_config.train_problems)
+        model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
+        run_opsd(model, tokenizer, examples, run.verifier, arm_config, stage_dir, thinking=config.task.thinking,
+                 seed=step.opsd_seed)
+
+    _train_stage(run, stage_dir, step.checkpoint, f"[opsd] arm {arm.name} seed {step.opsd_seed}", train)
+
+
+def _evaluate(run: Run, step: Step) -> None:
+    evaluate_checkpoint(run.run_dir, step.checkpoint, Path(step.model_dir), run.config, run.task, run.sets,
+                        teacher_context=step.context)
+
+
+def _check_teacher(run: Run, step: Step) -> None:
+    """The teacher check: the OPSD start checkpoint on one arm's teacher prompt, and a warning if it
+    is not more accurate than the student prompt (`step.context` is None without eval.teacher_check)."""
+    _evaluate(run, step)
+    if step.context is not None:
+        _warn_if_teacher_not_better(run.run_dir, step.checkpoint, run.sets, step.context)
+
+
+STEP_KINDS = {
+    "sft": _train_sft,
+    "rlvr": _train_rlvr,
+    "opsd": _train_arm,
+    "evaluate": _evaluate,
+    "check": _check_teacher,
+}
+
+
+class StepError(RuntimeError):
+    """A step failed in a worker process; the message names it."""
+
+
 def run_pipeline(config: PipelineConfig) -> Path:
     """Run (or resume) every configured stage and evaluation; return the run directory."""
-    config.check_batches(launch_processes())  # an uneven batch fails now, not after the stages before it
+    processes = launch_processes()
+    config.check_batches(processes)  # an uneven batch fails now, not after the stages before it
+    if config.workers > 1 and processes > 1:
+        raise ConfigError(f"workers: {config.workers} worker processes need a single-process run; under a "
+                          f"launch of {processes} processes every stage already splits over them (set workers: 1)")
+    if config.workers > 1:
+        _start_forkserver()  # its imports overlap with the steps that run before any worker is needed
     run_dir = Path(config.run_dir)
     write_config(config, run_dir)
     torch.manual_seed(config.seed)
-    task = build_task(config.task.name, config.task.options, seed=config.seed)
-    verifier = verifier_of(config, task)
-    sets = eval_sets(config, task)
-    thinking = config.task.thinking
-
-    current = prepare_base(run_dir, config, task)
-    if config.eval.base:
-        evaluate_checkpoint(run_dir, "base", current, config, task, sets)
-
-    if "sft" in config.stages:
-        stage_dir = run_dir / "sft"
-        if not stage_done(stage_dir):
-            start = time.time()
-            model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
-            rows = task.sft_rows(tokenizer, config.sft.rows, thinking=thinking, seed=config.seed)
-            run_sft(model, tokenizer, rows, config.sft, stage_dir, seed=config.seed,
-                    callbacks=sft_probe(config, stage_dir, sets, verifier))
-            finish_stage(run_dir, stage_dir, f"[sft] done in {time.time() - start:.0f}s", kind="stage", stage="sft")
-        current = stage_dir / "model"
-        evaluate_checkpoint(run_dir, "sft", current, config, task, sets,
-                            teacher_context=config.opsd.teacher_context if config.eval.teacher_check else None)
-
-    if "rlvr" in config.stages:
-        stage_dir = run_dir / "rlvr"
-        if not stage_done(stage_dir):
-            start = time.time()
-            model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
-            examples = task.examples("train", config.rlvr.train_problems)
-            run_rlvr(model, tokenizer, examples, verifier, config.rlvr, stage_dir, thinking=thinking,
-                     seed=config.seed)
-            finish_stage(run_dir, stage_dir, f"[rlvr] done in {time.time() - start:.0f}s", kind="stage",
-                         stage="rlvr")
-        current = stage_dir / "model"
-        evaluate_checkpoint(run_dir, "rlvr", current, config, task, sets)  # also when no OPSD follows
-
-    if "opsd" in config.stages:
-        start_name = "rlvr" if "rlvr" in config.stages else ("sft" if "sft" in config.stages else "base")
-        contexts = sorted({config.arm_config(arm).teacher_context for arm in config.arms})
-        # The teacher check: the starting checkpoint on every teacher prompt the arms use.
-        for context in contexts:
-            evaluate_checkpoint(run_dir, start_name, current, config, task, sets,
-                                teacher_context=context if config.eval.teacher_check else None)
-            _warn_if_teacher_not_better(run_dir, start_name, sets, context)
-        examples = None
-        for arm in config.arms:
-            arm_config = config.arm_config(arm)
-            for seed in config.opsd_seeds:
-                name = f"opsd-{arm.name}-s{seed}"
-                stage_dir = run_dir / "opsd" / f"{arm.name}-s{seed}"
-                if not stage_done(stage_dir):
-                    start = time.time()
-                    examples = examples or task.examples("train", arm_config.train_problems)
-                    model, tokenizer = load_policy(current, config.model.dtype, config.model.trust_remote_code)
-                    run_opsd(model, tokenizer, examples, verifier, arm_config, stage_dir, thinking=thinking,
-                             seed=seed)
-                    finish_stage(run_dir, stage_dir, f"[opsd] arm {arm.name} seed {seed} done in "
-                                 f"{time.time() - start:.0f}s", kind="stage", stage=name)
-                evaluate_checkpoint(run_dir, name, stage_dir / "model", config, task, sets)
+    run = open_run(config)
+    steps = pipeline_steps(config, prepare_base(run_dir, config, run.task))
+    if config.workers == 1:
+        for step in steps:
+            STEP_KINDS[step.kind](run, step)
+    else:
+        run_in_workers(config, steps, config.workers)
     return run_dir
+
+
+def _start_forkserver() -> None:
+    """Start the fork server that worker processes come from, with the pipeline already imported in it:
+    a worker then starts in milliseconds, not the seconds that importing torch, transformers and TRL take,
+    and it forks from a process that never ran a parallel region, so its own thread pool is fresh."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["opsdlab.pipeline"])
+    multiprocessing.forkserver.ensure_running()
+
+
+def _run_step_in_worker(config: PipelineConfig, step: Step, threads: int) -> None:
+    torch.set_num_threads(threads)
+    STEP_KINDS[step.kind](open_run(config), step)
+
+
+def steps_to_start(waiting: list[Step], finished: set, running: int, workers: int, threads: int
+                   ) -> list[tuple[Step, int]]:
+    """Which waiting steps to start now, in list order, and with how many threads each.
+
+    A step is ready once every step it reads has finished; up to `workers` run at once. A step that
+    starts with nothing else running or ready gets all `threads` (SFT, at the start: nothing runs
+    beside it); steps that may run side by side get an even share, at least one each.
+    """
+    ready = [step for step in waiting if set(step.after) <= finished]
+    share = threads if running == 0 and len(ready) == 1 else max(1, threads // workers)
+    return [(step, share) for step in ready[:max(0, workers - running)]]
+
+
+def run_in_workers(config: PipelineConfig, steps: list[Step], workers: int) -> None:
+    """Run `steps` in up to `workers` processes at once, each as soon as the steps it reads have finished.
+
+    Threads per step: `steps_to_start`, out of this process's torch threads. A failed step lets the
+    running ones finish, starts nothing new and raises a StepError; rerunning resumes, as after any
+    interruption.
+    """
+    context = multiprocessing.get_context("forkserver")
+    threads = torch.get_num_threads()
+    waiting, running, finished, failed = list(steps), {}, set(), []
+    try:
+        while running or (waiting and not failed):
+            starts = [] if failed else steps_to_start(waiting, finished, len(running), workers, threads)
+            for step, step_threads in starts:
+                process = context.Process(target=_run_step_in_worker, name=step.name,
+                                          args=(config, step, step_threads))
+                process.start()
+                running[step.name] = process
+                waiting.remove(step)
+            if not running:
+                raise StepError(f"steps {[step.name for step in waiting]} wait for steps that never run")
+            multiprocessing.connection.wait([process.sentinel for process in running.values()])
+            for name, process in list(running.items()):
+                if process.exitcode is None:
+                    continue
+                process.join()
+                del running[name]
+                if process.exitcode == 0:
+                    finished.add(name)
+                else:
+                    failed.append(f"{name} (exit code {process.exitcode})")
+    finally:  # interrupted: stop the steps still running (each resumes on the next call)
+        for process in running.values():
+            process.terminate()
+            process.join()
+    if failed:
+        raise StepError(f"pipeline step {', '.join(failed)} failed; its error is printed above. Finished stages and "
+                        "evaluations are kept: rerun the same command to resume")
 
 
 def seed_run_dir(run_dir: str | Path, seed: int) -> Path:

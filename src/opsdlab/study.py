@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from opsdlab.config import ConfigError, load_config
@@ -50,7 +51,7 @@ class StudyError(RuntimeError):
 def part(config, seed: int) -> tuple[list[str], Path]:
     """One (preset, seed) part of the study: the command that runs that seed's single-seed pipeline
     from its resolved config (written here into its run directory) and the part's log file."""
-    part_config = seed_config(config, seed)
+    part_config = replace(seed_config(config, seed), workers=1)  # the parts already fill the cores
     write_config(part_config, Path(part_config.run_dir))
     command = [sys.executable, "-m", "opsdlab.cli", "pipeline", "--config",
                str(Path(part_config.run_dir) / "config.yaml")]
