@@ -23,6 +23,19 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 VLLM = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1)
 
 
+@pytest.fixture(autouse=True)
+def _restore_launch_state():
+    """TRL's colocate mode exports RANK, WORLD_SIZE and MASTER_* for vLLM's one-process group and keeps
+    them; a later trainer in this test process would take them for a distributed launch."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def vllm_weights(trainer) -> dict[str, torch.Tensor]:
     """The engine's parameters, read where TRL writes them (`VLLMGeneration.sync_weights`)."""
     model = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model

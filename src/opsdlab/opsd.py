@@ -40,6 +40,7 @@ from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGener
 from opsdlab.runtime import JsonlMetrics, is_main_process, resume_point, save_trained, warn_if_updates_vanish
 from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
+from opsdlab.vllm_backend import keep_cpu_weights_syncable
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ class OPSDTrainer(GRPOTrainer):
                  **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         pretrained_adapter = isinstance(model, torch.nn.Module) and is_peft_model(model)
+        keep_cpu_weights_syncable(kwargs.get("args"))
         super().__init__(*args, **kwargs)
         self.opsd = opsd
         self.teacher_thinking = student_thinking if opsd.teacher_thinking is None else opsd.teacher_thinking

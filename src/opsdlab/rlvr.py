@@ -23,6 +23,7 @@ from opsdlab.rewards import VerifierReward, format_reward
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
                              per_device_rows, resume_point, save_trained, warn_if_updates_vanish)
 from opsdlab.verifier import VerifierConfig
+from opsdlab.vllm_backend import keep_cpu_weights_syncable
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
 REWARD_SCALINGS = ("group", "batch", "none")
@@ -300,6 +301,7 @@ class RLVRTrainer(GRPOTrainer):
     """GRPOTrainer plus optional dynamic sampling (drop all-equal-reward groups, refill the batch)."""
 
     def __init__(self, *args, dynamic_sampling: bool = False, dynamic_sampling_max_rounds: int = 4, **kwargs):
+        keep_cpu_weights_syncable(kwargs.get("args"))
         super().__init__(*args, **kwargs)
         self.dynamic_sampling = dynamic_sampling
         self.dynamic_sampling_max_rounds = dynamic_sampling_max_rounds

@@ -25,6 +25,24 @@ import torch
 from opsdlab.models import end_token_ids
 
 
+def keep_cpu_weights_syncable(args) -> None:
+    """Before TRL builds a colocated vLLM engine on CPU: keep its linear weights loadable.
+
+    Where oneDNN is available (AVX-512 CPUs, for one), vLLM's CPU backend repacks every linear
+    layer's weight for oneDNN once the checkpoint is loaded and replaces the parameter with an empty
+    one. TRL's colocate mode loads the policy's new weights into the engine before each step's
+    generation (`load_weights`, through each parameter's `weight_loader`), which then fails with
+    "'Parameter' object has no attribute 'weight_loader'"; a packed copy would not see new weights
+    anyway. With vLLM's oneDNN path off, its CPU linear layers multiply with the live parameters
+    (torch's linear), which the sync updates in place. GPUs and server mode are not affected.
+    """
+    if not (getattr(args, "use_vllm", False) and args.vllm_mode == "colocate") or torch.cuda.is_available():
+        return
+    import vllm._custom_ops
+
+    vllm._custom_ops._supports_onednn = False  # read by vLLM's CPU GEMM dispatch at each layer's load
+
+
 @dataclass(frozen=True)
 class VLLMSettings:
     """How the vLLM engine of an evaluation is built (`eval.vllm` in the pipeline config).
