@@ -91,10 +91,19 @@ def test_a_failed_step_is_named_and_stops_the_run(tmp_path):
     assert not (tmp_path / "run" / "eval").exists()  # its evaluation never started
 
 
-def test_workers_must_be_positive_and_need_a_single_process_run(tmp_path, monkeypatch):
+def test_workers_must_be_a_positive_number(tmp_path):
     for bad in ("0", "-1", "true", "1.5"):
         with pytest.raises(ConfigError, match="workers"):
             load_config("tiny", [f"workers={bad}"])
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="workers: 2 worker processes need a single-process run"):
-        run_pipeline(load_config("tiny", [f"run_dir={tmp_path}", "workers=2"]))
+
+
+def test_under_a_multi_process_launch_the_steps_run_in_order(tmp_path, monkeypatch):
+    from opsdlab import pipeline
+
+    started = []
+    monkeypatch.setattr(pipeline, "launch_processes", lambda: 2)
+    monkeypatch.setattr(pipeline, "run_in_workers", lambda *args: started.append("workers"))
+    monkeypatch.setitem(pipeline.STEP_KINDS, "evaluate", lambda run, step: started.append(step.name))
+    run_pipeline(load_config("tiny", [f"run_dir={tmp_path}", "stages=[]", "eval.base=true", "workers=2"]))
+    assert started == ["eval base"]
+    assert "applies to single-process runs" in (tmp_path / "summary.jsonl").read_text()

@@ -358,21 +358,22 @@ def run_pipeline(config: PipelineConfig) -> Path:
     """Run (or resume) every configured stage and evaluation; return the run directory."""
     processes = launch_processes()
     config.check_batches(processes)  # an uneven batch fails now, not after the stages before it
-    if config.workers > 1 and processes > 1:
-        raise ConfigError(f"workers: {config.workers} worker processes need a single-process run; under a "
-                          f"launch of {processes} processes every stage already splits over them (set workers: 1)")
-    if config.workers > 1:
-        _start_forkserver()  # its imports overlap with the steps that run before any worker is needed
     run_dir = Path(config.run_dir)
     write_config(config, run_dir)
+    workers = config.workers if processes == 1 else 1
+    if workers > 1:
+        _start_forkserver()  # its imports overlap with the steps that run before any worker is needed
+    elif config.workers > 1:
+        log(run_dir, f"[pipeline] workers: {config.workers} applies to single-process runs; under this launch of "
+                     f"{processes} processes every stage splits over them, so the steps run in order")
     torch.manual_seed(config.seed)
     run = open_run(config)
     steps = pipeline_steps(config, prepare_base(run_dir, config, run.task))
-    if config.workers == 1:
+    if workers == 1:
         for step in steps:
             STEP_KINDS[step.kind](run, step)
     else:
-        run_in_workers(config, steps, config.workers)
+        run_in_workers(config, steps, workers)
     return run_dir
 
 
