@@ -77,8 +77,15 @@ def main(mode: str, folder: str, out: str) -> None:
             "generation_batch": trainer.args.generation_batch_size, "prompts": prompts_seen}
     (out_dir / f"rank{RANK}.json").write_text(json.dumps(info))
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # both ranks have written their results
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    # Leave without the interpreter's teardown: once, after both ranks had finished training and
+    # written their results, rank 0 hung there (in the destructors of `main`'s objects) until the
+    # deadline. What this test checks is complete by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
