@@ -51,7 +51,7 @@ class StudyError(RuntimeError):
 def part(config, seed: int) -> tuple[list[str], Path]:
     """One (preset, seed) part of the study: the command that runs that seed's single-seed pipeline
     from its resolved config (written here into its run directory) and the part's log file."""
-    part_config = replace(seed_config(config, seed), workers=1)  # the parts already fill the cores
+    part_config = seed_config(config, seed)
     write_config(part_config, Path(part_config.run_dir))
     command = [sys.executable, "-m", "opsdlab.cli", "pipeline", "--config",
                str(Path(part_config.run_dir) / "config.yaml")]
@@ -109,6 +109,8 @@ def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
         raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
     configs = [study_config(preset, run_dir, seeds, overrides) for preset in presets]  # bad input fails first
     if jobs > 1:
+        # The parts already fill the cores, and the pass that writes the reports only finds finished work.
+        configs = [replace(config, workers=1) for config in configs]
         for config in configs:
             write_config(config, Path(config.run_dir))
         parts = [part(config, seed) for config in configs for seed in seeds]
