@@ -4,8 +4,10 @@
 
 Every line the pipeline logs to summary.jsonl (a finished stage or evaluation) carries its own
 seconds (lines without them are timed from the line before), so each stage's entry is its training
-time and each evaluation's its own time; `report` is the report build. The result, with the machine, the torch threads and the load average
-before and after (timings under load are upper bounds), goes to benchmarks/results/demo_time.json.
+time and each evaluation's its own time, with the peak memory of the process that wrote it
+(`peak_rss_mb`; a worker's is its step's); `report` is the report build. The result, with the
+machine, the torch threads, the largest peak of any one process and the load average before and
+after (timings under load are upper bounds), goes to benchmarks/results/demo_time.json.
 Extra `key=value` arguments are pipeline overrides, as for `opsdlab demo`.
 """
 
@@ -50,7 +52,8 @@ def timeline(summary: Path, start: float) -> list[dict]:
         record = json.loads(line)
         stamp = time.mktime(time.strptime(record["time"], "%Y-%m-%d %H:%M:%S"))
         seconds = record.get("seconds", max(stamp - previous, 0.0))
-        items.append({"item": item_name(record), "seconds": round(seconds, 1)})
+        items.append({"item": item_name(record), "seconds": round(seconds, 1),
+                      **({"peak_rss_mb": record["peak_rss_mb"]} if "peak_rss_mb" in record else {})})
         previous = stamp
     return items
 
@@ -81,6 +84,7 @@ def main() -> None:
     from opsdlab.config import load_config
     from opsdlab.pipeline import run_pipeline
     from opsdlab.report import write_report
+    from opsdlab.runtime import peak_memory_mb
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,13 +113,16 @@ def main() -> None:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "total_seconds": round(end - start, 1),
         "per_stage_seconds": by_stage(items),
+        # the most resident memory of any one process: this one, or a worker (its lines' peaks)
+        "peak_rss_mb": max([peak_memory_mb().get("peak_rss_mb", 0.0),
+                            *(item.get("peak_rss_mb", 0.0) for item in items)]),
         "items": items,
         "run_dir": run_dir.name,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("total_seconds", "per_stage_seconds", "torch_threads",
+    print(json.dumps({k: result[k] for k in ("total_seconds", "per_stage_seconds", "peak_rss_mb", "torch_threads",
                                               "load_average_before", "load_average_after")}, indent=2))
 
 

@@ -3,12 +3,14 @@ which start when, and a 2-worker run that writes what the single-process run wri
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.pipeline import Step, StepError, pipeline_steps, run_pipeline, steps_to_start
+from opsdlab.pipeline import Step, StepError, pipeline_steps, run_pipeline, step_priorities, steps_to_start
 from test_pipeline import TINY_RUN
 
 TINY_OVERRIDES = [f"{key}={json.dumps(value)}" for key, value in TINY_RUN.items()]
@@ -59,6 +61,40 @@ def test_steps_to_start_fills_the_workers_with_ready_steps_and_shares_the_thread
     assert steps_to_start(arms, {"sft", "rlvr"}, 3, 2, 2) == []
 
 
+def test_priorities_are_the_costliest_chain_from_each_step_to_the_end(tmp_path):
+    config = load_config("tiny", [f"run_dir={tmp_path}"])
+    priorities = step_priorities(pipeline_steps(config, tmp_path / "base" / "model"))
+    # training 4, evaluation or check 1: sft -> rlvr -> an arm -> its evaluation = 4 + 4 + 4 + 1
+    assert priorities["train sft"] == 13 and priorities["train rlvr"] == 9
+    assert priorities["eval rlvr"] == 2  # the teacher check reads it
+    for arm in ("all", "correct", "incorrect"):
+        assert priorities[f"train opsd-{arm}-s0"] == 5 and priorities[f"eval opsd-{arm}-s0"] == 1
+    assert priorities["eval sft"] == priorities["check rlvr solution"] == 1
+
+
+def test_with_priorities_the_training_after_a_checkpoint_starts_before_its_evaluation(tmp_path):
+    config = load_config("tiny", [f"run_dir={tmp_path}"])
+    steps = pipeline_steps(config, tmp_path / "base" / "model")
+    priorities = step_priorities(steps)
+    waiting = [step for step in steps if step.name not in ("train sft", "train rlvr", "eval sft")]
+    started = steps_to_start(waiting, {"train sft", "train rlvr", "eval sft"}, 0, 2, 2, priorities)
+    assert [step.name for step, _ in started] == ["train opsd-all-s0", "train opsd-correct-s0"]
+    # without priorities, list order: the RLVR evaluation first
+    assert [step.name for step, _ in steps_to_start(waiting, {"train sft", "train rlvr", "eval sft"}, 0, 2, 2)] == [
+        "eval rlvr", "train opsd-all-s0"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident size from /proc")
+def test_peak_memory_is_at_least_what_the_process_holds():
+    """With 300 MiB filled, the reported peak is at least the resident size the kernel states (VmRSS)."""
+    script = ("import torch; from opsdlab.runtime import peak_memory_mb; block = torch.ones(300 * 2**20 // 4); "
+              "rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]; "
+              "print(int(rss) / 1024, peak_memory_mb()['peak_rss_mb'])")
+    resident, peak = map(float, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert resident >= 300 and peak >= resident - 1
+
+
 def _outputs(run_dir: Path) -> dict:
     """Every trained weight file and every evaluation's samples, by path relative to the run."""
     files = [*run_dir.glob("*/model/model.safetensors"), *run_dir.glob("opsd/*/model/model.safetensors"),
@@ -76,6 +112,8 @@ def test_two_workers_write_what_one_process_writes(tmp_path):
     assert len(single) == 5 + 3 + 3 + 2 * 2
     assert parallel == single
     records = [json.loads(line) for line in (tmp_path / "2" / "summary.jsonl").read_text().splitlines()]
+    # every line carries the peak memory of the worker that wrote it: a loaded model and torch, > 100 MiB
+    assert all(record["peak_rss_mb"] > 100 for record in records)
     assert sorted(r["stage"] for r in records if r.get("kind") == "stage") == ["base", "opsd-all-s0", "opsd-correct-s0",
                                                                               "rlvr", "sft"]
     assert all(r["seconds"] >= 0 for r in records if r.get("kind") in ("eval", "stage") and r.get("stage") != "base")

@@ -52,7 +52,7 @@ from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, 
 from opsdlab.opsd import run_opsd
 from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.rlvr import run_rlvr
-from opsdlab.runtime import (is_main_process, launch_processes, main_decides, shard_and_gather,
+from opsdlab.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
                              wait_for_everyone)
 from opsdlab.sft import TeacherProbe, run_sft
 from opsdlab.tasks import build_task
@@ -62,12 +62,14 @@ COMPLETE = "COMPLETE"
 
 
 def log(run_dir: Path, message: str, **record) -> None:
-    """Print `message` and append it to summary.jsonl (main process only; other processes do nothing)."""
+    """Print `message` and append it to summary.jsonl with the writing process's peak memory so far
+    (main process only; other processes do nothing)."""
     if not is_main_process():
         return
     print(message, flush=True)
+    line = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "message": message, **record, **peak_memory_mb()}
     with open(run_dir / "summary.jsonl", "a") as handle:
-        handle.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "message": message, **record}) + "\n")
+        handle.write(json.dumps(line) + "\n")
 
 
 def is_complete(stage_dir: Path) -> bool:
@@ -390,15 +392,40 @@ def _run_step_in_worker(config: PipelineConfig, step: Step, threads: int) -> Non
     STEP_KINDS[step.kind](open_run(config), step)
 
 
-def steps_to_start(waiting: list[Step], finished: set, running: int, workers: int, threads: int
-                   ) -> list[tuple[Step, int]]:
-    """Which waiting steps to start now, in list order, and with how many threads each.
+# Rough relative cost of each kind of step, for the order in which ready steps start: a training
+# stage takes several times as long as one checkpoint's evaluations on the demo and on real models.
+STEP_COSTS = {"sft": 4, "rlvr": 4, "opsd": 4, "evaluate": 1, "check": 1}
 
-    A step is ready once every step it reads has finished; up to `workers` run at once. A step that
-    starts with nothing else running or ready gets all `threads` (SFT, at the start: nothing runs
-    beside it); steps that may run side by side get an even share, at least one each.
+
+def step_priorities(steps: list[Step]) -> dict:
+    """Each step's cost plus the costliest chain of steps that read its output (the longest path to
+    the end of the run, by `STEP_COSTS`): starting the highest first keeps the chain that decides
+    when the run ends moving, and leaves the evaluations, which nothing long waits for, to fill gaps."""
+    readers = {step.name: [other for other in steps if step.name in other.after] for step in steps}
+    priorities: dict = {}
+
+    def priority(step: Step) -> int:
+        if step.name not in priorities:
+            priorities[step.name] = STEP_COSTS[step.kind] + max((priority(r) for r in readers[step.name]), default=0)
+        return priorities[step.name]
+
+    for step in steps:
+        priority(step)
+    return priorities
+
+
+def steps_to_start(waiting: list[Step], finished: set, running: int, workers: int, threads: int,
+                   priorities: dict | None = None) -> list[tuple[Step, int]]:
+    """Which waiting steps to start now, and with how many threads each.
+
+    A step is ready once every step it reads has finished; up to `workers` run at once, the highest
+    of `priorities` first (ties, and without priorities: in list order). A step that starts with
+    nothing else running or ready gets all `threads` (SFT, at the start: nothing runs beside it);
+    steps that may run side by side get an even share, at least one each.
     """
     ready = [step for step in waiting if set(step.after) <= finished]
+    if priorities:
+        ready.sort(key=lambda step: -priorities[step.name])  # stable: ties keep list order
     share = threads if running == 0 and len(ready) == 1 else max(1, threads // workers)
     return [(step, share) for step in ready[:max(0, workers - running)]]
 
@@ -406,16 +433,17 @@ def steps_to_start(waiting: list[Step], finished: set, running: int, workers: in
 def run_in_workers(config: PipelineConfig, steps: list[Step], workers: int) -> None:
     """Run `steps` in up to `workers` processes at once, each as soon as the steps it reads have finished.
 
-    Threads per step: `steps_to_start`, out of this process's torch threads. A failed step lets the
-    running ones finish, starts nothing new and raises a StepError; rerunning resumes, as after any
-    interruption.
+    Order and threads per step: `steps_to_start`, by `step_priorities`, out of this process's torch
+    threads. A failed step lets the running ones finish, starts nothing new and raises a StepError;
+    rerunning resumes, as after any interruption.
     """
     context = multiprocessing.get_context("forkserver")
     threads = torch.get_num_threads()
     waiting, running, finished, failed = list(steps), {}, set(), []
+    priorities = step_priorities(steps)
     try:
         while running or (waiting and not failed):
-            starts = [] if failed else steps_to_start(waiting, finished, len(running), workers, threads)
+            starts = [] if failed else steps_to_start(waiting, finished, len(running), workers, threads, priorities)
             for step, step_threads in starts:
                 process = context.Process(target=_run_step_in_worker, name=step.name,
                                           args=(config, step, step_threads))

@@ -86,6 +86,23 @@ def warn_if_updates_vanish(trainer, stage: str, threshold: float = 0.25) -> floa
     return fraction
 
 
+def peak_memory_mb() -> dict:
+    """This process's peak memory so far, in MiB: resident host memory (`peak_rss_mb`, where the OS
+    reports it) and, once CUDA is in use, the most the caching allocator held on this process's GPU
+    (`peak_cuda_mb`). A worker process of `workers: N` starts fresh, so its figure is its step's."""
+    peaks = {}
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        peaks["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+    except ImportError:  # Windows
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_cuda_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return peaks
+
+
 def launch_processes() -> int:
     """How many training processes this launch runs (1 without a distributed launcher).
 
