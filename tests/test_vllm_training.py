@@ -135,3 +135,83 @@ def test_rlvr_trains_with_vllm_rollouts(tmp_path, tiny_folder, task):
     trainer.train()
     assert max((trainer.model.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
     assert trainer.state.log_history[0]["sampling/sampling_logp_difference/max"] < 0.05
+
+
+@pytest.fixture
+def engines(monkeypatch):
+    """Weak references to what holds each colocated engine's memory (its model, its KV cache tensors),
+    one list per engine TRL builds while the test runs."""
+    pytest.importorskip("vllm")
+    import weakref
+
+    import trl.generation.vllm_generation as trl_vllm
+
+    built, build = [], trl_vllm.LLM
+
+    def remembered(*args, **kwargs):
+        runner = (llm := build(*args, **kwargs)).llm_engine.model_executor.driver_worker.model_runner
+        built.append([weakref.ref(runner.model), *(weakref.ref(cache) for cache in runner.kv_caches)])
+        return llm
+
+    monkeypatch.setattr(trl_vllm, "LLM", remembered)
+    return built
+
+
+def _alive(engines) -> list[int]:
+    import gc
+
+    gc.collect()
+    assert all(len(engine) > 1 for engine in engines)  # a model and at least one KV cache tensor
+    return [sum(ref() is not None for ref in engine) for engine in engines]
+
+
+def _opsd_stage(model_dir, task, stage_dir):
+    from opsdlab.models import load_policy
+    from opsdlab.opsd import run_opsd
+    from opsdlab.verifier import VerifierConfig
+
+    model, tokenizer = load_policy(model_dir)
+    return run_opsd(model, tokenizer, task.examples("train", 8), VerifierConfig(compare="exact"),
+                    OPSDStageConfig(max_steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_completion_length=8,
+                                    save_steps=100, **VLLM), stage_dir, thinking=True)
+
+
+def test_each_stage_frees_its_engine_so_stages_follow_each_other_in_one_process(tmp_path, tiny_folder, task,
+                                                                                 engines):
+    """RLVR then an OPSD arm in one process, both with colocated vLLM, as a one-process pipeline runs
+    them: after each stage its engine is gone, and so are the launch variables TRL exported for it.
+    (Without that, the next stage took those variables for a launch, opened a process group, and
+    its engine then stayed alive: on CPU the third engine of a pipeline found no memory left.)"""
+    from opsdlab.models import load_policy
+    from opsdlab.rlvr import run_rlvr
+    from opsdlab.verifier import VerifierConfig
+
+    launch = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {name: os.environ.get(name) for name in launch}
+    model, tokenizer = load_policy(tiny_folder)
+    rlvr = run_rlvr(model, tokenizer, task.examples("train", 8), VerifierConfig(compare="exact"),
+                    RLVRStageConfig(max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=8,
+                                    save_steps=100, **VLLM), tmp_path / "rlvr", thinking=True)
+    assert _alive(engines) == [0]
+    assert {name: os.environ.get(name) for name in launch} == before
+    _opsd_stage(rlvr, task, tmp_path / "opsd")
+    assert _alive(engines) == [0, 0]
+    assert not torch.distributed.is_initialized()
+    assert {name: os.environ.get(name) for name in launch} == before
+    assert (tmp_path / "opsd" / "model" / "model.safetensors").exists()
+
+
+def test_under_a_launch_a_stage_frees_its_engine_and_keeps_the_process_group(tmp_path, tiny_folder, task, engines):
+    """A process group open before the stage, as `accelerate launch` opens one: the stage's engine is
+    freed and the launch's group outlives it (vLLM's own shutdown would destroy it)."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29631")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    group = torch.distributed.group.WORLD
+    try:
+        _opsd_stage(tiny_folder, task, tmp_path / "opsd")
+        assert _alive(engines) == [0]
+        assert torch.distributed.is_initialized() and torch.distributed.group.WORLD is group
+        torch.distributed.barrier()  # still usable
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

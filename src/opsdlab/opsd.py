@@ -40,7 +40,7 @@ from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGener
 from opsdlab.runtime import JsonlMetrics, is_main_process, resume_point, save_trained, warn_if_updates_vanish
 from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
-from opsdlab.vllm_backend import keep_cpu_weights_syncable
+from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
 
 @dataclass(frozen=True)
@@ -493,25 +493,26 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
     if is_main_process():  # every process holds the same config; one writes it
         (stage_dir / "opsd_config.json").write_text(json.dumps(asdict(config), indent=2))
     eos = end_token_ids(tokenizer, model)
-    trainer = OPSDTrainer(
-        model=model,
-        reward_funcs=[VerifierReward(verifier, eos)],
-        args=opsd_args(config, stage_dir, seed),
-        train_dataset=opsd_dataset(examples, tokenizer, thinking),
-        processing_class=tokenizer,
-        callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
-        peft_config=config.peft_config(),
-        opsd=config,
-        student_thinking=thinking,
-        token_stats_path=stage_dir / "token_stats.jsonl",
-    )
-    warn_if_updates_vanish(trainer, "opsd")
-    trainer.train(resume_from_checkpoint=resume_point(stage_dir))
-    if not config.lora_r:
-        return save_trained(trainer, stage_dir / "model")
-    # A plain HF folder that vLLM serves directly; the adapter stays in checkpoints/.
-    model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    if trainer.accelerator.is_main_process:
-        save_policy(model, tokenizer, stage_dir / "model")
-    trainer.accelerator.wait_for_everyone()
-    return stage_dir / "model"
+    with colocated_engine_released() as track:
+        trainer = track(OPSDTrainer(
+            model=model,
+            reward_funcs=[VerifierReward(verifier, eos)],
+            args=opsd_args(config, stage_dir, seed),
+            train_dataset=opsd_dataset(examples, tokenizer, thinking),
+            processing_class=tokenizer,
+            callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
+            peft_config=config.peft_config(),
+            opsd=config,
+            student_thinking=thinking,
+            token_stats_path=stage_dir / "token_stats.jsonl",
+        ))
+        warn_if_updates_vanish(trainer, "opsd")
+        trainer.train(resume_from_checkpoint=resume_point(stage_dir))
+        if not config.lora_r:
+            return save_trained(trainer, stage_dir / "model")
+        # A plain HF folder that vLLM serves directly; the adapter stays in checkpoints/.
+        model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.accelerator.is_main_process:
+            save_policy(model, tokenizer, stage_dir / "model")
+        trainer.accelerator.wait_for_everyone()
+        return stage_dir / "model"

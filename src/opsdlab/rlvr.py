@@ -23,7 +23,7 @@ from opsdlab.rewards import VerifierReward, format_reward
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
                              per_device_rows, resume_point, save_trained, warn_if_updates_vanish)
 from opsdlab.verifier import VerifierConfig
-from opsdlab.vllm_backend import keep_cpu_weights_syncable
+from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
 REWARD_SCALINGS = ("group", "batch", "none")
@@ -340,16 +340,17 @@ def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRS
              *, thinking: bool, seed: int = 0) -> Path:
     """Train with GRPO on `examples`, resume from a checkpoint if one exists, save to stage_dir/model."""
     stage_dir = Path(stage_dir)
-    trainer = RLVRTrainer(
-        model=model,
-        reward_funcs=reward_functions(verifier, tokenizer, config, model),
-        args=grpo_args(config, stage_dir, seed),
-        train_dataset=rl_dataset(examples, tokenizer, thinking),
-        processing_class=tokenizer,
-        callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
-        dynamic_sampling=config.dynamic_sampling,
-        dynamic_sampling_max_rounds=config.dynamic_sampling_max_rounds,
-    )
-    warn_if_updates_vanish(trainer, "rlvr")
-    trainer.train(resume_from_checkpoint=resume_point(stage_dir))
-    return save_trained(trainer, stage_dir / "model")
+    with colocated_engine_released() as track:
+        trainer = track(RLVRTrainer(
+            model=model,
+            reward_funcs=reward_functions(verifier, tokenizer, config, model),
+            args=grpo_args(config, stage_dir, seed),
+            train_dataset=rl_dataset(examples, tokenizer, thinking),
+            processing_class=tokenizer,
+            callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
+            dynamic_sampling=config.dynamic_sampling,
+            dynamic_sampling_max_rounds=config.dynamic_sampling_max_rounds,
+        ))
+        warn_if_updates_vanish(trainer, "rlvr")
+        trainer.train(resume_from_checkpoint=resume_point(stage_dir))
+        return save_trained(trainer, stage_dir / "model")

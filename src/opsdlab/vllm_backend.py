@@ -43,6 +43,65 @@ def keep_cpu_weights_syncable(args) -> None:
     vllm._custom_ops._supports_onednn = False  # read by vLLM's CPU GEMM dispatch at each layer's load
 
 
+@contextlib.contextmanager
+def colocated_engine_released():
+    """Around one training stage: free the vLLM engine its trainer built in colocate mode once the stage ends.
+
+    Yields `track`, which takes the stage's trainer (and returns it). TRL never frees a colocated
+    engine, and vLLM freezes the objects it allocates at startup out of the garbage collector, so
+    without this every stage of a pipeline in one process keeps its engine's weights and KV cache:
+    the RLVR stage's and each OPSD arm's, until the next engine finds too little memory. On leaving,
+    vLLM's own shutdown frees the engine. Without a launch, the process group vLLM opened and the
+    RANK/WORLD_SIZE/MASTER_* variables TRL exported for it go too, so the next stage starts as the
+    first did; under a launch the launch's process group stays (vLLM's shutdown would destroy it).
+    """
+    launched = torch.distributed.is_available() and torch.distributed.is_initialized()
+    environment = dict(os.environ)
+    trainers = []
+
+    def track(trainer):
+        trainers.append(trainer)
+        return trainer
+
+    try:
+        yield track
+    finally:
+        llms = [getattr(getattr(trainer, "vllm_generation", None), "llm", None) for trainer in trainers]
+        llms = [llm for llm in llms if llm is not None]
+        if llms:
+            with _keeping_default_process_group(launched):
+                for llm in llms:
+                    llm.llm_engine.engine_core.shutdown()
+            for trainer in trainers:
+                trainer.vllm_generation.llm = None
+            if not launched:
+                os.environ.clear()
+                os.environ.update(environment)
+                from accelerate.state import AcceleratorState
+
+                AcceleratorState._reset_state(reset_partial_state=True)  # it saw vLLM's one-process group
+
+
+@contextlib.contextmanager
+def _keeping_default_process_group(keep: bool):
+    """vLLM's engine shutdown ends by destroying torch's default process group; with `keep`, the calls
+    that would (no group named) do nothing, and vLLM's own groups are still destroyed."""
+    if not keep:
+        yield
+        return
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_named_groups_only(group=None):
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_named_groups_only
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
+
+
 @dataclass(frozen=True)
 class VLLMSettings:
     """How the vLLM engine of an evaluation is built (`eval.vllm` in the pipeline config).
