@@ -3,7 +3,7 @@
 A run directory holds everything a report needs and is how a run resumes:
 
     config.yaml                 resolved config
-    summary.jsonl               one line per finished stage or evaluation
+    summary.jsonl               one line per finished stage or evaluation: seconds, peak memory
     base/model/                 the starting model (built here for the tiny default)
     sft/ rlvr/                  model/ (final HF folder), checkpoints/, metrics.jsonl
     sft/probe.jsonl             with sft.probe_every: student and teacher accuracy per probed step
