@@ -43,6 +43,7 @@ RUN = {
              "train_problems": 16, "save_steps": 100, "logging_steps": 1, "learning_rate": 1.0e-3},
     "arms": [{"name": "all", "gate": "all"}],
     "eval": {"problems": 9, "sampling": {"k": 2, "max_new_tokens": 16}},  # 9: shares of 5 and 4 problems
+    "workers": 2,  # under a launch the steps run in order, on every process, and the log says so
 }
 CHECKPOINTS = {"base": ["", "-greedy"], "sft": ["", "-greedy", "-teacher-solution"],
                "rlvr": ["", "-greedy", "-teacher-solution"], "opsd-all-s0": ["", "-greedy"]}
@@ -96,6 +97,7 @@ def test_every_file_is_written_once(run):
     evals = [(r["checkpoint"], r["set"]) for r in records if r["kind"] == "eval"]
     assert len(evals) == len(set(evals)) == len(expected)
     assert sum(r["kind"] == "teacher_check" for r in records) == 1
+    assert [r["message"][:30] for r in records if r["kind"] == "notice"] == ["[pipeline] workers: 2 applies "]
     report = run_dir / "report" / "report.md"
     assert "opsd-all-s0" in report.read_text()
     assert (run_dir / "report" / "accuracy_length_synthetic.png").stat().st_size > 1000
@@ -157,8 +159,8 @@ def test_a_rerun_redoes_only_what_is_missing_on_both_processes(run, tmp_path):
     after = (run_dir / "summary.jsonl").read_text().splitlines()
     assert after[:len(before)] == before
     added = [json.loads(line) for line in after[len(before):]]
-    assert [(r["kind"], r.get("checkpoint"), r.get("set")) for r in added if r["kind"] != "teacher_check"] == [
-        ("eval", "opsd-all-s0", "synthetic-greedy")]
+    assert [(r["kind"], r.get("checkpoint"), r.get("set")) for r in added
+            if r["kind"] not in ("teacher_check", "notice")] == [("eval", "opsd-all-s0", "synthetic-greedy")]
 
 
 @pytest.mark.parametrize("problems, processes", [(7, 3), (2, 3)])

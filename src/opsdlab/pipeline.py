@@ -367,7 +367,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
         _start_forkserver()  # its imports overlap with the steps that run before any worker is needed
     elif config.workers > 1:
         log(run_dir, f"[pipeline] workers: {config.workers} applies to single-process runs; under this launch of "
-                     f"{processes} processes every stage splits over them, so the steps run in order")
+                     f"{processes} processes every stage splits over them, so the steps run in order", kind="notice")
     torch.manual_seed(config.seed)
     run = open_run(config)
     steps = pipeline_steps(config, prepare_base(run_dir, config, run.task))
