@@ -43,20 +43,25 @@ def keep_cpu_weights_syncable(args) -> None:
     vllm._custom_ops._supports_onednn = False  # read by vLLM's CPU GEMM dispatch at each layer's load
 
 
+# What TRL's colocate mode exports for vLLM's process group (`VLLMGeneration._init_vllm`).
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @contextlib.contextmanager
 def colocated_engine_released():
     """Around one training stage: free the vLLM engine its trainer built in colocate mode once the stage ends.
 
-    Yields `track`, which takes the stage's trainer (and returns it). TRL never frees a colocated
-    engine, and vLLM freezes the objects it allocates at startup out of the garbage collector, so
-    without this every stage of a pipeline in one process keeps its engine's weights and KV cache:
-    the RLVR stage's and each OPSD arm's, until the next engine finds too little memory. On leaving,
-    vLLM's own shutdown frees the engine. Without a launch, the process group vLLM opened and the
-    RANK/WORLD_SIZE/MASTER_* variables TRL exported for it go too, so the next stage starts as the
-    first did; under a launch the launch's process group stays (vLLM's shutdown would destroy it).
+    Yields `track`, which takes the stage's trainer (and returns it). TRL never shuts a colocated
+    engine down, and it leaves the RANK/WORLD_SIZE/MASTER_* variables it exported for the engine
+    set. Measured on CPU: with a process group open (a launch's, or the one accelerate opened for
+    the next stage of a one-process pipeline on seeing those variables) the engine's model and KV
+    cache outlive the stage, so each stage of a pipeline kept its engine until one found too little
+    memory. On leaving, vLLM's own shutdown frees the engine. Without a launch the variables are
+    restored and accelerate's state reset, so the next stage starts as the first did; under a launch
+    the launch's process group stays (vLLM's shutdown would destroy it).
     """
     launched = torch.distributed.is_available() and torch.distributed.is_initialized()
-    environment = dict(os.environ)
+    environment = {name: os.environ.get(name) for name in _LAUNCH_VARIABLES}
     trainers = []
 
     def track(trainer):
@@ -66,17 +71,19 @@ def colocated_engine_released():
     try:
         yield track
     finally:
-        llms = [getattr(getattr(trainer, "vllm_generation", None), "llm", None) for trainer in trainers]
-        llms = [llm for llm in llms if llm is not None]
-        if llms:
+        generations = [trainer.vllm_generation for trainer in trainers
+                       if getattr(getattr(trainer, "vllm_generation", None), "llm", None) is not None]
+        if generations:
             with _keeping_default_process_group(launched):
-                for llm in llms:
-                    llm.llm_engine.engine_core.shutdown()
-            for trainer in trainers:
-                trainer.vllm_generation.llm = None
+                for generation in generations:
+                    generation.llm.llm_engine.engine_core.shutdown()
+                    generation.llm = None
             if not launched:
-                os.environ.clear()
-                os.environ.update(environment)
+                for name, value in environment.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
                 from accelerate.state import AcceleratorState
 
                 AcceleratorState._reset_state(reset_partial_state=True)  # it saw vLLM's one-process group
