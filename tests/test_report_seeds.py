@@ -1,5 +1,6 @@
 """The report over pipeline seeds, on a fabricated run directory with hand-computed values."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,23 @@ def test_a_single_seed_run_directory_keeps_its_report(tmp_path):
     _eval(tmp_path, "opsd-all-s0", "synthetic", 2, 5)
     text = write_report(tmp_path).read_text()
     assert seed_dirs(tmp_path) == {} and "over pipeline seeds" not in text and "opsd-all-s0" in text
+
+
+def test_an_arm_with_several_opsd_seeds_states_a_finding_only_if_every_draw_holds(tmp_path):
+    """OPSD seeds 0 and 1. `opsd-all-s1` is +50 pp and 50% shorter in both pipeline seeds, a finding on
+    its own; `opsd-all-s0` is +50 pp in seed 0 but +0 in seed 1 (`fabricate`). Pooled over the four
+    (pipeline seed, OPSD seed) draws, only the length holds."""
+    root = fabricate(tmp_path)
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    (root / "config.yaml").write_text(yaml.safe_dump({**config, "opsd_seeds": [0, 1]}))
+    for seed, rlvr_tokens in {0: 10, 1: 20}.items():
+        _eval(root / f"seed-{seed}", "opsd-all-s1", "synthetic", 2, rlvr_tokens // 2)
+    findings = write_report(root).read_text().split("### Findings (hold in every seed)")[1].split("###")[0]
+    assert ("- `opsd-all` (OPSD seeds 0, 1) is shorter than `rlvr` in every pipeline seed and OPSD seed "
+            "(-50.0% to -50.0%).") in findings
+    assert "more accurate than `rlvr`" not in findings
+    assert "`opsd-all-s1`" not in findings  # no per-draw statement beside the pooled one
+
+    shutil.rmtree(root / "seed-1" / "eval" / "opsd-all-s1")  # a draw still to run: no finding yet
+    findings = write_report(root).read_text().split("### Findings (hold in every seed)")[1].split("###")[0]
+    assert "`opsd-all`" not in findings

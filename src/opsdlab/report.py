@@ -629,26 +629,55 @@ def holds_table(changes: dict, seeds: list[int]) -> list[str]:
     return lines
 
 
-def findings(advantages: dict, comparisons: list[tuple[str, str, dict]], seeds: list[int]) -> list[str]:
+def findings(advantages: dict, comparisons: list[tuple], seeds: list[int]) -> list[str]:
     """The statements that hold in every seed (same sign, 95% CI excluding 0), as bullet lines.
-    `comparisons`: (what is compared, what it is compared with, seed -> paired change), both as
-    Markdown phrases (e.g. "`opsd-all-s0`", "`rlvr`")."""
+    `comparisons`: (what is compared, what it is compared with, draw -> paired change, the draws it
+    must hold in, how those draws read), the first two as Markdown phrases (e.g. "`opsd-all-s0`",
+    "`rlvr`"); a draw is a pipeline seed, or a (pipeline seed, OPSD seed) pair for an arm pooled by
+    `opsd_comparisons`."""
     out = []
     for (name, context), by_seed in advantages.items():
         if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
             diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
             out.append(f"- At `{name}`, the teacher prompt (`{context}`) is {'more' if sign > 0 else 'less'} accurate "
                        f"than the student prompt in every seed ({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
-    for name, reference, by_seed in comparisons:
-        if sign := holds_in_every_seed(by_seed, seeds, "accuracy_diff"):
-            diffs = [100 * d["accuracy_diff"] for d in by_seed.values()]
-            out.append(f"- {name} is {'more' if sign > 0 else 'less'} accurate than {reference} in every seed "
+    for name, reference, by_draw, draws, scope in comparisons:
+        if sign := holds_in_every_seed(by_draw, draws, "accuracy_diff"):
+            diffs = [100 * d["accuracy_diff"] for d in by_draw.values()]
+            out.append(f"- {name} is {'more' if sign > 0 else 'less'} accurate than {reference} {scope} "
                        f"({min(diffs):+.1f} to {max(diffs):+.1f} pp).")
-        if sign := holds_in_every_seed(by_seed, seeds, "length_change"):
-            pct = [100 * d["length_change"] for d in by_seed.values()]
-            out.append(f"- {name} is {'longer' if sign > 0 else 'shorter'} than {reference} in every seed "
+        if sign := holds_in_every_seed(by_draw, draws, "length_change"):
+            pct = [100 * d["length_change"] for d in by_draw.values()]
+            out.append(f"- {name} is {'longer' if sign > 0 else 'shorter'} than {reference} {scope} "
                        f"({min(pct):+.1f}% to {max(pct):+.1f}%).")
     return out or ["- None: no change keeps its sign with a 95% CI excluding 0 in every seed."]
+
+
+def opsd_seed_of(checkpoint: str) -> int:
+    """The OPSD seed of a checkpoint name: `opsd-correct-s1` -> 1."""
+    return int(checkpoint.rsplit("-s", 1)[1])
+
+
+def opsd_comparisons(changes: dict[str, dict[int, dict]], reference: str, seeds: list[int],
+                     opsd_seeds: list[int]) -> list[tuple]:
+    """`findings` comparisons for OPSD checkpoints against `reference` (a Markdown phrase).
+
+    With one OPSD seed, one per checkpoint, over the pipeline seeds. With several, one per arm,
+    over every (pipeline seed, OPSD seed) pair: an arm's finding must hold whichever OPSD draw
+    trained it, not for one draw that happened to land on one side (on the demo's task, `concise`
+    against `all` had its CI below 0 in all three pipeline seeds with OPSD seed 0, in one with OPSD
+    seed 1 and in none with OPSD seed 2).
+    """
+    if len(opsd_seeds) <= 1:
+        return [(f"`{name}`", reference, by_seed, seeds, "in every seed") for name, by_seed in changes.items()]
+    pooled: dict[str, dict[tuple[int, int], dict]] = defaultdict(dict)
+    for name, by_seed in changes.items():
+        for seed, d in by_seed.items():
+            pooled[arm_of(name)][(seed, opsd_seed_of(name))] = d
+    draws = [(seed, opsd_seed) for seed in seeds for opsd_seed in opsd_seeds]
+    label = ", ".join(str(opsd_seed) for opsd_seed in opsd_seeds)
+    return [(f"`opsd-{arm}` (OPSD seeds {label})", reference, by_draw, draws, "in every pipeline seed and OPSD seed")
+            for arm, by_draw in pooled.items()]
 
 
 def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
@@ -660,6 +689,7 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run_config(run_dir)
     order = [int(seed) for seed in config.get("seeds") or []] or list(seeds)  # a seed still to run holds nothing
+    opsd_order = [int(seed) for seed in config.get("opsd_seeds") or []]
     set_names = sorted({p.name for d in seeds.values() for n in checkpoint_order(d)
                         for p in (d / "eval" / n).iterdir() if is_main_set(p.name)})
     references = {reference_of(checkpoint_order(d)) for d in seeds.values()} - {None}
@@ -669,19 +699,22 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
           "report (" + ", ".join(f"[seed {s}](../{d.name}/report/report.md)" for s, d in seeds.items()) + "). "
           "Each seed draws its own training data and, for a generated task, its own held-out problems; "
           f"OPSD arms are compared with their own seed's starting checkpoint (`{reference}`). A **finding** is a "
-          "change whose paired 95% CI excludes 0 with the same sign in every seed.", ""]
+          "change whose paired 95% CI excludes 0 with the same sign in every seed; an OPSD arm trained with "
+          "several OPSD seeds states a finding only if it holds for every pipeline seed and every OPSD seed.", ""]
     for set_name in set_names:
         advantages = teacher_advantages(seeds, set_name)
         stages = stage_changes(seeds, set_name)
         teacher_stages = teacher_stage_changes(seeds, set_name)
         changes = seed_changes(seeds, set_name)
         versus_all = against_all_arm(seeds, set_name)
-        comparisons = ([(f"`{name}`", f"`{before}`", by_seed) for (name, before), by_seed in stages.items()]
-                       + [(f"`{name}` on the teacher prompt (`{context}`)", f"`{before}` on the same prompt", by_seed)
+        comparisons = ([(f"`{name}`", f"`{before}`", by_seed, order, "in every seed")
+                        for (name, before), by_seed in stages.items()]
+                       + [(f"`{name}` on the teacher prompt (`{context}`)", f"`{before}` on the same prompt", by_seed,
+                           order, "in every seed")
                           for context, by_stage in teacher_stages.items()
                           for (name, before), by_seed in by_stage.items()]
-                       + [(f"`{name}`", f"`{reference}`", by_seed) for name, by_seed in changes.items()]
-                       + [(f"`{name}`", "the `all` arm", by_seed) for name, by_seed in versus_all.items()])
+                       + opsd_comparisons(changes, f"`{reference}`", order, opsd_order)
+                       + opsd_comparisons(versus_all, "the `all` arm", order, opsd_order))
         md += [f"## {set_name}", "", "### Findings (hold in every seed)", "",
                *findings(advantages, comparisons, order), "",
                "### Checkpoints over seeds", "", *seed_checkpoint_table(seeds, set_name), ""]
