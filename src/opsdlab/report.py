@@ -735,7 +735,8 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
                    "", *holds_table(changes, order), ""]
             points = [(arm_of(name), f"s{seed}", d) for name, by_seed in changes.items()
                       for seed, d in sorted(by_seed.items())]
-            draw_changes(points, reference, f"OPSD arms, one point per pipeline seed (95% CI): {set_name}",
+            per = "pipeline seed and OPSD seed" if len(opsd_order) > 1 else "pipeline seed"
+            draw_changes(points, reference, f"OPSD arms, one point per {per} (95% CI): {set_name}",
                          out_dir / f"changes_{set_name}.png")
             md += [f"![changes](changes_{set_name}.png)", ""]
             if leads := lead_and_change(seeds, config, advantages, changes):
