@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.rlvr import RLVRStageConfig
 
+from launch_helpers import free_port
 from opsd_helpers import make_trainer, snapshot
 
 # On CPU, vLLM's KV budget is gpu_memory_utilization x node RAM minus this process's resident memory,
@@ -204,7 +205,7 @@ def test_each_stage_frees_its_engine_so_stages_follow_each_other_in_one_process(
 def test_under_a_launch_a_stage_frees_its_engine_and_keeps_the_process_group(tmp_path, tiny_folder, task, engines):
     """A process group open before the stage, as `accelerate launch` opens one: the stage's engine is
     freed and the launch's group outlives it (vLLM's own shutdown would destroy it)."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29631")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     group = torch.distributed.group.WORLD
     try:
