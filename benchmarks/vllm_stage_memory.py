@@ -20,19 +20,13 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import tempfile
 import weakref
 from pathlib import Path
 
+from demo_time import cpu_model  # this folder is on sys.path when the script runs
+
 RESULTS = Path(__file__).parent / "results" / "vllm_stage_memory.json"
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def resident_mib() -> float | None:

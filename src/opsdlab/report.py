@@ -46,6 +46,11 @@ def arm_of(checkpoint: str) -> str:
     return checkpoint.removeprefix("opsd-").rsplit("-s", 1)[0]
 
 
+def opsd_seed_of(checkpoint: str) -> int:
+    """The OPSD seed of a checkpoint name: `opsd-correct-s1` -> 1."""
+    return int(checkpoint.rsplit("-s", 1)[1])
+
+
 def reference_of(names: list[str]) -> str | None:
     """The checkpoint OPSD arms are compared with: their starting point, RLVR (else SFT)."""
     return "rlvr" if "rlvr" in names else ("sft" if "sft" in names else None)
@@ -522,7 +527,7 @@ def teacher_stage_changes(seeds: dict[int, Path], set_name: str) -> dict[str, di
 
 def all_arm_of(checkpoint: str) -> str:
     """The `all`-gate arm with the same OPSD seed: `opsd-unrelated-s0` -> `opsd-all-s0`."""
-    return f"opsd-all-s{checkpoint.rsplit('-s', 1)[1]}"
+    return f"opsd-all-s{opsd_seed_of(checkpoint)}"
 
 
 def against_all_arm(seeds: dict[int, Path], set_name: str) -> dict[str, dict[int, dict]]:
@@ -651,11 +656,6 @@ def findings(advantages: dict, comparisons: list[tuple], seeds: list[int]) -> li
             out.append(f"- {name} is {'longer' if sign > 0 else 'shorter'} than {reference} {scope} "
                        f"({min(pct):+.1f}% to {max(pct):+.1f}%).")
     return out or ["- None: no change keeps its sign with a 95% CI excluding 0 in every seed."]
-
-
-def opsd_seed_of(checkpoint: str) -> int:
-    """The OPSD seed of a checkpoint name: `opsd-correct-s1` -> 1."""
-    return int(checkpoint.rsplit("-s", 1)[1])
 
 
 def opsd_comparisons(changes: dict[str, dict[int, dict]], reference: str, seeds: list[int],

@@ -76,7 +76,7 @@ def colocated_engine_released():
         if generations:
             with _keeping_default_process_group(launched):
                 for generation in generations:
-                    generation.llm.llm_engine.engine_core.shutdown()
+                    shutdown(generation.llm)
                     generation.llm = None
             if not launched:
                 for name, value in environment.items():
