@@ -33,11 +33,12 @@ from opsdlab.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
 from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
 from opsdlab.gates import GATES, route
 from opsdlab.models import end_token_ids, output_head, save_policy
+from opsdlab.progress import OPSD_POSTFIX, train_stage
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
                           concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
-from opsdlab.runtime import JsonlMetrics, is_main_process, resume_point, save_trained, warn_if_updates_vanish
+from opsdlab.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish
 from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
 from opsdlab.verifier import VerifierConfig
 from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
@@ -487,7 +488,11 @@ def _correct_sibling(index: int, correct: list[bool], truncated: list[bool], tex
 
 def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDStageConfig, stage_dir: Path, *,
              thinking: bool, seed: int = 0) -> Path:
-    """Distil on gated rollouts of `examples`, resume from a checkpoint if any, save to stage_dir/model."""
+    """Distil on gated rollouts of `examples`, resume from a checkpoint if any, save to stage_dir/model.
+
+    Logged numbers go to stage_dir/metrics.jsonl; the terminal shows a bar labelled "opsd" and the
+    stage folder's name (the pipeline's `<arm>-s<seed>`) with loss, kept fraction and completion length.
+    """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():  # every process holds the same config; one writes it
@@ -507,7 +512,8 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
             token_stats_path=stage_dir / "token_stats.jsonl",
         ))
         warn_if_updates_vanish(trainer, "opsd")
-        trainer.train(resume_from_checkpoint=resume_point(stage_dir))
+        label = "opsd" if stage_dir.name == "opsd" else f"opsd {stage_dir.name}"  # the pipeline's <arm>-s<seed>
+        train_stage(trainer, stage_dir, label, OPSD_POSTFIX)
         if not config.lora_r:
             return save_trained(trainer, stage_dir / "model")
         # A plain HF folder that vLLM serves directly; the adapter stays in checkpoints/.

@@ -18,10 +18,11 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from opsdlab.models import end_token_ids
+from opsdlab.progress import RLVR_POSTFIX, train_stage
 from opsdlab.prompts import render_prompt
 from opsdlab.rewards import VerifierReward, format_reward
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, resume_point, save_trained, warn_if_updates_vanish)
+                             per_device_rows, save_trained, warn_if_updates_vanish)
 from opsdlab.verifier import VerifierConfig
 from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
@@ -338,7 +339,11 @@ class RLVRTrainer(GRPOTrainer):
 
 def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRStageConfig, stage_dir: Path,
              *, thinking: bool, seed: int = 0) -> Path:
-    """Train with GRPO on `examples`, resume from a checkpoint if one exists, save to stage_dir/model."""
+    """Train with GRPO on `examples`, resume from a checkpoint if one exists, save to stage_dir/model.
+
+    Logged numbers go to stage_dir/metrics.jsonl; the terminal shows an "rlvr" bar with loss, mean
+    reward and mean completion length.
+    """
     stage_dir = Path(stage_dir)
     with colocated_engine_released() as track:
         trainer = track(RLVRTrainer(
@@ -352,5 +357,5 @@ def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRS
             dynamic_sampling_max_rounds=config.dynamic_sampling_max_rounds,
         ))
         warn_if_updates_vanish(trainer, "rlvr")
-        trainer.train(resume_from_checkpoint=resume_point(stage_dir))
+        train_stage(trainer, stage_dir, "rlvr", RLVR_POSTFIX)
         return save_trained(trainer, stage_dir / "model")

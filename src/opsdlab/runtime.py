@@ -180,7 +180,7 @@ def _last_complete_checkpoint(stage_dir: Path) -> str | None:
     checkpoints = Path(stage_dir) / "checkpoints"
     if not checkpoints.is_dir():
         return None
-    for folder in sorted(checkpoints.glob("checkpoint-*"), key=_step_of, reverse=True):
+    for folder in sorted(checkpoints.glob("checkpoint-*"), key=checkpoint_step, reverse=True):
         try:
             json.loads((folder / "trainer_state.json").read_text())
             return str(folder)
@@ -190,13 +190,16 @@ def _last_complete_checkpoint(stage_dir: Path) -> str | None:
     return None
 
 
-def _step_of(folder: Path) -> int:
+def checkpoint_step(folder: Path) -> int:
+    """The step of a `checkpoint-N` folder (-1 for a name without one)."""
     suffix = folder.name.rsplit("-", 1)[-1]
     return int(suffix) if suffix.isdigit() else -1
 
 
 class JsonlMetrics(TrainerCallback):
-    """Append every logged dict (with step and wall time) to a JSONL file."""
+    """Append every logged dict (with step and wall time) to a JSONL file, the final train summary
+    (train_runtime, train_loss, ...) included. This file, not stdout, is where a stage's logged
+    numbers go (`progress.StageProgress` shows a few of them on a bar)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)

@@ -19,8 +19,9 @@ from trl import SFTConfig, SFTTrainer
 
 from opsdlab.data import Example
 from opsdlab.evaluate import SamplingConfig, evaluate
+from opsdlab.progress import SFT_POSTFIX, train_stage
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, read_jsonl, resume_point, save_trained, warn_if_updates_vanish)
+                             per_device_rows, read_jsonl, save_trained, warn_if_updates_vanish)
 from opsdlab.verifier import VerifierConfig
 
 # How rows are drawn into batches: named choice -> the Trainer's `train_sampling_strategy`.
@@ -157,12 +158,15 @@ class TeacherProbe(TrainerCallback):
 
 def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_dir: Path, seed: int = 0,
             callbacks: list[TrainerCallback] = ()) -> Path:
-    """Train on `rows` (prompt, completion), resume from a checkpoint if one exists, save to stage_dir/model."""
+    """Train on `rows` (prompt, completion), resume from a checkpoint if one exists, save to stage_dir/model.
+
+    Logged numbers go to stage_dir/metrics.jsonl; the terminal shows an "sft" bar with the loss.
+    """
     stage_dir = Path(stage_dir)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     args = sft_args(config, stage_dir, seed, tokenizer.eos_token)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl"), *callbacks])
     warn_if_updates_vanish(trainer, "sft")
-    trainer.train(resume_from_checkpoint=resume_point(stage_dir))
+    train_stage(trainer, stage_dir, "sft", SFT_POSTFIX)
     return save_trained(trainer, stage_dir / "model")

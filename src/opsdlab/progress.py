@@ -1,0 +1,97 @@
+"""What a training stage shows while it runs: one labelled progress bar, and a line when it resumes.
+
+The Trainer's own progress callback (transformers' `ProgressCallback`) prints every logged dict to
+stdout, which buries a long run's few informative lines under hundreds of `{'loss': ...}` lines.
+Each stage logs those dicts to its `metrics.jsonl` (`runtime.JsonlMetrics`) anyway, so a stage
+swaps the Trainer's printer for `StageProgress`: one tqdm bar (on stderr, main process only),
+labelled with the stage, whose postfix carries the stage's few numbers that matter, taken from the
+same logged dicts. TRL's GRPOTrainer (RLVR, and OPSD which subclasses it) logs its metrics through
+the Trainer's `log`, so they reach the bar the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+from opsdlab.runtime import checkpoint_step, is_main_process, resume_point
+
+# Postfix name -> logged key, per stage. "loss" is the Trainer's mean training loss since the last
+# log; "reward" and "completions/mean_length" are GRPOTrainer's (mean total reward and mean
+# completion tokens of the logged steps); "opsd/kept_fraction" is the share of rollouts the OPSD gate kept.
+SFT_POSTFIX = {"loss": "loss"}
+RLVR_POSTFIX = {"loss": "loss", "reward": "reward", "len": "completions/mean_length"}
+OPSD_POSTFIX = {"loss": "loss", "kept": "opsd/kept_fraction", "len": "completions/mean_length"}
+
+
+class StageProgress(TrainerCallback):
+    """A tqdm bar of optimizer steps, labelled `label`, with the latest value of each `postfix` key.
+
+    `postfix` maps the name shown to the logged key it reads; a key missing from a log (the final
+    train summary, a step whose gate kept nothing) leaves the last value shown. Prints nothing to
+    stdout; draws on the world's main process only, and not at all under `disable_tqdm`.
+    """
+
+    def __init__(self, label: str, postfix: dict[str, str]):
+        self.label = label
+        self.postfix = dict(postfix)
+        self.values: dict[str, float] = {}
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not args.disable_tqdm:
+            # A resumed run starts at its checkpoint's step (the Trainer restores the state before this event).
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for name, key in self.postfix.items():
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.values[name] = float(value)
+        if self.bar is not None and self.values:
+            self.bar.set_postfix_str(self.postfix_text())
+
+    def postfix_text(self) -> str:
+        """The shown values in `postfix` order, three significant digits: "loss=0.123, len=45"."""
+        return ", ".join(f"{name}={self.values[name]:.3g}" for name in self.postfix if name in self.values)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def show_stage_progress(trainer, label: str, postfix: dict[str, str]) -> StageProgress:
+    """Replace the Trainer's progress printer (ProgressCallback, its notebook variant, or PrinterCallback
+    under `disable_tqdm`) by a `StageProgress`; the Trainer adds exactly one of them at init."""
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+
+    for printer in (ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK):
+        trainer.remove_callback(printer)
+    progress = StageProgress(label, postfix)
+    trainer.add_callback(progress)
+    return progress
+
+
+def resume_line(label: str, checkpoint: str | Path, max_steps: int) -> str:
+    """`[sft] resuming from checkpoint-40 (step 40 of 800)`."""
+    step = checkpoint_step(Path(checkpoint))
+    return f"[{label}] resuming from {Path(checkpoint).name} (step {step} of {max_steps})"
+
+
+def train_stage(trainer, stage_dir: Path, label: str, postfix: dict[str, str]):
+    """Train with a `StageProgress` bar, from the stage's last complete checkpoint if one exists
+    (saying so in one line on the main process). Returns the Trainer's TrainOutput."""
+    show_stage_progress(trainer, label, postfix)
+    checkpoint = resume_point(stage_dir)
+    if checkpoint is not None and is_main_process():
+        print(resume_line(label, checkpoint, trainer.args.max_steps), flush=True)
+    return trainer.train(resume_from_checkpoint=checkpoint)
