@@ -38,6 +38,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import re
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,6 +52,8 @@ from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
 from opsdlab.prompts import CONTROL_CONTEXTS
+from opsdlab.provenance import (Output, describe_stale, dependants, flatten, make_record, path_fingerprint,
+                                read_record, stale_outputs, write_record)
 from opsdlab.rlvr import run_rlvr
 from opsdlab.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
                              wait_for_everyone)
@@ -102,31 +105,48 @@ def eval_sets(config: PipelineConfig, task) -> dict:
             sets[name] = pair_unrelated(task.examples("test", config.eval.problems))
         else:
             columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap(solution=None)
-            label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)
-            sets[label] = pair_unrelated(load_examples(name, columns, split="test", limit=config.eval.problems))
+            sets[set_label(name)] = pair_unrelated(load_examples(name, columns, split="test",
+                                                                 limit=config.eval.problems))
     return sets
 
 
-def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: PipelineConfig, task, sets: dict,
-                        teacher_context: str | None = None) -> dict:
-    """Evaluate one checkpoint on every set (sampled, greedy, and the teacher prompt if asked); cached.
+def set_label(name: str) -> str:
+    """The folder name of an evaluation set: the task's own split, or a file's stem."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)
 
-    Every process takes part (each evaluates its share of the problems); the main process writes
-    the files, and every process returns, once they are written, their summaries by set name.
-    """
-    verifier = verifier_of(config, task)
-    results, model, tokenizer = {}, None, None
+
+def is_task_set(config: PipelineConfig, name: str) -> bool:
+    return name == "synthetic" or name == config.task.name
+
+
+def eval_runs(config: PipelineConfig, teacher_context: str | None) -> list[tuple[str, SamplingConfig, str]]:
+    """The evaluations of one checkpoint on one set: (folder suffix, sampling, prompt context) each."""
     runs = [("", config.eval.sampling, "none")]
     if config.eval.greedy:
         runs.append(("-greedy", SamplingConfig(k=1, temperature=0.0, max_new_tokens=config.eval.sampling.max_new_tokens,
                                                batch_size=config.eval.sampling.batch_size), "none"))
     if teacher_context:
         runs.append((f"-teacher-{teacher_context}", config.eval.sampling, teacher_context))
+    return runs
+
+
+def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: PipelineConfig, task, sets: dict,
+                        teacher_context: str | None = None, announce_skips: bool = True) -> dict:
+    """Evaluate one checkpoint on every set (sampled, greedy, and the teacher prompt if asked); cached.
+
+    Every process takes part (each evaluates its share of the problems); the main process writes
+    the files, and every process returns, once they are written, their summaries by set name.
+    """
+    verifier = verifier_of(config, task)
+    results, model, tokenizer, skipped = {}, None, None, 0
+    records = {output.folder: output.record for output in run_outputs(replace(config, run_dir=str(run_dir)))}
     dtype = config.eval.dtype or config.model.dtype
     for set_name, examples in sets.items():
-        for suffix, sampling, context in runs:
+        for suffix, sampling, context in eval_runs(config, teacher_context):
             out = run_dir / "eval" / name / f"{set_name}{suffix}"
-            if not main_decides(lambda: (out / "summary.json").exists()):
+            if main_decides(lambda: (out / "summary.json").exists()):
+                skipped += 1
+            else:
                 if model is None:
                     model, tokenizer = load_for_eval(model_dir, config.eval.backend, dtype,
                                                      config.model.trust_remote_code, config.eval.vllm, config.seed)
@@ -136,11 +156,15 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
                                                     context=context, desc=f"eval {name}/{set_name}{suffix}")
                 if is_main_process():
                     summary.update(checkpoint=name, dtype=dtype)
+                    if out in records:
+                        write_record(out, records[out])
                     write_eval(out, samples, summary)
                     log(run_dir, one_line(f"[eval] {name}/{set_name}{suffix}", summary), kind="eval",
                         checkpoint=name, set=f"{set_name}{suffix}", seconds=round(time.time() - start, 1))
                 wait_for_everyone()
             results[f"{set_name}{suffix}"] = json.loads((out / "summary.json").read_text())
+    if announce_skips and skipped and model is None and is_main_process():
+        print(f"[eval] {name}: skipped, {skipped} evaluation(s) already done with these settings", flush=True)
     return results
 
 
@@ -174,14 +198,20 @@ def write_config(config: PipelineConfig, run_dir: Path) -> None:
     wait_for_everyone()
 
 
+def base_dir(config: PipelineConfig) -> Path:
+    """The starting model folder: the tiny default built in the run directory, or the user's folder."""
+    return Path(config.run_dir) / "base" / "model" if config.model.init == "tiny" else Path(config.model.init)
+
+
 def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
-    """The starting model folder: the tiny default built here, or the user's folder."""
+    """The starting model folder: the tiny default built here (with its record), or the user's folder."""
     if config.model.init != "tiny":
         return Path(config.model.init)
     stage_dir = run_dir / "base"
     if not stage_done(stage_dir):
         message = ""
         if is_main_process():
+            write_record(stage_dir, base_record(config))
             tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
             model = build_tiny_model(tokenizer, config.model.size, seed=config.seed)
             save_policy(model, tokenizer, stage_dir / "model")
@@ -231,6 +261,7 @@ class Run:
     task: object
     sets: dict
     verifier: VerifierConfig
+    records: dict  # output folder -> the record it carries (`run_outputs`)
 
     @property
     def run_dir(self) -> Path:
@@ -240,7 +271,8 @@ class Run:
 def open_run(config: PipelineConfig) -> Run:
     """The task, evaluation sets and verifier of a run, built from its config (cheap; each process builds its own)."""
     task = build_task(config.task.name, config.task.options, seed=config.seed)
-    return Run(config, task, eval_sets(config, task), verifier_of(config, task))
+    records = {output.folder: output.record for output in run_outputs(config)}
+    return Run(config, task, eval_sets(config, task), verifier_of(config, task), records)
 
 
 def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
@@ -280,15 +312,231 @@ def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
     return steps
 
 
+# What shapes each kind of output, as records (`provenance`): a rerun compares them with the
+# records already in the run directory.
+
+def task_settings(config: PipelineConfig) -> dict:
+    """The task's settings: which problems and rows a stage or evaluation reads, and how prompts render."""
+    return {"task.name": config.task.name, **flatten("task.options", config.task.options),
+            "task.thinking": config.task.thinking, "seed": config.seed}
+
+
+def verifier_settings(config: PipelineConfig) -> dict:
+    task = build_task(config.task.name, config.task.options, seed=config.seed)
+    return flatten("task.verifier", {**task.default_verifier, **config.task.verifier})
+
+
+def data_inputs(config: PipelineConfig) -> dict:
+    """Fingerprints of the user's training file, for a task that reads one."""
+    train = config.task.options.get("train")
+    return {"train_data": path_fingerprint(train)} if config.task.name == "file" and train else {}
+
+
+def base_record(config: PipelineConfig) -> dict:
+    return make_record("base", {"model.init": "tiny", "model.size": config.model.size,
+                                "task.name": config.task.name, **flatten("task.options", config.task.options),
+                                "seed": config.seed})
+
+
+def stage_settings(config: PipelineConfig, step: Step) -> dict:
+    """The settings that shape a trained stage: its section (an arm's: `opsd` with the arm's
+    overrides), the weights' dtype, the task, the verifier that rewards or gates it, the seed."""
+    common = {"model.dtype": config.model.dtype, **task_settings(config)}
+    if step.kind == "sft":
+        settings = {**flatten("sft", config.sft), **common}
+        if config.sft.probe_every:  # the probe samples during training, from the evaluation sets
+            settings.update({"eval.sets": list(config.eval.sets), "eval.problems": config.eval.problems,
+                             "eval.sampling.max_new_tokens": config.eval.sampling.max_new_tokens,
+                             "opsd.teacher_context": config.opsd.teacher_context})
+        return settings
+    verifier = verifier_settings(config)
+    if step.kind == "rlvr":
+        return {**flatten("rlvr", config.rlvr), **common, **verifier}
+    arm = next(arm for arm in config.arms if arm.name == step.arm)
+    return {**flatten("opsd", config.arm_config(arm)), "arm": arm.name, "opsd_seed": step.opsd_seed,
+            **common, **verifier}
+
+
+def eval_settings(config: PipelineConfig, set_name: str, sampling: SamplingConfig, context: str) -> tuple[dict, dict]:
+    """The settings and inputs of one evaluation folder: problems, sampling, prompt, backend,
+    weights' dtype, verifier, and the set (the task's split, or a file's fingerprint)."""
+    settings = {"eval.problems": config.eval.problems, "eval.prompt": context, "eval.backend": config.eval.backend,
+                "eval.dtype": config.eval.dtype or config.model.dtype, **verifier_settings(config),
+                "task.thinking": config.task.thinking}
+    if sampling.temperature == 0:
+        settings.update({"eval.greedy": True, "eval.sampling.max_new_tokens": sampling.max_new_tokens,
+                         "eval.sampling.batch_size": sampling.batch_size})
+    else:
+        settings.update(flatten("eval.sampling", sampling))
+    if config.eval.backend == "vllm":
+        settings.update(flatten("eval.vllm", config.eval.vllm))
+    inputs = {}
+    if is_task_set(config, set_name):
+        settings.update(task_settings(config))
+    else:
+        settings["eval.columns"] = config.eval.columns
+        inputs["set"] = path_fingerprint(set_name)
+    return settings, inputs
+
+
+def run_outputs(config: PipelineConfig) -> list[Output]:
+    """Every output the config makes in its run directory, each with the record it must carry
+    and the steps it reads; in the order the steps run."""
+    run_dir = Path(config.run_dir)
+    base = base_dir(config)
+    outputs: list[Output] = []
+    made = {}  # checkpoint name -> (fingerprint of its record, the step that makes it)
+    if config.model.init == "tiny":
+        record = base_record(config)
+        outputs.append(Output(run_dir / "base", "build base", record))
+        made["base"] = (record["fingerprint"], "build base")
+    else:
+        made["base"] = (path_fingerprint(base), None)
+    seen = set()
+    for step in pipeline_steps(config, base):
+        if step.kind in ("sft", "rlvr", "opsd"):
+            source = "base" if step.kind == "sft" or not step.after else step.after[0].split(" ", 1)[1]
+            fp, maker = made[source]
+            record = make_record(step.kind, stage_settings(config, step), {"model": fp, **data_inputs(config)})
+            folder = run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}" if step.kind == "opsd" else run_dir / step.kind
+            outputs.append(Output(folder, step.name, record, after=step.after or ((maker,) if maker else ())))
+            made[step.checkpoint] = (record["fingerprint"], step.name)
+            continue
+        fp, maker = made[step.checkpoint]
+        for name in config.eval.sets:
+            for suffix, sampling, context in eval_runs(config, step.context):
+                folder = run_dir / "eval" / step.checkpoint / f"{set_label(name)}{suffix}"
+                if folder in seen:
+                    continue
+                seen.add(folder)
+                settings, inputs = eval_settings(config, name, sampling, context)
+                record = make_record("evaluate", settings, {"model": fp, **inputs})
+                outputs.append(Output(folder, step.name, record, after=(maker,) if maker else (), kind="eval"))
+    return outputs
+
+
+# What `--redo` takes besides "changed" (every output whose settings differ): a stage, every
+# evaluation, or one OPSD arm by its checkpoint name.
+REDO_STAGES = {"base": "build base", "sft": "train sft", "rlvr": "train rlvr"}
+
+
+def redo_steps(outputs: list[Output], redo, stale: dict) -> set:
+    """The steps `--redo` names (and every step that reads one of them)."""
+    steps = {output.step for output in outputs}
+    chosen = set()
+    for target in redo:
+        if target == "changed":
+            chosen |= {output.step for output in outputs if output.folder in stale}
+        elif target == "eval":
+            chosen |= {output.step for output in outputs if output.kind == "eval"}
+        elif target == "opsd":
+            chosen |= {step for step in steps if step.startswith("train opsd-")}
+        elif REDO_STAGES.get(target) in steps or f"train {target}" in steps:
+            chosen.add(REDO_STAGES.get(target) or f"train {target}")
+        else:
+            arms = sorted(step.split(" ", 1)[1] for step in steps if step.startswith("train opsd-"))
+            valid = ["changed", *[name for name, step in REDO_STAGES.items() if step in steps],
+                     *(["opsd"] if arms else []), "eval", *arms]
+            raise ConfigError(f"--redo {target}: not a stage of this run; valid: {', '.join(valid)}")
+    return dependants(outputs, chosen)
+
+
+def legacy_records(config: PipelineConfig, outputs: list[Output]) -> dict | None:
+    """For outputs made before records were written: the records that the run directory's
+    config.yaml (the settings it was last run with) implies; None if there is no such output."""
+    if all(read_record(output.folder) is not None for output in outputs if output.exists()):
+        return None
+    from opsdlab.config import load_config
+
+    try:
+        previous = load_config(Path(config.run_dir) / "config.yaml")
+    except (ConfigError, ValueError, OSError):
+        return None
+    previous = replace(previous, run_dir=config.run_dir, seeds=(), workers=config.workers)
+    return {output.folder: output.record for output in run_outputs(previous)}
+
+
+def _differing(config: PipelineConfig, redo) -> tuple[list[Output], dict, list, set, dict]:
+    """The run's outputs; those made with other settings; those to adopt; the steps `redo` names;
+    and the differing outputs `redo` does not cover."""
+    outputs = run_outputs(config)
+    stale, adopt = stale_outputs(outputs, legacy_records(config, outputs))
+    chosen = redo_steps(outputs, redo, stale)
+    step_of = {output.folder: output.step for output in outputs}
+    remaining = {folder: diffs for folder, diffs in stale.items() if step_of[folder] not in chosen}
+    return outputs, stale, adopt, chosen, remaining
+
+
+def check_run_dir(config: PipelineConfig, redo=()) -> list[str]:
+    """Make the run directory agree with `config` before any step runs; the lines to log.
+
+    Outputs whose record matches are kept. Outputs named by `redo` (and what reads them) are
+    removed, to be made again. If any other output was made with other settings, raise a
+    ConfigError naming them, having changed nothing.
+    """
+    outputs, stale, adopt, chosen, remaining = _differing(config, redo)
+    if remaining:
+        raise ConfigError(describe_stale(Path(config.run_dir), outputs, remaining))
+    lines = []
+    for output in outputs:
+        if output.step in chosen and output.exists():
+            why = "; ".join(stale.get(output.folder, [])[:3]) or "asked with --redo"
+            shutil.rmtree(output.folder)
+            lines.append(f"[redo] removed {output.folder.relative_to(config.run_dir)} to redo {output.step} ({why})")
+    for output in adopt:
+        write_record(output.folder, output.record)
+    if adopt:
+        lines.append(f"[pipeline] recorded the settings of {len(adopt)} earlier output(s) from config.yaml "
+                     "(they were made before outputs carried their settings)")
+    return lines
+
+
+def prepare_run_dir(config: PipelineConfig, redo=()) -> None:
+    """`check_run_dir` on the main process (every process gets its verdict), then config.yaml written."""
+    run_dir = Path(config.run_dir)
+
+    def decide():
+        try:
+            return None, check_run_dir(config, redo)
+        except ConfigError as error:
+            return str(error), []
+
+    error, lines = main_decides(decide)
+    if error:
+        raise ConfigError(error)
+    write_config(config, run_dir)
+    for line in lines:
+        log(run_dir, line, kind="redo" if line.startswith("[redo]") else "notice")
+
+
 def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> None:
-    """Call `train()` unless the stage is complete, then mark it complete and log its seconds."""
+    """Call `train()` unless the stage is complete, then mark it complete and log its seconds.
+
+    The stage's record is written before training starts, so a stage killed midway resumes only
+    under the settings it started with (`check_run_dir` compares them first).
+    """
     if stage_done(stage_dir):
+        if is_main_process():
+            print(f"{label} skipped: finished with these settings", flush=True)
         return
+    if is_main_process():
+        record = run.records.get(stage_dir)
+        if record is not None:
+            write_record(stage_dir, record)
+        if not any((stage_dir / "checkpoints").glob("checkpoint-*")):  # else the stage says where it resumes
+            print(f"{label} started", flush=True)
     start = time.time()
     train()
     seconds = time.time() - start
-    finish_stage(run.run_dir, stage_dir, f"{label} done in {seconds:.0f}s", kind="stage", stage=stage,
-                 seconds=round(seconds, 1))
+    finish_stage(run.run_dir, stage_dir, f"{label} done in {seconds:.0f}s, {memory_text()}", kind="stage",
+                 stage=stage, seconds=round(seconds, 1))
+
+
+def memory_text() -> str:
+    """This process's peak memory so far, for a log line."""
+    peaks = peak_memory_mb()
+    text = f"peak memory {peaks['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in peaks else "peak memory unknown"
+    return text + (f", GPU {peaks['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in peaks else "")
 
 
 def _train_sft(run: Run, step: Step) -> None:
@@ -332,15 +580,22 @@ def _train_arm(run: Run, step: Step) -> None:
 
 def _evaluate(run: Run, step: Step) -> None:
     evaluate_checkpoint(run.run_dir, step.checkpoint, Path(step.model_dir), run.config, run.task, run.sets,
-                        teacher_context=step.context)
+                        teacher_context=step.context, announce_skips=step.kind == "evaluate")
 
 
 def _check_teacher(run: Run, step: Step) -> None:
     """The teacher check: the OPSD start checkpoint on one arm's teacher prompt, and a warning if it
     is not more accurate than the student prompt (`step.context` is None without eval.teacher_check)."""
+    done_before = main_decides(lambda: {name: step.context is not None and _teacher_folder(run.run_dir, step, name).exists()
+                                        for name in run.sets})
     _evaluate(run, step)
     if step.context is not None:
-        _warn_if_teacher_not_better(run.run_dir, step.checkpoint, run.sets, step.context)
+        fresh = {name: examples for name, examples in run.sets.items() if not done_before[name]}
+        _warn_if_teacher_not_better(run.run_dir, step.checkpoint, fresh, step.context)
+
+
+def _teacher_folder(run_dir: Path, step: Step, set_name: str) -> Path:
+    return run_dir / "eval" / step.checkpoint / f"{set_name}-teacher-{step.context}" / "summary.json"
 
 
 STEP_KINDS = {
@@ -356,12 +611,17 @@ class StepError(RuntimeError):
     """A step failed in a worker process; the message names it."""
 
 
-def run_pipeline(config: PipelineConfig) -> Path:
-    """Run (or resume) every configured stage and evaluation; return the run directory."""
+def run_pipeline(config: PipelineConfig, redo=()) -> Path:
+    """Run (or resume) every configured stage and evaluation; return the run directory.
+
+    Outputs already in the run directory are kept if they were made with these settings;
+    `redo` names outputs to make again (`check_run_dir`). Any other difference stops the run
+    before anything is changed.
+    """
     processes = launch_processes()
     config.check_batches(processes)  # an uneven batch fails now, not after the stages before it
     run_dir = Path(config.run_dir)
-    write_config(config, run_dir)
+    prepare_run_dir(config, redo)
     workers = config.workers if processes == 1 else 1
     if workers > 1:
         _start_forkserver()  # its imports overlap with the steps that run before any worker is needed
@@ -481,7 +741,7 @@ def seed_config(config: PipelineConfig, seed: int) -> PipelineConfig:
     return replace(config, seed=seed, seeds=(), run_dir=str(seed_run_dir(config.run_dir, seed)))
 
 
-def run_seeds(config: PipelineConfig) -> Path:
+def run_seeds(config: PipelineConfig, redo=()) -> Path:
     """`run_pipeline` once per entry of `config.seeds`, each in its own `seed-<n>/` run directory.
 
     Each seed is a normal single-seed run (`seed: n`, its own SFT, RLVR and OPSD arms), so it
@@ -493,13 +753,33 @@ def run_seeds(config: PipelineConfig) -> Path:
         if any(p.is_dir() for p in run_dir.glob("seed-*")):
             raise ConfigError(f"seeds: {run_dir} holds a run over seeds; set seeds (see its config.yaml) or "
                               "give another run_dir")
-        return run_pipeline(config)
+        return run_pipeline(config, redo)
     if (run_dir / "summary.jsonl").exists():
         raise ConfigError(f"seeds: {run_dir} holds a single-seed run; give another run_dir")
+    check_seed_dirs(config, redo)
     write_config(config, run_dir)
     for seed in config.seeds:
-        run_pipeline(seed_config(config, seed))
+        run_pipeline(seed_config(config, seed), redo)
     return run_dir
+
+
+def check_seed_dirs(config: PipelineConfig, redo=()) -> None:
+    """Refuse a run over seeds before any seed runs if a seed's directory holds outputs made with
+    other settings that `redo` does not name (each seed's run then redoes what `redo` names)."""
+    def decide():
+        for seed in config.seeds:
+            seed_run = seed_config(config, seed)
+            try:
+                outputs, _, _, _, remaining = _differing(seed_run, redo)
+            except ConfigError as error:
+                return str(error)
+            if remaining:
+                return describe_stale(Path(seed_run.run_dir), outputs, remaining)
+        return None
+
+    error = main_decides(decide)
+    if error:
+        raise ConfigError(error)
 
 
 def _warn_if_teacher_not_better(run_dir: Path, checkpoint: str, sets: dict, context: str) -> None:

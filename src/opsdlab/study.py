@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.pipeline import run_seeds, seed_config, write_config
+from opsdlab.pipeline import check_seed_dirs, run_seeds, seed_config, write_config
 from opsdlab.report import write_report
 
 STUDY_PRESETS = ("tiny", "tiny-search")
@@ -48,13 +48,13 @@ class StudyError(RuntimeError):
     """A part of the study failed; the message names each failed part and its log."""
 
 
-def part(config, seed: int) -> tuple[list[str], Path]:
+def part(config, seed: int, redo=()) -> tuple[list[str], Path]:
     """One (preset, seed) part of the study: the command that runs that seed's single-seed pipeline
     from its resolved config (written here into its run directory) and the part's log file."""
     part_config = seed_config(config, seed)
     write_config(part_config, Path(part_config.run_dir))
     command = [sys.executable, "-m", "opsdlab.cli", "pipeline", "--config",
-               str(Path(part_config.run_dir) / "config.yaml")]
+               str(Path(part_config.run_dir) / "config.yaml")] + ([f"--redo={','.join(redo)}"] if redo else [])
     return command, Path(config.run_dir) / f"seed-{seed}.log"
 
 
@@ -98,7 +98,7 @@ def _threads_per_job(jobs: int) -> str:
 
 
 def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
-              overrides: list[str] | None = None, jobs: int = 1) -> dict[str, dict]:
+              overrides: list[str] | None = None, jobs: int = 1, redo=()) -> dict[str, dict]:
     """Run (or resume) every preset of the study and write its report; per preset, the report path
     and the wall time of this call in seconds (with `jobs` > 1: the time to resume it and write its
     report after every part ran; the parts' wall time is printed)."""
@@ -108,12 +108,14 @@ def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
     if jobs < 1:
         raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
     configs = [study_config(preset, run_dir, seeds, overrides) for preset in presets]  # bad input fails first
+    for config in configs:  # a part made with other settings fails now, before any config.yaml is written
+        check_seed_dirs(config, redo)
     if jobs > 1:
         # The parts already fill the cores, and the pass that writes the reports only finds finished work.
         configs = [replace(config, workers=1) for config in configs]
         for config in configs:
             write_config(config, Path(config.run_dir))
-        parts = [part(config, seed) for config in configs for seed in seeds]
+        parts = [part(config, seed, redo) for config in configs for seed in seeds]
         start = time.time()
         codes = run_parts(parts, jobs, env={**os.environ, "OMP_NUM_THREADS": _threads_per_job(jobs)})
         failed = [str(log) for log, code in codes.items() if code != 0]
@@ -124,7 +126,7 @@ def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
     done = {}
     for preset, config in zip(presets, configs):
         start = time.time()
-        report = write_report(run_seeds(config))
+        report = write_report(run_seeds(config, () if jobs > 1 else redo))
         done[preset] = {"report": report, "seconds": time.time() - start}
         print(f"[study] {preset}: {done[preset]['seconds']:.0f}s, report {report}", flush=True)
     return done
