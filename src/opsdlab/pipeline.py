@@ -51,6 +51,7 @@ from opsdlab.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, 
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
+from opsdlab.preflight import check_inputs
 from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.provenance import (Output, describe_stale, dependants, flatten, make_record, path_fingerprint,
                                 read_record, stale_outputs, write_record)
@@ -749,6 +750,7 @@ def run_seeds(config: PipelineConfig, redo=()) -> Path:
     aggregate report (`report.write_report`). Without `seeds`, this is `run_pipeline(config)`.
     """
     run_dir = Path(config.run_dir)
+    check_inputs(config)
     if not config.seeds:
         if any(p.is_dir() for p in run_dir.glob("seed-*")):
             raise ConfigError(f"seeds: {run_dir} holds a run over seeds; set seeds (see its config.yaml) or "

