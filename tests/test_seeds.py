@@ -17,7 +17,7 @@ from opsdlab.study import STUDY_ARMS, run_parts, study_config
 
 def test_seeds_default_to_the_single_seed_layout(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda config: calls.append(config) or Path(config.run_dir))
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config, redo=(): calls.append(config) or Path(config.run_dir))
     config = load_config("tiny", [f"run_dir={tmp_path}"])
     assert config.seeds == ()
     assert pipeline.run_seeds(config) == tmp_path
@@ -26,7 +26,7 @@ def test_seeds_default_to_the_single_seed_layout(tmp_path, monkeypatch):
 
 def test_each_seed_is_a_single_seed_run_in_its_own_directory(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda config: calls.append(config) or Path(config.run_dir))
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config, redo=(): calls.append(config) or Path(config.run_dir))
     config = load_config("tiny", [f"run_dir={tmp_path}", "seeds=[2, 0]", "opsd_seeds=[0, 1]"])
     assert pipeline.run_seeds(config) == tmp_path
     assert [(c.seed, c.seeds, c.run_dir, c.opsd_seeds) for c in calls] == [
@@ -37,7 +37,7 @@ def test_each_seed_is_a_single_seed_run_in_its_own_directory(tmp_path, monkeypat
 def test_pipeline_command_with_seeds_reports_over_seeds(tmp_path, monkeypatch, capsys):
     from test_report_seeds import _eval
 
-    def fake_run(config):  # a finished single-seed run: RLVR and one arm evaluated
+    def fake_run(config, redo=()):  # a finished single-seed run: RLVR and one arm evaluated
         run_dir = Path(config.run_dir)
         _eval(run_dir, "rlvr", "synthetic", 1, 10)
         _eval(run_dir, "opsd-all-s0", "synthetic", 1 + config.seed, 5)
@@ -58,7 +58,7 @@ def test_bad_seeds_are_errors_naming_the_key(value):
 
 
 def test_one_run_directory_holds_one_layout(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda config: Path(config.run_dir))
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config, redo=(): Path(config.run_dir))
     single, seeded = tmp_path / "single", tmp_path / "seeded"
     single.mkdir()
     (single / "summary.jsonl").write_text("")
