@@ -13,7 +13,7 @@ from opsdlab.cli import build_parser, main
 BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
 
 
-@pytest.mark.parametrize("command", ["demo", "pipeline", "report", "eval", "sft", "rlvr", "opsd"])
+@pytest.mark.parametrize("command", ["demo", "pipeline", "report", "eval", "sft", "rlvr", "opsd", "config"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])

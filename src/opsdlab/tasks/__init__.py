@@ -8,6 +8,7 @@ prompt renderer, and names its default verifier settings.
 from __future__ import annotations
 
 import random
+from dataclasses import fields
 
 from opsdlab.data import ColumnMap, Example, load_examples, parse_column_map
 from opsdlab.prompts import render_prompt
@@ -63,36 +64,55 @@ class FileTask:
 
 
 def build_task(name: str, options: dict | None = None, seed: int = 0):
-    """Build a task by name from its options dict (validated by the task's own config)."""
+    """Build a task by name from its options dict (validated by `check_options`)."""
     options = dict(options or {})
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    check_options(name, options, where=f"task {name!r}")
     return TASKS[name](options, seed)
 
 
-def _synthetic(options: dict, seed: int) -> SyntheticTask:
+# The options each task takes: its config dataclass, or (the file task) the names of its keyword arguments.
+OPTIONS = {"synthetic": SyntheticConfig, "search": SearchConfig, "file": ("train", "columns", "split")}
+
+
+def option_names(name: str) -> list[str]:
+    """The option names task `name` accepts (`task.options` keys)."""
+    spec = OPTIONS[name]
+    return list(spec) if isinstance(spec, tuple) else [f.name for f in fields(spec)]
+
+
+def check_options(name: str, options: dict, where: str = "task.options") -> None:
+    """Raise a ValueError, naming `where`, for an option task `name` does not have (listing the valid
+    ones) or a value its config refuses. Cheap: builds the option dataclass, draws no problem."""
+    valid = option_names(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown} for task {name!r}; valid options: {valid}")
+    spec = OPTIONS[name]
     try:
-        config = SyntheticConfig(**options)
-    except TypeError as error:
-        raise ValueError(f"task 'synthetic': {error}") from error
-    return SyntheticTask(config, seed=seed)
+        if isinstance(spec, tuple):
+            if options.get("columns"):
+                parse_column_map(options["columns"])
+        else:
+            spec(**options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from error
+
+
+def _synthetic(options: dict, seed: int) -> SyntheticTask:
+    return SyntheticTask(SyntheticConfig(**options), seed=seed)
 
 
 def _search(options: dict, seed: int) -> SearchTask:
-    try:
-        config = SearchConfig(**options)
-    except TypeError as error:
-        raise ValueError(f"task 'search': {error}") from error
-    return SearchTask(config, seed=seed)
+    return SearchTask(SearchConfig(**options), seed=seed)
 
 
 def _file(options: dict, seed: int) -> FileTask:
-    unknown = set(options) - {"train", "columns", "split"}
-    if unknown:
-        raise ValueError(f"task 'file': unknown options {sorted(unknown)}; valid: train, columns, split")
     return FileTask(seed=seed, **options)
 
 
 TASKS = {"synthetic": _synthetic, "search": _search, "file": _file}
 
-__all__ = ["TASKS", "build_task", "Example", "FileTask", "SyntheticTask", "SyntheticConfig", "SearchTask", "SearchConfig"]
+__all__ = ["OPTIONS", "TASKS", "build_task", "check_options", "option_names", "Example", "FileTask", "SyntheticTask",
+           "SyntheticConfig", "SearchTask", "SearchConfig"]
