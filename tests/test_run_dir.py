@@ -164,3 +164,23 @@ def test_report_on_a_folder_that_is_not_a_run_creates_nothing(tmp_path, capsys):
     target.mkdir()
     assert main(["report", str(target)]) == 2
     assert list(target.iterdir()) == []
+
+
+def test_outputs_the_config_no_longer_makes_are_kept_and_named(run, capsys):
+    config, run_dir = run
+    assert main(["pipeline", "--config", str(config), "--run-dir", str(run_dir), "stages=[sft,rlvr]"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 2 output(s) that this config does not make (eval/opsd-all-s0/synthetic, opsd/all-s0)" in out
+
+
+def test_a_data_file_is_fingerprinted_by_its_content(tmp_path):
+    from opsdlab.provenance import path_fingerprint
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    first = path_fingerprint(data)
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')  # rewritten, same content: a new mtime only
+    assert path_fingerprint(data) == first
+    data.write_text('{"problem": "1+2", "answer": "3"}\n')
+    assert path_fingerprint(data) != first
+    assert path_fingerprint(tmp_path) != path_fingerprint(tmp_path / "missing-hub-name")

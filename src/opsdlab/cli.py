@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from opsdlab import __version__
@@ -320,19 +321,29 @@ def cmd_opsd(args) -> int:
     return 0
 
 
+def _run_settings(args) -> list[str]:
+    """The overrides that `--run-dir` and `--seeds` stand for (given after the preset, before KEY=VALUE ones)."""
+    settings = []
+    if args.run_dir is not None:
+        settings.append(f"run_dir={args.run_dir}")
+    if args.seeds is not None:
+        settings.append(f"seeds={args.seeds}")
+    return settings
+
+
 def cmd_pipeline(args) -> int:
     from opsdlab.config import load_config
 
-    config = load_config(args.config, args.overrides)
-    return _run_and_report(config)
+    config = load_config(args.config, _run_settings(args) + args.overrides)
+    return _run_and_report(config, args.redo)
 
 
-def _run_and_report(config) -> int:
+def _run_and_report(config, redo=()) -> int:
     from opsdlab.pipeline import run_seeds
     from opsdlab.report import seed_dirs, stage_summary, write_report
     from opsdlab.runtime import is_main_process
 
-    run_dir = run_seeds(config)
+    run_dir = run_seeds(config, redo)
     if not is_main_process():  # under a multi-process launch the main process writes the report
         return 0
     report = write_report(run_dir)
@@ -358,7 +369,7 @@ def cmd_study(args) -> int:
 
     start = time.time()
     done = run_study(args.run_dir, [p for p in args.presets.split(",") if p], args.seeds, args.overrides,
-                     jobs=args.jobs)
+                     jobs=args.jobs, redo=args.redo)
     for preset, result in done.items():
         print(f"{preset}: {result['report']}")
     print(f"study wall time: {time.time() - start:.0f}s")
@@ -368,15 +379,41 @@ def cmd_study(args) -> int:
 def cmd_demo(args) -> int:
     from opsdlab.config import load_config
 
-    config = load_config("tiny", [f"run_dir={args.run_dir}"] + args.overrides)
-    return _run_and_report(config)
+    config = load_config("tiny", _run_settings(args) + args.overrides)
+    return _run_and_report(config, args.redo)
 
 
 def cmd_report(args) -> int:
+    from opsdlab.config import ConfigError
     from opsdlab.report import write_report
 
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        what = "does not exist" if not run_dir.exists() else "has no config.yaml"
+        raise ConfigError(f"{run_dir} is not a run directory ({what}); give a folder that `opsdlab demo`, "
+                          "`pipeline` or `study` wrote")
     print(f"report: {write_report(Path(args.run_dir))}")
     return 0
+
+
+def _redo_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _run_args(parser: argparse.ArgumentParser, run_dir_default: str) -> None:
+    """The options every command that runs the pipeline takes: where, which seeds, what to redo, overrides."""
+    parser.add_argument("--run-dir", default=None, help=f"the run directory (default: {run_dir_default})")
+    parser.add_argument("--seeds", type=_int_list, default=None,
+                        help="comma-separated pipeline seeds, one run directory seed-<n>/ each (default: one run, "
+                             "the config's seed)")
+    parser.add_argument("--redo", type=_redo_list, default=[], metavar="WHAT",
+                        help="remake outputs already in the run directory: 'changed' (those made with settings that "
+                             "differ from these), a stage (base, sft, rlvr, opsd), one arm (e.g. opsd-correct-s0) or "
+                             "'eval'; with everything that reads them; comma-separated (default: none: a run directory "
+                             "made with other settings is an error naming them)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides with YAML values, e.g. opsd.max_steps=10 'arms=[{name: c, gate: correct}]' "
+                             "(see `opsdlab config show PRESET`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,14 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the whole pipeline on the tiny offline default, then the report")
-    p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. opsd.max_steps=10)")
+    _run_args(p, "runs/demo (the tiny preset's)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pipeline", help="SFT -> RLVR -> OPSD arms from a config file, then the report")
     p.add_argument("--config", required=True,
                    help="YAML file or a shipped preset: tiny, tiny-nothink, tiny-search, qwen3-8b, qwen3-1.7b")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. seeds=[0,1,2])")
+    _run_args(p, "the config's run_dir")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("study", help="every task preset x pipeline seeds x OPSD arms and controls, "
@@ -404,7 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="(preset, seed) parts run as this many processes at a time, each with OMP_NUM_THREADS "
                         "= cores / jobs unless set (default: 1, in this process)")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value applied to every preset")
+    p.add_argument("--redo", type=_redo_list, default=[], metavar="WHAT",
+                   help="as for pipeline: remake 'changed' outputs, a stage, an arm or 'eval' in every part "
+                        "(default: none)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides applied to every preset")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="rebuild the Markdown report of a run directory")
@@ -510,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # TRL warns on import that the CPU build of vLLM is newer than the versions it lists; the
+    # vLLM paths are tested with that build, so the five copies of the warning only add noise.
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
     from opsdlab.config import ConfigError
     from opsdlab.data import DataError
     from opsdlab.models import ModelFolderError

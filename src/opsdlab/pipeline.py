@@ -486,10 +486,24 @@ def check_run_dir(config: PipelineConfig, redo=()) -> list[str]:
             lines.append(f"[redo] removed {output.folder.relative_to(config.run_dir)} to redo {output.step} ({why})")
     for output in adopt:
         write_record(output.folder, output.record)
+    extra = unplanned_outputs(Path(config.run_dir), outputs)
+    if extra:
+        shown = ", ".join(str(folder.relative_to(config.run_dir)) for folder in extra[:4])
+        lines.append(f"[pipeline] kept {len(extra)} output(s) that this config does not make ({shown}"
+                     f"{' ...' if len(extra) > 4 else ''}); each carries the settings that made it, and the report "
+                     "shows them")
     if adopt:
         lines.append(f"[pipeline] recorded the settings of {len(adopt)} earlier output(s) from config.yaml "
                      "(they were made before outputs carried their settings)")
     return lines
+
+
+def unplanned_outputs(run_dir: Path, outputs: list[Output]) -> list[Path]:
+    """Trained arms and evaluations in the run directory that the current config does not make
+    (say an arm since removed, or greedy evaluations after eval.greedy=false)."""
+    planned = {output.folder for output in outputs}
+    found = [*run_dir.glob("opsd/*"), *run_dir.glob("eval/*/*")]
+    return sorted(folder for folder in found if folder.is_dir() and folder not in planned)
 
 
 def prepare_run_dir(config: PipelineConfig, redo=()) -> None:

@@ -78,23 +78,33 @@ def make_record(kind: str, settings: dict, inputs: dict | None = None) -> dict:
     return {**body, "fingerprint": fingerprint(body)}
 
 
+# Files up to this size are fingerprinted by their content (data files, configs, tokenizers); larger
+# ones (model weights) by size and modification time, which costs nothing at any size.
+CONTENT_HASH_LIMIT = 64 * 2**20
+
+
 def path_fingerprint(path: str | Path) -> str:
-    """A fingerprint of a user's file or folder as it is now: each file's relative name, size and
-    modification time (cheap: no file is read, so a folder of many GB costs nothing). A path that
-    does not exist (a Hub name) is fingerprinted by its name alone."""
-    path = Path(path)
+    """A fingerprint of a user's file or folder as it is now: each file's relative name with its
+    content hash (files up to CONTENT_HASH_LIMIT) or its size and modification time (larger ones).
+    A path that does not exist (a Hub dataset name) is fingerprinted by its name alone."""
+    path = Path(path).expanduser()
     if path.is_file():
-        stat = path.stat()
-        return fingerprint([path.name, stat.st_size, int(stat.st_mtime)])
+        return fingerprint(_file_identity(path))
     if path.is_dir():
         entries = []
         for root, _, files in sorted(os.walk(path)):
             for name in sorted(files):
                 full = Path(root) / name
-                stat = full.stat()
-                entries.append([str(full.relative_to(path)), stat.st_size, int(stat.st_mtime)])
+                entries.append([str(full.relative_to(path)), _file_identity(full)])
         return fingerprint(entries)
     return fingerprint(["name", str(path)])
+
+
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    if stat.st_size <= CONTENT_HASH_LIMIT:
+        return ["sha256", hashlib.sha256(path.read_bytes()).hexdigest()]
+    return ["size-mtime", stat.st_size, int(stat.st_mtime)]
 
 
 def read_record(folder: Path) -> dict | None:
