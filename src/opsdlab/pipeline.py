@@ -47,7 +47,7 @@ import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
 from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
-from opsdlab.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, write_eval
+from opsdlab.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, write_eval
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.opsd import run_opsd
@@ -105,9 +105,9 @@ def eval_sets(config: PipelineConfig, task) -> dict:
         if name == "synthetic" or name == config.task.name:
             sets[name] = pair_unrelated(task.examples("test", config.eval.problems))
         else:
-            columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap(solution=None)
+            columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap()
             sets[set_label(name)] = pair_unrelated(load_examples(name, columns, split="test",
-                                                                 limit=config.eval.problems))
+                                                                 limit=config.eval.problems, optional_solution=True))
     return sets
 
 
@@ -145,6 +145,12 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
     for set_name, examples in sets.items():
         for suffix, sampling, context in eval_runs(config, teacher_context):
             out = run_dir / "eval" / name / f"{set_name}{suffix}"
+            field = CONTEXT_READS.get(context)
+            if field and not all(getattr(example, field).strip() for example in examples):
+                if is_main_process():
+                    print(f"[eval] {name}/{set_name}{suffix}: skipped, the teacher prompt ({context}) reads each "
+                          f"problem's {field} and this set's problems lack one", flush=True)
+                continue
             if main_decides(lambda: (out / "summary.json").exists()):
                 skipped += 1
             else:
