@@ -56,11 +56,12 @@ def _examples_and_verifier(args, split: str, count: int | None = None):
     return pair_unrelated(examples), _verifier(args, FileTask.default_verifier)
 
 
-def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None):
-    """Build a stage config dataclass from `--set` key=value pairs (YAML values) and named flags.
+def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None, stage: str | None = None):
+    """Build a stage config dataclass from KEY=VALUE pairs (YAML values) and named flags.
 
-    `flags` maps a field to the value of its own command-line flag (e.g. `--gate`). A value of the
-    wrong type is an error naming the option and the type expected.
+    A key may carry the stage's prefix, as in a pipeline config (`opsd.max_steps=50` or
+    `max_steps=50`). `flags` maps a field to the value of its own command-line flag (e.g. `--gate`).
+    A value of the wrong type is an error naming the option and the type expected.
     """
     import typing
 
@@ -72,11 +73,14 @@ def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None):
     hints = typing.get_type_hints(cls)
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(f"--set {pair!r}: expected key=value")
+            raise ConfigError(f"{pair!r}: expected KEY=VALUE, e.g. max_steps=50")
         key, raw = pair.split("=", 1)
+        if stage and key.startswith(f"{stage}."):
+            key = key[len(stage) + 1:]
         if key not in hints:
-            raise ConfigError(f"--set {key}: unknown option; valid: {sorted(hints)}")
-        values[key] = check_value(yaml.safe_load(raw), hints[key], f"--set {key}")
+            raise ConfigError(f"{key}: unknown {stage or 'stage'} option; valid: {', '.join(sorted(hints))} "
+                              f"(meanings: opsdlab config show tiny)")
+        values[key] = check_value(yaml.safe_load(raw), hints[key], f"{stage}.{key}" if stage else key)
     for key, value in (flags or {}).items():
         values[key] = check_value(value, hints[key], f"--{key}")
     return cls(**values)
@@ -248,11 +252,11 @@ def cmd_sft(args) -> int:
     from opsdlab.sft import SFTStageConfig, run_sft
     from opsdlab.tasks import build_task
 
-    config = _overrides(SFTStageConfig, args.set)
+    config = _overrides(SFTStageConfig, args.set + args.overrides, stage="sft")
     if config.probe_every:
         from opsdlab.config import ConfigError
 
-        raise ConfigError("--set probe_every: the SFT teacher probe runs in `opsdlab pipeline` (it grades held-out "
+        raise ConfigError("sft.probe_every: the SFT teacher probe runs in `opsdlab pipeline` (it grades held-out "
                           "problems from the OPSD teacher's prompt); set sft.probe_every in a pipeline config")
     if args.data == "synthetic":
         task = build_task("synthetic")
@@ -284,7 +288,7 @@ def cmd_rlvr(args) -> int:
     from opsdlab.models import load_policy
     from opsdlab.rlvr import RLVRStageConfig, run_rlvr
 
-    config = _overrides(RLVRStageConfig, args.set)
+    config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
     model, tokenizer = load_policy(args.model, args.dtype)
@@ -300,7 +304,8 @@ def cmd_opsd(args) -> int:
     from opsdlab.opsd import OPSDStageConfig, run_opsd
     from opsdlab.prompts import CONTROL_CONTEXTS
 
-    config = _overrides(OPSDStageConfig, args.set, {"gate": args.gate} if args.gate is not None else {})
+    config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
+                        stage="opsd")
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
     model, tokenizer = load_policy(args.model, args.dtype)
@@ -532,16 +537,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="HF model folder ('tiny' builds the default, sft only)")
         p.add_argument("--out", required=True, help="stage folder; the final model goes to OUT/model")
         _task_args(p)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
         p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
-                       help="weights' dtype (bfloat16 on GPUs; training then runs in bf16 mixed precision)")
+                       help="weights' dtype (bfloat16 on GPUs; training then runs in bf16 mixed precision) "
+                            "(default: float32)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="stage option, repeatable (e.g. --set max_steps=50)")
+                       help="stage option, repeatable; the same as a positional KEY=VALUE (default: none)")
         if name == "opsd":
             p.add_argument("--gate", default=None,
-                           help="all, correct (default), incorrect, correct_or_truncated, split")
+                           help="all, correct, incorrect, correct_or_truncated, split (default: the stage's, correct)")
             p.add_argument("--teacher-check", type=int, default=100,
-                           help="problems for the teacher-vs-student accuracy check before training (0: skip)")
+                           help="problems for the teacher-vs-student accuracy check before training, 0 to skip "
+                                "(default: 100)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help=f"stage options with YAML values, as in a pipeline config: {name}.max_steps=50 or "
+                            f"max_steps=50 (every key: opsdlab config show tiny)")
         p.set_defaults(func=func)
     return parser
 
