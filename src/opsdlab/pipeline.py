@@ -527,7 +527,11 @@ def prepare_run_dir(config: PipelineConfig, redo=()) -> None:
         raise ConfigError(error)
     write_config(config, run_dir)
     for line in lines:
-        log(run_dir, line, kind="redo" if line.startswith("[redo]") else "notice")
+        if line.startswith("[pipeline] kept"):  # said on every rerun: printed, not added to the run log again
+            if is_main_process():
+                print(line, flush=True)
+        else:
+            log(run_dir, line, kind="redo" if line.startswith("[redo]") else "notice")
 
 
 def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> None:
