@@ -98,6 +98,12 @@ def test_summarize_hand_values(two_problems):
     assert r["truncation_rate"] == pytest.approx(5 / 8)
     assert r["mean_tokens_correct"] == pytest.approx(100.0)
     assert r["mean_tokens_incorrect"] == pytest.approx((200 + 300 + 1600) / 6)
+    # lengths sorted 100,100,200,300,400x4: p25 175, p50 350, p75 = p90 = max = 400; correct and not
+    # truncated within each: p1's two 100-token samples (2/4), none of p2 -> 0.25 everywhere
+    assert r["accuracy_at_budget"] == {"175": 0.25, "350": 0.25, "400": 0.25}
+    # no sample records where its answer first appeared
+    assert r["tokens_after_first_correct"] is None and r["tokens_after_first_correct_share"] is None
+    assert r["tokens_after_first_correct_samples"] == 0
     lo, hi = r["avg_at_k_ci"]
     assert lo <= r["avg_at_k"] <= hi
     assert 0.0 <= lo and hi <= 0.5  # bounded by the per-problem accuracies

@@ -1,11 +1,12 @@
 """Evaluation: k samples per problem, graded by the one verifier, with response lengths.
 
 Writes `summary.json` (avg@k with a bootstrap CI over problems, pass@k, maj@k, mean/median
-response and thinking tokens, truncation rate, the verifier and sampling settings) and
-`samples.jsonl` (one line per sample) into an output folder. The same function evaluates the
-student prompt and, for the teacher check, the privileged prompt. Thinking tokens are counted with
-the rendered prompt (`templates.count_thinking_tokens`), so a template that opens the think block
-itself gives the same count as one that leaves it to the model.
+response and thinking tokens, lengths of correct and incorrect responses, truncation rate, accuracy
+within token budgets, tokens spent after the correct answer first appears, the verifier and
+sampling settings) and `samples.jsonl` (one line per sample) into an output folder. The same
+function evaluates the student prompt and, for the teacher check, the privileged prompt. Thinking
+tokens are counted with the rendered prompt (`templates.count_thinking_tokens`), so a template that
+opens the think block itself gives the same count as one that leaves it to the model.
 
 Responses come from a named backend (`BACKENDS`): `transformers` (`model.generate`, in left-padded
 batches) or `vllm` (`vllm_backend`, vLLM's engine). Both receive the same prompt token ids and return
@@ -24,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from opsdlab.data import Example
-from opsdlab.metrics import Sample, summarize
+from opsdlab.metrics import Sample, find_answer, summarize
 from opsdlab.models import end_token_ids, stop_token_ids, thinking_token_count
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
-from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct
+from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,60 @@ def response_length(generation: Generation, eos_ids: set[int]) -> int:
     return len(ids) - (1 if ids and ids[-1] in eos_ids else 0)
 
 
+def answer_token(token_ids: list[int], tokenizer, answer: str) -> int | None:
+    """Index of the token that completes the first appearance of `answer` in a response, or None.
+
+    The response text is `token_ids` decoded as responses are (special tokens skipped); the first
+    whole appearance of the gold answer (`verifier.normalize`d) in it is found by
+    `metrics.find_answer`, and the token is the one whose decoded prefix first covers the end of
+    that appearance. Prefixes of the generated ids are decoded rather than the text re-tokenized,
+    because sampled ids need not be the tokenization the tokenizer would choose for the same text.
+    Pass the ids without the closing EOS, so the index counts response tokens.
+    """
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    span = find_answer(text, normalize(str(answer)))
+    if span is None:
+        return None
+    covered = text[:span[1]]
+
+    def covers(count: int) -> bool:
+        return tokenizer.decode(token_ids[:count], skip_special_tokens=True).startswith(covered)
+
+    guess = round(len(token_ids) * len(covered) / len(text))  # tokens in proportion to characters
+    return _first_true(covers, len(token_ids), guess) - 1
+
+
+def _first_true(predicate: Callable[[int], bool], n: int, guess: int) -> int:
+    """Smallest m in [1, n] with predicate(m), for a predicate false at 0, true at n and monotone.
+
+    Gallops outward from `guess` before bisecting, so a good guess costs a few calls (each one
+    decodes a prefix of a response that may be tens of thousands of tokens long).
+    """
+    low, high = 0, n
+    step, middle = 1, min(max(guess, 1), n)
+    if predicate(middle):
+        high = middle
+        while high - step > low:
+            if not predicate(high - step):
+                low = high - step
+                break
+            high, step = high - step, step * 2
+    else:
+        low = middle
+        while low + step < high:
+            if predicate(low + step):
+                high = low + step
+                break
+            low, step = low + step, step * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if predicate(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
 def evaluate(
     model,
     tokenizer,
@@ -231,15 +286,19 @@ def evaluate(
     samples = []
     for index, generation in enumerate(generations):
         example = examples[index // sampling.k]
+        correct = is_correct(generation.text, example.answer, verifier)
+        length = response_length(generation, eos_ids)
         samples.append(Sample(
             problem_id=example.id,
             sample_index=index % sampling.k,
-            correct=is_correct(generation.text, example.answer, verifier),
+            correct=correct,
             answer=extract_answer(generation.text, verifier),
-            response_tokens=response_length(generation, eos_ids),
+            response_tokens=length,
             thinking_tokens=thinking_token_count(generation.token_ids, tokenizer, repeated[index]),
             truncated=generation.truncated,
             text=generation.text,
+            first_correct_token=(answer_token(generation.token_ids[:length], tokenizer, example.answer)
+                                 if correct else None),
         ))
     summary = summarize(samples, k=sampling.k)
     summary.update(verifier=describe(verifier), sampling=asdict(sampling), thinking=thinking, context=context,
