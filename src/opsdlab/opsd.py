@@ -29,6 +29,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import pad
 from transformers import TrainerCallback
 
+from opsdlab.checks import CheckSettings, attach_checks, check_settings, train_checked
 from opsdlab.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
 from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
 from opsdlab.gates import GATES, route
@@ -45,8 +46,8 @@ from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syn
 
 
 @dataclass(frozen=True)
-class OPSDStageConfig(VLLMGeneration):
-    """OPSD settings.
+class OPSDStageConfig(VLLMGeneration, CheckSettings):
+    """OPSD settings; `CheckSettings` adds held-out checks, stopping and checkpoint selection.
 
     Batch: `prompts_per_step` distinct prompts, each with `rollouts_per_prompt` rollouts, make one
     optimizer step, summed over all processes and gradient-accumulation steps (the paper's "32
@@ -109,6 +110,7 @@ class OPSDStageConfig(VLLMGeneration):
                              "must be >= 1")
         self.divergence_options()  # validates beta, clip_tau, top_k
         check_vllm_fields("opsd", self)
+        check_settings("opsd", self)
 
     def divergence_options(self) -> DivergenceOptions:
         return DivergenceOptions(beta=self.jsd_beta, clip_tau=self.clip_tau, top_k=self.top_k)
@@ -487,11 +489,13 @@ def _correct_sibling(index: int, correct: list[bool], truncated: list[bool], tex
 
 
 def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDStageConfig, stage_dir: Path, *,
-             thinking: bool, seed: int = 0) -> Path:
+             thinking: bool, seed: int = 0, check_examples: list[Example] | None = None) -> Path:
     """Distil on gated rollouts of `examples`, resume from a checkpoint if any, save to stage_dir/model.
 
     Logged numbers go to stage_dir/metrics.jsonl; the terminal shows a bar labelled "opsd" and the
     stage folder's name (the pipeline's `<arm>-s<seed>`) with loss, kept fraction and completion length.
+    With `config.check_every > 0`, `check_examples` (held-out problems) are graded during training, a
+    stopping rule may end it, and model/ holds the checkpoint the selection rule picks (`checks`).
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -513,7 +517,9 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
         ))
         warn_if_updates_vanish(trainer, "opsd")
         label = "opsd" if stage_dir.name == "opsd" else f"opsd {stage_dir.name}"  # the pipeline's <arm>-s<seed>
-        train_stage(trainer, stage_dir, label, OPSD_POSTFIX)
+        check = attach_checks(trainer, config, stage_dir, check_examples, verifier, thinking=thinking, stage="opsd",
+                              label=label)
+        train_checked(trainer, check, lambda: train_stage(trainer, stage_dir, label, OPSD_POSTFIX))
         if not config.lora_r:
             return save_trained(trainer, stage_dir / "model")
         # A plain HF folder that vLLM serves directly; the adapter stays in checkpoints/.

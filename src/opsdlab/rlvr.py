@@ -17,6 +17,8 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
+from opsdlab.checks import CheckSettings, attach_checks, check_settings, train_checked
+from opsdlab.data import Example
 from opsdlab.models import end_token_ids
 from opsdlab.progress import RLVR_POSTFIX, train_stage
 from opsdlab.prompts import render_prompt
@@ -54,8 +56,8 @@ VLLM_FIELDS = tuple(f.name for f in fields(VLLMGeneration))
 
 
 @dataclass(frozen=True)
-class RLVRStageConfig(VLLMGeneration):
-    """GRPO-family RL settings.
+class RLVRStageConfig(VLLMGeneration, CheckSettings):
+    """GRPO-family RL settings; `CheckSettings` adds held-out checks, stopping and checkpoint selection.
 
     Batch: `prompts_per_step` prompts, each with `group_size` rollouts, make one optimizer step,
     summed over all processes and gradient-accumulation steps (the paper's "32 prompts per step").
@@ -102,6 +104,7 @@ class RLVRStageConfig(VLLMGeneration):
         if self.dynamic_sampling_max_rounds < 1:
             raise ValueError("rlvr: dynamic_sampling_max_rounds must be >= 1")
         check_vllm_fields("rlvr", self)
+        check_settings("rlvr", self)
 
     def per_device_batch(self, num_processes: int) -> int:
         """Rollouts per device per micro-batch on `num_processes` processes (an error if uneven)."""
@@ -338,11 +341,13 @@ class RLVRTrainer(GRPOTrainer):
 
 
 def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRStageConfig, stage_dir: Path,
-             *, thinking: bool, seed: int = 0) -> Path:
+             *, thinking: bool, seed: int = 0, check_examples: list[Example] | None = None) -> Path:
     """Train with GRPO on `examples`, resume from a checkpoint if one exists, save to stage_dir/model.
 
     Logged numbers go to stage_dir/metrics.jsonl; the terminal shows an "rlvr" bar with loss, mean
-    reward and mean completion length.
+    reward and mean completion length. With `config.check_every > 0`, `check_examples` (held-out
+    problems) are graded during training, a stopping rule may end it, and model/ holds the checkpoint
+    the selection rule picks (`checks`).
     """
     stage_dir = Path(stage_dir)
     with colocated_engine_released() as track:
@@ -357,5 +362,7 @@ def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRS
             dynamic_sampling_max_rounds=config.dynamic_sampling_max_rounds,
         ))
         warn_if_updates_vanish(trainer, "rlvr")
-        train_stage(trainer, stage_dir, "rlvr", RLVR_POSTFIX)
+        check = attach_checks(trainer, config, stage_dir, check_examples, verifier, thinking=thinking, stage="rlvr",
+                              label="rlvr")
+        train_checked(trainer, check, lambda: train_stage(trainer, stage_dir, "rlvr", RLVR_POSTFIX))
         return save_trained(trainer, stage_dir / "model")

@@ -1,0 +1,422 @@
+"""Held-out checks during an RLVR or OPSD stage: when to stop training, and which checkpoint the stage hands on.
+
+Self-distillation shortens a reasoning model's responses for a while and then costs it accuracy
+(runs of the original OPSD code collapse after a few hundred steps). A stage with `check_every: N`
+therefore grades the model it is training on held-out problems before its first step and every N
+steps (and at its last step), appends one line per check to `checks.jsonl`, stops when a stopping
+rule (`STOP_RULES`) says the damage has begun, and, once training ends, makes its output model the
+checkpoint a selection rule (`SELECT_RULES`) picks, e.g. the shortest one within an accuracy
+tolerance of the start.
+
+Files in the stage folder (only with `check_every > 0`):
+
+    checks.jsonl            one line per check: step, avg@k with its CI, mean response tokens, seconds
+    stop.json               {rule, step, why} when a stopping rule ended training
+    selection.json          {rule, step, why, checkpoint, candidates}: which check's weights model/ holds
+    checkpoints/start/      the weights before the first step, when the selection rule may pick them
+
+Every check step is saved as a checkpoint (the Trainer's own rotation is turned off); after each
+save, the checkpoints kept are the newest (what a resume needs), the one the selection rule picks
+among the checks so far, and the `keep_checkpoints` most recent other checked ones; the others are
+deleted. Keeping the current pick is enough: every selection rule picks, among one more check,
+either its previous pick or the new check (`test_checks`), so a checkpoint deleted once is never
+picked later.
+
+A resumed stage reads `checks.jsonl` and drops the lines after the step it resumes from (their
+weights died with the interrupted run; those steps are trained and checked again), so the file
+never holds two lines for one step. A stage that a rule stopped is not trained further on a rerun:
+it goes straight to the selection.
+
+Under several processes (DDP, DeepSpeed ZeRO-1/2) every process checks its share of the problems
+with its own whole copy of the weights, as the pipeline's evaluations do (`pipeline.evaluate_sharded`),
+and every process receives the merged result, so all take the same stop and selection decisions
+without another exchange. Weights sharded over processes (FSDP, ZeRO-3) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType
+from transformers import TrainerCallback
+
+from opsdlab.data import Example
+from opsdlab.evaluate import SamplingConfig
+from opsdlab.metrics import accuracy_efficiency_score
+from opsdlab.runtime import checkpoint_step, is_main_process, main_decides, read_jsonl
+from opsdlab.verifier import VerifierConfig
+
+CHECKS = "checks.jsonl"
+STOP = "stop.json"
+SELECTION = "selection.json"
+START = "start"  # checkpoints/start: the weights before the first step
+
+# length_plateau: stop when none of the last PLATEAU_CHECKS checks is shorter, by more than
+# PLATEAU_FRACTION, than the shortest check before them.
+PLATEAU_CHECKS = 3
+PLATEAU_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Held-out checks, stopping and checkpoint selection: fields shared by the RLVR and OPSD stage configs."""
+
+    check_every: int = 0  # grade held-out problems before the first step and every N steps (0: no checks)
+    check_problems: int = 32  # held-out problems per check (the first ones of those the stage is given)
+    check_k: int = 2  # samples per problem at a check (avg@k)
+    check_temperature: float = 0.6  # sampling temperature of a check (0: greedy, then check_k must be 1)
+    check_max_new_tokens: int | None = None  # response cap of a check; null: the stage's max_completion_length
+    stop: str = "none"  # when a check ends training: none, accuracy_drop or length_plateau (checks.STOP_RULES)
+    stop_tolerance: float = 0.05  # accuracy_drop: the absolute avg@k drop below the start that stops training
+    select: str = "last"  # which check's weights the stage saves: last, shortest_within_tolerance or best_aes
+    select_tolerance: float = 0.02  # shortest_within_tolerance: absolute avg@k a pick may lose against the start
+    keep_checkpoints: int = 3  # checked checkpoints kept besides the newest and the selected one
+
+
+def check_settings(stage: str, config: CheckSettings) -> None:
+    """Validate the `CheckSettings` fields of a stage config; errors name the stage's key."""
+    if config.check_every < 0:
+        raise ValueError(f"{stage}: check_every must be >= 0 (0: no checks), got {config.check_every}")
+    if config.check_problems < 1 or config.check_k < 1:
+        raise ValueError(f"{stage}: check_problems and check_k must be >= 1, got {config.check_problems} and "
+                         f"{config.check_k}")
+    if config.check_temperature < 0:
+        raise ValueError(f"{stage}: check_temperature must be >= 0, got {config.check_temperature}")
+    if config.check_temperature == 0 and config.check_k != 1:
+        raise ValueError(f"{stage}: check_temperature 0 is greedy, whose samples are identical; set check_k=1")
+    if config.check_max_new_tokens is not None and config.check_max_new_tokens < 1:
+        raise ValueError(f"{stage}: check_max_new_tokens must be >= 1 or null, got {config.check_max_new_tokens}")
+    for name, value, valid in (("stop", config.stop, STOP_RULES), ("select", config.select, SELECT_RULES)):
+        if value not in valid:
+            raise ValueError(f"{stage}: {name} must be one of {sorted(valid)}, got {value!r}")
+    for name in ("stop_tolerance", "select_tolerance"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise ValueError(f"{stage}: {name} is an absolute accuracy, in [0, 1]; got {getattr(config, name)}")
+    if config.keep_checkpoints < 0:
+        raise ValueError(f"{stage}: keep_checkpoints must be >= 0, got {config.keep_checkpoints}")
+    if config.check_every == 0:
+        for name, value, off in (("stop", config.stop, "none"), ("select", config.select, "last")):
+            if value != off:
+                raise ValueError(f"{stage}: {name}: {value} reads held-out checks; set check_every > 0 "
+                                 f"(or {name}: {off})")
+
+
+# ---------------------------------------------------------------- stopping rules
+# A stopping rule reads the check records so far (the first is the start) and the stage config, and
+# returns why training should stop after the latest check, or None to go on.
+
+
+def _no_stop(records: list[dict], config: CheckSettings) -> str | None:
+    return None
+
+
+def accuracy_drop(records: list[dict], config: CheckSettings) -> str | None:
+    """Stop when the latest check's avg@k is below start - stop_tolerance and the upper end of its CI is
+    below the start's avg@k: a drop larger than the tolerance that the check's own uncertainty does not explain."""
+    if len(records) < 2:
+        return None
+    start, latest = records[0], records[-1]
+    floor = start["avg_at_k"] - config.stop_tolerance
+    upper = latest["avg_at_k_ci"][1]
+    if latest["avg_at_k"] < floor and upper < start["avg_at_k"]:
+        return (f"avg@k {latest['avg_at_k']:.3f} at step {latest['step']} is below the start's "
+                f"{start['avg_at_k']:.3f} - stop_tolerance {config.stop_tolerance:g}, and its CI's upper end "
+                f"{upper:.3f} is below the start's too")
+    return None
+
+
+def length_plateau(records: list[dict], config: CheckSettings) -> str | None:
+    """Stop when none of the last 3 checks is more than 1% shorter (mean response tokens) than the
+    shortest check before them: the length stopped falling, and more steps only risk accuracy."""
+    if len(records) < PLATEAU_CHECKS + 1:
+        return None
+    before = min(r["mean_response_tokens"] for r in records[:-PLATEAU_CHECKS])
+    recent = min(r["mean_response_tokens"] for r in records[-PLATEAU_CHECKS:])
+    if recent >= (1 - PLATEAU_FRACTION) * before:
+        return (f"the last {PLATEAU_CHECKS} checks' shortest mean length {recent:.1f} tokens is not "
+                f"{PLATEAU_FRACTION:.0%} below the shortest before them, {before:.1f}")
+    return None
+
+
+STOP_RULES: dict[str, Callable[[list[dict], CheckSettings], str | None]] = {
+    "none": _no_stop,
+    "accuracy_drop": accuracy_drop,
+    "length_plateau": length_plateau,
+}
+
+
+# ---------------------------------------------------------------- selection rules
+# A selection rule reads every check record (the first is the start) and the stage config, and
+# picks one. Each must pick, among records + [new], either its pick among records or new (see the
+# module docstring: the checkpoints kept on disk rely on it).
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A selection rule's pick: the index of the chosen record, why, and per record what the rule read."""
+
+    index: int
+    why: str
+    notes: list[dict] = field(default_factory=list)
+
+
+def select_last(records: list[dict], config: CheckSettings) -> Choice:
+    """The last check: the weights training ended with."""
+    return Choice(len(records) - 1, "the last check: the weights training ended with")
+
+
+def shortest_within_tolerance(records: list[dict], config: CheckSettings) -> Choice:
+    """Among the checks whose avg@k >= start - select_tolerance, the one with the fewest mean response
+    tokens (ties: the earliest). The start itself always qualifies, so there is always a pick."""
+    floor = records[0]["avg_at_k"] - config.select_tolerance
+    within = [r["avg_at_k"] >= floor for r in records]
+    index = min((i for i, ok in enumerate(within) if ok), key=lambda i: (records[i]["mean_response_tokens"], i))
+    chosen = records[index]
+    why = (f"the shortest ({chosen['mean_response_tokens']:.1f} tokens) of the {sum(within)} checks with avg@k >= "
+           f"the start's {records[0]['avg_at_k']:.3f} - select_tolerance {config.select_tolerance:g}")
+    return Choice(index, why, [{"within_tolerance": ok} for ok in within])
+
+
+def best_aes(records: list[dict], config: CheckSettings) -> Choice:
+    """The check with the highest accuracy-efficiency score against the start (`metrics.accuracy_efficiency_score`:
+    relative length saved, plus 3x a relative accuracy gain or minus 5x a loss); ties: the earliest.
+
+    With a start of accuracy 0 (or length 0) the relative changes are undefined; the rule then ranks
+    by accuracy and then by length, the order AES takes as the start's accuracy goes to 0.
+    """
+    start = records[0]
+    if start["avg_at_k"] > 0 and start["mean_response_tokens"] > 0:
+        scores = [accuracy_efficiency_score(start["avg_at_k"], r["avg_at_k"], start["mean_response_tokens"],
+                                            r["mean_response_tokens"]) for r in records]
+        index = max(range(len(records)), key=lambda i: (scores[i], -i))
+        why = f"the highest AES against the start: {scores[index]:.3f}"
+        return Choice(index, why, [{"aes": round(score, 6)} for score in scores])
+    index = max(range(len(records)), key=lambda i: (records[i]["avg_at_k"], -records[i]["mean_response_tokens"], -i))
+    why = ("the start's accuracy (or length) is 0, so AES is undefined: the most accurate check, then the shortest "
+           f"(avg@k {records[index]['avg_at_k']:.3f}, {records[index]['mean_response_tokens']:.1f} tokens)")
+    return Choice(index, why)
+
+
+SELECT_RULES: dict[str, Callable[[list[dict], CheckSettings], Choice]] = {
+    "last": select_last,
+    "shortest_within_tolerance": shortest_within_tolerance,
+    "best_aes": best_aes,
+}
+
+
+# ---------------------------------------------------------------- the callback
+
+
+def evaluate_held_out(model, tokenizer, examples: list[Example], verifier: VerifierConfig, sampling: SamplingConfig,
+                      *, thinking: bool, desc: str) -> dict:
+    """The summary of `evaluate` on `examples`, split over the processes of the launch as the pipeline's
+    evaluations are (every process gets the merged summary)."""
+    from opsdlab.pipeline import evaluate_sharded  # imported here: the pipeline imports the stages
+
+    return evaluate_sharded(model, tokenizer, examples, verifier, sampling, thinking=thinking, desc=desc)[1]
+
+
+def _check_folder(stage_dir: Path, step: int) -> Path:
+    return stage_dir / "checkpoints" / (START if step == 0 else f"checkpoint-{step}")
+
+
+def stopped_step(stage_dir: Path) -> int | None:
+    """The step a stopping rule ended this stage at, if its stop.json names a checkpoint that is complete."""
+    try:
+        step = json.loads((Path(stage_dir) / STOP).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return step if (_check_folder(Path(stage_dir), step) / "trainer_state.json").is_file() else None
+
+
+class HeldOutCheck(TrainerCallback):
+    """Checks, stops and selects for one RLVR or OPSD stage (see the module docstring); built by `attach_checks`."""
+
+    def __init__(self, trainer, config: CheckSettings, stage_dir: Path, examples: list[Example],
+                 verifier: VerifierConfig, *, thinking: bool, label: str):
+        self.trainer, self.config, self.stage_dir = trainer, config, Path(stage_dir)
+        self.examples = list(examples)[:config.check_problems]
+        self.verifier, self.thinking, self.label = verifier, thinking, label
+        max_new_tokens = config.check_max_new_tokens or trainer.args.max_completion_length
+        # One seed for every check: the checks share their random draws, so two checks differ by the weights.
+        self.sampling = SamplingConfig(k=config.check_k, temperature=config.check_temperature,
+                                       max_new_tokens=max_new_tokens, seed=trainer.args.seed)
+        self.records: list[dict] = []
+        self.stopped = False
+
+    @property
+    def path(self) -> Path:
+        return self.stage_dir / CHECKS
+
+    # -------------------------------------------------------------- resume
+    def resume(self, step: int) -> None:
+        """Take up the checks of a stage that continues from `step`: lines after it (and at step 0, all)
+        are dropped, as is a stop.json after it, since the weights they describe were not saved."""
+        records = main_decides(lambda: read_jsonl(self.path))
+        self.records = [r for r in records if 0 < step and r["step"] <= step]
+        if is_main_process() and len(self.records) != len(records):
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            stop = self.stage_dir / STOP
+            if stop.exists() and json.loads(stop.read_text())["step"] > step:
+                stop.unlink()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.resume(state.global_step)
+        if not self.records:  # the stage's start: step 0, or the step checks were first turned on at
+            self.check(state.global_step, control)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.config.check_every == 0 or step >= state.max_steps:
+            self.check(step, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.prune()
+
+    # -------------------------------------------------------------- one check
+    def check(self, step: int, control) -> dict:
+        """Grade the training model at `step`, append its line, save the step, apply the stopping rule."""
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if step == 0 and self.config.select != "last":  # the start may be picked: keep its weights
+            self.trainer.save_model(str(_check_folder(self.stage_dir, 0)))
+        start = time.perf_counter()
+        was_training = model.training
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        # Sampling seeds torch's generator: in a forked RNG state, a checked run trains on the batches of an unchecked one.
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            try:
+                summary = self.measure(model, self.trainer.processing_class, step)
+            finally:
+                model.train(was_training)
+        record = {"step": step, "avg_at_k": summary["avg_at_k"], "avg_at_k_ci": list(summary["avg_at_k_ci"]),
+                  "mean_response_tokens": summary["mean_response_tokens"],
+                  "truncation_rate": summary.get("truncation_rate"), "problems": len(self.examples),
+                  "k": self.sampling.k, "seconds": round(time.perf_counter() - start, 3)}
+        self.records.append(record)
+        why = STOP_RULES[self.config.stop](self.records, self.config)
+        if why is not None:
+            record["stop"] = self.config.stop
+        if is_main_process():
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            lo, hi = record["avg_at_k_ci"]
+            print(f"[{self.label}] check @{step}: avg@{record['k']} {record['avg_at_k']:.3f} [{lo:.3f}, {hi:.3f}], "
+                  f"mean tokens {record['mean_response_tokens']:.1f} ({record['seconds']:.1f}s)", flush=True)
+        if step > 0:
+            control.should_save = True  # a check step may be selected: its weights must be on disk
+        if why is not None:
+            if is_main_process():
+                (self.stage_dir / STOP).write_text(json.dumps({"rule": self.config.stop, "step": step, "why": why},
+                                                              indent=2))
+                print(f"[{self.label}] stopping at step {step} ({self.config.stop}): {why}", flush=True)
+            control.should_training_stop = True
+            self.stopped = True
+        return record
+
+    def measure(self, model, tokenizer, step: int) -> dict:
+        """The held-out summary (avg@k, its CI, mean response tokens) of `model` as it is at `step`."""
+        return evaluate_held_out(model, tokenizer, self.examples, self.verifier, self.sampling,
+                                 thinking=self.thinking, desc=f"{self.label} check @{step}")
+
+    # -------------------------------------------------------------- selection and disk
+    def choice(self) -> tuple[dict, Choice]:
+        choice = SELECT_RULES[self.config.select](self.records, self.config)
+        return self.records[choice.index], choice
+
+    def prune(self) -> None:
+        """Delete the checkpoints nothing needs (module docstring): keep the newest, the current pick and
+        the `keep_checkpoints` most recent other checked ones."""
+        folders = {checkpoint_step(f): f for f in (self.stage_dir / "checkpoints").glob("checkpoint-*")}
+        if not folders or not self.records:
+            return
+        newest = max(folders)
+        picked = self.choice()[0]["step"]
+        others = [r["step"] for r in self.records if r["step"] not in (newest, picked)]
+        keep = {newest, picked, *others[max(0, len(others) - self.config.keep_checkpoints):]}
+        for step, folder in folders.items():
+            if step not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        start = _check_folder(self.stage_dir, 0)
+        if 0 not in keep and start.exists():
+            shutil.rmtree(start, ignore_errors=True)
+
+    def select(self) -> dict:
+        """Put the selected check's weights into the trainer's model and write selection.json; returns it."""
+        record, choice = self.choice()
+        step = record["step"]
+        folder = _check_folder(self.stage_dir, step)
+        # The trainer's model holds the weights of its own last step (a stopped stage rerun holds the start's).
+        if step != self.trainer.state.global_step:
+            if not main_decides(folder.is_dir):
+                raise FileNotFoundError(f"{self.label}: select {self.config.select} picks step {step}, whose checkpoint "
+                                        f"{folder} was deleted; were select or keep_checkpoints changed since the "
+                                        "stage started?")
+            self.trainer._load_from_checkpoint(str(folder), model=self.trainer.accelerator.unwrap_model(self.trainer.model))
+        selection = {
+            "rule": self.config.select, "step": step, "why": choice.why,
+            "checkpoint": str(folder.relative_to(self.stage_dir)),
+            "candidates": [{"step": r["step"], "avg_at_k": r["avg_at_k"], "avg_at_k_ci": r["avg_at_k_ci"],
+                            "mean_response_tokens": r["mean_response_tokens"],
+                            **(choice.notes[i] if choice.notes else {})} for i, r in enumerate(self.records)],
+        }
+        if is_main_process():
+            (self.stage_dir / SELECTION).write_text(json.dumps(selection, indent=2))
+            print(f"[{self.label}] model/ holds step {step} ({self.config.select}): {choice.why}", flush=True)
+        self.trainer.accelerator.wait_for_everyone()
+        return selection
+
+
+def attach_checks(trainer, config: CheckSettings, stage_dir: Path, examples: list[Example] | None,
+                  verifier: VerifierConfig, *, thinking: bool, stage: str, label: str) -> HeldOutCheck | None:
+    """A `HeldOutCheck` added to `trainer` when `config.check_every > 0` (else None, and nothing changes).
+
+    Raises a ValueError naming the key when checks are asked for without held-out problems, or under
+    weights sharded over processes (FSDP, DeepSpeed ZeRO-3), where a process alone cannot generate.
+    """
+    if not config.check_every:
+        return None
+    if not examples:
+        raise ValueError(f"{stage}.check_every: held-out checks need held-out problems (check_examples); none were "
+                         "given to this stage")
+    accelerator = trainer.accelerator
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    if sharded:
+        raise ValueError(f"{stage}.check_every: held-out checks generate with each process's whole copy of the weights; "
+                         f"set {stage}.check_every=0 under FSDP or DeepSpeed ZeRO-3")
+    if len(examples) < config.check_problems and is_main_process():
+        print(f"[{label}] checks grade the {len(examples)} held-out problems given ({stage}.check_problems is "
+              f"{config.check_problems})", file=sys.stderr, flush=True)
+    trainer.args.save_total_limit = None  # the check prunes checkpoints itself (`HeldOutCheck.prune`)
+    check = HeldOutCheck(trainer, config, stage_dir, examples, verifier, thinking=thinking, label=label)
+    trainer.add_callback(check)
+    return check
+
+
+def train_checked(trainer, check: HeldOutCheck | None, train: Callable[[], object]) -> None:
+    """`train()`, then with checks the selected check's weights put into the trainer's model.
+
+    A stage that a stopping rule already stopped (a complete checkpoint at its stop.json's step) is
+    not trained again: its checks are read back and the selection made from them.
+    """
+    if check is None:
+        train()
+        return
+    stop = main_decides(lambda: stopped_step(check.stage_dir))
+    if stop is None:
+        train()
+    else:
+        check.resume(stop)
+        if is_main_process():
+            print(f"[{check.label}] stopped at step {stop} by its {STOP} rule: not training further", flush=True)
+    check.select()
