@@ -57,8 +57,10 @@ def test_every_output_carries_the_record_of_its_settings(finished):
         assert record["fingerprint"]
     opsd = json.loads((run_dir / "opsd" / "all-s0" / "settings.json").read_text())
     assert opsd["settings"]["opsd.learning_rate"] == 1e-3 and opsd["settings"]["opsd.gate"] == "all"
-    rlvr = json.loads((run_dir / "rlvr" / "settings.json").read_text())
-    assert opsd["inputs"]["model"] == rlvr["fingerprint"], "the arm's input is the RLVR checkpoint's record"
+    stamp = (run_dir / "rlvr" / "model" / "COMPLETE").read_text()
+    assert len(stamp) == 32 and opsd["inputs"]["model"] == stamp, "the arm records the RLVR model it read"
+    evaluation = json.loads((run_dir / "eval" / "opsd-all-s0" / "synthetic" / "settings.json").read_text())
+    assert evaluation["inputs"]["model"] == (run_dir / "opsd" / "all-s0" / "model" / "COMPLETE").read_text()
 
 
 def test_a_rerun_with_the_same_settings_skips_everything_and_says_so(run, capsys):
@@ -184,3 +186,31 @@ def test_a_data_file_is_fingerprinted_by_its_content(tmp_path):
     data.write_text('{"problem": "1+2", "answer": "3"}\n')
     assert path_fingerprint(data) != first
     assert path_fingerprint(tmp_path) != path_fingerprint(tmp_path / "missing-hub-name")
+
+
+def test_an_option_added_since_is_no_difference_at_its_default(run, capsys):
+    """A record written before an option existed lacks its key: equal while the option holds its
+    default (the behaviour before it existed), a difference once it is set otherwise."""
+    config, run_dir = run
+    path = run_dir / "opsd" / "all-s0" / "settings.json"
+    record = json.loads(path.read_text())
+    assert "opsd.chunk_size" in record["at_default"]
+    del record["settings"]["opsd.chunk_size"]
+    record["at_default"].remove("opsd.chunk_size")
+    record["fingerprint"] = "written-by-older-code"
+    path.write_text(json.dumps(record))
+    assert main(["pipeline", "--config", str(config), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(config), "--run-dir", str(run_dir), "opsd.chunk_size=7"]) == 2
+    assert "opsd.chunk_size: <unset> -> 7" in capsys.readouterr().err
+
+
+def test_a_stage_remade_with_the_same_settings_invalidates_what_read_it(run, capsys):
+    """Each finished stage stamps its model; what read the model records the stamp. A stage remade
+    behind the run's back (here: a new stamp) leaves its readers stale, not silently kept."""
+    config, run_dir = run
+    (run_dir / "rlvr" / "model" / "COMPLETE").write_text("0" * 32)
+    assert main(["pipeline", "--config", str(config), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "train opsd-all-s0" in err and "eval rlvr" in err and "eval opsd-all-s0" in err
+    assert "train sft" not in err

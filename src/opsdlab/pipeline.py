@@ -33,6 +33,7 @@ on a CPU whose results do not depend on the thread count they are identical to t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -50,20 +51,17 @@ from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, pars
 from opsdlab.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, write_eval
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
-from opsdlab.opsd import run_opsd
+from opsdlab.opsd import OPSDStageConfig, run_opsd
 from opsdlab.preflight import check_inputs
 from opsdlab.prompts import CONTROL_CONTEXTS
-from opsdlab.provenance import (Output, describe_stale, dependants, flatten, make_record, path_fingerprint,
-                                read_record, stale_outputs, write_record)
-from opsdlab.rlvr import run_rlvr
+from opsdlab.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
+                                path_fingerprint, read_record, stale_outputs, write_record)
+from opsdlab.rlvr import RLVRStageConfig, run_rlvr
 from opsdlab.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
                              wait_for_everyone)
-from opsdlab.sft import TeacherProbe, run_sft
+from opsdlab.sft import SFTStageConfig, TeacherProbe, run_sft
 from opsdlab.tasks import build_task
 from opsdlab.verifier import VerifierConfig
-
-COMPLETE = "COMPLETE"
-
 
 def log(run_dir: Path, message: str, **record) -> None:
     """Print `message` and append it to summary.jsonl with the writing process's peak memory so far
@@ -88,7 +86,7 @@ def stage_done(stage_dir: Path) -> bool:
 def finish_stage(run_dir: Path, stage_dir: Path, message: str, **record) -> None:
     """Mark a trained stage complete and log it on the main process; every process waits for it."""
     if is_main_process():
-        (stage_dir / "model" / COMPLETE).write_text("")
+        (stage_dir / "model" / COMPLETE).write_text(new_stamp())  # what later outputs record they read
         log(run_dir, message, **record)
     wait_for_everyone()
 
@@ -140,7 +138,7 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
     """
     verifier = verifier_of(config, task)
     results, model, tokenizer, skipped = {}, None, None, 0
-    records = {output.folder: output.record for output in run_outputs(replace(config, run_dir=str(run_dir)))}
+    outputs = {output.folder: output for output in run_outputs(replace(config, run_dir=str(run_dir)))}
     dtype = config.eval.dtype or config.model.dtype
     for set_name, examples in sets.items():
         for suffix, sampling, context in eval_runs(config, teacher_context):
@@ -163,8 +161,8 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
                                                     context=context, desc=f"eval {name}/{set_name}{suffix}")
                 if is_main_process():
                     summary.update(checkpoint=name, dtype=dtype)
-                    if out in records:
-                        write_record(out, records[out])
+                    if out in outputs:
+                        write_record(out, outputs[out].expected())
                     write_eval(out, samples, summary)
                     log(run_dir, one_line(f"[eval] {name}/{set_name}{suffix}", summary), kind="eval",
                         checkpoint=name, set=f"{set_name}{suffix}", seconds=round(time.time() - start, 1))
@@ -218,7 +216,7 @@ def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
     if not stage_done(stage_dir):
         message = ""
         if is_main_process():
-            write_record(stage_dir, base_record(config))
+            write_record(stage_dir, base_record(config))  # built from settings alone: it reads nothing
             tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
             model = build_tiny_model(tokenizer, config.model.size, seed=config.seed)
             save_policy(model, tokenizer, stage_dir / "model")
@@ -268,7 +266,7 @@ class Run:
     task: object
     sets: dict
     verifier: VerifierConfig
-    records: dict  # output folder -> the record it carries (`run_outputs`)
+    outputs: dict  # output folder -> its `provenance.Output` (`run_outputs`): the record it must carry
 
     @property
     def run_dir(self) -> Path:
@@ -278,8 +276,8 @@ class Run:
 def open_run(config: PipelineConfig) -> Run:
     """The task, evaluation sets and verifier of a run, built from its config (cheap; each process builds its own)."""
     task = build_task(config.task.name, config.task.options, seed=config.seed)
-    records = {output.folder: output.record for output in run_outputs(config)}
-    return Run(config, task, eval_sets(config, task), verifier_of(config, task), records)
+    outputs = {output.folder: output for output in run_outputs(config)}
+    return Run(config, task, eval_sets(config, task), verifier_of(config, task), outputs)
 
 
 def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
@@ -339,10 +337,26 @@ def data_inputs(config: PipelineConfig) -> dict:
     return {"train_data": path_fingerprint(train)} if config.task.name == "file" and train else {}
 
 
+def setting_defaults(config: PipelineConfig) -> dict:
+    """Each setting's default (its dataclass's), by dotted key: a record notes which settings hold
+    theirs, so that an option added later is no difference while it holds its default."""
+    from opsdlab.tasks import OPTIONS
+    from opsdlab.vllm_backend import VLLMSettings
+
+    defaults = {}
+    for prefix, section in (("sft", SFTStageConfig()), ("rlvr", RLVRStageConfig()), ("opsd", OPSDStageConfig()),
+                            ("eval.sampling", SamplingConfig()), ("eval.vllm", VLLMSettings())):
+        defaults.update(flatten(prefix, section))
+    spec = OPTIONS.get(config.task.name)
+    if dataclasses.is_dataclass(spec):
+        defaults.update(flatten("task.options", spec()))
+    return defaults
+
+
 def base_record(config: PipelineConfig) -> dict:
     return make_record("base", {"model.init": "tiny", "model.size": config.model.size,
                                 "task.name": config.task.name, **flatten("task.options", config.task.options),
-                                "seed": config.seed})
+                                "seed": config.seed}, defaults=setting_defaults(config))
 
 
 def stage_settings(config: PipelineConfig, step: Step) -> dict:
@@ -387,29 +401,33 @@ def eval_settings(config: PipelineConfig, set_name: str, sampling: SamplingConfi
 
 
 def run_outputs(config: PipelineConfig) -> list[Output]:
-    """Every output the config makes in its run directory, each with the record it must carry
-    and the steps it reads; in the order the steps run."""
+    """Every output the config makes in its run directory, each with the record it must carry,
+    the steps it reads and the stage folder whose model it reads; in the order the steps run."""
     run_dir = Path(config.run_dir)
     base = base_dir(config)
+    defaults = setting_defaults(config)
     outputs: list[Output] = []
-    made = {}  # checkpoint name -> (fingerprint of its record, the step that makes it)
+    made = {}  # checkpoint name -> (the folder of the stage that makes it, the step that makes it)
+    external = {}  # inputs a user's model folder adds: its files' fingerprint
     if config.model.init == "tiny":
-        record = base_record(config)
-        outputs.append(Output(run_dir / "base", "build base", record))
-        made["base"] = (record["fingerprint"], "build base")
+        outputs.append(Output(run_dir / "base", "build base", base_record(config)))
+        made["base"] = (run_dir / "base", "build base")
     else:
-        made["base"] = (path_fingerprint(base), None)
+        made["base"] = (None, None)
+        external = {"model": path_fingerprint(base)}
     seen = set()
     for step in pipeline_steps(config, base):
         if step.kind in ("sft", "rlvr", "opsd"):
             source = "base" if step.kind == "sft" or not step.after else step.after[0].split(" ", 1)[1]
-            fp, maker = made[source]
-            record = make_record(step.kind, stage_settings(config, step), {"model": fp, **data_inputs(config)})
+            reads, maker = made[source]
+            inputs = {**(external if reads is None else {}), **data_inputs(config)}
+            record = make_record(step.kind, stage_settings(config, step), inputs, defaults)
             folder = run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}" if step.kind == "opsd" else run_dir / step.kind
-            outputs.append(Output(folder, step.name, record, after=step.after or ((maker,) if maker else ())))
-            made[step.checkpoint] = (record["fingerprint"], step.name)
+            outputs.append(Output(folder, step.name, record, after=step.after or ((maker,) if maker else ()),
+                                  reads=reads))
+            made[step.checkpoint] = (folder, step.name)
             continue
-        fp, maker = made[step.checkpoint]
+        reads, maker = made[step.checkpoint]
         for name in config.eval.sets:
             for suffix, sampling, context in eval_runs(config, step.context):
                 folder = run_dir / "eval" / step.checkpoint / f"{set_label(name)}{suffix}"
@@ -417,8 +435,9 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
                     continue
                 seen.add(folder)
                 settings, inputs = eval_settings(config, name, sampling, context)
-                record = make_record("evaluate", settings, {"model": fp, **inputs})
-                outputs.append(Output(folder, step.name, record, after=(maker,) if maker else (), kind="eval"))
+                record = make_record("evaluate", settings, {**(external if reads is None else {}), **inputs}, defaults)
+                outputs.append(Output(folder, step.name, record, after=(maker,) if maker else (), kind="eval",
+                                      reads=reads))
     return outputs
 
 
@@ -491,7 +510,7 @@ def check_run_dir(config: PipelineConfig, redo=()) -> list[str]:
             shutil.rmtree(output.folder)
             lines.append(f"[redo] removed {output.folder.relative_to(config.run_dir)} to redo {output.step} ({why})")
     for output in adopt:
-        write_record(output.folder, output.record)
+        write_record(output.folder, output.expected())
     extra = unplanned_outputs(Path(config.run_dir), outputs)
     if extra:
         shown = ", ".join(str(folder.relative_to(config.run_dir)) for folder in extra[:4])
@@ -545,9 +564,8 @@ def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> No
             print(f"{label} skipped: finished with these settings", flush=True)
         return
     if is_main_process():
-        record = run.records.get(stage_dir)
-        if record is not None:
-            write_record(stage_dir, record)
+        if stage_dir in run.outputs:  # with what it reads: the stage it starts from is finished by now
+            write_record(stage_dir, run.outputs[stage_dir].expected())
         if not any((stage_dir / "checkpoints").glob("checkpoint-*")):  # else the stage says where it resumes
             print(f"{label} started", flush=True)
     start = time.time()

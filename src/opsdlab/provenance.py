@@ -1,18 +1,20 @@
 """What produced each output of a run directory, and what a rerun with other settings must redo.
 
 Every output of a run (the base model, each trained stage, each evaluation) has a *record*
-beside it, `settings.json`: the config values that shape that output as dotted keys, the
-fingerprints of what it read (the record of the step that made its input model, or the files of
-a user's folder) and the version of the code that makes that kind of output. A record's
-fingerprint is a hash of all three, so a step's record changes whenever anything upstream of it
-does.
+beside it, `settings.json`: the config values that shape that output as dotted keys (and which of
+them were at their defaults), what it read (the completion stamp of the stage whose model it
+starts from or evaluates; the content fingerprint of a user's data file or model folder) and the
+version of the code that makes that kind of output.
 
 A rerun compares the record each existing output carries with the one the current config
-would write (`stale_outputs`). Equal: the output is kept and the step skipped. Different: the
-rerun stops before doing anything and names every key that differs (`describe_stale`), unless
-the user asked to redo it (`--redo changed`, or a stage by name and what reads it). So a run
-directory never holds an output made with settings other than the ones its record, and its
-config.yaml, name.
+would write (`stale_outputs`): a key whose value differs, an input that is not the one read then
+(a stage since remade, an edited data file), or another code version makes the output stale, and
+so is every output that reads a stale one. A key that the record lacks because the option did not
+exist yet is no difference while it holds its default (the behaviour before the option existed).
+A stale output stops the rerun before anything changes, naming every key that differs
+(`describe_stale`), unless the user asked to redo it (`--redo changed`, or a stage by name and
+what reads it). So a run directory never holds an output made with settings other than the ones
+its record, and its config.yaml, name.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 RECORD = "settings.json"
@@ -71,11 +74,24 @@ def fingerprint(data) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make_record(kind: str, settings: dict, inputs: dict | None = None) -> dict:
-    """The record of one output: its kind, code version, settings and inputs, with their fingerprint."""
-    body = {"kind": kind, "code_version": CODE_VERSIONS[kind], "settings": dict(sorted(settings.items())),
+def make_record(kind: str, settings: dict, inputs: dict | None = None, defaults: dict | None = None) -> dict:
+    """The record of one output: its kind, code version, settings (and which of them hold their
+    default, per `defaults`: key -> default value), inputs, and a fingerprint of them all in
+    which settings at their defaults do not count (so an option added later does not change it)."""
+    settings = dict(sorted(settings.items()))
+    at_default = sorted(key for key, value in settings.items() if key in (defaults or {}) and defaults[key] == value)
+    body = {"kind": kind, "code_version": CODE_VERSIONS[kind],
+            "settings": {k: v for k, v in settings.items() if k not in at_default},
             "inputs": dict(sorted((inputs or {}).items()))}
-    return {**body, "fingerprint": fingerprint(body)}
+    return {"kind": kind, "code_version": CODE_VERSIONS[kind], "settings": settings, "at_default": at_default,
+            "inputs": body["inputs"], "fingerprint": fingerprint(body)}
+
+
+def with_inputs(record: dict, inputs: dict, defaults: dict | None = None) -> dict:
+    """`record` with `inputs` added (what a step read, known once it starts)."""
+    settings = record["settings"]
+    return make_record(record["kind"], settings, {**record["inputs"], **inputs},
+                       defaults or {key: settings[key] for key in record.get("at_default", [])})
 
 
 # Files up to this size are fingerprinted by their content (data files, configs, tokenizers); larger
@@ -122,13 +138,22 @@ def write_record(folder: Path, record: dict) -> None:
 
 def differences(stored: dict | None, expected: dict) -> list[str]:
     """What differs between the record an output carries and the one the current config would
-    write, one `key: old -> new` item each (settings, then inputs, then the code version)."""
+    write, one `key: old -> new` item each (settings, then inputs, then the code version).
+
+    A key on one side only is a difference unless the record lacks it because the option did not
+    exist when the record was written and the other side holds it at its default, or (an option
+    since removed) the stored record held it at its default.
+    """
     if stored is None:
         return ["(no record of the settings that made it)"]
     diffs = []
     old, new = stored.get("settings", {}), expected["settings"]
+    old_default, new_default = set(stored.get("at_default", [])), set(expected.get("at_default", []))
     for key in sorted(set(old) | set(new)):
-        if key not in old or key not in new or old[key] != new[key]:
+        if key in old and key in new:
+            if old[key] != new[key]:
+                diffs.append(f"{key}: {_show(old, key)} -> {_show(new, key)}")
+        elif not (key in new_default or key in old_default):
             diffs.append(f"{key}: {_show(old, key)} -> {_show(new, key)}")
     old_inputs, new_inputs = stored.get("inputs", {}), expected["inputs"]
     for key in sorted(set(old_inputs) | set(new_inputs)):
@@ -148,13 +173,15 @@ def _show(settings: dict, key: str) -> str:
 
 @dataclass(frozen=True)
 class Output:
-    """One output folder of a run: the step that writes it, the steps it reads, its expected record."""
+    """One output folder of a run: the step that writes it, the steps it reads, the record it must
+    carry (without the stamps of the stages it reads: `reads` names their folders)."""
 
     folder: Path
     step: str
     record: dict
     after: tuple = ()
     kind: str = "stage"  # "stage" (a trained or built model folder) or "eval" (an evaluation's folder)
+    reads: Path | None = None  # the folder of the stage whose model this output starts from or evaluates
 
     def exists(self) -> bool:
         """Whether anything of this output is on disk: a finished or started stage, a finished evaluation."""
@@ -163,32 +190,53 @@ class Output:
         return (self.folder / "model").exists() or (self.folder / "checkpoints").exists() or \
             (self.folder / RECORD).exists()
 
+    def expected(self) -> dict:
+        """The record this output must carry now: `record` with the stamp of the stage it reads as it is on disk."""
+        if self.reads is None:
+            return self.record
+        return with_inputs(self.record, {"model": completion_stamp(self.reads)})
 
-@dataclass
-class Plan:
-    """What a rerun does with the outputs already in a run directory."""
 
-    stale: dict = field(default_factory=dict)   # folder -> differences, for outputs that must be redone
-    redo: list = field(default_factory=list)     # outputs the user asked to redo (stale or not) and what reads them
-    adopt: list = field(default_factory=list)    # outputs made before records existed, matching the config
+COMPLETE = "COMPLETE"
+
+
+def completion_stamp(stage_dir: Path) -> str | None:
+    """The stamp a finished stage wrote into model/COMPLETE (a fresh random id each time the stage
+    finishes, so a stage remade with the same settings is told apart); None if it is not finished."""
+    try:
+        return (Path(stage_dir) / "model" / COMPLETE).read_text().strip() or "unstamped"
+    except OSError:
+        return None
+
+
+def new_stamp() -> str:
+    return uuid.uuid4().hex
 
 
 def stale_outputs(outputs: list[Output], legacy: dict | None = None) -> tuple[dict, list]:
-    """The existing outputs whose record differs from the expected one, with their differences; and
-    those that carry no record but match `legacy` (the records the run directory's previous
-    config.yaml implies, for outputs made before records were written), to be adopted."""
-    stale, adopt = {}, []
+    """The existing outputs made otherwise than the config and the run directory now say, each with
+    its differences; and those that carry no record but match `legacy` (the records the run
+    directory's previous config.yaml implies, for outputs made before records were written), to be
+    adopted. An output that reads a stale one is stale too ("its input model changed")."""
+    stale, adopt, stale_steps = {}, [], set()
     for output in outputs:
         if not output.exists():
             continue
+        expected = output.expected()
         stored = read_record(output.folder)
         if stored is None and legacy is not None and output.folder in legacy:
-            stored = legacy[output.folder]
-            if stored["fingerprint"] == output.record["fingerprint"]:
+            stored = with_inputs(legacy[output.folder], {"model": expected["inputs"]["model"]}) \
+                if "model" in expected["inputs"] else legacy[output.folder]
+            if not differences(stored, expected):
                 adopt.append(output)
                 continue
-        if stored is None or stored.get("fingerprint") != output.record["fingerprint"]:
-            stale[output.folder] = differences(stored, output.record)
+        diffs = [] if stored is not None and stored.get("fingerprint") == expected["fingerprint"] else \
+            differences(stored, expected)
+        if not diffs and stale_steps & set(output.after):
+            diffs = ["its input model changed"]
+        if diffs:
+            stale[output.folder] = diffs
+            stale_steps.add(output.step)
     return stale, adopt
 
 
@@ -217,7 +265,7 @@ def describe_stale(run_dir: Path, outputs: list[Output], stale: dict) -> str:
     direct = [diff for diff in keys if not diff.startswith("its input ")]
     summary = "; ".join(direct[:6]) + (f"; and {len(direct) - 6} more" if len(direct) > 6 else "")
     steps = sorted({by_folder[folder].step for folder in stale})
-    lines = [f"{run_dir} holds results made with other settings ({summary or 'inputs changed'}); nothing was "
+    lines = [f"{run_dir} holds results made with other settings ({summary or 'a model they read was remade'}); nothing was "
              f"changed. Use a new --run-dir, or add --redo changed to redo the {len(steps)} affected step(s)"]
     for diff in direct:
         lines.append(f"  {diff}  (in {', '.join(keys[diff][:4])}{' ...' if len(keys[diff]) > 4 else ''})")
