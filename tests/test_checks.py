@@ -278,3 +278,37 @@ def test_checks_without_held_out_problems_are_refused_naming_the_key(tmp_path, t
     with pytest.raises(ValueError, match=r"^opsd.check_every: held-out checks need held-out problems"):
         run_opsd(model, tokenizer, task.examples("train", 4), EXACT, OPSDStageConfig(**OPSD_SMALL), tmp_path / "o",
                  thinking=True)
+
+
+def test_the_pipeline_grades_held_out_problems_disjoint_from_the_evaluation(tmp_path):
+    """`opsd.check_every` in a pipeline config: the arm gets problems after the evaluated ones, and
+    its run folder holds the checks and the selection."""
+    import yaml
+
+    from opsdlab.cli import main
+    from opsdlab.config import load_config
+    from opsdlab.pipeline import check_problems, eval_sets
+    from opsdlab.tasks import build_task
+
+    config = load_config("tiny", ["eval.problems=6", "opsd.check_every=1", "opsd.check_problems=4"])
+    held_out = check_problems(config, config.opsd)
+    evaluated = next(iter(eval_sets(config, build_task("synthetic", config.task.options)).values()))
+    assert len(held_out) == 4 and not {e.id for e in held_out} & {e.id for e in evaluated}
+    assert check_problems(config, config.rlvr) is None  # checks off
+
+    run = {"stages": ["opsd"], "model": {"init": "tiny"}, "workers": 1,
+           "opsd": {"max_steps": 2, "prompts_per_step": 2, "rollouts_per_prompt": 2, "max_completion_length": 8,
+                    "train_problems": 8, "save_steps": 100, "logging_steps": 1, "check_every": 1,
+                    "check_problems": 2, "check_k": 1, "check_max_new_tokens": 8,
+                    "select": "shortest_within_tolerance"},
+           "arms": [{"name": "all", "gate": "all"}],
+           "eval": {"problems": 2, "sampling": {"k": 1, "max_new_tokens": 8}, "greedy": False, "teacher_check": False,
+                    "base": False}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert main(["pipeline", "--config", str(path), "--run-dir", str(tmp_path / "run")]) == 0
+    arm = tmp_path / "run" / "opsd" / "all-s0"
+    assert [json.loads(line)["step"] for line in (arm / "checks.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert json.loads((arm / "selection.json").read_text())["rule"] == "shortest_within_tolerance"
+    record = json.loads((arm / "settings.json").read_text())
+    assert record["settings"]["opsd.check_every"] == 1 and record["settings"]["eval.problems"] == 2

@@ -372,10 +372,14 @@ def stage_settings(config: PipelineConfig, step: Step) -> dict:
         return settings
     verifier = verifier_settings(config)
     if step.kind == "rlvr":
-        return {**flatten("rlvr", config.rlvr), **common, **verifier}
-    arm = next(arm for arm in config.arms if arm.name == step.arm)
-    return {**flatten("opsd", config.arm_config(arm)), "arm": arm.name, "opsd_seed": step.opsd_seed,
-            **common, **verifier}
+        section, settings = config.rlvr, {**flatten("rlvr", config.rlvr), **common, **verifier}
+    else:
+        arm = next(arm for arm in config.arms if arm.name == step.arm)
+        section = config.arm_config(arm)
+        settings = {**flatten("opsd", section), "arm": arm.name, "opsd_seed": step.opsd_seed, **common, **verifier}
+    if section.check_every:  # the held-out check's problems (`check_problems`) follow the evaluation's
+        settings.update({"eval.sets": list(config.eval.sets[:1]), "eval.problems": config.eval.problems})
+    return settings
 
 
 def eval_settings(config: PipelineConfig, set_name: str, sampling: SamplingConfig, context: str) -> tuple[dict, dict]:
@@ -601,9 +605,29 @@ def _train_rlvr(run: Run, step: Step) -> None:
         model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
         examples = run.task.examples("train", config.rlvr.train_problems)
         run_rlvr(model, tokenizer, examples, run.verifier, config.rlvr, stage_dir, thinking=config.task.thinking,
-                 seed=config.seed)
+                 seed=config.seed, check_examples=check_problems(config, config.rlvr))
 
     _train_stage(run, stage_dir, "rlvr", "[rlvr]", train)
+
+
+def check_problems(config: PipelineConfig, stage) -> list[Example] | None:
+    """The held-out problems a stage grades while it trains (`stage.check_every` > 0), disjoint from
+    the evaluation's: the task's test problems after the first `eval.problems`, or the rows of the
+    first evaluation file after them. A checkpoint chosen on the problems it is then scored on would
+    be scored too well."""
+    if not stage.check_every:
+        return None
+    first, start, wanted = config.eval.sets[0], config.eval.problems, stage.check_problems
+    if is_task_set(config, first):
+        task = build_task(config.task.name, config.task.options, seed=config.seed)
+        problems = task.examples("test", start + wanted)[start:]
+    else:
+        columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap()
+        problems = load_examples(first, columns, split="test", limit=start + wanted, optional_solution=True)[start:]
+    if not problems:
+        raise ConfigError(f"check_every: the held-out check needs problems beyond the {start} evaluated ones of "
+                          f"{first}; lower eval.problems or evaluate on a larger set")
+    return problems
 
 
 def _train_arm(run: Run, step: Step) -> None:
@@ -616,7 +640,7 @@ def _train_arm(run: Run, step: Step) -> None:
         examples = run.task.examples("train", arm_config.train_problems)
         model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
         run_opsd(model, tokenizer, examples, run.verifier, arm_config, stage_dir, thinking=config.task.thinking,
-                 seed=step.opsd_seed)
+                 seed=step.opsd_seed, check_examples=check_problems(config, arm_config))
 
     _train_stage(run, stage_dir, step.checkpoint, f"[opsd] arm {arm.name} seed {step.opsd_seed}", train)
 
