@@ -39,6 +39,12 @@ def fabricate(root: Path) -> Path:
     return root
 
 
+def findings_of(text: str) -> str:
+    """The findings section, which opens the report over seeds."""
+    assert text.index("## Findings (hold in every seed)") < text.index("## How to read this report")
+    return text.split("## Findings (hold in every seed)")[1].split("\n## ")[0]
+
+
 def test_spread_and_consistent_sign_hand_computed():
     # sample sd (ddof=1) of 0.5 and 1.0: sqrt((0.25² + 0.25²) / 1) = 0.25·√2
     assert spread([0.5, 1.0]) == pytest.approx({"n": 2, "mean": 0.75, "sd": 0.25 * 2 ** 0.5, "min": 0.5, "max": 1.0})
@@ -74,7 +80,7 @@ def test_the_report_states_only_what_holds_in_every_seed(tmp_path):
     assert "| opsd-all-s0 | 0 | +50.0 pp [+50.0, +50.0] | -50.0% [-50.0%, -50.0%] | +3.500 |" in text
     assert "| opsd-all-s0 | 1 | +0.0 pp [+0.0, +0.0] | -50.0% [-50.0%, -50.0%] | +0.500 |" in text
     assert "| opsd-all-s0 | 2/2 | no | shorter in every seed |" in text
-    findings = text.split("### Findings (hold in every seed)")[1].split("###")[0]
+    findings = findings_of(text)
     assert "`opsd-all-s0` is shorter than `rlvr` in every seed (-50.0% to -50.0%)" in findings
     assert "teacher prompt (`solution`) is more accurate than the student prompt in every seed" in findings
     assert "accurate than `rlvr`" not in findings  # +50 pp in one seed, 0 in the other: not a finding
@@ -137,7 +143,7 @@ def test_each_stage_against_the_one_before_it_hand_computed(tmp_path):
     assert "| rlvr | 0 | +0.0 pp [+0.0, +0.0] | -50.0% [-50.0%, -50.0%] | +0.500 |" in text
     assert "| rlvr | 1 | +50.0 pp [+50.0, +50.0] | -50.0% [-50.0%, -50.0%] | – |" in text
     assert "| opsd-unrelated-s0 | 0 | -100.0 pp [-100.0, -100.0] | +100.0% [+100.0%, +100.0%] |" in text
-    findings = text.split("### Findings (hold in every seed)")[1].split("###")[0]
+    findings = findings_of(text)
     assert "`rlvr` is shorter than `sft` in every seed (-50.0% to -50.0%)" in findings
     assert "`rlvr` is more accurate than `sft`" not in findings  # +0 pp in seed 0
     assert "`opsd-unrelated-s0` is less accurate than the `all` arm in every seed (-100.0 to -50.0 pp)" in findings
@@ -159,7 +165,7 @@ def test_the_teacher_prompt_across_stages_hand_computed(tmp_path):
     assert [by_seed[s]["length_change"] for s in (0, 1)] == pytest.approx([0.0, 0.0])
     text = write_report(root).read_text()
     assert "### The teacher prompt (`solution`): `rlvr` against `sft` per seed" in text
-    findings = text.split("### Findings (hold in every seed)")[1].split("###")[0]
+    findings = findings_of(text)
     assert ("- `rlvr` on the teacher prompt (`solution`) is less accurate than `sft` on the same prompt in every "
             "seed (-50.0 to -50.0 pp).") in findings
     assert "`rlvr` is shorter than `sft` in every seed" in findings  # the student prompt's own change stays
@@ -170,7 +176,7 @@ def test_a_checkpoint_missing_in_one_seed_is_no_finding(tmp_path):
     _eval(root / "seed-1", "opsd-extra-s0", "synthetic", 2, 10)  # only seed 1 has this arm
     text = write_report(root).read_text()
     assert "| opsd-extra-s0 | 1/2 | no | no |" in text
-    assert "`opsd-extra-s0`" not in text.split("### Findings (hold in every seed)")[1].split("###")[0]
+    assert "`opsd-extra-s0`" not in findings_of(text)
 
 
 def test_a_configured_seed_still_to_run_means_no_finding_yet(tmp_path):
@@ -178,7 +184,7 @@ def test_a_configured_seed_still_to_run_means_no_finding_yet(tmp_path):
     (root / "config.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2]}))
     text = write_report(root).read_text()
     assert "| opsd-all-s0 | 2/3 | no | no |" in text and "| rlvr | solution |" in text
-    assert "- None:" in text.split("### Findings (hold in every seed)")[1].split("###")[0]
+    assert "- None:" in findings_of(text)
 
 
 def test_a_single_seed_run_directory_keeps_its_report(tmp_path):
@@ -197,12 +203,12 @@ def test_an_arm_with_several_opsd_seeds_states_a_finding_only_if_every_draw_hold
     (root / "config.yaml").write_text(yaml.safe_dump({**config, "opsd_seeds": [0, 1]}))
     for seed, rlvr_tokens in {0: 10, 1: 20}.items():
         _eval(root / f"seed-{seed}", "opsd-all-s1", "synthetic", 2, rlvr_tokens // 2)
-    findings = write_report(root).read_text().split("### Findings (hold in every seed)")[1].split("###")[0]
+    findings = findings_of(write_report(root).read_text())
     assert ("- `opsd-all` (OPSD seeds 0, 1) is shorter than `rlvr` in every pipeline seed and OPSD seed "
             "(-50.0% to -50.0%).") in findings
     assert "more accurate than `rlvr`" not in findings
     assert "`opsd-all-s1`" not in findings  # no per-draw statement beside the pooled one
 
     shutil.rmtree(root / "seed-1" / "eval" / "opsd-all-s1")  # a draw still to run: no finding yet
-    findings = write_report(root).read_text().split("### Findings (hold in every seed)")[1].split("###")[0]
+    findings = findings_of(write_report(root).read_text())
     assert "`opsd-all`" not in findings

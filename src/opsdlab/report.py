@@ -2,10 +2,11 @@
 
 `write_report(run_dir)` reads the resolved config, evaluation summaries and samples, training
 metrics and OPSD token statistics, and writes `report/report.md` with PNG figures. It can be rerun
-at any time, on a finished or a partial run. A run over pipeline seeds (`seed-<n>/` directories,
-`pipeline.run_seeds`) gets each seed's own report plus one over seeds: spread per checkpoint, the
-teacher advantage and every arm's paired change per seed, and as findings only what holds in every
-seed.
+at any time, on a finished or a partial run. It opens with its findings (each change with its paired
+95% CI, stated only when the CI excludes 0) and a short guide to its metrics. A run over pipeline
+seeds (`seed-<n>/` directories, `pipeline.run_seeds`) gets each seed's own report plus one over
+seeds: spread per checkpoint, the teacher advantage and every arm's paired change per seed, and as
+findings only what holds in every seed.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from opsdlab.metrics import (  # noqa: E402
 from opsdlab.runtime import read_jsonl  # noqa: E402
 
 MARKERS = HESITATION_MARKERS + ("let me add them again",)
-CURVES = (("rollouts/accuracy", "rollout accuracy"), ("rollouts/mean_length", "rollout length (tokens)"),
-          ("loss", "loss"))
+STAGE_COLORS = {"base": "tab:gray", "sft": "tab:brown", "rlvr": "black"}
+ARM_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:pink", "tab:olive", "tab:cyan")
+POINT_MARKERS = "os^DvP*Xph"
+SAMPLE_PROBLEMS = 4
 
 
 def checkpoint_order(run_dir: Path) -> list[str]:
@@ -66,47 +69,407 @@ def load_eval(run_dir: Path, checkpoint: str, set_name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _samples(run_dir: Path, checkpoint: str, folder: str):
+    path = run_dir / "eval" / checkpoint / folder / "samples.jsonl"
+    return read_samples(path) if path.exists() else None
+
+
 def _fmt(value, pattern="{:.3f}") -> str:
     return "–" if value is None else pattern.format(value)
 
 
-def results_table(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
-    ref = load_eval(run_dir, reference, set_name) if reference else None
-    lines = ["| checkpoint | avg@k [95% CI] | maj@k | greedy | mean tokens | median | thinking | truncated "
-             f"| length vs {reference} | teacher prompt |", "|" + "---|" * 10]
+def palette(config: dict, names=()) -> dict[str, str]:
+    """The one colour of each checkpoint in every figure of a report: fixed for base, sft and rlvr,
+    one per OPSD arm in configured order, keyed by arm (`all`) and by checkpoint (`opsd-all-s0`;
+    an arm's OPSD seeds share its colour)."""
+    arms = [entry["name"] for entry in config.get("arms") or []]
+    arms += sorted({arm_of(n) for n in names if n.startswith("opsd-")} - set(arms))
+    colors = {**STAGE_COLORS, **{arm: ARM_COLORS[i % len(ARM_COLORS)] for i, arm in enumerate(arms)}}
+    return {**colors, **{n: colors[arm_of(n)] for n in names if n.startswith("opsd-")}}
+
+
+def k_of(run_dirs, set_name: str) -> int | str:
+    """Samples per problem of the set's evaluations in these run directories (the k of avg@k); "k"
+    when none is finished."""
+    return next((s["samples_per_problem"] for d in run_dirs for n in checkpoint_order(d)
+                 if (s := load_eval(d, n, set_name))), "k")
+
+
+def reading_guide(k: int | str, max_tokens: int | None, with_flips: bool = True) -> list[str]:
+    """What every metric of the report means, before its first use."""
+    limit = f" ({max_tokens} tokens here)" if max_tokens else ""
+    return [
+        "## How to read this report", "",
+        f"- **avg@{k}** (avg@k with k = {k}): each held-out problem gets {k} sampled responses; avg@{k} is the share "
+        "of correct responses, averaged over problems (the accuracy of one sampled response). Its 95% CI resamples "
+        "problems.",
+        f"- **pass@{k}**: the share of problems with at least one correct response among the {k} (unbiased "
+        f"estimator, Chen et al. 2021). **maj@{k}**: the share of problems whose most frequent answer among the "
+        f"{k} is correct. **greedy**: accuracy of one temperature-0 response per problem.",
+        "- **length**: tokens in a response (its thinking included, its end token not); *mean tokens* averages "
+        f"over all responses. **truncated**: the share of responses that hit the generation limit{limit} "
+        "before finishing (they rarely contain an answer).",
+        "- **pp** (percentage points): the difference of two accuracies, e.g. 40% → 43% is +3 pp. Length "
+        "changes are relative: −10% is a tenth shorter.",
+        "- **paired 95% CI**: both checkpoints answered the same problems, so the bootstrap resamples problems "
+        "(1000 draws) and recomputes both on each draw; problem difficulty cancels out. A change is stated as "
+        "a finding only when its CI excludes 0.",
+        "- **AES** (accuracy-efficiency score, O1-Pruner): ΔL + 3·ΔAcc, or ΔL − 5·|ΔAcc| when accuracy drops, "
+        "with ΔL = (L_before − L) / L_before (positive: shorter) and ΔAcc = (Acc − Acc_before) / Acc_before, "
+        "both relative; above 0 is a better trade. E.g. 20% shorter at a 10% relative accuracy loss: "
+        "0.2 − 5·0.1 = −0.3.",
+        *[f"- **correct→incorrect / incorrect→correct**: problems solved (more than half of the {k} responses "
+          "correct) before and not after, and the reverse."] * with_flips, ""]
+
+
+def _pp(d: dict) -> str:
+    lo, hi = d["accuracy_diff_ci"]
+    return f"{100 * d['accuracy_diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _pct(d: dict) -> str:
+    lo, hi = d["length_change_ci"]
+    return f"{d['length_change']:+.1%} [{lo:+.1%}, {hi:+.1%}]"
+
+
+def consistent_sign(intervals: list[tuple[float, float]]) -> int:
+    """+1 if every interval lies above 0, −1 if every one lies below 0, else 0 (not a finding)."""
+    if intervals and all(lo > 0 for lo, _ in intervals):
+        return 1
+    if intervals and all(hi < 0 for _, hi in intervals):
+        return -1
+    return 0
+
+
+def change_finding(name: str, before: str, d: dict) -> str:
+    """One paired change as a findings line: each of accuracy (pp) and length (%) with its CI, named
+    as a change only when the CI excludes 0."""
+    acc, length = _pp(d), _pct(d)
+    acc_text = {1: f"more accurate, {acc}", -1: f"less accurate, {acc}",
+                0: f"accuracy: no change detected ({acc})"}[consistent_sign([d["accuracy_diff_ci"]])]
+    length_text = {1: f"longer, {length}", -1: f"shorter, {length}",
+                   0: f"length: no change detected ({length})"}[consistent_sign([d["length_change_ci"]])]
+    return f"- `{name}` against `{before}`: {acc_text}; {length_text}."
+
+
+def paired_change(before, after) -> dict:
+    """Paired bootstrap change of accuracy and length against the reference, the AES and the flips."""
+    d = bootstrap_diff_ci(before, after)
+    d["aes"] = (accuracy_efficiency_score(d["accuracy_before"], d["accuracy_after"], d["mean_length_before"],
+                                          d["mean_length_after"])
+                if d["accuracy_before"] > 0 and d["mean_length_before"] > 0 else None)
+    d["flips"] = flips(before, after)
+    return d
+
+
+def run_changes(run_dir: Path, set_name: str) -> dict[tuple[str, str], dict]:
+    """(checkpoint, the checkpoint it started from) -> `paired_change`: each of sft and rlvr against
+    the stage before it, each OPSD arm against its starting checkpoint."""
+    changes = {key: by_seed[0] for key, by_seed in stage_changes({0: run_dir}, set_name).items()}
+    names = checkpoint_order(run_dir)
+    reference = reference_of(names)
+    return {**changes, **{(name, reference): d for name, d in arm_changes(run_dir, names, set_name, reference).items()}}
+
+
+def results_table(run_dir: Path, names: list[str], set_name: str, k) -> list[str]:
+    lines = [f"| checkpoint | avg@{k} [95% CI] | pass@{k} | maj@{k} | greedy | mean tokens | median | thinking | "
+             f"truncated | teacher prompt avg@{k} |", "|" + "---|" * 10]
     for name in names:
         s = load_eval(run_dir, name, set_name)
         if s is None:
             continue
         greedy = load_eval(run_dir, name, f"{set_name}-greedy")
-        teacher = [load_eval(run_dir, name, p.name) for p in sorted((run_dir / "eval" / name).glob(f"{set_name}-teacher-*"))]
-        change = ((s["mean_response_tokens"] - ref["mean_response_tokens"]) / ref["mean_response_tokens"]
-                  if ref and name.startswith("opsd-") else None)
+        teacher = [load_eval(run_dir, name, p.name)
+                   for p in sorted((run_dir / "eval" / name).glob(f"{set_name}-teacher-*"))]
         teacher_text = ", ".join(f"{t['context']}: {t['avg_at_k']:.3f}" for t in teacher if t) or "–"
         lines.append(
             f"| {name} | {s['avg_at_k']:.3f} [{s['avg_at_k_ci'][0]:.3f}, {s['avg_at_k_ci'][1]:.3f}] | "
-            f"{s['maj_at_k']:.3f} | {_fmt(greedy and greedy['avg_at_k'])} | {s['mean_response_tokens']:.1f} | "
-            f"{s['median_response_tokens']:.0f} | {s['mean_thinking_tokens']:.1f} | {s['truncation_rate']:.1%} | "
-            f"{_fmt(change, '{:+.1%}')} | {teacher_text} |")
+            f"{s['pass_at_k']:.3f} | {s['maj_at_k']:.3f} | {_fmt(greedy and greedy['avg_at_k'])} | "
+            f"{s['mean_response_tokens']:.1f} | {s['median_response_tokens']:.0f} | {s['mean_thinking_tokens']:.1f} | "
+            f"{s['truncation_rate']:.1%} | {teacher_text} |")
     return lines
 
 
-def arm_summary(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
-    """Per OPSD arm, over seeds: mean accuracy and length change with bootstrap CIs over seeds."""
+def arm_summary(run_dir: Path, names: list[str], set_name: str, k) -> list[str]:
+    """Per OPSD arm trained with several OPSD seeds: accuracy and length over those seeds (empty when
+    every arm has one seed: the results table already holds it)."""
     by_arm = defaultdict(list)
     for name in names:
         if name.startswith("opsd-") and (s := load_eval(run_dir, name, set_name)):
             by_arm[arm_of(name)].append(s)
-    ref = load_eval(run_dir, reference, set_name) if reference else None
-    if not by_arm:
+    if all(len(runs) < 2 for runs in by_arm.values()):
         return []
-    lines = [f"| arm | seeds | avg@k (mean [CI] over seeds) | mean tokens | length vs {reference} |",
-             "|---|---|---|---|---|"]
+    lines = [f"| arm | OPSD seeds | avg@{k}: mean ± sd (min–max) | mean tokens: mean ± sd (min–max) |",
+             "|---|---|---|---|"]
     for arm, runs in by_arm.items():
-        acc = mean_ci([r["avg_at_k"] for r in runs])
-        tokens = mean_ci([r["mean_response_tokens"] for r in runs])
-        change = f"{(tokens[0] - ref['mean_response_tokens']) / ref['mean_response_tokens']:+.1%}" if ref else "–"
-        lines.append(f"| {arm} | {len(runs)} | {acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}] | {tokens[0]:.1f} | {change} |")
+        lines.append(f"| {arm} | {len(runs)} | {_spread_cell([r['avg_at_k'] for r in runs], '{:.3f}')} | "
+                     f"{_spread_cell([r['mean_response_tokens'] for r in runs], '{:.1f}')} |")
+    return lines
+
+
+def changes_table(run_dir: Path, changes: dict[tuple[str, str], dict], set_name: str) -> list[str]:
+    """Each checkpoint against the one it started from: paired changes, AES, flips and hesitation."""
+    lines = ["| checkpoint | against | Δ accuracy [95% CI] | length change [95% CI] | AES | correct→incorrect | "
+             "incorrect→correct | hesitation markers / 1k tokens (before → after) |", "|---" * 8 + "|"]
+    for (name, before), d in changes.items():
+        density = [_fmt(hesitation_density([s.text for s in samples], MARKERS,
+                                           token_counts=[s.response_tokens for s in samples])["density"], "{:.1f}")
+                   for samples in (_samples(run_dir, before, set_name), _samples(run_dir, name, set_name))]
+        lines.append(f"| {name} | {before} | {_pp(d)} | {_pct(d)} | {_fmt(d['aes'], '{:+.3f}')} | "
+                     f"{d['flips']['correct_to_incorrect']} | {d['flips']['incorrect_to_correct']} | "
+                     f"{density[0]} → {density[1]} |")
+    return lines
+
+
+def _save(fig, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_length(run_dir: Path, names: list[str], set_name: str, colors: dict, k, out: Path) -> None:
+    """avg@k against mean length per checkpoint, both with 95% CIs over problems; each point labelled,
+    the labels stacked in a column beside the points so that close points stay readable."""
+    points = []
+    for name in names:
+        s, samples = load_eval(run_dir, name, set_name), _samples(run_dir, name, set_name)
+        if s is None or samples is None:
+            continue
+        lengths = defaultdict(list)
+        for sample in samples:
+            lengths[sample.problem_id].append(sample.response_tokens)
+        _, x_lo, x_hi = mean_ci([np.mean(v) for v in lengths.values()])
+        points.append((name, s["mean_response_tokens"], x_lo, x_hi, s["avg_at_k"], *s["avg_at_k_ci"]))
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (name, x, x_lo, x_hi, y, y_lo, y_hi) in enumerate(points):
+        ax.errorbar(x, y, xerr=[[x - x_lo], [x_hi - x]], yerr=[[y - y_lo], [y_hi - y]], fmt=POINT_MARKERS[i % 10],
+                    ms=7, capsize=3, color=colors.get(name, "tab:gray"), alpha=0.85, label=name)
+    x_left, x_right = min(p[2] for p in points), max(p[3] for p in points)
+    x_span = x_right - x_left or 1.0
+    y_span = max(p[6] for p in points) - min(p[5] for p in points) or 0.1
+    label_ys = _spread_apart(sorted(p[4] for p in points), 0.07 * y_span)
+    for (name, x, _, _, y, _, _), label_y in zip(sorted(points, key=lambda p: p[4]), label_ys):
+        ax.annotate(name, (x, y), xytext=(x_right + 0.08 * x_span, label_y), fontsize=8, va="center",
+                    color=colors.get(name, "tab:gray"), arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.6"})
+    ax.set_xlim(x_left - 0.05 * x_span, x_right + 0.45 * x_span)  # room for the labels' column
+    ax.set_xlabel("mean response tokens (95% CI over problems)")
+    ax.set_ylabel(f"avg@{k} accuracy (95% CI over problems)")
+    ax.set_title(f"accuracy vs length: {set_name}")
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+
+
+def _spread_apart(values: list[float], gap: float) -> list[float]:
+    """Sorted `values` moved apart to at least `gap` from each other, centred on where they were."""
+    moved = list(values)
+    for i in range(1, len(moved)):
+        moved[i] = max(moved[i], moved[i - 1] + gap)
+    shift = (sum(moved) - sum(values)) / len(values) if values else 0.0
+    return [v - shift for v in moved]
+
+
+def plot_length_distributions(run_dir: Path, names: list[str], set_name: str, colors: dict, out: Path) -> bool:
+    """Per checkpoint, response-length histograms of correct and incorrect responses as outlines on
+    shared bins, so neither hides the other."""
+    loaded = {n: s for n in names if n != "base" and (s := _samples(run_dir, n, set_name))}
+    if not loaded:
+        return False
+    tokens = [s.response_tokens for samples in loaded.values() for s in samples]
+    bins = np.linspace(min(tokens), max(max(tokens), min(tokens) + 1), 25)  # shared by every panel
+    fig, axes = plt.subplots(1, len(loaded), figsize=(3.2 * len(loaded), 3.2), sharey=True, squeeze=False)
+    for ax, (name, samples) in zip(axes[0], loaded.items()):
+        for correct, color, label in ((True, "tab:green", "correct"), (False, "tab:red", "incorrect")):
+            tokens = [s.response_tokens for s in samples if s.correct == correct]
+            ax.hist(tokens, bins=bins, histtype="step", lw=1.6, color=color, label=f"{label} ({len(tokens)})")
+        ax.set_title(name, fontsize=9, color=colors.get(name, "black"))
+        ax.set_xlabel("response tokens")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("responses")
+    _save(fig, out)
+    return True
+
+
+def plot_training_curves(run_dir: Path, config: dict, colors: dict, out: Path) -> bool:
+    """Rollout accuracy and length (RLVR and OPSD arms), then each stage's own loss on its own axis:
+    SFT cross-entropy, the RLVR policy loss and the OPSD divergence are different quantities."""
+    files = {s: run_dir / s / "metrics.jsonl" for s in ("sft", "rlvr")}
+    files.update({f"opsd-{p.parent.name}": p for p in sorted((run_dir / "opsd").glob("*/metrics.jsonl"))})
+    records = {name: read_jsonl(path) for name, path in files.items() if path.exists()}
+    opsd = config.get("opsd") or {}
+    divergence = "/".join(sorted({arm.get("divergence", opsd.get("divergence", "divergence"))
+                                  for arm in config.get("arms") or [{}]}))
+    panels = [("rollouts/accuracy", "rollout accuracy", lambda n: n != "sft"),
+              ("rollouts/mean_length", "rollout length (tokens)", lambda n: n != "sft"),
+              ("loss", "SFT loss (cross-entropy)", lambda n: n == "sft"),
+              ("loss", f"RLVR loss ({(config.get('rlvr') or {}).get('loss_type', 'policy')})", lambda n: n == "rlvr"),
+              ("loss", f"OPSD loss (per-token {divergence})", lambda n: n.startswith("opsd-"))]
+    panels = [p for p in panels if any(p[2](n) and any(p[0] in r for r in rs) for n, rs in records.items())]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (key, label, shown) in zip(axes[0], panels):
+        for name, rows in records.items():
+            points = sorted({r["step"]: r[key] for r in rows if key in r}.items())  # a resumed run relogs steps
+            if shown(name) and points:
+                ax.plot(*zip(*points), label=name, lw=1.2, marker=".", color=colors.get(name, "tab:gray"))
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    _save(fig, out)
+    return True
+
+
+def arm_changes(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> dict[str, dict]:
+    """`paired_change` of every evaluated OPSD checkpoint against `reference`, by checkpoint name."""
+    before = _samples(run_dir, str(reference), set_name) if reference else None
+    if before is None:
+        return {}
+    return {name: paired_change(before, after) for name in names
+            if name.startswith("opsd-") and (after := _samples(run_dir, name, set_name)) is not None}
+
+
+def draw_changes(points: list[tuple[str, str, dict]], reference: str, colors: dict, title: str, out: Path) -> None:
+    """Accuracy change (pp) against length change (%) with paired CI bars; one colour per arm.
+
+    `points` are (arm, note, paired_change); a non-empty note is written next to its point.
+    """
+    draw_ci_scatter([(arm, note, _scaled(d, "length_change"), _scaled(d, "accuracy_diff")) for arm, note, d in points],
+                    f"length change vs {reference} (%)", f"accuracy change vs {reference} (pp)", colors, title, out)
+
+
+def _scaled(d: dict, key: str) -> tuple[float, float, float]:
+    """(value, CI low, CI high) of `key` in a paired change, in percent / percentage points."""
+    low, high = d[f"{key}_ci"]
+    return 100 * d[key], 100 * low, 100 * high
+
+
+def draw_ci_scatter(points: list[tuple[str, str, tuple, tuple]], xlabel: str, ylabel: str, colors: dict, title: str,
+                    out: Path) -> None:
+    """One point per (arm, note, (x, x low, x high), (y, y low, y high)) with its CI bars on both axes,
+    in the arm's colour and marker, the note written next to its point; grey lines at 0."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    arms = list(dict.fromkeys(arm for arm, *_ in points))
+    for arm, note, (x, xl, xh), (y, yl, yh) in points:
+        color = colors.get(arm, "tab:gray")
+        ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt=POINT_MARKERS[arms.index(arm) % 10],
+                    capsize=2, color=color, alpha=0.85, label=arm)
+        if note:
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4 + 8 * arms.index(arm)), fontsize=7,
+                        color=color)  # one row per arm, so that notes of coinciding points stay apart
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+
+
+def readable_token(text: str) -> str:
+    """A token as a Markdown code span with its whitespace shown: ⏎ newline, ␣ space, ⇥ tab."""
+    shown = text.replace("\n", "⏎").replace(" ", "␣").replace("\t", "⇥").replace("|", "\\|") or "∅"
+    return f"`` {shown} ``" if "`" in shown else f"`{shown}`"
+
+
+def token_shifts(run_dir: Path, config: dict, colors: dict, out: Path) -> list[str]:
+    """Tokens whose log-probability the teacher lowers/raises most, per OPSD arm, and the per-token
+    divergence by response position, both from the training rollouts `token_stats.jsonl` keeps."""
+    stats = {f"opsd-{path.parent.name}": rows for path in sorted((run_dir / "opsd").glob("*/token_stats.jsonl"))
+             if (rows := read_jsonl(path))}
+    if not stats:
+        return []
+    tokenizer = _tokenizer(run_dir)
+    lines = ["Per OPSD arm, over the training rollouts whose per-token numbers were kept: the tokens whose "
+             "**shift** = log p_T − log p_S is most negative and most positive on average (teacher log-prob minus "
+             "student log-prob of the sampled token; negative: the teacher wants the token less than the student "
+             "does, so training lowers it; positive: the teacher prefers it more). ⏎ is a newline, ␣ a space; "
+             "(×n) counts the token's occurrences (5 at least).", "",
+             "| arm | teacher lowers most: token shift (×n) | teacher raises most: token shift (×n) |",
+             "|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    divergences = set()
+    for arm, rows in stats.items():
+        records = [(tokenizer.decode([t]) if tokenizer else str(t), shift)
+                   for row in rows for t, shift in zip(row["token_ids"], row["logp_shift"])]
+        top = top_tokens_by_shift(records, n=8)
+        cells = [", ".join(f"{readable_token(x['token'])} {x['mean_shift']:+.2f} (×{x['count']})" for x in top[side])
+                 or "–" for side in ("lowered", "raised")]
+        lines.append(f"| {arm} | {cells[0]} | {cells[1]} |")
+        names = sorted({row.get("divergence", "?") for row in rows})
+        divergences.update(names)
+        steps = sorted({row["step"] for row in rows})
+        curve = per_position_mean([row["loss"] for row in rows], bucket=4)
+        ax.plot([4 * i for i in range(len(curve))], curve, lw=1.2, color=colors.get(arm, "tab:gray"),
+                label=f"{arm}: {'/'.join(names)}, {len(steps)} steps, {len(rows)} rollouts, {len(records)} tokens")
+    which = "/".join(sorted(divergences))
+    ax.set_xlabel("response position (tokens, buckets of 4)")
+    ax.set_ylabel(f"per-token {which} (teacher vs student)")
+    ax.set_title(f"OPSD per-token {which} by response position (training rollouts)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+    return lines
+
+
+def _tokenizer(run_dir: Path):
+    from opsdlab.models import load_tokenizer
+
+    for folder in (run_dir / "rlvr" / "model", run_dir / "sft" / "model", run_dir / "base" / "model"):
+        if (folder / "tokenizer_config.json").exists():
+            return load_tokenizer(folder)
+    return None
+
+
+def held_out_problems(run_dir: Path, set_name: str) -> dict:
+    """The evaluation set's problems by id (`data.Example`), rebuilt from the run's config the way the
+    pipeline built them: evaluations keep only problem ids."""
+    from opsdlab.config import load_config
+    from opsdlab.pipeline import eval_sets
+    from opsdlab.tasks import build_task
+
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'}: no such file")
+    config = load_config(run_dir / "config.yaml")
+    task = build_task(config.task.name, config.task.options, seed=config.seed)
+    return {example.id: example for example in eval_sets(config, task).get(set_name, [])}
+
+
+def sample_section(run_dir: Path, names: list[str], set_name: str, reference: str | None,
+                   count: int = SAMPLE_PROBLEMS) -> list[str]:
+    """`count` problems with their text and gold answer, and the first response of the starting
+    checkpoint and of every OPSD arm: problems where those responses disagree on correctness first."""
+    shown = [n for n in names if n == reference or n.startswith("opsd-")]
+    firsts = {n: {s.problem_id: s for s in samples if s.sample_index == 0}
+              for n in shown if (samples := _samples(run_dir, n, set_name))}
+    if not firsts:
+        return []
+    ids = list(next(iter(firsts.values())))
+    disagree = [p for p in ids if len({by_id[p].correct for by_id in firsts.values() if p in by_id}) > 1]
+    chosen = (disagree + [p for p in ids if p not in disagree])[:count]
+    try:
+        problems, missing = held_out_problems(run_dir, set_name), "not in the evaluation set rebuilt from config.yaml"
+    except Exception as error:  # an old or moved run still gets its report, saying why the text is missing
+        problems, missing = {}, f"could not rebuild the evaluation set: {type(error).__name__}: {error}"
+    lines = [f"The first response of `{reference}` and of each OPSD arm to {len(chosen)} of the {len(ids)} problems; "
+             f"problems where these responses disagree on correctness come first ({len(disagree)} here).", ""]
+    for pid in chosen:
+        lines += [f"#### Problem `{pid}`", ""]
+        if example := problems.get(pid):
+            lines += [*(f"> {line}" for line in example.problem.strip().splitlines()), "",
+                      f"Gold answer: `{example.answer}`", ""]
+        else:
+            lines += [f"(problem text and gold answer unavailable: {missing})", ""]
+        for name, by_id in firsts.items():
+            if s := by_id.get(pid):
+                verdict = "correct" if s.correct else ("wrong, no answer found" if s.answer is None
+                                                       else f"wrong (answer: `{s.answer}`)")
+                lines += [f"**{name}**: {verdict}, {s.response_tokens} tokens{', truncated' if s.truncated else ''}",
+                          "", "```text", s.text.strip(), "```", ""]
     return lines
 
 
@@ -196,221 +559,6 @@ def probe_seed_table(seeds: dict[int, Path]) -> list[str]:
     return lines
 
 
-def plot_accuracy_length(run_dir: Path, names: list[str], set_name: str, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name in names:
-        s = load_eval(run_dir, name, set_name)
-        if s is None:
-            continue
-        lo, hi = s["avg_at_k_ci"]
-        ax.errorbar(s["mean_response_tokens"], s["avg_at_k"], yerr=[[s["avg_at_k"] - lo], [hi - s["avg_at_k"]]],
-                    fmt="o", capsize=3, label=name)
-    ax.set_xlabel("mean response tokens")
-    ax.set_ylabel("avg@k accuracy (95% CI)")
-    ax.set_title(f"accuracy vs length: {set_name}")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def stage_metric_files(run_dir: Path) -> dict[str, Path]:
-    files = {s: run_dir / s / "metrics.jsonl" for s in ("sft", "rlvr")}
-    files.update({f"opsd-{p.parent.name}": p for p in sorted((run_dir / "opsd").glob("*/metrics.jsonl"))})
-    return {name: path for name, path in files.items() if path.exists()}
-
-
-def plot_training_curves(run_dir: Path, out: Path) -> bool:
-    files = stage_metric_files(run_dir)
-    if not files:
-        return False
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.8))
-    for name, path in files.items():
-        records = read_jsonl(path)
-        for ax, (key, label) in zip(axes, CURVES):
-            points = sorted({r["step"]: r[key] for r in records if key in r}.items())  # a resumed run relogs steps
-            if points:
-                ax.plot(*zip(*points), label=name, lw=1.2)
-            ax.set_title(label)
-            ax.set_xlabel("step")
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_length_distributions(run_dir: Path, names: list[str], set_name: str, out: Path) -> None:
-    shown = [n for n in names if (run_dir / "eval" / n / set_name / "samples.jsonl").exists() and n != "base"]
-    if not shown:
-        return
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], shown):
-        samples = read_samples(run_dir / "eval" / name / set_name / "samples.jsonl")
-        ax.hist([s.response_tokens for s in samples if s.correct], bins=20, alpha=0.6, label="correct")
-        ax.hist([s.response_tokens for s in samples if not s.correct], bins=20, alpha=0.6, label="incorrect")
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("tokens")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def flips_and_hesitation(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> list[str]:
-    lines = [f"| checkpoint | correct→incorrect | incorrect→correct | Δacc vs {reference} [95% CI] | length change "
-             "[95% CI] | AES | hesitation markers / 1k tokens |", "|---|---|---|---|---|---|---|"]
-    ref_path = run_dir / "eval" / str(reference) / set_name / "samples.jsonl"
-    before = read_samples(ref_path) if reference and ref_path.exists() else None
-    for name in names:
-        path = run_dir / "eval" / name / set_name / "samples.jsonl"
-        if not path.exists() or name == "base":
-            continue
-        after = read_samples(path)
-        density = hesitation_density([s.text for s in after], MARKERS, token_counts=[s.response_tokens for s in after])
-        flip_cells, diff_cells, aes = "– | –", "– | –", "–"
-        if before is not None and name.startswith("opsd-"):
-            f = flips(before, after)
-            d = paired_change(before, after)
-            flip_cells = f"{f['correct_to_incorrect']} | {f['incorrect_to_correct']}"
-            diff_cells = (f"{d['accuracy_diff']:+.3f} [{d['accuracy_diff_ci'][0]:+.3f}, {d['accuracy_diff_ci'][1]:+.3f}] | "
-                          f"{d['length_change']:+.1%} [{d['length_change_ci'][0]:+.1%}, {d['length_change_ci'][1]:+.1%}]")
-            aes = _fmt(d["aes"], "{:+.3f}")
-        lines.append(f"| {name} | {flip_cells} | {diff_cells} | {aes} | {density['density']:.1f} |")
-    return lines
-
-
-def paired_change(before, after) -> dict:
-    """Paired bootstrap change of accuracy and length against the reference, plus the AES."""
-    d = bootstrap_diff_ci(before, after)
-    d["aes"] = (accuracy_efficiency_score(d["accuracy_before"], d["accuracy_after"], d["mean_length_before"],
-                                          d["mean_length_after"])
-                if d["accuracy_before"] > 0 and d["mean_length_before"] > 0 else None)
-    return d
-
-
-def plot_changes(run_dir: Path, names: list[str], set_name: str, reference: str | None, out: Path) -> bool:
-    """The paper's two axes per OPSD arm: accuracy change vs length change against the reference, one
-    point per seed with its paired 95% CIs."""
-    changes = arm_changes(run_dir, names, set_name, reference)
-    if not changes:
-        return False
-    draw_changes([(arm_of(name), "", d) for name, d in changes.items()], reference,
-                 f"OPSD arms vs {reference}, one point per seed (95% CI): {set_name}", out)
-    return True
-
-
-def arm_changes(run_dir: Path, names: list[str], set_name: str, reference: str | None) -> dict[str, dict]:
-    """`paired_change` of every evaluated OPSD checkpoint against `reference`, by checkpoint name."""
-    ref_path = run_dir / "eval" / str(reference) / set_name / "samples.jsonl"
-    arms = [n for n in names if n.startswith("opsd-") and (run_dir / "eval" / n / set_name / "samples.jsonl").exists()]
-    if not reference or not ref_path.exists():
-        return {}
-    before = read_samples(ref_path)
-    return {name: paired_change(before, read_samples(run_dir / "eval" / name / set_name / "samples.jsonl"))
-            for name in arms}
-
-
-def draw_changes(points: list[tuple[str, str, dict]], reference: str, title: str, out: Path) -> None:
-    """Accuracy change (pp) against length change (%) with paired CI bars; one colour per arm.
-
-    `points` are (arm, note, paired_change); a non-empty note is written next to its point.
-    """
-    draw_ci_scatter([(arm, note, _scaled(d, "length_change"), _scaled(d, "accuracy_diff")) for arm, note, d in points],
-                    f"length change vs {reference} (%)", f"accuracy change vs {reference} (pp)", title, out)
-
-
-def _scaled(d: dict, key: str) -> tuple[float, float, float]:
-    """(value, CI low, CI high) of `key` in a paired change, in percent / percentage points."""
-    low, high = d[f"{key}_ci"]
-    return 100 * d[key], 100 * low, 100 * high
-
-
-def draw_ci_scatter(points: list[tuple[str, str, tuple, tuple]], xlabel: str, ylabel: str, title: str,
-                    out: Path) -> None:
-    """One point per (arm, note, (x, x low, x high), (y, y low, y high)) with its CI bars on both axes,
-    one colour per arm, the note written next to its point; grey lines at 0."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    colors, labeled = {}, set()
-    for arm, note, (x, xl, xh), (y, yl, yh) in points:
-        color = colors.setdefault(arm, f"C{len(colors)}")
-        ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=2, color=color,
-                    label=None if arm in labeled else arm)
-        if note:
-            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-        labeled.add(arm)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def token_shifts(run_dir: Path, out: Path) -> list[str]:
-    """Tokens the teacher lowers/raises most, per OPSD arm, and KL by response position."""
-    paths = sorted((run_dir / "opsd").glob("*/token_stats.jsonl"))
-    if not paths:
-        return []
-    tokenizer = _tokenizer(run_dir)
-    lines = []
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for path in paths:
-        rows = read_jsonl(path)
-        if not rows:
-            continue
-        records = [(tokenizer.convert_ids_to_tokens(t) if tokenizer else str(t), shift)
-                   for row in rows for t, shift in zip(row["token_ids"], row["logp_shift"])]
-        top = top_tokens_by_shift(records, n=8)
-        lowered = ", ".join(f"`{x['token']}` {x['mean_shift']:+.2f}" for x in top["lowered"])
-        raised = ", ".join(f"`{x['token']}` {x['mean_shift']:+.2f}" for x in top["raised"])
-        lines.append(f"| {path.parent.name} | {lowered or '–'} | {raised or '–'} |")
-        curve = per_position_mean([row["loss"] for row in rows], bucket=4)
-        ax.plot([4 * i for i in range(len(curve))], curve, label=path.parent.name, lw=1.2)
-    ax.set_xlabel("response position (tokens)")
-    ax.set_ylabel("per-token divergence")
-    ax.set_title("divergence by response position (training rollouts)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    header = ["| arm | teacher lowers most (mean log p_T − log p_S) | teacher raises most |", "|---|---|---|"]
-    return header + lines
-
-
-def _tokenizer(run_dir: Path):
-    from opsdlab.models import load_tokenizer
-
-    for folder in (run_dir / "rlvr" / "model", run_dir / "sft" / "model", run_dir / "base" / "model"):
-        if (folder / "tokenizer_config.json").exists():
-            return load_tokenizer(folder)
-    return None
-
-
-def sample_texts(run_dir: Path, names: list[str], set_name: str, per_row: int = 2) -> list[str]:
-    lines, problem_ids = [], None
-    for name in names:
-        path = run_dir / "eval" / name / set_name / "samples.jsonl"
-        if not path.exists() or name == "base":
-            continue
-        samples = [s for s in read_samples(path) if s.sample_index == 0]
-        if problem_ids is None:
-            problem_ids = [s.problem_id for s in samples[:per_row]]
-        for s in samples:
-            if s.problem_id in problem_ids:
-                verdict = "correct" if s.correct else "wrong"
-                lines += [f"**{name}**, problem `{s.problem_id}` ({verdict}, {s.response_tokens} tokens)", "",
-                          "```text", s.text.strip(), "```", ""]
-    return lines
-
-
 # ---------------------------------------------------------------- runs over pipeline seeds
 
 
@@ -436,17 +584,11 @@ def spread(values: list[float]) -> dict:
             "min": float(arr.min()), "max": float(arr.max())}
 
 
-def consistent_sign(intervals: list[tuple[float, float]]) -> int:
-    """+1 if every interval lies above 0, −1 if every one lies below 0, else 0 (not a finding)."""
-    if intervals and all(lo > 0 for lo, _ in intervals):
-        return 1
-    if intervals and all(hi < 0 for _, hi in intervals):
-        return -1
-    return 0
-
-
 def _spread_cell(values: list[float], pattern: str) -> str:
+    """mean ± sd (min–max) over seeds; the plain value when there is one seed (no spread to show)."""
     s = spread(values)
+    if s["n"] == 1:
+        return pattern.format(s["mean"])
     return (f"{pattern.format(s['mean'])} ± {pattern.format(s['sd'])} "
             f"({pattern.format(s['min'])}–{pattern.format(s['max'])})")
 
@@ -454,7 +596,8 @@ def _spread_cell(values: list[float], pattern: str) -> str:
 def seed_checkpoint_table(seeds: dict[int, Path], set_name: str) -> list[str]:
     """Per checkpoint, over seeds: avg@k and mean response tokens as mean ± sd (min–max)."""
     names = _union_order([checkpoint_order(d) for d in seeds.values()])
-    lines = ["| checkpoint | seeds | avg@k: mean ± sd (min–max) | mean tokens: mean ± sd (min–max) |",
+    lines = [f"| checkpoint | seeds | avg@{k_of(seeds.values(), set_name)}: mean ± sd (min–max) | "
+             "mean tokens: mean ± sd (min–max) |",
              "|---|---|---|---|"]
     for name in names:
         runs = [s for d in seeds.values() if (s := load_eval(d, name, set_name))]
@@ -468,11 +611,6 @@ def _union_order(orders: list[list[str]]) -> list[str]:
     names = {n for order in orders for n in order}
     fixed = [n for n in ("base", "sft", "rlvr") if n in names]
     return fixed + sorted(names - set(fixed))
-
-
-def _samples(run_dir: Path, checkpoint: str, folder: str):
-    path = run_dir / "eval" / checkpoint / folder / "samples.jsonl"
-    return read_samples(path) if path.exists() else None
 
 
 def teacher_advantages(seeds: dict[int, Path], set_name: str) -> dict[tuple[str, str], dict[int, dict]]:
@@ -572,23 +710,14 @@ def lead_and_change(seeds: dict[int, Path], config: dict, advantages: dict, chan
     return points
 
 
-def draw_lead_vs_change(points: list[tuple[str, int, dict, dict]], reference: str, title: str, out: Path) -> None:
+def draw_lead_vs_change(points: list[tuple[str, int, dict, dict]], reference: str, colors: dict, title: str,
+                        out: Path) -> None:
     """The arm's accuracy change (pp) against its teacher's advantage at the start (pp), with paired
     CI bars; one colour per arm, each point labelled with its pipeline seed."""
     draw_ci_scatter([(arm, f"s{seed}", _scaled(lead, "accuracy_diff"), _scaled(change, "accuracy_diff"))
                      for arm, seed, lead, change in points],
                     f"teacher prompt − student prompt accuracy at {reference} (pp)",
-                    f"arm's accuracy change vs {reference} (pp)", title, out)
-
-
-def _pp(d: dict) -> str:
-    lo, hi = d["accuracy_diff_ci"]
-    return f"{100 * d['accuracy_diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-
-
-def _pct(d: dict) -> str:
-    lo, hi = d["length_change_ci"]
-    return f"{d['length_change']:+.1%} [{lo:+.1%}, {hi:+.1%}]"
+                    f"arm's accuracy change vs {reference} (pp)", colors, title, out)
 
 
 def holds_in_every_seed(by_seed: dict[int, dict], seeds: list[int], key: str) -> int:
@@ -690,17 +819,14 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
     config = run_config(run_dir)
     order = [int(seed) for seed in config.get("seeds") or []] or list(seeds)  # a seed still to run holds nothing
     opsd_order = [int(seed) for seed in config.get("opsd_seeds") or []]
+    names = _union_order([checkpoint_order(d) for d in seeds.values()])
+    colors = palette(config, names)
     set_names = sorted({p.name for d in seeds.values() for n in checkpoint_order(d)
                         for p in (d / "eval" / n).iterdir() if is_main_set(p.name)})
     references = {reference_of(checkpoint_order(d)) for d in seeds.values()} - {None}
     reference = " / ".join(sorted(references)) or "–"
-    md = [f"# opsdlab report over pipeline seeds: `{run_dir.name}`", "",
-          f"Seeds {order} ({len(seeds)} present): each is a whole pipeline run (SFT, RLVR, OPSD arms) in `seed-<n>/`, with its own "
-          "report (" + ", ".join(f"[seed {s}](../{d.name}/report/report.md)" for s, d in seeds.items()) + "). "
-          "Each seed draws its own training data and, for a generated task, its own held-out problems; "
-          f"OPSD arms are compared with their own seed's starting checkpoint (`{reference}`). A **finding** is a "
-          "change whose paired 95% CI excludes 0 with the same sign in every seed; an OPSD arm trained with "
-          "several OPSD seeds states a finding only if it holds for every pipeline seed and every OPSD seed.", ""]
+    n_seeds = f"{len(seeds)} pipeline seed{'s' if len(seeds) != 1 else ''}"
+    found, sections = [], []
     for set_name in set_names:
         advantages = teacher_advantages(seeds, set_name)
         stages = stage_changes(seeds, set_name)
@@ -715,9 +841,8 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
                           for (name, before), by_seed in by_stage.items()]
                        + opsd_comparisons(changes, f"`{reference}`", order, opsd_order)
                        + opsd_comparisons(versus_all, "the `all` arm", order, opsd_order))
-        md += [f"## {set_name}", "", "### Findings (hold in every seed)", "",
-               *findings(advantages, comparisons, order), "",
-               "### Checkpoints over seeds", "", *seed_checkpoint_table(seeds, set_name), ""]
+        found += [f"`{set_name}`:", ""] * (len(set_names) > 1) + [*findings(advantages, comparisons, order), ""]
+        md = [f"## {set_name}", "", "### Checkpoints over seeds", "", *seed_checkpoint_table(seeds, set_name), ""]
         for (name, before), by_seed in stages.items():
             md += [f"### `{name}` against `{before}` per seed", "", *change_table({name: by_seed}, before, "stage"),
                    "", *holds_table({name: by_seed}, order), ""]
@@ -736,12 +861,13 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
             points = [(arm_of(name), f"s{seed}", d) for name, by_seed in changes.items()
                       for seed, d in sorted(by_seed.items())]
             per = "pipeline seed and OPSD seed" if len(opsd_order) > 1 else "pipeline seed"
-            draw_changes(points, reference, f"OPSD arms, one point per {per} (95% CI): {set_name}",
-                         out_dir / f"changes_{set_name}.png")
+            draw_changes(points, reference, colors, f"OPSD arms against {reference}, one point per {per}\n"
+                         f"({n_seeds}, paired 95% CI over problems): {set_name}", out_dir / f"changes_{set_name}.png")
             md += [f"![changes](changes_{set_name}.png)", ""]
             if leads := lead_and_change(seeds, config, advantages, changes):
-                draw_lead_vs_change(leads, reference, f"Teacher's lead vs the arm's Δacc, per seed-arm (95% CI): "
-                                    f"{set_name}", out_dir / f"lead_vs_change_{set_name}.png")
+                draw_lead_vs_change(leads, reference, colors, "Teacher's lead vs the arm's accuracy change, one "
+                                    f"point per seed and arm\n({n_seeds}, paired 95% CI over problems): {set_name}",
+                                    out_dir / f"lead_vs_change_{set_name}.png")
                 md += [f"### The teacher's lead at `{reference}` against each arm's accuracy change", "",
                        "Whether what an arm does to accuracy follows how much better its teacher prompt is than the "
                        "student prompt at the checkpoint OPSD starts from (the teacher advantage table's row for the "
@@ -751,6 +877,19 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
             md += ["### OPSD arms against the `all` arm (same pipeline seed and OPSD seed)", "",
                    "Whether the gate or the teacher's context made a difference, paired on the same problems.", "",
                    *change_table(versus_all, "all"), "", *holds_table(versus_all, order), ""]
+        sections += md
+    md = [f"# opsdlab report over pipeline seeds: `{run_dir.name}`", "",
+          "## Findings (hold in every seed)", "",
+          "A **finding** is a change whose paired 95% CI excludes 0 with the same sign in every seed; an OPSD arm "
+          "trained with several OPSD seeds states a finding only if it holds for every pipeline seed and every OPSD "
+          "seed. Everything else is in the tables below and is not stated as a result.", "", *found,
+          *reading_guide(k_of(seeds.values(), set_names[0]) if set_names else "k", None, with_flips=False),
+          "## The seeds", "",
+          f"Seeds {order} ({len(seeds)} present): each is a whole pipeline run (SFT, RLVR, OPSD arms) in `seed-<n>/`, "
+          "with its own report (" + ", ".join(f"[seed {s}](../{d.name}/report/report.md)" for s, d in seeds.items())
+          + "). Each seed draws its own training data and, for a generated task, its own held-out problems; OPSD arms "
+          f"are compared with their own seed's starting checkpoint (`{reference}`). Per-seed values are shown as "
+          "mean ± sd (min–max) over seeds.", "", *sections]
     if probe := probe_seed_table(seeds):
         md += ["## The teacher prompt during SFT", "", *probe, ""]
     md += ["## Settings", "", f"- pipeline seeds: {order}, present: {list(seeds)}",
@@ -758,6 +897,17 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def set_description(run_dir: Path, names: list[str], set_name: str) -> str:
+    """What a set's evaluation is: problems, samples per problem, temperature, token limit."""
+    s = next((s for n in names if (s := load_eval(run_dir, n, set_name))), None)
+    if s is None:
+        return f"`{set_name}`: no finished evaluation yet."
+    sampling = s.get("sampling", {})
+    return (f"`{set_name}`: {s['num_problems']} held-out problems, {s['samples_per_problem']} sampled responses "
+            f"each at temperature {sampling.get('temperature', '?')}, at most {sampling.get('max_new_tokens', '?')} "
+            f"tokens.")
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -770,39 +920,59 @@ def write_report(run_dir: str | Path) -> Path:
     config = run_config(run_dir)
     names = checkpoint_order(run_dir)
     reference = reference_of(names)
+    colors = palette(config, names)
     set_names = sorted({p.name for n in names for p in (run_dir / "eval" / n).iterdir() if is_main_set(p.name)})
+    first = (load_eval(run_dir, names[0], set_names[0]) or {}) if names and set_names else {}
 
-    md = [f"# opsdlab report: `{run_dir.name}`", ""]
-    stage_lines = [json.loads(line)["message"] for line in (run_dir / "summary.jsonl").read_text().splitlines()
-                   if line.strip()] if (run_dir / "summary.jsonl").exists() else []
+    found, sections = [], []
     for set_name in set_names:
-        md += [f"## {set_name}", "", *results_table(run_dir, names, set_name, reference), ""]
-        arms = arm_summary(run_dir, names, set_name, reference)
-        if arms:
-            md += ["### OPSD arms over seeds", "", *arms, ""]
-        plot_accuracy_length(run_dir, names, set_name, out_dir / f"accuracy_length_{set_name}.png")
-        md += [f"![accuracy vs length](accuracy_length_{set_name}.png)", ""]
-        plot_length_distributions(run_dir, names, set_name, out_dir / f"lengths_{set_name}.png")
-        md += ["### Length of correct and incorrect responses", "", f"![lengths](lengths_{set_name}.png)", ""]
-        if plot_changes(run_dir, names, set_name, reference, out_dir / f"changes_{set_name}.png"):
-            md += [f"### Accuracy change vs length change against `{reference}`", "",
-                   f"![changes](changes_{set_name}.png)", ""]
-        md += [f"### Per-problem flips and hesitation versus `{reference}`", "",
-               *flips_and_hesitation(run_dir, names, set_name, reference), "",
-               f"Hesitation markers counted: {', '.join(repr(m) for m in MARKERS)}. AES: accuracy-efficiency "
-               "score against the reference (ΔL + 3·ΔAcc, or ΔL − 5·|ΔAcc| when accuracy drops; relative "
-               "changes; O1-Pruner).", ""]
-        md += ["### Sample responses", "", *sample_texts(run_dir, names, set_name)]
-    if plot_training_curves(run_dir, out_dir / "training_curves.png"):
+        k = k_of([run_dir], set_name)
+        changes = run_changes(run_dir, set_name)
+        found += [f"`{set_name}`:", ""] * (len(set_names) > 1)
+        found += [change_finding(name, before, d) for (name, before), d in changes.items()] or \
+            ["- None yet: no two evaluated checkpoints to compare."]
+        found.append("")
+        md = [f"## {set_name}", "", set_description(run_dir, names, set_name), "",
+              "### Checkpoints", "", *results_table(run_dir, names, set_name, k), ""]
+        if arms := arm_summary(run_dir, names, set_name, k):
+            md += ["### OPSD arms over OPSD seeds", "", *arms, ""]
+        plot_accuracy_length(run_dir, names, set_name, colors, k, out_dir / f"accuracy_length_{set_name}.png")
+        md += ["### Accuracy against length", "", f"![accuracy vs length](accuracy_length_{set_name}.png)", ""]
+        if changes:
+            md += ["### Each checkpoint against the one it started from", "",
+                   *changes_table(run_dir, changes, set_name), "",
+                   f"Hesitation markers counted: {', '.join(repr(m) for m in MARKERS)}.", ""]
+        several = len(config.get("opsd_seeds") or []) > 1  # then each point is labelled with its OPSD seed
+        if arm_points := [(arm_of(name), f"s{opsd_seed_of(name)}" * several, d) for (name, _), d in changes.items()
+                          if name.startswith("opsd-")]:
+            draw_changes(arm_points, reference, colors, f"OPSD arms against {reference}, one point per arm"
+                         f"{' and OPSD seed' * several} (paired 95% CI over problems): {set_name}",
+                         out_dir / f"changes_{set_name}.png")
+            md += [f"![changes](changes_{set_name}.png)", ""]
+        if plot_length_distributions(run_dir, names, set_name, colors, out_dir / f"lengths_{set_name}.png"):
+            md += ["### Length of correct and incorrect responses", "", f"![lengths](lengths_{set_name}.png)", ""]
+        md += ["### Sample responses", "", *sample_section(run_dir, names, set_name, reference)]
+        sections += md
+
+    md = [f"# opsdlab report: `{run_dir.name}`", "",
+          f"Checkpoints evaluated: {', '.join(f'`{n}`' for n in names) or 'none yet'}. Each OPSD arm starts from "
+          f"`{reference}`; each stage is compared with the checkpoint it started from.", "",
+          "## Findings", "",
+          "Each line: the paired change of accuracy (pp) and length (%) with its 95% CI; a change is stated only "
+          "when its CI excludes 0, else \"no change detected\".", "", *found,
+          *reading_guide(k_of([run_dir], set_names[0]) if set_names else "k",
+                         first.get("sampling", {}).get("max_new_tokens")),
+          *sections]
+    if plot_training_curves(run_dir, config, colors, out_dir / "training_curves.png"):
         md += ["## Training curves", "", "![training curves](training_curves.png)", ""]
     if probe := probe_table(run_dir):
         md += ["## The teacher prompt during SFT", "", *probe, ""]
-    shifts = token_shifts(run_dir, out_dir / "kl_by_position.png")
-    if shifts:
-        md += ["## What the teacher changes", "", *shifts, "", "![KL by position](kl_by_position.png)", ""]
-    settings = (load_eval(run_dir, names[0], set_names[0]) or {}) if names and set_names else {}
-    md += ["## Settings", "", f"- verifier: `{json.dumps(settings.get('verifier', {}))}`",
-           f"- sampling: `{json.dumps(settings.get('sampling', {}))}`, thinking: {settings.get('thinking')}",
+    if shifts := token_shifts(run_dir, config, colors, out_dir / "kl_by_position.png"):
+        md += ["## What the teacher changes", "", *shifts, "", "![divergence by position](kl_by_position.png)", ""]
+    stage_lines = [json.loads(line)["message"] for line in (run_dir / "summary.jsonl").read_text().splitlines()
+                   if line.strip()] if (run_dir / "summary.jsonl").exists() else []
+    md += ["## Settings", "", f"- verifier: `{json.dumps(first.get('verifier', {}))}`",
+           f"- sampling: `{json.dumps(first.get('sampling', {}))}`, thinking: {first.get('thinking')}",
            f"- OPSD arms: `{json.dumps(config.get('arms', []))}`, seeds {config.get('opsd_seeds')}", "",
            "## Run log", "", *[f"- {line}" for line in stage_lines], ""]
     path = out_dir / "report.md"
