@@ -55,3 +55,22 @@ def test_two_processes_finish_with_identical_weights(tmp_path, tiny_folder, mode
     if mode == "opsd":
         assert i0["skipped_steps"] == i1["skipped_steps"] == 1  # step 2 kept nothing on any rank
         assert i0["global_step"] == 3
+
+
+def test_two_processes_share_the_held_out_checks_and_the_selection(tmp_path, tiny_folder):
+    """Checks split over two ranks (5 problems: 3 and 2): one checks.jsonl line per check, written
+    once, and both ranks end with the selected check's weights, the ones model/ holds."""
+    from safetensors.torch import load_file
+
+    _launch("opsd-checks", tiny_folder, tmp_path)
+    (w0, w1), (i0, i1) = _ranks(tmp_path)
+    assert i0["processes"] == i1["processes"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "stage" / "checks.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2, 3]
+    assert all(line["problems"] == 5 for line in lines), lines
+    assert i0["selected"] == i1["selected"]
+    saved = load_file(str(tmp_path / "stage" / "model" / "model.safetensors"))
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+        if name in saved:
+            assert torch.equal(w0[name], saved[name].to(w0[name].dtype)), name

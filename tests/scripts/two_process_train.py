@@ -1,7 +1,7 @@
 """Run OPSD or RLVR for a few steps under torchrun (2 CPU processes, gloo); save each rank's weights.
 
 Launched by tests/test_multiprocess.py:
-    torchrun --nproc_per_node 2 two_process_train.py {opsd|opsd-single|rlvr} MODEL_FOLDER OUT_DIR
+    torchrun --nproc_per_node 2 two_process_train.py {opsd|opsd-single|opsd-checks|rlvr} MODEL_FOLDER OUT_DIR
 OPSD is scripted so that step 1 keeps rollouts on rank 0 only (rank 1's gate keeps nothing) and
 step 2 keeps nothing on any rank; `opsd-single` runs OPSD with one rollout per prompt and records
 each rank's prompts; RLVR runs dynamic sampling with groups that carry no reward variance, so that
@@ -60,6 +60,27 @@ def main(mode: str, folder: str, out: str) -> None:
             return generate(inputs)
 
         trainer._generate_and_score_completions = recording
+    elif mode == "opsd-checks":
+        # Held-out checks split over the ranks, a stop/selection decision every rank must share.
+        from opsdlab.opsd import OPSDStageConfig, run_opsd
+        from opsdlab.verifier import VerifierConfig
+
+        config = OPSDStageConfig(max_steps=3, prompts_per_step=4, rollouts_per_prompt=2, max_completion_length=8,
+                                 learning_rate=1e-2, save_steps=100, logging_steps=1, gate="all", train_problems=16,
+                                 check_every=1, check_problems=5, check_k=1, check_max_new_tokens=8,
+                                 select="shortest_within_tolerance", select_tolerance=1.0)
+        model, tokenizer = load_policy(folder)
+        run_opsd(model, tokenizer, task.examples("train", 16), VerifierConfig(**task.default_verifier), config,
+                 out_dir / "stage", thinking=True, check_examples=task.examples("test", 5))
+        weights = {n: p.detach().cpu() for n, p in model.named_parameters()}
+        torch.save(weights, out_dir / f"rank{RANK}.pt")
+        selection = json.loads((out_dir / "stage" / "selection.json").read_text())
+        (out_dir / f"rank{RANK}.json").write_text(json.dumps({"processes": int(os.environ.get("WORLD_SIZE", 1)),
+                                                              "selected": selection["step"]}))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return
     else:
         config = RLVRStageConfig(max_steps=2, prompts_per_step=4, group_size=2, max_completion_length=8,
                                  learning_rate=1e-2, save_steps=100, logging_steps=1, dynamic_sampling=True,
