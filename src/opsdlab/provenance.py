@@ -19,11 +19,11 @@ its record, and its config.yaml, name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 RECORD = "settings.json"
@@ -39,8 +39,6 @@ NOT_SHAPING = frozenset({"report_to"})
 
 def plain(value):
     """JSON-ready form of config values: tuples as lists, dataclasses as dicts."""
-    import dataclasses
-
     if dataclasses.is_dataclass(value):
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
@@ -171,7 +169,7 @@ def _show(settings: dict, key: str) -> str:
     return json.dumps(value) if isinstance(value, (str, list, dict)) else str(value)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Output:
     """One output folder of a run: the step that writes it, the steps it reads, the record it must
     carry (without the stamps of the stages it reads: `reads` names their folders)."""
