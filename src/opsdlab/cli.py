@@ -150,8 +150,9 @@ def _eval_plan(args) -> dict:
     from dataclasses import replace
 
     from opsdlab.config import ConfigError
-    from opsdlab.data import ColumnMap, load_examples, pair_unrelated, parse_column_map
+    from opsdlab.data import pair_unrelated
     from opsdlab.evaluate import SamplingConfig, check_backend_installed, check_context
+    from opsdlab.pipeline import set_examples
     from opsdlab.tasks import FileTask, build_task
     from opsdlab.verifier import VerifierConfig
     from opsdlab.vllm_backend import VLLMSettings
@@ -196,13 +197,8 @@ def _eval_plan(args) -> dict:
         ("tensor_parallel_size", args.tensor_parallel_size), ("data_parallel_size", args.data_parallel_size),
         ("gpu_memory_utilization", args.gpu_memory_utilization)) if value is not None})
     generated = data == "synthetic" or (config is not None and data == config.task.name)
-    if generated:
-        # As the pipeline's evaluation sets (`pipeline.eval_sets`): the task's held-out split.
-        examples = pair_unrelated(task.examples("test", problems))
-    else:
-        columns = args.columns or columns
-        examples = pair_unrelated(load_examples(data, parse_column_map(columns) if columns else ColumnMap(),
-                                                split="test", limit=problems, optional_solution=True))
+    # As the pipeline's evaluation sets: the task's held-out split, or a file's rows.
+    examples = pair_unrelated(set_examples(data, task, problems, args.columns or columns, generated))
     check_context(examples, args.context, data)
     if args.seed is not None:
         seed = args.seed
@@ -405,17 +401,21 @@ def _redo_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _redo_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redo", type=_redo_list, default=[], metavar="WHAT",
+                        help="remake outputs already in the run directory: 'changed' (those made with settings that "
+                             "differ from these), a stage (base, sft, rlvr, opsd), one arm (e.g. opsd-correct-s0) or "
+                             "'eval'; with everything that reads them; comma-separated (default: none: a run directory "
+                             "made with other settings is an error naming them)")
+
+
 def _run_args(parser: argparse.ArgumentParser, run_dir_default: str) -> None:
     """The options every command that runs the pipeline takes: where, which seeds, what to redo, overrides."""
     parser.add_argument("--run-dir", default=None, help=f"the run directory (default: {run_dir_default})")
     parser.add_argument("--seeds", type=_int_list, default=None,
                         help="comma-separated pipeline seeds, one run directory seed-<n>/ each (default: one run, "
                              "the config's seed)")
-    parser.add_argument("--redo", type=_redo_list, default=[], metavar="WHAT",
-                        help="remake outputs already in the run directory: 'changed' (those made with settings that "
-                             "differ from these), a stage (base, sft, rlvr, opsd), one arm (e.g. opsd-correct-s0) or "
-                             "'eval'; with everything that reads them; comma-separated (default: none: a run directory "
-                             "made with other settings is an error naming them)")
+    _redo_arg(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides with YAML values, e.g. opsd.max_steps=10 'arms=[{name: c, gate: correct}]' "
                              "(see `opsdlab config show PRESET`)")
@@ -445,9 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="(preset, seed) parts run as this many processes at a time, each with OMP_NUM_THREADS "
                         "= cores / jobs unless set (default: 1, in this process)")
-    p.add_argument("--redo", type=_redo_list, default=[], metavar="WHAT",
-                   help="as for pipeline: remake 'changed' outputs, a stage, an arm or 'eval' in every part "
-                        "(default: none)")
+    _redo_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides applied to every preset")
     p.set_defaults(func=cmd_study)
 

@@ -98,15 +98,24 @@ def verifier_of(config: PipelineConfig, task) -> VerifierConfig:
 def eval_sets(config: PipelineConfig, task) -> dict:
     """Held-out problems per evaluation set name, each paired with another one's solution (the
     `unrelated` teacher check reads it)."""
-    sets = {}
-    for name in config.eval.sets:
-        if name == "synthetic" or name == config.task.name:
-            sets[name] = pair_unrelated(task.examples("test", config.eval.problems))
-        else:
-            columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap()
-            sets[set_label(name)] = pair_unrelated(load_examples(name, columns, split="test",
-                                                                 limit=config.eval.problems, optional_solution=True))
-    return sets
+    return {name if is_task_set(config, name) else set_label(name):
+            pair_unrelated(set_examples(name, task, config.eval.problems, config.eval.columns,
+                                        generated=is_task_set(config, name)))
+            for name in config.eval.sets}
+
+
+def set_examples(name: str, task, problems: int | None, columns: str | None, generated: bool) -> list[Example]:
+    """The first `problems` problems of an evaluation set: `task`'s held-out split (`generated`), or
+    the rows of a file or Hub dataset, whose reference solutions are optional."""
+    if generated:
+        return task.examples("test", problems)
+    return load_examples(name, parse_column_map(columns) if columns else ColumnMap(), split="test", limit=problems,
+                         optional_solution=True)
+
+
+def eval_folder(run_dir: Path, checkpoint: str, folder_name: str) -> Path:
+    """Where one evaluation of a checkpoint lives: eval/<checkpoint>/<set><suffix>/."""
+    return Path(run_dir) / "eval" / checkpoint / folder_name
 
 
 def set_label(name: str) -> str:
@@ -130,7 +139,8 @@ def eval_runs(config: PipelineConfig, teacher_context: str | None) -> list[tuple
 
 
 def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: PipelineConfig, task, sets: dict,
-                        teacher_context: str | None = None, announce_skips: bool = True) -> dict:
+                        teacher_context: str | None = None, announce_skips: bool = True,
+                        outputs: dict | None = None) -> dict:
     """Evaluate one checkpoint on every set (sampled, greedy, and the teacher prompt if asked); cached.
 
     Every process takes part (each evaluates its share of the problems); the main process writes
@@ -138,11 +148,12 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
     """
     verifier = verifier_of(config, task)
     results, model, tokenizer, skipped = {}, None, None, 0
-    outputs = {output.folder: output for output in run_outputs(replace(config, run_dir=str(run_dir)))}
+    if outputs is None:  # the records each evaluation folder carries (`Run.outputs` in a pipeline)
+        outputs = {output.folder: output for output in run_outputs(replace(config, run_dir=str(run_dir)))}
     dtype = config.eval.dtype or config.model.dtype
     for set_name, examples in sets.items():
         for suffix, sampling, context in eval_runs(config, teacher_context):
-            out = run_dir / "eval" / name / f"{set_name}{suffix}"
+            out = eval_folder(run_dir, name, f"{set_name}{suffix}")
             field = CONTEXT_READS.get(context)
             if field and not all(getattr(example, field).strip() for example in examples):
                 if is_main_process():
@@ -359,7 +370,7 @@ def base_record(config: PipelineConfig) -> dict:
                                 "seed": config.seed}, defaults=setting_defaults(config))
 
 
-def stage_settings(config: PipelineConfig, step: Step) -> dict:
+def stage_settings(config: PipelineConfig, step: Step, verifier: dict) -> dict:
     """The settings that shape a trained stage: its section (an arm's: `opsd` with the arm's
     overrides), the weights' dtype, the task, the verifier that rewards or gates it, the seed."""
     common = {"model.dtype": config.model.dtype, **task_settings(config)}
@@ -370,7 +381,6 @@ def stage_settings(config: PipelineConfig, step: Step) -> dict:
                              "eval.sampling.max_new_tokens": config.eval.sampling.max_new_tokens,
                              "opsd.teacher_context": config.opsd.teacher_context})
         return settings
-    verifier = verifier_settings(config)
     if step.kind == "rlvr":
         section, settings = config.rlvr, {**flatten("rlvr", config.rlvr), **common, **verifier}
     else:
@@ -382,11 +392,13 @@ def stage_settings(config: PipelineConfig, step: Step) -> dict:
     return settings
 
 
-def eval_settings(config: PipelineConfig, set_name: str, sampling: SamplingConfig, context: str) -> tuple[dict, dict]:
-    """The settings and inputs of one evaluation folder: problems, sampling, prompt, backend,
-    weights' dtype, verifier, and the set (the task's split, or a file's fingerprint)."""
+def eval_settings(config: PipelineConfig, set_name: str, sampling: SamplingConfig, context: str,
+                  verifier: dict) -> dict:
+    """The settings of one evaluation folder: problems, sampling, prompt, backend, weights' dtype,
+    `verifier` (`verifier_settings`) and, for the task's own split, the task (a file set's content
+    fingerprint is one of its inputs instead, `run_outputs`)."""
     settings = {"eval.problems": config.eval.problems, "eval.prompt": context, "eval.backend": config.eval.backend,
-                "eval.dtype": config.eval.dtype or config.model.dtype, **verifier_settings(config),
+                "eval.dtype": config.eval.dtype or config.model.dtype, **verifier,
                 "task.thinking": config.task.thinking}
     if sampling.temperature == 0:
         settings.update({"eval.greedy": True, "eval.sampling.max_new_tokens": sampling.max_new_tokens,
@@ -395,13 +407,11 @@ def eval_settings(config: PipelineConfig, set_name: str, sampling: SamplingConfi
         settings.update(flatten("eval.sampling", sampling))
     if config.eval.backend == "vllm":
         settings.update(flatten("eval.vllm", config.eval.vllm))
-    inputs = {}
     if is_task_set(config, set_name):
         settings.update(task_settings(config))
     else:
         settings["eval.columns"] = config.eval.columns
-        inputs["set"] = path_fingerprint(set_name)
-    return settings, inputs
+    return settings
 
 
 def run_outputs(config: PipelineConfig) -> list[Output]:
@@ -409,7 +419,8 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
     the steps it reads and the stage folder whose model it reads; in the order the steps run."""
     run_dir = Path(config.run_dir)
     base = base_dir(config)
-    defaults = setting_defaults(config)
+    defaults, verifier, data = setting_defaults(config), verifier_settings(config), data_inputs(config)
+    set_inputs = {name: {} if is_task_set(config, name) else {"set": path_fingerprint(name)} for name in config.eval.sets}
     outputs: list[Output] = []
     made = {}  # checkpoint name -> (the folder of the stage that makes it, the step that makes it)
     external = {}  # inputs a user's model folder adds: its files' fingerprint
@@ -424,8 +435,8 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
         if step.kind in ("sft", "rlvr", "opsd"):
             source = "base" if step.kind == "sft" or not step.after else step.after[0].split(" ", 1)[1]
             reads, maker = made[source]
-            inputs = {**(external if reads is None else {}), **data_inputs(config)}
-            record = make_record(step.kind, stage_settings(config, step), inputs, defaults)
+            inputs = {**(external if reads is None else {}), **data}
+            record = make_record(step.kind, stage_settings(config, step, verifier), inputs, defaults)
             folder = run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}" if step.kind == "opsd" else run_dir / step.kind
             outputs.append(Output(folder, step.name, record, after=step.after or ((maker,) if maker else ()),
                                   reads=reads))
@@ -434,12 +445,13 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
         reads, maker = made[step.checkpoint]
         for name in config.eval.sets:
             for suffix, sampling, context in eval_runs(config, step.context):
-                folder = run_dir / "eval" / step.checkpoint / f"{set_label(name)}{suffix}"
+                folder = eval_folder(run_dir, step.checkpoint, f"{set_label(name)}{suffix}")
                 if folder in seen:
                     continue
                 seen.add(folder)
-                settings, inputs = eval_settings(config, name, sampling, context)
-                record = make_record("evaluate", settings, {**(external if reads is None else {}), **inputs}, defaults)
+                settings = eval_settings(config, name, sampling, context, verifier)
+                inputs = {**(external if reads is None else {}), **set_inputs[name]}
+                record = make_record("evaluate", settings, inputs, defaults)
                 outputs.append(Output(folder, step.name, record, after=(maker,) if maker else (), kind="eval",
                                       reads=reads))
     return outputs
@@ -497,8 +509,10 @@ def _differing(config: PipelineConfig, redo) -> tuple[list[Output], dict, list, 
     return outputs, stale, adopt, chosen, remaining
 
 
-def check_run_dir(config: PipelineConfig, redo=()) -> list[str]:
-    """Make the run directory agree with `config` before any step runs; the lines to log.
+def check_run_dir(config: PipelineConfig, redo=()) -> list[tuple[str, str]]:
+    """Make the run directory agree with `config` before any step runs; the lines to say, each with
+    its kind: "redo" and "notice" lines go to the run log, "print" lines (said on every rerun) only
+    to the screen.
 
     Outputs whose record matches are kept. Outputs named by `redo` (and what reads them) are
     removed, to be made again. If any other output was made with other settings, raise a
@@ -512,18 +526,19 @@ def check_run_dir(config: PipelineConfig, redo=()) -> list[str]:
         if output.step in chosen and output.exists():
             why = "; ".join(stale.get(output.folder, [])[:3]) or "asked with --redo"
             shutil.rmtree(output.folder)
-            lines.append(f"[redo] removed {output.folder.relative_to(config.run_dir)} to redo {output.step} ({why})")
+            lines.append(("redo", f"[redo] removed {output.folder.relative_to(config.run_dir)} to redo "
+                                  f"{output.step} ({why})"))
     for output in adopt:
         write_record(output.folder, output.expected())
     extra = unplanned_outputs(Path(config.run_dir), outputs)
     if extra:
         shown = ", ".join(str(folder.relative_to(config.run_dir)) for folder in extra[:4])
-        lines.append(f"[pipeline] kept {len(extra)} output(s) that this config does not make ({shown}"
-                     f"{' ...' if len(extra) > 4 else ''}); each carries the settings that made it, and the report "
-                     "shows them")
+        lines.append(("print", f"[pipeline] kept {len(extra)} output(s) that this config does not make ({shown}"
+                               f"{' ...' if len(extra) > 4 else ''}); each carries the settings that made it, and "
+                               "the report shows them"))
     if adopt:
-        lines.append(f"[pipeline] recorded the settings of {len(adopt)} earlier output(s) from config.yaml "
-                     "(they were made before outputs carried their settings)")
+        lines.append(("notice", f"[pipeline] recorded the settings of {len(adopt)} earlier output(s) from "
+                                "config.yaml (they were made before outputs carried their settings)"))
     return lines
 
 
@@ -549,12 +564,11 @@ def prepare_run_dir(config: PipelineConfig, redo=()) -> None:
     if error:
         raise ConfigError(error)
     write_config(config, run_dir)
-    for line in lines:
-        if line.startswith("[pipeline] kept"):  # said on every rerun: printed, not added to the run log again
-            if is_main_process():
-                print(line, flush=True)
-        else:
-            log(run_dir, line, kind="redo" if line.startswith("[redo]") else "notice")
+    for kind, line in lines:
+        if kind != "print":
+            log(run_dir, line, kind=kind)
+        elif is_main_process():
+            print(line, flush=True)
 
 
 def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> None:
@@ -618,12 +632,9 @@ def check_problems(config: PipelineConfig, stage) -> list[Example] | None:
     if not stage.check_every:
         return None
     first, start, wanted = config.eval.sets[0], config.eval.problems, stage.check_problems
-    if is_task_set(config, first):
-        task = build_task(config.task.name, config.task.options, seed=config.seed)
-        problems = task.examples("test", start + wanted)[start:]
-    else:
-        columns = parse_column_map(config.eval.columns) if config.eval.columns else ColumnMap()
-        problems = load_examples(first, columns, split="test", limit=start + wanted, optional_solution=True)[start:]
+    task = build_task(config.task.name, config.task.options, seed=config.seed)
+    problems = set_examples(first, task, start + wanted, config.eval.columns,
+                            generated=is_task_set(config, first))[start:]
     if not problems:
         raise ConfigError(f"check_every: the held-out check needs problems beyond the {start} evaluated ones of "
                           f"{first}; lower eval.problems or evaluate on a larger set")
@@ -647,7 +658,7 @@ def _train_arm(run: Run, step: Step) -> None:
 
 def _evaluate(run: Run, step: Step) -> None:
     evaluate_checkpoint(run.run_dir, step.checkpoint, Path(step.model_dir), run.config, run.task, run.sets,
-                        teacher_context=step.context, announce_skips=step.kind == "evaluate")
+                        teacher_context=step.context, announce_skips=step.kind == "evaluate", outputs=run.outputs)
 
 
 def _check_teacher(run: Run, step: Step) -> None:
@@ -662,7 +673,7 @@ def _check_teacher(run: Run, step: Step) -> None:
 
 
 def _teacher_folder(run_dir: Path, step: Step, set_name: str) -> Path:
-    return run_dir / "eval" / step.checkpoint / f"{set_name}-teacher-{step.context}" / "summary.json"
+    return eval_folder(run_dir, step.checkpoint, f"{set_name}-teacher-{step.context}") / "summary.json"
 
 
 STEP_KINDS = {
