@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from opsdlab.evaluate import SamplingConfig, check_backend
+from opsdlab.methods import check_arm, method_of
 from opsdlab.models import DTYPES, TINY_SIZES
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.rlvr import RLVRStageConfig
@@ -153,7 +154,19 @@ class PipelineConfig:
                 raise ConfigError(located(where, error)) from error
 
     def arm_config(self, arm: ArmSection) -> OPSDStageConfig:
-        return _build(OPSDStageConfig, {**dataclasses.asdict(self.opsd), **arm.overrides}, f"arms.{arm.name}")
+        """An arm's settings: the `opsd` section, then its method's defaults (`methods.METHODS`), then
+        the arm's own overrides."""
+        where = f"arms.{arm.name}"
+        try:
+            method = method_of(arm.overrides, self.opsd, where)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        section = _build(OPSDStageConfig, {**dataclasses.asdict(self.opsd), **method.defaults, **arm.overrides}, where)
+        try:
+            check_arm(section, where)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        return section
 
 
 # Labels that section dataclasses put in front of their own error messages; a message located

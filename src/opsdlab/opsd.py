@@ -58,6 +58,9 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     needed; the `sibling` teacher context then always falls back to the reference solution.
     """
 
+    # The compaction method of an arm (`methods.METHODS`): "opsd", "crisp", "contrastive", "length_rl"
+    # or "budget"; a method may set other defaults of this section (crisp: concise teacher, all rollouts).
+    method: str = "opsd"
     gate: str = "correct"
     divergence: str = "reverse_kl"
     jsd_beta: float = 0.5
@@ -65,6 +68,21 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     top_k: int | None = None
     teacher_weights: str = "frozen"
     ema_rate: float = 0.05
+    teacher_refresh_steps: int = 50  # teacher_weights "periodic": the teacher is re-copied from the student this often
+    # method "contrastive": the teacher's signal under `teacher_context` minus its signal under this
+    # context (a prompt without the privileged information), weighted by contrast_weight.
+    contrast_context: str = "unrelated"
+    contrast_weight: float = 1.0
+    # method "length_rl": RLVR continued with a length-aware reward (`rewards.LENGTH_REWARDS`); the
+    # target length is given, or the length_target_quantile of the starting checkpoint's rollout lengths.
+    length_reward: str = "truncation"
+    length_target: int | None = None
+    length_target_quantile: float = 0.5
+    # method "budget": no training; the starting checkpoint evaluated with its response cut at each
+    # budget and the answer forced. Budgets in tokens, or the quantiles of its own evaluated lengths.
+    budgets: tuple = ()
+    budget_quantiles: tuple = (0.25, 0.5, 0.75)
+    budget_answer_tokens: int = 32
     teacher_context: str = "solution"
     teacher_thinking: bool | None = None  # None: same as the student (the run's thinking setting)
     max_steps: int = 20
@@ -96,6 +114,21 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
                                    ("teacher_context", self.teacher_context, TEACHER_CONTEXTS)):
             if value not in valid:
                 raise ValueError(f"opsd: {name} must be one of {sorted(valid)}, got {value!r}")
+        if self.contrast_context not in TEACHER_CONTEXTS:
+            raise ValueError(f"opsd: contrast_context must be one of {sorted(TEACHER_CONTEXTS)}, "
+                             f"got {self.contrast_context!r}")
+        if self.teacher_refresh_steps < 1:
+            raise ValueError(f"opsd: teacher_refresh_steps must be >= 1, got {self.teacher_refresh_steps}")
+        if self.length_target is not None and self.length_target < 1:
+            raise ValueError(f"opsd: length_target must be a positive number of tokens or null, got {self.length_target}")
+        if not 0 < self.length_target_quantile <= 1:
+            raise ValueError(f"opsd: length_target_quantile must be in (0, 1], got {self.length_target_quantile}")
+        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.budgets):
+            raise ValueError(f"opsd: budgets must be positive token counts, got {list(self.budgets)}")
+        if not self.budgets and (not self.budget_quantiles or any(not 0 < q <= 1 for q in self.budget_quantiles)):
+            raise ValueError(f"opsd: budget_quantiles must be in (0, 1], got {list(self.budget_quantiles)}")
+        if self.budget_answer_tokens < 1:
+            raise ValueError(f"opsd: budget_answer_tokens must be >= 1, got {self.budget_answer_tokens}")
         if self.rollouts_per_prompt < 1:
             raise ValueError(f"opsd: rollouts_per_prompt must be >= 1, got {self.rollouts_per_prompt}")
         if self.rollouts_per_prompt == 1 and self.prompts_per_step < 2:

@@ -1,0 +1,112 @@
+"""Compaction methods: what an arm does to the starting checkpoint, one named choice per arm (`method:`).
+
+Every method starts from the same checkpoint (the run's last stage, RLVR by default) with the arm's
+budget of generated rollouts (`max_steps` x `prompts_per_step` x `rollouts_per_prompt`), and is
+evaluated and reported like any other arm:
+
+- `opsd`: on-policy self-distillation toward the model reading the reference solution, with the
+  arm's gate, teacher context, divergence and teacher weights (the paper's method).
+- `crisp`: the teacher is the same model told to be concise (no reference solution), reverse KL on
+  every rollout, and the teacher re-copied from the student every `teacher_refresh_steps` steps
+  (CRISP, arXiv 2603.05433; its published setting refreshes every 50 steps).
+- `contrastive`: OPSD whose teacher signal is contrasted with the teacher reading an unrelated
+  solution (`contrast_context`), so that what any privileged prompt shifts (style) cancels and what
+  the true reference adds remains (RLCSD, arXiv 2606.11709; `contrastive`).
+- `length_rl`: RLVR continued with a length-aware reward (DLER, arXiv 2510.15110: a correct
+  response earns its reward only within a target length; batch-wise reward normalisation, the
+  higher clip of the run's `rlvr.epsilon_high`, dynamic sampling).
+- `budget`: no training; the starting checkpoint evaluated with each response cut at a token budget
+  and the answer forced (budget forcing), the zero-training baseline.
+
+A method may set defaults of the arm's `opsd` settings (`Method.defaults`): the arm's own overrides
+still win, so `{method: crisp, gate: correct}` is CRISP on correct rollouts only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from opsdlab.checks import CheckSettings
+from opsdlab.opsd import OPSDStageConfig, run_opsd
+from opsdlab.rlvr import VLLM_FIELDS, RLVRStageConfig, run_rlvr
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compaction method: what it sets by default, and how it trains (None: it does not)."""
+
+    summary: str
+    defaults: dict = field(default_factory=dict)
+    train: Callable | None = None
+    reference: str = ""
+
+
+def train_opsd(model, tokenizer, examples, verifier, arm: OPSDStageConfig, stage_dir: Path, *, thinking: bool,
+               seed: int, check_examples, rlvr: RLVRStageConfig) -> Path:
+    return run_opsd(model, tokenizer, examples, verifier, arm, stage_dir, thinking=thinking, seed=seed,
+                    check_examples=check_examples)
+
+
+# The arm settings a length-aware RL run takes over from the arm (its budget, optimizer and
+# generation settings); the loss settings (loss_type, clipping, KL beta) are the run's `rlvr` section's.
+_FROM_ARM = ("max_steps", "prompts_per_step", "learning_rate", "lr_scheduler_type", "max_completion_length",
+             "temperature", "gradient_accumulation_steps", "gradient_checkpointing", "save_steps", "logging_steps",
+             "report_to", "train_problems", *VLLM_FIELDS)
+
+
+def length_rl_config(arm: OPSDStageConfig, rlvr: RLVRStageConfig) -> RLVRStageConfig:
+    """The RLVR settings of a `length_rl` arm: the run's RL loss settings, the arm's budget and
+    optimizer, groups of the arm's `rollouts_per_prompt`, DLER's batch-wise reward normalisation and
+    dynamic sampling. The arm's held-out check settings carry over too."""
+    checks = {f.name: getattr(arm, f.name) for f in fields(CheckSettings)}
+    return replace(rlvr, **{name: getattr(arm, name) for name in _FROM_ARM}, **checks,
+                   group_size=arm.rollouts_per_prompt, scale_rewards="batch", dynamic_sampling=True)
+
+
+def train_length_rl(model, tokenizer, examples, verifier, arm: OPSDStageConfig, stage_dir: Path, *, thinking: bool,
+                    seed: int, check_examples, rlvr: RLVRStageConfig) -> Path:
+    return run_rlvr(model, tokenizer, examples, verifier, length_rl_config(arm, rlvr), stage_dir, thinking=thinking,
+                    seed=seed, check_examples=check_examples, length_reward=arm.length_reward,
+                    length_target=arm.length_target, length_target_quantile=arm.length_target_quantile)
+
+
+METHODS: dict[str, Method] = {
+    "opsd": Method("on-policy self-distillation toward the model reading the reference", train=train_opsd,
+                   reference="Kim & Lee 2026"),
+    "crisp": Method("self-distillation toward the model told to be concise, teacher refreshed periodically",
+                    defaults={"teacher_context": "concise", "divergence": "reverse_kl", "gate": "all",
+                              "teacher_weights": "periodic"},
+                    train=train_opsd, reference="arXiv 2603.05433"),
+    "contrastive": Method("self-distillation on the teacher's reference signal minus its unrelated-reference signal",
+                          train=train_opsd, reference="arXiv 2606.11709"),
+    "length_rl": Method("RLVR continued with a truncation length penalty", train=train_length_rl,
+                        reference="arXiv 2510.15110"),
+    "budget": Method("no training: responses cut at a token budget, the answer forced", train=None),
+}
+
+
+def check_method(name: str, where: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"{where}: method must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def method_of(arm_overrides: dict, section: OPSDStageConfig, where: str) -> Method:
+    """The method an arm names (its own `method`, else the `opsd` section's)."""
+    return check_method(str(arm_overrides.get("method", section.method)), where)
+
+
+def check_arm(arm: OPSDStageConfig, where: str) -> None:
+    """What a method needs of an arm's settings, checked before anything runs."""
+    if arm.method == "length_rl":
+        from opsdlab.rewards import LENGTH_REWARDS
+
+        if arm.length_reward not in LENGTH_REWARDS:
+            raise ValueError(f"{where}: length_reward must be one of {sorted(LENGTH_REWARDS)}, got {arm.length_reward!r}")
+        if arm.rollouts_per_prompt < 2:
+            raise ValueError(f"{where}: method length_rl is group-relative RL; it needs rollouts_per_prompt >= 2")
+    if arm.method == "contrastive" and arm.contrast_context == arm.teacher_context:
+        raise ValueError(f"{where}: contrast_context must differ from teacher_context ({arm.teacher_context!r}), "
+                         "or the contrast is zero")
