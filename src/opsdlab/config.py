@@ -92,9 +92,13 @@ class EvalSection:
     backend: str = "transformers"  # a key of evaluate.BACKENDS: "transformers" or "vllm"
     vllm: VLLMSettings = VLLMSettings()  # the vLLM engine, when backend is "vllm"
     dtype: str | None = None  # the evaluated weights' dtype; None: model.dtype (training's)
+    # The token budgets of each summary's accuracy_at_budget; empty: a ladder from the evaluated lengths.
+    budgets: tuple = ()
 
     def __post_init__(self):
         check_backend(self.backend)
+        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.budgets):
+            raise ConfigError(f"eval.budgets: expected positive token counts, got {list(self.budgets)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"eval.dtype: expected one of {', '.join(DTYPES)} or null, got {self.dtype!r}")
 
@@ -420,7 +424,8 @@ MEANINGS = {
     "PipelineConfig.run_dir": "where the run writes config.yaml, stage folders, evaluations and the report",
     "PipelineConfig.seed": "the pipeline seed: the base model's init, the task's problems, every stage's seed",
     "PipelineConfig.stages": "stages to train, in order: sft, rlvr, opsd",
-    "PipelineConfig.arms": "the OPSD arms: each a name and OPSD options that replace opsd.* for that arm",
+    "PipelineConfig.arms": "the arms from the last stage: each a name, a compaction method (default opsd) and "
+                           "options that replace opsd.* for that arm",
     "PipelineConfig.opsd_seeds": "each OPSD arm is trained once per seed here (folders <arm>-s<seed>)",
     "ModelSection.trust_remote_code": "let transformers run code shipped with the model folder",
     "TaskSection.name": "the task: synthetic, search or file (opsdlab.tasks.TASKS)",
@@ -464,6 +469,22 @@ MEANINGS = {
                                         "advantage and refill the batch with fresh prompts",
     "RLVRStageConfig.dynamic_sampling_max_rounds": "generation rounds dynamic sampling may take per step",
     "RLVRStageConfig.train_problems": "training problems drawn from the task",
+    "OPSDStageConfig.method": "the arm's compaction method: opsd, crisp, contrastive, length_rl or budget "
+                              "(methods.METHODS); a method sets defaults that the arm's own keys override",
+    "OPSDStageConfig.teacher_refresh_steps": "periodic teacher: optimizer steps between copies of the student "
+                                             "into the teacher",
+    "OPSDStageConfig.contrast_context": "contrastive: the teacher prompt whose signal is subtracted (no privileged "
+                                        "information)",
+    "OPSDStageConfig.contrast_weight": "contrastive: the weight of the contrast",
+    "OPSDStageConfig.length_reward": "length_rl: the length-aware reward (rewards.LENGTH_REWARDS)",
+    "OPSDStageConfig.length_target": "length_rl: the target length in tokens; null: the quantile below of the "
+                                     "starting checkpoint's rollout lengths",
+    "OPSDStageConfig.length_target_quantile": "length_rl: which quantile of the starting lengths is the target",
+    "OPSDStageConfig.budgets": "budget: the token budgets evaluated; empty: budget_quantiles of the starting "
+                               "checkpoint's evaluated lengths",
+    "OPSDStageConfig.budget_quantiles": "budget: the quantiles of the starting lengths used as budgets",
+    "OPSDStageConfig.budget_answer_tokens": "budget: tokens the model may write after the forced end of thinking",
+    "EvalSection.budgets": "the budgets of each summary's accuracy_at_budget; empty: a ladder from the lengths",
     "OPSDStageConfig.gate": "which rollouts are trained on, by outcome: all, correct, incorrect, "
                             "correct_or_truncated or split (gates.GATES)",
     "OPSDStageConfig.divergence": "the per-token divergence between student and teacher (divergences.DIVERGENCES)",
@@ -473,7 +494,8 @@ MEANINGS = {
     "OPSDStageConfig.top_k": "compare the distributions on the teacher's k most probable tokens only; null: the "
                              "full vocabulary",
     "OPSDStageConfig.teacher_weights": "the teacher's weights: frozen (the stage's start), ema (an average of the "
-                                       "student) or live (the student itself)",
+                                       "student), live (the student itself) or periodic (re-copied every "
+                                       "teacher_refresh_steps)",
     "OPSDStageConfig.ema_rate": "ema teacher: teacher <- (1 - rate) * teacher + rate * student after each step",
     "OPSDStageConfig.teacher_context": "the privileged block in the teacher's prompt (prompts.TEACHER_CONTEXTS)",
     "OPSDStageConfig.max_steps": "optimizer steps of each OPSD arm",

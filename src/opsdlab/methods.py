@@ -41,6 +41,7 @@ class Method:
     defaults: dict = field(default_factory=dict)
     train: Callable | None = None
     reference: str = ""
+    uses_teacher: bool = True  # it reads the model under a teacher prompt (the pipeline checks that prompt first)
 
 
 def train_opsd(model, tokenizer, examples, verifier, arm: OPSDStageConfig, stage_dir: Path, *, thinking: bool,
@@ -82,8 +83,9 @@ METHODS: dict[str, Method] = {
     "contrastive": Method("self-distillation on the teacher's reference signal minus its unrelated-reference signal",
                           train=train_opsd, reference="arXiv 2606.11709"),
     "length_rl": Method("RLVR continued with a truncation length penalty", train=train_length_rl,
-                        reference="arXiv 2510.15110"),
-    "budget": Method("no training: responses cut at a token budget, the answer forced", train=None),
+                        reference="arXiv 2510.15110", uses_teacher=False),
+    "budget": Method("no training: responses cut at a token budget, the answer forced", train=None,
+                     uses_teacher=False),
 }
 
 

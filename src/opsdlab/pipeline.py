@@ -7,7 +7,8 @@ A run directory holds everything a report needs and is how a run resumes:
     base/model/                 the starting model (built here for the tiny default)
     sft/ rlvr/                  model/ (final HF folder), checkpoints/, metrics.jsonl
     sft/probe.jsonl             with sft.probe_every: student and teacher accuracy per probed step
-    opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl
+    opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl (each arm's
+                                compaction method: `methods.METHODS`; a `budget` arm trains nothing)
     eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
 
 A finished stage has `model/COMPLETE`; a finished evaluation has `summary.json`. Rerunning skips
@@ -44,6 +45,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy
 import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
@@ -51,7 +53,8 @@ from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, pars
 from opsdlab.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, write_eval
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
-from opsdlab.opsd import OPSDStageConfig, run_opsd
+from opsdlab.methods import METHODS
+from opsdlab.opsd import OPSDStageConfig
 from opsdlab.preflight import check_inputs
 from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
@@ -140,11 +143,12 @@ def eval_runs(config: PipelineConfig, teacher_context: str | None) -> list[tuple
 
 def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: PipelineConfig, task, sets: dict,
                         teacher_context: str | None = None, announce_skips: bool = True,
-                        outputs: dict | None = None) -> dict:
+                        outputs: dict | None = None, budgets: dict | None = None, answer_tokens: int = 32) -> dict:
     """Evaluate one checkpoint on every set (sampled, greedy, and the teacher prompt if asked); cached.
 
     Every process takes part (each evaluates its share of the problems); the main process writes
     the files, and every process returns, once they are written, their summaries by set name.
+    `budgets` (set name -> tokens) evaluates under budget forcing (`evaluate`'s `budget`).
     """
     verifier = verifier_of(config, task)
     results, model, tokenizer, skipped = {}, None, None, 0
@@ -167,9 +171,11 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
                     model, tokenizer = load_for_eval(model_dir, config.eval.backend, dtype,
                                                      config.model.trust_remote_code, config.eval.vllm, config.seed)
                 start = time.time()
+                forcing = {"budget": budgets[set_name], "answer_tokens": answer_tokens} if budgets else {}
                 samples, summary = evaluate_sharded(model, tokenizer, examples, verifier, sampling,
                                                     backend=config.eval.backend, thinking=config.task.thinking,
-                                                    context=context, desc=f"eval {name}/{set_name}{suffix}")
+                                                    context=context, desc=f"eval {name}/{set_name}{suffix}",
+                                                    **forcing, **shared_budgets(config))
                 if is_main_process():
                     summary.update(checkpoint=name, dtype=dtype)
                     if out in outputs:
@@ -182,6 +188,11 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
     if announce_skips and skipped and model is None and is_main_process():
         print(f"[eval] {name}: skipped, {skipped} evaluation(s) already done with these settings", flush=True)
     return results
+
+
+def shared_budgets(config: PipelineConfig) -> dict:
+    """`evaluate`'s budgets argument when the config sets eval.budgets (else each set's own ladder)."""
+    return {"budgets": list(config.eval.budgets)} if config.eval.budgets else {}
 
 
 def evaluate_sharded(model, tokenizer, examples: list[Example], verifier, sampling: SamplingConfig, **kwargs
@@ -267,6 +278,8 @@ class Step:
     context: str | None = None  # the teacher prompt evaluated beside the student's (evaluate, check)
     arm: str | None = None      # opsd: the arm's name and its OPSD seed
     opsd_seed: int = 0
+    source: str | None = None   # budget: the checkpoint it evaluates under budget forcing
+    budget: tuple = ()          # budget: ("tokens", B) or ("quantile", q) of the source's response lengths
 
 
 @dataclass(frozen=True)
@@ -314,18 +327,35 @@ def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
     if "opsd" not in config.stages:
         return steps
     previous = made_by + tuple(step.name for step in steps if step.kind == "evaluate" and step.checkpoint == start)
-    for context in sorted({config.arm_config(arm).teacher_context for arm in config.arms}):
+    arms = {arm.name: config.arm_config(arm) for arm in config.arms}
+    for context in sorted({arms[arm.name].teacher_context for arm in config.arms
+                           if METHODS[arms[arm.name].method].uses_teacher}):
         name = f"check {start} {context}"
         steps.append(Step(name, "check", start, str(start_dir), after=previous,
                           context=context if config.eval.teacher_check else None))
         previous = (name,)
+    start_evals = tuple(step.name for step in steps if step.kind == "evaluate" and step.checkpoint == start)
     for arm in config.arms:
+        if METHODS[arms[arm.name].method].train is None:  # budget forcing: evaluations of the start only
+            for label, budget in budget_points(arms[arm.name]):
+                name = f"opsd-{arm.name}-{label}-s0"
+                steps.append(Step(f"eval {name}", "budget", name, str(start_dir), after=made_by + start_evals,
+                                  arm=arm.name, source=start, budget=budget))
+            continue
         for seed in config.opsd_seeds:
             name = f"opsd-{arm.name}-s{seed}"
             steps += [Step(f"train {name}", "opsd", name, str(start_dir), after=made_by, arm=arm.name, opsd_seed=seed),
                       Step(f"eval {name}", "evaluate", name, str(run_dir / "opsd" / f"{arm.name}-s{seed}" / "model"),
                            after=(f"train {name}",))]
     return steps
+
+
+def budget_points(arm: OPSDStageConfig) -> list[tuple[str, tuple]]:
+    """The evaluations of a `budget` arm, (label, budget) each: its `budgets` in tokens (`b64`), else
+    its `budget_quantiles` of the starting checkpoint's own sampled response lengths (`q50`)."""
+    if arm.budgets:
+        return [(f"b{tokens}", ("tokens", tokens)) for tokens in arm.budgets]
+    return [(f"q{round(q * 100)}", ("quantile", q)) for q in arm.budget_quantiles]
 
 
 # What shapes each kind of output, as records (`provenance`): a rerun compares them with the
@@ -387,6 +417,8 @@ def stage_settings(config: PipelineConfig, step: Step, verifier: dict) -> dict:
         arm = next(arm for arm in config.arms if arm.name == step.arm)
         section = config.arm_config(arm)
         settings = {**flatten("opsd", section), "arm": arm.name, "opsd_seed": step.opsd_seed, **common, **verifier}
+        if section.method == "length_rl":  # RL continued: the run's RL loss settings shape it too
+            settings.update(flatten("rlvr", config.rlvr))
     if section.check_every:  # the held-out check's problems (`check_problems`) follow the evaluation's
         settings.update({"eval.sets": list(config.eval.sets[:1]), "eval.problems": config.eval.problems})
     return settings
@@ -407,6 +439,8 @@ def eval_settings(config: PipelineConfig, set_name: str, sampling: SamplingConfi
         settings.update(flatten("eval.sampling", sampling))
     if config.eval.backend == "vllm":
         settings.update(flatten("eval.vllm", config.eval.vllm))
+    if config.eval.budgets:
+        settings["eval.budgets"] = list(config.eval.budgets)
     if is_task_set(config, set_name):
         settings.update(task_settings(config))
     else:
@@ -442,7 +476,8 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
                                   reads=reads))
             made[step.checkpoint] = (folder, step.name)
             continue
-        reads, maker = made[step.checkpoint]
+        reads, maker = made[step.source or step.checkpoint]
+        after = ((maker,) if maker else ()) + (step.after[len(step.after) - 1:] if step.kind == "budget" else ())
         for name in config.eval.sets:
             for suffix, sampling, context in eval_runs(config, step.context):
                 folder = eval_folder(run_dir, step.checkpoint, f"{set_label(name)}{suffix}")
@@ -450,10 +485,13 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
                     continue
                 seen.add(folder)
                 settings = eval_settings(config, name, sampling, context, verifier)
+                if step.kind == "budget":
+                    arm = config.arm_config(next(a for a in config.arms if a.name == step.arm))
+                    settings.update({f"budget.{step.budget[0]}": step.budget[1], "arm": step.arm,
+                                     "opsd.budget_answer_tokens": arm.budget_answer_tokens})
                 inputs = {**(external if reads is None else {}), **set_inputs[name]}
                 record = make_record("evaluate", settings, inputs, defaults)
-                outputs.append(Output(folder, step.name, record, after=(maker,) if maker else (), kind="eval",
-                                      reads=reads))
+                outputs.append(Output(folder, step.name, record, after=after, kind="eval", reads=reads))
     return outputs
 
 
@@ -642,23 +680,48 @@ def check_problems(config: PipelineConfig, stage) -> list[Example] | None:
 
 
 def _train_arm(run: Run, step: Step) -> None:
+    """Train one arm with its compaction method (`methods.METHODS`) from the starting checkpoint."""
     config = run.config
     arm = next(arm for arm in config.arms if arm.name == step.arm)
     stage_dir = run.run_dir / "opsd" / f"{arm.name}-s{step.opsd_seed}"
+    arm_config = config.arm_config(arm)
 
     def train():
-        arm_config = config.arm_config(arm)
         examples = run.task.examples("train", arm_config.train_problems)
         model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
-        run_opsd(model, tokenizer, examples, run.verifier, arm_config, stage_dir, thinking=config.task.thinking,
-                 seed=step.opsd_seed, check_examples=check_problems(config, arm_config))
+        METHODS[arm_config.method].train(model, tokenizer, examples, run.verifier, arm_config, stage_dir,
+                                         thinking=config.task.thinking, seed=step.opsd_seed,
+                                         check_examples=check_problems(config, arm_config), rlvr=config.rlvr)
 
-    _train_stage(run, stage_dir, step.checkpoint, f"[opsd] arm {arm.name} seed {step.opsd_seed}", train)
+    method = "" if arm_config.method == "opsd" else f" ({arm_config.method})"
+    _train_stage(run, stage_dir, step.checkpoint, f"[opsd] arm {arm.name}{method} seed {step.opsd_seed}", train)
 
 
 def _evaluate(run: Run, step: Step) -> None:
     evaluate_checkpoint(run.run_dir, step.checkpoint, Path(step.model_dir), run.config, run.task, run.sets,
                         teacher_context=step.context, announce_skips=step.kind == "evaluate", outputs=run.outputs)
+
+
+def budget_tokens(run_dir: Path, step: Step, set_name: str) -> int:
+    """The token budget of a budget-forcing evaluation on one set: given, or the quantile of the
+    starting checkpoint's sampled response lengths on that set (its evaluation must exist)."""
+    kind, value = step.budget
+    if kind == "tokens":
+        return int(value)
+    samples = eval_folder(run_dir, step.source, set_name) / "samples.jsonl"
+    if not samples.exists():
+        raise ConfigError(f"arms.{step.arm}: budget_quantiles read the evaluation of {step.source} on {set_name} "
+                          f"({samples}), which does not exist; give budgets in tokens (budgets=[...]) instead")
+    lengths = [json.loads(line)["response_tokens"] for line in samples.read_text().splitlines() if line.strip()]
+    return max(1, round(float(numpy.quantile(lengths, value))))
+
+
+def _evaluate_budget(run: Run, step: Step) -> None:
+    """A `budget` arm's evaluation: its starting checkpoint with each response cut at the budget."""
+    arm = run.config.arm_config(next(a for a in run.config.arms if a.name == step.arm))
+    budgets = {name: budget_tokens(run.run_dir, step, name) for name in run.sets}
+    evaluate_checkpoint(run.run_dir, step.checkpoint, Path(step.model_dir), run.config, run.task, run.sets,
+                        outputs=run.outputs, budgets=budgets, answer_tokens=arm.budget_answer_tokens)
 
 
 def _check_teacher(run: Run, step: Step) -> None:
@@ -682,6 +745,7 @@ STEP_KINDS = {
     "opsd": _train_arm,
     "evaluate": _evaluate,
     "check": _check_teacher,
+    "budget": _evaluate_budget,
 }
 
 
@@ -732,7 +796,7 @@ def _run_step_in_worker(config: PipelineConfig, step: Step, threads: int) -> Non
 
 # Rough relative cost of each kind of step, for the order in which ready steps start: a training
 # stage takes several times as long as one checkpoint's evaluations on the demo and on real models.
-STEP_COSTS = {"sft": 4, "rlvr": 4, "opsd": 4, "evaluate": 1, "check": 1}
+STEP_COSTS = {"sft": 4, "rlvr": 4, "opsd": 4, "evaluate": 1, "check": 1, "budget": 1}
 
 
 def step_priorities(steps: list[Step]) -> dict:
