@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from opsdlab.compare import method_rows, methods_section, seeds_methods_section  # noqa: E402
 from opsdlab.evaluate import read_samples  # noqa: E402
 from opsdlab.metrics import (  # noqa: E402
     HESITATION_MARKERS, accuracy_efficiency_score, bootstrap_diff_ci, flips, hesitation_density, mean_ci,
@@ -1011,7 +1012,14 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
                           for (name, before), by_seed in by_stage.items()]
                        + opsd_comparisons(changes, f"`{reference}`", order, opsd_order)
                        + opsd_comparisons(versus_all, "the `all` arm", order, opsd_order))
-        found += [f"`{set_name}`:", ""] * (len(set_names) > 1) + [*findings(advantages, comparisons, order), ""]
+        seed_rows = {seed: method_rows(d, run_config(d), {name: by_seed[seed] for name, by_seed in changes.items()
+                                                          if seed in by_seed}, set_name)
+                     for seed, d in seeds.items()}
+        front_found, methods_md = seeds_methods_section(
+            seed_rows, {seed: reference_of(checkpoint_order(d)) for seed, d in seeds.items()},
+            lambda seed, name: _samples(seeds[seed], name, set_name), order, colors, set_name, out_dir)
+        found += [f"`{set_name}`:", ""] * (len(set_names) > 1) + [*findings(advantages, comparisons, order),
+                                                                   *front_found, ""]
         md = [f"## {set_name}", "", "### Checkpoints over seeds", "", *seed_checkpoint_table(seeds, set_name), ""]
         for (name, before), by_seed in stages.items():
             md += [f"### `{name}` against `{before}` per seed", "", *change_table({name: by_seed}, before, "stage"),
@@ -1043,6 +1051,7 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
                        "student prompt at the checkpoint OPSD starts from (the teacher advantage table's row for the "
                        "arm's teacher context). A descriptive figure: no finding is drawn from it.", "",
                        f"![lead vs change](lead_vs_change_{set_name}.png)", ""]
+        md += methods_md
         if versus_all:
             md += ["### OPSD arms against the `all` arm (same pipeline seed and OPSD seed)", "",
                    "Whether the gate or the teacher's context made a difference, paired on the same problems.", "",
@@ -1125,6 +1134,9 @@ def write_report(run_dir: str | Path) -> Path:
                          f"{' and OPSD seed' * several} (paired 95% CI over problems): {set_name}",
                          out_dir / f"changes_{set_name}.png")
             md += [f"![changes](changes_{set_name}.png)", ""]
+        arm_ds = {name: d for (name, _), d in changes.items() if name.startswith("opsd-")}
+        md += methods_section(run_dir, config, arm_ds, reference, set_name,
+                              lambda name: _samples(run_dir, name, set_name), colors, out_dir)
         if plot_length_distributions(run_dir, names, set_name, colors, out_dir / f"lengths_{set_name}.png"):
             md += ["### Length of correct and incorrect responses", "", f"![lengths](lengths_{set_name}.png)", ""]
         md += ["### Sample responses", "", *sample_section(run_dir, names, set_name, reference)]
