@@ -370,7 +370,7 @@ def cmd_study(args) -> int:
 
     start = time.time()
     done = run_study(args.run_dir, [p for p in args.presets.split(",") if p], args.seeds, args.overrides,
-                     jobs=args.jobs, redo=args.redo)
+                     jobs=args.jobs, redo=args.redo, arms=args.arms)
     for preset, result in done.items():
         print(f"{preset}: {result['report']}")
     print(f"study wall time: {time.time() - start:.0f}s")
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default: tiny,tiny-search)")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated pipeline seeds (default: 0,1,2)")
     p.add_argument("--run-dir", default="runs/study", help="one sub-directory per preset")
+    p.add_argument("--arms", default="gates", help="the arm set: gates (OPSD's gates and the controls, default) or "
+                                                   "methods (OPSD against the other compaction methods)")
     p.add_argument("--jobs", type=int, default=1,
                    help="(preset, seed) parts run as this many processes at a time, each with OMP_NUM_THREADS "
                         "= cores / jobs unless set (default: 1, in this process)")

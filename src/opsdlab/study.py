@@ -1,4 +1,7 @@
-"""The study: every task preset × pipeline seeds × OPSD arms and controls, one aggregate report per task.
+"""The study: every task preset × pipeline seeds × arms, one aggregate report per task.
+
+Two arm sets (`STUDY_ARM_SETS`): "gates", OPSD's gates and the controls without privileged
+information; "methods", OPSD against the other compaction methods (`methods.METHODS`).
 
 `run_study` runs, for each preset (a shipped config name or a YAML file), the whole pipeline over
 `STUDY_SEEDS` (`pipeline.run_seeds`) with the `STUDY_ARMS`, into `<run_dir>/<preset>/`, and writes
@@ -36,12 +39,28 @@ STUDY_ARMS = (
     {"name": "unrelated", "gate": "all", "teacher_context": "unrelated"},
 )
 
+# Which compaction to pick: the paper's OPSD (correct rollouts only) against the alternatives, each from
+# the same RLVR checkpoint with the same rollout budget (`methods.METHODS`).
+METHOD_ARMS = (
+    {"name": "opsd", "gate": "correct"},
+    {"name": "crisp", "method": "crisp"},
+    {"name": "contrast", "method": "contrastive"},
+    {"name": "dler", "method": "length_rl"},
+    {"name": "forced", "method": "budget"},
+)
+# The arm sets a study runs (`opsdlab study --arms`): the gates and their controls, or the methods.
+STUDY_ARM_SETS = {"gates": STUDY_ARMS, "methods": METHOD_ARMS}
 
-def study_config(preset: str, run_dir: str | Path, seeds=STUDY_SEEDS, overrides: list[str] | None = None):
-    """The pipeline config of one task of the study: the preset with the study's seeds, arms and
-    run directory (`<run_dir>/<preset name>`), then `overrides` (`key=value`, applied last)."""
+
+def study_config(preset: str, run_dir: str | Path, seeds=STUDY_SEEDS, overrides: list[str] | None = None,
+                 arms: str = "gates"):
+    """The pipeline config of one task of the study: the preset with the study's seeds, arm set
+    (`STUDY_ARM_SETS`) and run directory (`<run_dir>/<preset name>`), then `overrides` (`key=value`,
+    applied last)."""
+    if arms not in STUDY_ARM_SETS:
+        raise ConfigError(f"--arms: expected one of {', '.join(STUDY_ARM_SETS)}, got {arms!r}")
     forced = [f"run_dir={Path(run_dir) / Path(preset).stem}", f"seeds={json.dumps(list(seeds))}",
-              f"arms={json.dumps(list(STUDY_ARMS))}"]
+              f"arms={json.dumps(list(STUDY_ARM_SETS[arms]))}"]
     return load_config(preset, forced + list(overrides or []))
 
 
@@ -99,7 +118,7 @@ def _threads_per_job(jobs: int) -> str:
 
 
 def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
-              overrides: list[str] | None = None, jobs: int = 1, redo=()) -> dict[str, dict]:
+              overrides: list[str] | None = None, jobs: int = 1, redo=(), arms: str = "gates") -> dict[str, dict]:
     """Run (or resume) every preset of the study and write its report; per preset, the report path
     and the wall time of this call in seconds (with `jobs` > 1: the time to resume it and write its
     report after every part ran; the parts' wall time is printed)."""
@@ -108,7 +127,7 @@ def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
         raise ConfigError(f"presets: expected distinct preset names (each gets <run_dir>/<name>), got {list(presets)}")
     if jobs < 1:
         raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
-    configs = [study_config(preset, run_dir, seeds, overrides) for preset in presets]  # bad input fails first
+    configs = [study_config(preset, run_dir, seeds, overrides, arms) for preset in presets]  # bad input fails first
     for config in configs:  # missing inputs, or a part made with other settings, fail now, before anything is written
         check_inputs(config)
         check_seed_dirs(config, redo)
