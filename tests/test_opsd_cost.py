@@ -1,0 +1,91 @@
+"""Cost and precision of the OPSD loss path: what it computes, in which dtype, and what it leaves out.
+
+The loss and gradient of one fixed micro-batch are pinned to the values the loss path gave before its
+cost was reduced (same tiny model, same rows), so every saving here keeps the objective exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opsd_helpers import make_trainer
+
+# A fixed micro-batch: three rollouts, one gated out (route None), two divergences, left-padded
+# prompts of different widths for student and teacher, right-padded completions.
+PROMPT = [[0, 0, 21, 22], [0, 23, 24, 25], [26, 27, 28, 29]]
+TEACHER_PROMPT = [[0, 0, 0, 21, 30, 22], [23, 31, 32, 33, 24, 25], [0, 26, 27, 34, 28, 29]]
+COMPLETION = [[40, 41, 42, 43, 44], [45, 46, 47, 0, 0], [48, 49, 50, 51, 0]]
+ROUTES = ["reverse_kl", None, "forward_kl"]
+
+
+def fixed_batch(device="cpu") -> dict:
+    def t(rows):
+        return torch.tensor(rows, device=device)
+
+    completion_mask = t([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    return {
+        "prompt_ids": t(PROMPT), "prompt_mask": (t(PROMPT) != 0).long(),
+        "teacher_prompt_ids": t(TEACHER_PROMPT), "teacher_prompt_mask": (t(TEACHER_PROMPT) != 0).long(),
+        "completion_ids": t(COMPLETION), "completion_mask": completion_mask,
+        "route": list(ROUTES), "correct": t([True, False, True]), "truncated": t([False, False, False]),
+        "opsd_step_tokens": torch.tensor(9.0, device=device),
+    }
+
+
+def perturbed_trainer(tmp_path, tiny_folder, task, **overrides):
+    """A trainer on the tiny model whose student is moved off the frozen teacher by a fixed small offset."""
+    trainer = make_trainer(tmp_path, tiny_folder, task, chunk_size=3, **overrides)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.01)
+    return trainer
+
+
+def loss_and_gradient(trainer, routes=ROUTES):
+    """The trainer's loss on the fixed batch (train mode) and the gradient it gives every parameter."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's training loop
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, {**fixed_batch(), "route": list(routes)})
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def gradient_fingerprint(grads) -> tuple[float, float, float]:
+    """Total norm, and the gradient's projections on two fixed random directions."""
+    generator = torch.Generator().manual_seed(2)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+    projections = [sum((g.double() * torch.randn(g.shape, generator=generator, dtype=torch.float64)).sum()
+                       for g in grads.values()).item() for _ in range(2)]
+    return norm, *projections
+
+
+# Loss, gradient fingerprint and logged numbers of the fixed batch, as the loss path computed them
+# before its cost was reduced (float32 on CPU).
+PINNED = {
+    "kl": (["reverse_kl", None, "forward_kl"], {},
+           0.0423114039003849, (0.5426812571200187, 0.5860180201931118, -0.6221163484646148)),
+    "jsd_clip_topk": (["jsd", None, "sampled_reverse_kl"], {"clip_tau": 0.05, "top_k": 7, "divergence": "jsd"},
+                      0.14128941297531128, (0.8172644629931514, -1.073244786168465, -0.134731347645601)),
+}
+PINNED_METRICS = {"opsd/kept_tokens": 9.0, "opsd/student_entropy": 5.374056339263916,
+                  "opsd/teacher_entropy": 5.3809943199157715, "opsd/teacher_minus_student_logp": 0.12541463971138}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_loss_gradient_and_logged_numbers_are_pinned(tmp_path, tiny_folder, task, case):
+    """Float32, one process: the loss, its gradient and the logged numbers of a fixed micro-batch (two
+    kept rows of two divergences, a gated-out row, chunks of 3 tokens) match the pinned values."""
+    routes, overrides, loss_value, fingerprint = PINNED[case]
+    trainer = perturbed_trainer(tmp_path, tiny_folder, task, **overrides)
+    loss, grads = loss_and_gradient(trainer, routes)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(loss_value, rel=1e-5)
+    assert gradient_fingerprint(grads) == pytest.approx(fingerprint, rel=1e-4)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert metrics["opsd/loss"] == pytest.approx(loss_value, rel=1e-5)  # 9 kept tokens, normalizer 9
+    for key, value in PINNED_METRICS.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
