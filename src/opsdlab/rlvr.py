@@ -6,10 +6,16 @@ clip-higher, KL to a reference (off by default) and masking of truncated complet
 This module adds one thing TRL lacks: dynamic sampling (DAPO), which drops groups whose rewards are
 all equal (they carry no advantage) and refills the batch with fresh groups, consistently across
 processes. The OPSD stage reuses its refill machinery for steps whose gate keeps too little.
+
+With a length-aware reward (`run_rlvr(length_reward=...)`, the `length_rl` compaction method) the
+correctness reward becomes one of `rewards.LENGTH_REWARDS` against a target length in tokens, set
+once before training (`decide_length_target`) and kept in the stage folder.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -19,12 +25,13 @@ from trl import GRPOConfig, GRPOTrainer
 
 from opsdlab.checks import CheckSettings, attach_checks, check_settings, train_checked
 from opsdlab.data import Example
+from opsdlab.evaluate import Generation, SamplingConfig, generate, response_length
 from opsdlab.models import end_token_ids
 from opsdlab.progress import RLVR_POSTFIX, train_stage
 from opsdlab.prompts import render_prompt
-from opsdlab.rewards import VerifierReward, format_reward
-from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, save_trained, warn_if_updates_vanish)
+from opsdlab.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward, format_reward
+from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, main_decides,
+                             per_device_rows, process_device, save_trained, warn_if_updates_vanish)
 from opsdlab.verifier import VerifierConfig
 from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
@@ -217,6 +224,84 @@ def reward_functions(verifier: VerifierConfig, tokenizer, config: RLVRStageConfi
     return funcs
 
 
+# ---------------------------------------------------------------- length target
+
+LENGTH_TARGET_FILE = "length_target.json"
+# Training problems the starting checkpoint answers once to measure its lengths.
+LENGTH_TARGET_PROBLEMS = 64
+
+
+def quantile_length(lengths: list[int], quantile: float) -> int:
+    """The smallest of `lengths` that at least a `quantile` fraction of them do not exceed (nearest
+    rank: sorted lengths, entry ceil(quantile x n)); always one of the measured lengths."""
+    if not lengths:
+        raise ValueError("length target: no response lengths to take a quantile of")
+    ordered = sorted(lengths)
+    return ordered[max(math.ceil(quantile * len(ordered)) - 1, 0)]
+
+
+def measure_lengths(model, tokenizer, examples: list[Example], config: RLVRStageConfig, *, thinking: bool,
+                    seed: int) -> list[Generation]:
+    """One response of the model to each of the first `LENGTH_TARGET_PROBLEMS` problems, sampled as
+    training samples them (the stage's temperature, top_p and max_completion_length)."""
+    sampling = SamplingConfig(k=1, temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=config.max_completion_length, seed=seed)
+    prompts = [render_prompt(tokenizer, ex, thinking=thinking) for ex in examples[:LENGTH_TARGET_PROBLEMS]]
+    return generate(model.to(process_device()), tokenizer, prompts, sampling, desc="length target")
+
+
+def decide_length_target(model, tokenizer, examples: list[Example], config: RLVRStageConfig, stage_dir: Path, *,
+                         reward: str, given: int | None, quantile: float, thinking: bool, seed: int) -> int:
+    """The target length of a length-aware reward, the same on every process.
+
+    `given` if set; else the `quantile` (`quantile_length`) of the starting checkpoint's response
+    lengths on training problems (`measure_lengths`). The main process decides and writes
+    stage_dir/length_target.json; a later run in the same stage folder (a resumed one) reuses it
+    rather than measure a model that has moved, and refuses settings that would set another target.
+    """
+    path = Path(stage_dir) / LENGTH_TARGET_FILE
+
+    def decide() -> dict | str:
+        if path.exists():
+            try:
+                record = json.loads(path.read_text())
+                target, source = int(record["target"]), record["source"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                return f"{path}: unreadable length target ({err}); remove the file to measure it again"
+            found = (source, target if source == "given" else record.get("quantile"))
+            asked = ("given", given) if given is not None else ("quantile", quantile)
+            if found != asked:
+                setting = f"length_target {given}" if given is not None else f"length_target_quantile {quantile}"
+                return (f"{path}: this stage trains toward target {target} ({source} {found[1]}), which {setting} "
+                        "would not set; use a new run folder or remove the file")
+            print(f"rlvr: length target {target} tokens, reused from {path}")
+            return record
+        if given is not None:
+            record = {"target": int(given), "source": "given", "quantile": None, "lengths": 0}
+            how = "given (length_target)"
+        else:
+            eos = end_token_ids(tokenizer, model)
+            generations = measure_lengths(model, tokenizer, examples, config, thinking=thinking, seed=seed)
+            lengths = [response_length(g, eos) for g in generations]
+            record = {"target": max(quantile_length(lengths, quantile), 1), "source": "quantile",
+                      "quantile": quantile, "lengths": len(lengths), "mean_length": sum(lengths) / len(lengths),
+                      "truncation_rate": sum(g.truncated for g in generations) / len(generations),
+                      "temperature": config.temperature, "max_completion_length": config.max_completion_length,
+                      "seed": seed}
+            how = (f"the {quantile} quantile of the starting checkpoint's lengths on {len(lengths)} "
+                   "training problems")
+        record["reward"] = reward
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"rlvr: length target {record['target']} tokens, {how}")
+        return record
+
+    decided = main_decides(decide)
+    if isinstance(decided, str):
+        raise ValueError(decided)
+    return int(decided["target"])
+
+
 # ---------------------------------------------------------------- dynamic sampling
 
 
@@ -341,19 +426,38 @@ class RLVRTrainer(GRPOTrainer):
 
 
 def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRStageConfig, stage_dir: Path,
-             *, thinking: bool, seed: int = 0, check_examples: list[Example] | None = None) -> Path:
+             *, thinking: bool, seed: int = 0, check_examples: list[Example] | None = None,
+             length_reward: str | None = None, length_target: int | None = None,
+             length_target_quantile: float = 0.5) -> Path:
     """Train with GRPO on `examples`, resume from a checkpoint if one exists, save to stage_dir/model.
 
     Logged numbers go to stage_dir/metrics.jsonl; the terminal shows an "rlvr" bar with loss, mean
     reward and mean completion length. With `config.check_every > 0`, `check_examples` (held-out
     problems) are graded during training, a stopping rule may end it, and model/ holds the checkpoint
     the selection rule picks (`checks`).
+
+    Length-aware RL (`length_reward`, a name in `rewards.LENGTH_REWARDS`; the `length_rl` method,
+    after DLER, arXiv 2510.15110): the correctness reward is replaced by one that also needs the
+    response within a target length ("truncation": 1 if correct and length <= target, else 0); the
+    format reward stays as configured. DLER pairs it with batch-wise reward normalisation, the
+    higher clip and dynamic sampling, which are this config's `scale_rewards`, `epsilon_high` and
+    `dynamic_sampling`. The target is `length_target` tokens, or else the `length_target_quantile`
+    quantile of the starting checkpoint's response lengths on training problems, measured before
+    training and kept in stage_dir/length_target.json for resumed runs (`decide_length_target`).
     """
     stage_dir = Path(stage_dir)
+    funcs = reward_functions(verifier, tokenizer, config, model)
+    if length_reward is not None:
+        if length_reward not in LENGTH_REWARDS:
+            raise ValueError(f"rlvr: length_reward must be one of {sorted(LENGTH_REWARDS)}, got {length_reward!r}")
+        target = decide_length_target(
+            model, tokenizer, examples, config, stage_dir, reward=length_reward, given=length_target,
+            quantile=length_target_quantile, thinking=thinking, seed=seed)
+        funcs[0] = LengthAwareReward(verifier, funcs[0].eos_token_ids, length_reward, target)
     with colocated_engine_released() as track:
         trainer = track(RLVRTrainer(
             model=model,
-            reward_funcs=reward_functions(verifier, tokenizer, config, model),
+            reward_funcs=funcs,
             args=grpo_args(config, stage_dir, seed),
             train_dataset=rl_dataset(examples, tokenizer, thinking),
             processing_class=tokenizer,
