@@ -89,3 +89,40 @@ def test_loss_gradient_and_logged_numbers_are_pinned(tmp_path, tiny_folder, task
     assert metrics["opsd/loss"] == pytest.approx(loss_value, rel=1e-5)  # 9 kept tokens, normalizer 9
     for key, value in PINNED_METRICS.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_vllm_rollouts_run_no_student_forward_for_importance_sampling(tmp_path, tiny_folder, task):
+    """With vLLM rollouts TRL scores every generation batch again with the student (no grad) for its
+    importance-sampling correction of the policy-gradient loss; the distillation loss never reads it,
+    so an OPSD generation batch runs no forward pass before the loss."""
+    from opsdlab.opsd import OPSDStageConfig, opsd_args
+
+    config = OPSDStageConfig(use_vllm=True, vllm_mode="server", prompts_per_step=2, rollouts_per_prompt=2)
+    assert opsd_args(config, tmp_path / "args", 0, num_processes=1).vllm_importance_sampling_correction is False
+    # TRL's other reason for the forward: generation batches out of step with optimizer steps.
+    accumulated = opsd_args(OPSDStageConfig(prompts_per_step=4, rollouts_per_prompt=2, gradient_accumulation_steps=2),
+                            tmp_path / "ga", 0, num_processes=1)
+    assert accumulated.gradient_accumulation_steps % (accumulated.steps_per_generation * accumulated.num_iterations) == 0
+
+    trainer = make_trainer(tmp_path, tiny_folder, task)
+    # As a vLLM launch: TRL's flags set, rollouts (from transformers here) carrying sampling logprobs.
+    trainer.use_vllm = True
+    trainer.vllm_importance_sampling_correction = trainer.args.vllm_importance_sampling_correction
+    generate = trainer._generate_single_turn
+
+    def as_vllm(*args, **kwargs):
+        trainer.use_vllm = False
+        try:
+            completion_ids, _ = generate(*args, **kwargs)
+        finally:
+            trainer.use_vllm = True
+        return completion_ids, [[-1.0] * len(ids) for ids in completion_ids]
+
+    trainer._generate_single_turn = as_vllm
+    forwards = []
+    score = trainer._get_per_token_logps_and_entropies
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: forwards.append(1) or score(*a, **k)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([dict(trainer.train_dataset[i]) for i in (0, 0, 1, 1)])
+    assert batch["completion_ids"].shape[0] == 4 and "sampling_per_token_logps" in batch
+    assert forwards == [] and "old_per_token_logps" not in batch

@@ -179,9 +179,15 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
 
 def opsd_args(config: OPSDStageConfig, stage_dir: Path, seed: int, *, num_processes: int | None = None):
     """TRL's GRPOConfig for an OPSD stage: `prompts_per_step` x `rollouts_per_prompt` rollouts per
-    optimizer step over all processes and accumulation steps (see `rlvr.grpo_args`)."""
+    optimizer step over all processes and accumulation steps (see `rlvr.grpo_args`).
+
+    vLLM's importance-sampling correction is off: TRL would score every generation batch once more
+    with the student (a no-grad forward over all rollouts) to reweight its policy-gradient loss, which
+    the distillation loss replaces. With one generation batch per optimizer step (steps_per_generation
+    = gradient_accumulation_steps, num_iterations 1) TRL computes no old log-probabilities otherwise.
+    """
     return grpo_args(config.as_rlvr(), stage_dir, seed, rollouts_per_prompt=config.rollouts_per_prompt,
-                     num_processes=num_processes, stage="opsd")
+                     num_processes=num_processes, stage="opsd", vllm_importance_sampling_correction=False)
 
 
 def response_positions(prompt_width: int, completion_width: int) -> slice:
