@@ -11,13 +11,18 @@ opens the think block itself gives the same count as one that leaves it to the m
 Responses come from a named backend (`BACKENDS`): `transformers` (`model.generate`, in left-padded
 batches) or `vllm` (`vllm_backend`, vLLM's engine). Both receive the same prompt token ids and return
 the same `Generation` records, so grading, lengths and the written files do not depend on the backend.
+
+With a token `budget`, responses are budget-forced (s1-style), the compaction baseline that trains
+nothing: each response is cut at `budget` tokens; one that has not ended there gets the chat
+template's think-close text (if its think block is still open) and an answer cue appended, and the
+model writes at most `answer_tokens` more (`budget_forced_generate`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +33,7 @@ from opsdlab.data import Example
 from opsdlab.metrics import Sample, find_answer, summarize
 from opsdlab.models import end_token_ids, stop_token_ids, thinking_token_count
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
+from opsdlab.templates import think_close_text, unclosed_thinking
 from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
 
 
@@ -57,14 +63,29 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Generation:
+    """One response: its ids (with the closing EOS, if it ended), their text, and whether it hit the
+    length cap. `forced` is, for a budget-forced response, the [start, end) slice of `token_ids` that
+    holds the forced text (think-close and answer cue); None otherwise."""
+
     token_ids: list[int]
     text: str
     truncated: bool
+    forced: tuple[int, int] | None = None
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, desc: str = "generate") -> list[Generation]:
     """Sample one response per prompt with `model.generate`, in left-padded batches."""
+    # With special tokens, as TRL tokenizes the same prompts in training (render_prompt leaves out
+    # the BOS that the tokenizer adds).
+    return generate_ids(model, tokenizer, tokenizer(prompts, add_special_tokens=True)["input_ids"], sampling, desc)
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, token_ids: list[list[int]], sampling: SamplingConfig,
+                 desc: str = "generate") -> list[Generation]:
+    """Sample one response per prompt given as token ids, with `model.generate` in left-padded batches
+    (`tokenizer.pad`, on the tokenizer's padding side)."""
     torch.manual_seed(sampling.seed)
     was_training = model.training
     model.eval()
@@ -75,11 +96,9 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, des
         if sampling.temperature > 0 else dict(do_sample=False)
     )
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(prompts), sampling.batch_size), desc=desc, leave=False, unit="batch"):
-        # With special tokens, as TRL tokenizes the same prompts in training (render_prompt leaves out
-        # the BOS that the tokenizer adds).
-        batch = tokenizer(prompts[start:start + sampling.batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=True).to(device)
+    for start in tqdm(range(0, len(token_ids), sampling.batch_size), desc=desc, leave=False, unit="batch"):
+        batch = tokenizer.pad({"input_ids": token_ids[start:start + sampling.batch_size]}, padding=True,
+                              return_tensors="pt").to(device)
         output = model.generate(
             **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=sorted(stop_token_ids(tokenizer, model)), **sample_kwargs,
@@ -113,6 +132,11 @@ def _generate_transformers(model, tokenizer, prompts: list[str], sampling: Sampl
     return generate(model, tokenizer, [p for p in prompts for _ in range(sampling.k)], sampling, desc=desc)
 
 
+def _extend_transformers(model, tokenizer, token_ids: list[list[int]], sampling: SamplingConfig, rows: list[int],
+                         desc: str):
+    return generate_ids(model, tokenizer, token_ids, sampling, desc=desc)  # one random stream: rows not needed
+
+
 def _load_vllm(*args, **kwargs):
     from opsdlab import vllm_backend
 
@@ -125,21 +149,31 @@ def _generate_vllm(*args, **kwargs):
     return vllm_backend.generate(*args, **kwargs)
 
 
+def _extend_vllm(*args, **kwargs):
+    from opsdlab import vllm_backend
+
+    return vllm_backend.generate_ids(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Backend:
     """How an evaluation gets its responses.
 
     load(model_dir, dtype, trust_remote_code, settings, seed) -> (engine, tokenizer);
-    generate(engine, tokenizer, prompts, sampling, desc) -> k Generations per prompt, prompt-major.
+    generate(engine, tokenizer, prompts, sampling, desc) -> k Generations per prompt, prompt-major;
+    extend(engine, tokenizer, token_ids, sampling, rows, desc) -> one Generation per row of prompt ids
+    (`sampling.k` is ignored), where `rows` numbers each row among the evaluation's samples (vLLM seeds
+    each row by it). Budget forcing continues cut responses with `extend`.
     """
 
     load: Callable
     generate: Callable
+    extend: Callable
 
 
 BACKENDS = {
-    "transformers": Backend(_load_transformers, _generate_transformers),
-    "vllm": Backend(_load_vllm, _generate_vllm),
+    "transformers": Backend(_load_transformers, _generate_transformers, _extend_transformers),
+    "vllm": Backend(_load_vllm, _generate_vllm, _extend_vllm),
 }
 
 
@@ -263,6 +297,63 @@ def _first_true(predicate: Callable[[int], bool], n: int, guess: int) -> int:
     return high
 
 
+# What budget forcing writes once a cut response's thinking is closed: the start of the answer in the
+# tasks' format ("The answer is \\boxed{N}."), so the model's next tokens are the answer itself.
+ANSWER_CUE = "The answer is \\boxed{"
+
+
+def check_budget(budget: int | None, answer_tokens: int, key: str = "budget") -> None:
+    """A ValueError naming `key` unless `budget` is None or a token count >= 1 and answer_tokens >= 1."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"{key} must be a token count >= 1, got {budget!r}")
+    if isinstance(answer_tokens, bool) or not isinstance(answer_tokens, int) or answer_tokens < 1:
+        raise ValueError(f"answer_tokens must be a token count >= 1, got {answer_tokens!r}")
+
+
+def forced_text(response_ids: list[int], tokenizer, prompt: str, cue: str = ANSWER_CUE) -> str:
+    """What budget forcing appends to a response cut at its budget: the chat template's think-close
+    text and the answer cue while the think block (the prompt's or the response's) is open, else a
+    line break and the cue."""
+    # Tags kept: the tiny tokenizer drops <think>/</think> when skipping special tokens.
+    response = tokenizer.decode(response_ids, skip_special_tokens=False)
+    return (think_close_text(tokenizer) if unclosed_thinking(response, prompt) else "\n") + cue
+
+
+def budget_forced_generate(backend: str, model, tokenizer, prompts: list[str], sampling: SamplingConfig,
+                           budget: int, answer_tokens: int = 32, cue: str = ANSWER_CUE,
+                           desc: str = "eval") -> list[Generation]:
+    """k budget-forced responses per prompt, prompt-major (as a backend's `generate`).
+
+    Round 1 samples at most `budget` tokens (in place of `sampling.max_new_tokens`, with the same
+    seed: a response that ends within the budget is the one an unforced run with that cap draws, and
+    is kept as it is). A response cut at the budget continues from its own ids: the prompt ids, its
+    round-1 ids and the tokenized `forced_text`, from which round 2 samples at most `answer_tokens`
+    tokens (seed `sampling.seed + 1`). Its ids are round 1, the forced ids and round 2, all counted
+    in its length; it is `truncated` when round 2 also hit its cap.
+    """
+    check_budget(budget, answer_tokens)
+    engine = BACKENDS[check_backend(backend)]
+    first = engine.generate(model, tokenizer, prompts, replace(sampling, max_new_tokens=budget), desc)
+    repeated = [p for p in prompts for _ in range(sampling.k)]
+    cut = [row for row, generation in enumerate(first) if generation.truncated]
+    if not cut:
+        return first
+    prompt_ids = tokenizer([repeated[row] for row in cut], add_special_tokens=True)["input_ids"]
+    forced = [tokenizer(forced_text(first[row].token_ids, tokenizer, repeated[row], cue),
+                        add_special_tokens=False)["input_ids"] for row in cut]
+    second = engine.extend(model, tokenizer,
+                           [ids + first[row].token_ids + extra for ids, row, extra in zip(prompt_ids, cut, forced)],
+                           replace(sampling, k=1, max_new_tokens=answer_tokens, seed=sampling.seed + 1), cut,
+                           f"{desc} (forced answers)")
+    out = list(first)
+    for row, extra, answer in zip(cut, forced, second):
+        ids = first[row].token_ids + extra + answer.token_ids
+        start = len(first[row].token_ids)
+        out[row] = Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), answer.truncated,
+                              (start, start + len(extra)))
+    return out
+
+
 def evaluate(
     model,
     tokenizer,
@@ -274,14 +365,26 @@ def evaluate(
     context: str = "none",
     desc: str = "eval",
     backend: str = "transformers",
+    budget: int | None = None,
+    answer_tokens: int = 32,
+    budgets: list[int] | None = None,
 ) -> tuple[list[Sample], dict]:
     """Sample k responses per problem from the prompt of one role and grade them.
 
     `model` is the engine of `backend` (see `load_for_eval`): a transformers model or a vllm.LLM.
+    With `budget`, responses are budget-forced (`budget_forced_generate`) and the summary records
+    `budget`, `answer_tokens` and `forced_samples` (how many responses were cut and forced).
+    `budgets` are the token budgets of the summary's `accuracy_at_budget` (None: a ladder from the
+    evaluated lengths, `metrics.budget_ladder`).
     """
+    check_budget(budget, answer_tokens)
     prompts = [render_prompt(tokenizer, ex, thinking=thinking, context=context) for ex in examples]
     repeated = [p for p in prompts for _ in range(sampling.k)]
-    generations = BACKENDS[check_backend(backend)].generate(model, tokenizer, prompts, sampling, desc)
+    if budget is None:
+        generations = BACKENDS[check_backend(backend)].generate(model, tokenizer, prompts, sampling, desc)
+    else:
+        generations = budget_forced_generate(backend, model, tokenizer, prompts, sampling, budget, answer_tokens,
+                                             desc=desc)
     eos_ids = end_token_ids(tokenizer, model)  # a vllm.LLM has no generation_config: the tokenizer's ids
     samples = []
     for index, generation in enumerate(generations):
@@ -300,9 +403,12 @@ def evaluate(
             first_correct_token=(answer_token(generation.token_ids[:length], tokenizer, example.answer)
                                  if correct else None),
         ))
-    summary = summarize(samples, k=sampling.k)
+    summary = summarize(samples, k=sampling.k, budgets=budgets)
     summary.update(verifier=describe(verifier), sampling=asdict(sampling), thinking=thinking, context=context,
                    backend=backend)
+    if budget is not None:
+        summary.update(budget=budget, answer_tokens=answer_tokens,
+                       forced_samples=sum(generation.forced is not None for generation in generations))
     return samples, summary
 
 

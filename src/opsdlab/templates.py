@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
 
+from jinja2 import TemplateError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -114,6 +116,14 @@ def completion_for_prompt(prompt: str, completion: str) -> str:
     return rest[len(tail):] if rest.startswith(tail) else rest.lstrip()
 
 
+def unclosed_thinking(response: str, prompt: str = "") -> bool:
+    """Whether the response (read with the prompt's own `<think>`, if it wrote one) is still inside a
+    think block: one was opened and not closed. `response` must keep the think tags (decode the ids
+    without skipping special tokens), since some tokenizers drop them when skipping."""
+    text = explicit_response(prompt, response)
+    return THINK_OPEN in text and THINK_CLOSE not in text[text.rindex(THINK_OPEN):]
+
+
 # ------------------------------------------------------------------------------------ templates
 
 
@@ -148,6 +158,29 @@ def template_name(tokenizer: PreTrainedTokenizerBase) -> str:
             return f"{name!r} (TRL's {name}.jinja)"
     origin = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
     return f"the chat template of {origin}"
+
+
+_REASONING, _ANSWER = "REASONING-PROBE", "ANSWER-PROBE"
+
+
+def think_close_text(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text the chat template writes between the reasoning and the answer of an assistant turn:
+    `"\\n</think>\\n\\n"` in Qwen3's templates and the tiny one.
+
+    Found by rendering a finished assistant turn; a template that drops the reasoning of rendered
+    turns (DeepSeek-R1-distill's) shows none, and then Qwen3's form is used, which is what those
+    models write too. Budget forcing appends it to close a response's open think block.
+    """
+    messages = [*_PROBE, {"role": "assistant", "content": f"{THINK_OPEN}\n{_REASONING}\n{THINK_CLOSE}\n\n{_ANSWER}"}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=True)
+    except TemplateError:  # a template that refuses the probe conversation: fall back to Qwen3's form
+        text = ""
+    if _REASONING in text and _ANSWER in text[text.index(_REASONING):]:
+        between = text[text.index(_REASONING) + len(_REASONING):text.index(_ANSWER, text.index(_REASONING))]
+        if THINK_CLOSE in between:
+            return between
+    return f"\n{THINK_CLOSE}\n\n"
 
 
 # ------------------------------------------------------------------------------------ BOS
@@ -268,6 +301,8 @@ __all__ = [
     "shipped_template_names",
     "template_name",
     "think_prefix",
+    "think_close_text",
     "thinking_switch",
     "thinking_text",
+    "unclosed_thinking",
 ]

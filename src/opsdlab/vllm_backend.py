@@ -1,7 +1,8 @@
 """The vLLM evaluation backend: the same responses as `evaluate.generate`, sampled by vLLM's engine.
 
 `load` builds a `vllm.LLM` on a model folder (or data-parallel replicas of it); `generate` samples k responses per prompt with
-`SamplingParams(n=k)`. vLLM receives the token ids the transformers backend feeds `model.generate`
+`SamplingParams(n=k)`, and `generate_ids` one response per prompt given as token ids (budget forcing's
+continuations). vLLM receives the token ids the transformers backend feeds `model.generate`
 (the rendered prompt tokenized with special tokens, as TRL tokenizes it in training), stops on the
 same EOS, and reports truncation by its finish reason ("length"), so `evaluate.evaluate` grades,
 measures and writes both backends' responses with the same code. Each prompt draws from its own
@@ -298,6 +299,24 @@ def generate(engine, tokenizer, prompts: list[str], sampling, desc: str = "gener
     seeds = prompt_seeds(sampling.seed, len(prompts))
     sampled = (engine.sample(token_ids, sampling, seeds, stop) if isinstance(engine, Replicas)
                else _sample(engine, token_ids, sampling, seeds, stop))
+    return [Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), reason == "length")
+            for ids, reason in sampled]
+
+
+def generate_ids(engine, tokenizer, token_ids: list[list[int]], sampling, rows: list[int],
+                 desc: str = "generate") -> list:
+    """One response per prompt given as token ids (`sampling.k` is ignored): how budget forcing
+    continues cut responses. Row i draws from the seed of sample `rows[i]` among `max(rows) + 1`
+    (`prompt_seeds` of `sampling.seed`), so a row's response does not depend on which other rows
+    are continued with it."""
+    from opsdlab.evaluate import Generation
+
+    one = dataclasses.replace(sampling, k=1)
+    stop = sorted(end_token_ids(tokenizer))
+    every = prompt_seeds(sampling.seed, max(rows) + 1) if rows else []
+    seeds = [every[row] for row in rows]
+    sampled = (engine.sample(token_ids, one, seeds, stop) if isinstance(engine, Replicas)
+               else _sample(engine, token_ids, one, seeds, stop))
     return [Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), reason == "length")
             for ids, reason in sampled]
 
