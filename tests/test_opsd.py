@@ -483,3 +483,32 @@ def test_a_task_instruction_reaches_the_teacher_through_the_trainer(tmp_path):
         block = TEACHER_CONTEXTS["solution"](Example(row["id"], row["problem"], row["solution"], row["answer"]), None)
         cut = row["prompt"].index("<|im_end|>")
         assert ids == tokenizer(row["prompt"][:cut] + "\n\n" + block + row["prompt"][cut:])["input_ids"]
+
+
+def test_a_skipped_step_does_not_advance_the_learning_rate_schedule(tmp_path, tiny_folder, task):
+    """Steps 1 and 3 keep every rollout, step 2 none (refill off): a linear decay over 3 steps moves
+    on after steps 1 and 3 only, and step 3 trains at the rate step 2 would have used."""
+    from transformers import TrainerCallback
+
+    positions, rates = [], []
+
+    class AfterEachStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            positions.append(trainer.lr_scheduler.last_epoch)
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            rates.append(trainer.optimizer.param_groups[0]["lr"])
+
+    reward = ScriptedReward(lambda call, n: [call != 2] * n)
+    trainer = make_trainer(tmp_path, tiny_folder, task, reward=reward, callbacks=[AfterEachStep()], gate="correct",
+                           refill_max_rounds=1, max_steps=3, lr_scheduler_type="linear", learning_rate=3e-3)
+    trainer.train()
+    assert trainer.skipped_steps == 1
+    assert positions == [1, 1, 2]
+    assert rates == pytest.approx([3e-3, 2e-3, 2e-3])
+
+
+def test_config_rejects_a_temperature_that_is_not_positive():
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="opsd: temperature must be a number > 0"):
+            OPSDStageConfig(temperature=bad)

@@ -126,3 +126,33 @@ def test_vllm_rollouts_run_no_student_forward_for_importance_sampling(tmp_path, 
     batch = trainer._generate_and_score_completions([dict(trainer.train_dataset[i]) for i in (0, 0, 1, 1)])
     assert batch["completion_ids"].shape[0] == 4 and "sampling_per_token_logps" in batch
     assert forwards == [] and "old_per_token_logps" not in batch
+
+
+def test_the_loss_compares_the_distributions_at_the_sampling_temperature(tmp_path, tiny_folder, task):
+    """Rollouts are sampled at temperature T; as TRL's log-probabilities, both sides' logits are divided
+    by T. Reference: the models' own full logits / T, reverse or forward KL per kept token, by hand."""
+    import torch.nn.functional as F
+
+    trainer = perturbed_trainer(tmp_path, tiny_folder, task, temperature=0.5)
+    loss, _ = loss_and_gradient(trainer)
+    batch, expected = fixed_batch(), []
+    with torch.no_grad():
+        for row, route in enumerate(ROUTES):
+            if route is None:
+                continue
+            n = int(batch["completion_mask"][row].sum())
+            sides = []
+            for model, prompt_key in ((trainer.model, "prompt_ids"), (trainer.teacher.copy, "teacher_prompt_ids")):
+                prompt = batch[prompt_key][row][batch[prompt_key][row] != 0]
+                ids = torch.cat([prompt, batch["completion_ids"][row, :n]]).unsqueeze(0)
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1:len(prompt) - 1 + n]
+                sides.append(F.log_softmax(logits / 0.5, dim=-1))
+            student, teacher = sides
+            if route == "reverse_kl":
+                expected.append((student.exp() * (student - teacher)).sum(-1))
+            else:
+                expected.append((teacher.exp() * (teacher - student)).sum(-1))
+    reference = torch.cat(expected).mean()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
+    untempered, _ = loss_and_gradient(perturbed_trainer(tmp_path / "t1", tiny_folder, task))
+    assert abs(untempered.item() - reference.item()) > 0.1 * reference.item()  # T matters on this batch

@@ -434,6 +434,7 @@ def _loss_and_stats(
     student_head: Callable[[Tensor], Tensor],
     teacher_head: Callable[[Tensor], Tensor],
     options: DivergenceOptions,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, ...]:
     """Logits, per-token losses and detached stats for one block of rows.
 
@@ -446,6 +447,8 @@ def _loss_and_stats(
     s_nV = _upcast(student_head(student_hidden_nD))
     with torch.no_grad():
         t_nV = _upcast(teacher_head(teacher_hidden_nD))
+    if temperature != 1.0:
+        s_nV, t_nV = s_nV / temperature, t_nV / temperature
 
     if len(groups) == 1 and groups[0][1] is None:
         loss_n = groups[0][0](s_nV, t_nV, sampled_ids_n, options)
@@ -498,6 +501,13 @@ def _check_hidden(
     return n_tokens
 
 
+def _check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
 def _empty_result(student_hidden_ND: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     dtype = torch.promote_types(student_hidden_ND.dtype, torch.float32)
     zero = (student_hidden_ND.sum() * 0).to(dtype)  # keeps the graph so backward() works
@@ -514,6 +524,7 @@ def chunked_divergence(
     names: str | list[str],
     options: DivergenceOptions | None = None,
     chunk_size: int = 256,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Summed per-token divergence from hidden states, one row chunk at a time.
 
@@ -535,6 +546,10 @@ def chunked_divergence(
             default 256 keeps peak memory at ~1/14 of the one-shot version
             for 4,096 tokens at V = 151,936 (see
             ``benchmarks/opsd_loss_memory.py``); 512 already misses 1/8.
+        temperature: Both sides' logits are divided by it (in float32) before
+            any softmax: the distributions compared are those the response
+            was sampled from at this temperature, as TRL's log-probabilities.
+            The stats are of the same tempered distributions.
 
     Returns:
         ``(loss_sum, stats)``: the *sum* of per-token losses as a float32
@@ -556,13 +571,15 @@ def chunked_divergence(
         raise ValueError(f"options must be a DivergenceOptions or None, got {type(options).__name__}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_temperature(temperature)
     n_tokens = _check_hidden(student_hidden_ND, teacher_hidden_ND, sampled_ids_N)
     resolved = _resolve_names(names, n_tokens)
     if n_tokens == 0:
         return _empty_result(student_hidden_ND)
     teacher_hidden_ND = teacher_hidden_ND.detach()
     block = functools.partial(
-        _loss_and_stats, student_head=student_head, teacher_head=teacher_head, options=options
+        _loss_and_stats, student_head=student_head, teacher_head=teacher_head, options=options,
+        temperature=float(temperature),
     )
 
     loss_sums: list[Tensor] = []
@@ -595,6 +612,7 @@ def naive_divergence(
     names: str | list[str],
     options: DivergenceOptions | None = None,
     chunk_size: int = 256,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Same contract as :func:`chunked_divergence`, computed in one shot.
 
@@ -607,6 +625,7 @@ def naive_divergence(
     options = _DEFAULT_OPTIONS if options is None else options
     if not isinstance(options, DivergenceOptions):
         raise ValueError(f"options must be a DivergenceOptions or None, got {type(options).__name__}")
+    _check_temperature(temperature)
     n_tokens = _check_hidden(student_hidden_ND, teacher_hidden_ND, sampled_ids_N)
     resolved = _resolve_names(names, n_tokens)
     if n_tokens == 0:
@@ -620,5 +639,6 @@ def naive_divergence(
         student_head=student_head,
         teacher_head=teacher_head,
         options=options,
+        temperature=float(temperature),
     )
     return total, dict(zip(_STAT_KEYS, stats))

@@ -136,6 +136,9 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
                              "generation batch against a group of at least 2)")
         if self.lora_r < 0:
             raise ValueError(f"opsd: lora_r must be >= 0, got {self.lora_r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
+            raise ValueError(f"opsd: temperature must be a number > 0 (rollouts are sampled and both sides' "
+                             f"logits divided by it), got {self.temperature!r}")
         if self.min_kept_rollouts < 0 or self.refill_max_rounds < 1:
             raise ValueError("opsd: min_kept_rollouts must be >= 0 and refill_max_rounds >= 1")
         if min(self.chunk_size, self.max_steps, self.prompts_per_step, self.gradient_accumulation_steps) < 1:
@@ -299,6 +302,29 @@ class _TeacherUpdate(TrainerCallback):
             self.trainer.teacher.after_step(self.trainer.accelerator.unwrap_model(self.trainer.model))
 
 
+class _SkipAwareScheduler:
+    """A learning-rate scheduler whose `step` does nothing after an optimizer step the trainer skipped.
+
+    Whoever advances the schedule at the end of an optimizer step (the Trainer's loop, accelerate's
+    wrapper, DeepSpeed's engine) calls `step` after the optimizer's, which decides `last_step_skipped`.
+    Everything else (state_dict, get_last_lr, last_epoch ...) is the wrapped scheduler's.
+    """
+
+    def __init__(self, scheduler, trainer):
+        self.scheduler = scheduler
+        self.trainer = trainer
+
+    def step(self, *args, **kwargs):
+        if self.trainer.last_step_skipped:
+            return None
+        return self.scheduler.step(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name in ("scheduler", "trainer"):  # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+
 class OPSDTrainer(GRPOTrainer):
     """GRPOTrainer whose loss is outcome-gated self-distillation toward a privileged teacher."""
 
@@ -417,6 +443,7 @@ class OPSDTrainer(GRPOTrainer):
             student_scores[mask], teacher_scores[mask].detach(), self.scoring.head(unwrapped), teacher_head,
             completion_ids[mask], token_names, self.divergence_options, chunk_size=self.opsd.chunk_size,
         )
+            temperature=self.temperature,
         tokens = int(mask.sum()) if keep else 0
         if mode == "train":
             normalizer = loss_normalizer(float(inputs["opsd_step_tokens"]), self.accelerator.num_processes,
@@ -471,6 +498,15 @@ class OPSDTrainer(GRPOTrainer):
         return optimizer
 
     def _save_checkpoint(self, model, trial):
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's learning-rate schedule, which does not move on an optimizer step that was skipped
+        (`create_optimizer`): a step that kept nothing is no training step."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        per_step = not isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, _SkipAwareScheduler))
+        if per_step and scheduler is not None:
+            self.lr_scheduler = scheduler = _SkipAwareScheduler(scheduler, self)
+        return scheduler
+
         # The teacher's state goes in first: the Trainer writes trainer_state.json last, and a folder
         # without it is discarded on resume (runtime.resume_point), so a checkpoint is all or nothing.
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
