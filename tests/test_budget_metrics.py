@@ -151,6 +151,17 @@ def test_summarize_takes_budgets(two_by_two):
     assert summary["truncation_rate"] == 0.25
 
 
+def test_summarize_splits_lengths_by_correctness_and_counts_truncation():
+    samples = [S("p1", 0, True, 10), S("p1", 1, False, 30, trunc=True), S("p2", 0, False, 50), S("p2", 1, True, 20)]
+    summary = summarize(samples)
+    # correct 10 and 20 -> 15; incorrect 30 (truncated, still counted) and 50 -> 40; 1 of 4 truncated
+    assert (summary["mean_tokens_correct"], summary["mean_tokens_incorrect"]) == (15.0, 40.0)
+    assert summary["truncation_rate"] == 0.25 and summary["mean_response_tokens"] == 27.5
+    only_correct = summarize([S("p1", 0, True, 10), S("p2", 0, True, 30)])
+    assert only_correct["mean_tokens_correct"] == 20.0 and only_correct["mean_tokens_incorrect"] is None
+    assert summarize([S("p1", 0, False, 8)])["mean_tokens_correct"] is None
+
+
 # ------------------------------------------------------------------ token index of the answer
 
 
