@@ -158,3 +158,125 @@ def test_resuming_an_ema_arm_without_its_teacher_state_is_an_error(tmp_path, tin
     resumed = _ema_run(tmp_path, tiny_folder, task, max_steps=4)
     with pytest.raises(FileNotFoundError, match=EMA_STATE_FILE):
         resumed.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ------------------------------------------------------------------ building and updating, unit level
+def _nudge(model, generator, scale=1e-2):
+    """Move every weight of `model` a little (a stand-in for an optimizer step)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * scale)
+
+
+def _own(module, marker=None):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if marker is None or marker in n}
+
+
+def test_bf16_ema_teacher_is_the_float32_average_cast_to_bf16(tiny_folder):
+    from accelerate import Accelerator
+
+    from opsdlab.teacher import build_teacher
+
+    rate, generator = 0.05, torch.Generator().manual_seed(1)
+    student = load_model(tiny_folder, "bfloat16")
+    teacher = build_teacher("ema", student, Accelerator(), rate=rate)
+    expected = {n: p.float() for n, p in _own(student).items()}
+    for _ in range(4):
+        _nudge(student, generator)
+        teacher.after_step(student)
+        expected = {n: e.lerp(student.get_parameter(n).detach().float(), rate) for n, e in expected.items()}
+    got = _own(teacher.copy)
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, expected[name].to(torch.bfloat16)), name
+
+
+def test_bf16_ema_teacher_stays_put_while_the_student_equals_it(tiny_folder):
+    from accelerate import Accelerator
+
+    from opsdlab.teacher import build_teacher
+
+    student = load_model(tiny_folder, "bfloat16")
+    teacher = build_teacher("ema", student, Accelerator(), rate=0.05)
+    before = _own(teacher.copy)
+    for _ in range(5):
+        teacher.after_step(student)
+    changed = sum((v != before[n]).sum().item() for n, v in _own(teacher.copy).items())
+    assert changed == 0
+
+
+def test_bf16_ema_adapter_is_the_float32_average_and_stays_put_on_a_still_student(tiny_folder):
+    """PEFT adds the EMA adapter in float32 (autocast_adapter_dtype) even beside a bf16 one."""
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    from opsdlab.teacher import EMA_ADAPTER, build_teacher
+
+    rate, generator = 0.05, torch.Generator().manual_seed(2)
+    student = get_peft_model(load_model(tiny_folder, "bfloat16"),
+                             LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+                             autocast_adapter_dtype=False)
+    teacher = build_teacher("ema", student, Accelerator(), rate=rate, pretrained_adapter=True)
+    start = _own(student, f".{EMA_ADAPTER}.")
+    assert start and all(v.dtype == torch.bfloat16 for v in _own(student, ".default.").values())
+    for _ in range(5):
+        teacher.after_step(student)
+    assert all(torch.equal(v, start[n]) for n, v in _own(student, f".{EMA_ADAPTER}.").items())
+
+    trainable = [p for n, p in student.named_parameters() if ".default." in n]
+    expected = {n: v.float() for n, v in start.items()}
+    for _ in range(4):
+        with torch.no_grad():
+            for p in trainable:
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 1e-2)
+        teacher.after_step(student)
+        own = dict(student.named_parameters())
+        expected = {n: e.lerp(own[n.replace(f".{EMA_ADAPTER}.", ".default.")].detach().float(), rate)
+                    for n, e in expected.items()}
+    for name, value in _own(student, f".{EMA_ADAPTER}.").items():
+        assert torch.equal(value, expected[name].to(value.dtype)), name
+
+
+@pytest.mark.parametrize("kind", ["frozen", "ema", "periodic"])
+def test_building_a_teacher_leaves_the_students_config_alone(tiny_folder, kind):
+    """The copy's model class writes its dtype and attention implementation into the config it is given."""
+    from accelerate import Accelerator
+
+    from opsdlab.teacher import build_teacher
+
+    student = load_model(tiny_folder)
+    student.config.dtype = torch.bfloat16  # as saved by a bf16 run, loaded here in float32
+    before = student.config.to_dict()
+    teacher = build_teacher(kind, student, Accelerator())
+    assert student.config.to_dict() == before
+    assert teacher.copy.config is not student.config
+
+
+@pytest.mark.parametrize("kind", ["frozen", "ema", "periodic"])
+def test_building_a_teacher_leaves_the_global_rng_alone(tiny_folder, kind):
+    from accelerate import Accelerator
+
+    from opsdlab.teacher import build_teacher
+
+    student = load_model(tiny_folder)
+    state = torch.get_rng_state()
+    build_teacher(kind, student, Accelerator())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_frozen_and_live_arms_with_one_seed_draw_the_same_first_rollouts(tmp_path, tiny_folder, task):
+    rollouts = {}
+    for kind in ("frozen", "live"):
+        trainer = make_trainer(tmp_path / kind, tiny_folder, task, teacher_weights=kind, max_steps=1)
+        drawn = rollouts[kind] = []
+        gated_round = trainer._gated_round
+
+        def recording(inputs, gated_round=gated_round, drawn=drawn):
+            batch = gated_round(inputs)
+            drawn.append(batch["completion_ids"].tolist())
+            return batch
+
+        trainer._gated_round = recording
+        trainer.train()
+    assert rollouts["frozen"] and rollouts["frozen"] == rollouts["live"]

@@ -337,7 +337,8 @@ class OPSDTrainer(GRPOTrainer):
         self.opsd = opsd
         self.teacher_thinking = student_thinking if opsd.teacher_thinking is None else opsd.teacher_thinking
         self.teacher = build_teacher(opsd.teacher_weights, self.accelerator.unwrap_model(self.model),
-                                     self.accelerator, rate=opsd.ema_rate, pretrained_adapter=pretrained_adapter)
+                                     self.accelerator, rate=opsd.ema_rate, refresh_steps=opsd.teacher_refresh_steps,
+                                     pretrained_adapter=pretrained_adapter)
         self.divergence_options = opsd.divergence_options()
         self.scoring = SCORINGS[scoring_for(self.accelerator)]
         self.token_stats_path = token_stats_path
