@@ -218,3 +218,28 @@ def test_no_budget_is_the_evaluation_as_before(tiny, task):
     assert [(s.response_tokens, s.text) for s in samples] == PINNED
     assert all(s.truncated for s in samples)
     assert not {"budget", "answer_tokens", "forced_samples"} & set(summary)
+
+
+# ------------------------------------------------------------------ opsdlab eval --budget
+
+
+def test_eval_cli_budget_forces_and_records_it(tiny_folder, tmp_path):
+    import json
+
+    from opsdlab.cli import main
+
+    out = tmp_path / "forced"
+    assert main(["eval", "--model", str(tiny_folder), "--problems", "2", "--temperature", "0", "--budget", "4",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["budget"], summary["answer_tokens"], summary["forced_samples"]) == (4, 32, 2)
+    forced = len(CUE) + 1  # the tiny template leaves <think> to the model, which did not open it: "\n" and the cue
+    lengths = [json.loads(line)["response_tokens"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert all(4 + forced < length <= 4 + forced + 32 for length in lengths), lengths
+
+
+def test_eval_cli_bad_budget_names_the_flag(tiny_folder, tmp_path, capsys):
+    from opsdlab.cli import main
+
+    assert main(["eval", "--model", str(tiny_folder), "--budget", "0", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "opsdlab eval: error: --budget must be >= 1 (tokens), got 0"

@@ -120,6 +120,7 @@ def _check_eval_flags(args) -> None:
             ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
             ("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, ">= 1"),
             ("--batch-size", args.batch_size, lambda v: v >= 1, ">= 1"),
+            ("--budget", args.budget, lambda v: v >= 1, ">= 1 (tokens)"),
             ("--tensor-parallel-size", args.tensor_parallel_size, lambda v: v >= 1, ">= 1"),
             ("--data-parallel-size", args.data_parallel_size, lambda v: v >= 1, ">= 1"),
             ("--gpu-memory-utilization", args.gpu_memory_utilization, lambda v: 0 < v <= 1, "in (0, 1]")):
@@ -222,7 +223,8 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_for_eval(args.model, plan["backend"], plan["dtype"], plan["trust_remote_code"],
                                      settings=plan["settings"], seed=plan["seed"])
     samples, summary = evaluate(model, tokenizer, plan["examples"], plan["verifier"], plan["sampling"],
-                                thinking=plan["thinking"], context=args.context, backend=plan["backend"])
+                                thinking=plan["thinking"], context=args.context, backend=plan["backend"],
+                                budget=args.budget)
     summary.update(model=str(args.model), data=plan["data"], dtype=plan["dtype"],
                    run_dir=str(plan["run_dir"]) if plan["run_dir"] is not None else None)
     write_eval(args.out, samples, summary)
@@ -498,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="response length cap (default: the run's eval.sampling.max_new_tokens, else 192)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts generated together (default: the run's eval.sampling.batch_size, else 128)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="budget forcing: cut each response at N tokens (in place of --max-new-tokens), close its "
+                        "thinking and let the model write the answer in at most 32 more tokens (default: off)")
     p.add_argument("--context", default="none",
                    help="prompt role: none (the student's) or a teacher context: solution, answer, sibling, unrelated, "
                         "concise (default: none)")
