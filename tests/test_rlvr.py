@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from opsdlab.rewards import VerifierReward, rollout_stats
@@ -54,3 +55,34 @@ def test_select_and_concat_pad_prompts_left_and_completions_right():
     assert merged["completion_ids"][0].tolist() == [2, 2, 0, 0]
     assert merged["completion_mask"][1].tolist() == [1, 1, 0, 0]
     assert merged["advantages"].tolist() == [2.0, 3.0, 10.0, 11.0]
+
+
+def test_generation_backend_reaches_grpo_config(tmp_path):
+    from opsdlab.opsd import OPSDStageConfig, opsd_args
+    from opsdlab.rlvr import RLVRStageConfig, grpo_args
+
+    small = dict(prompts_per_step=4, group_size=2, max_completion_length=8)
+    plain = grpo_args(RLVRStageConfig(**small), tmp_path, 0, num_processes=1)
+    assert not plain.use_vllm and not plain.use_transformers_continuous_batching
+    paged = grpo_args(RLVRStageConfig(**small, generation_backend="paged"), tmp_path, 0, num_processes=1)
+    assert paged.use_transformers_continuous_batching and not paged.use_vllm
+    # CPU: 8 rollouts per process, each up to 512 prompt + 8 response tokens = ceil(520 / 32) = 17 pages
+    assert paged.transformers_continuous_batching_config == {"page_size": 32, "num_blocks": 136,
+                                                              "max_batch_tokens": 256}
+    opsd = opsd_args(OPSDStageConfig(prompts_per_step=4, rollouts_per_prompt=1, generation_backend="paged"),
+                     tmp_path, 0, num_processes=1)
+    assert opsd.use_transformers_continuous_batching
+    for settings in ({"generation_backend": "vllm"}, {"use_vllm": True},
+                     {"use_vllm": True, "generation_backend": "vllm"}):
+        args = grpo_args(RLVRStageConfig(**small, **settings), tmp_path, 0, num_processes=1)
+        assert args.use_vllm and not args.use_transformers_continuous_batching
+
+
+def test_generation_backend_is_checked():
+    from opsdlab.rlvr import RLVRStageConfig
+
+    with pytest.raises(ValueError, match=r"rlvr: generation_backend must be one of "
+                                         r"\('transformers', 'paged', 'vllm'\), got 'sglang'"):
+        RLVRStageConfig(generation_backend="sglang")
+    with pytest.raises(ValueError, match="rlvr: use_vllm asks for vLLM but generation_backend is 'paged'"):
+        RLVRStageConfig(use_vllm=True, generation_backend="paged")

@@ -69,3 +69,18 @@ def test_dynamic_sampling_drops_uninformative_groups_and_refills(tmp_path, tiny_
     assert kept == informative.float().mean().item()
     assert kept >= 0.5  # refilled groups replaced the dropped ones
     assert int(batch["num_items_in_batch"]) == int(batch["completion_mask"].sum())
+
+
+def test_paged_generation_trains_a_step(tmp_path, tiny_folder, task):
+    """transformers' continuous batching as the rollout generator (generation_backend=paged), on CPU."""
+    model, tokenizer = load_policy(tiny_folder)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = RLVRStageConfig(**{**SMALL, "max_steps": 1, "generation_backend": "paged"})
+    trainer = RLVRTrainer(model=model, reward_funcs=[coin_reward], args=grpo_args(config, tmp_path, 0),
+                          train_dataset=rl_dataset(task.examples("train", 8), tokenizer, True),
+                          processing_class=tokenizer)
+    assert trainer.use_transformers_continuous_batching
+    trainer.train()
+    assert max((trainer.model.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
+    lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
+    assert lengths and 0 < lengths[0] <= 8

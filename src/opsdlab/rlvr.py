@@ -31,7 +31,8 @@ from opsdlab.progress import RLVR_POSTFIX, train_stage
 from opsdlab.prompts import render_prompt
 from opsdlab.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward, format_reward
 from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, main_decides,
-                             per_device_rows, process_device, save_trained, warn_if_updates_vanish)
+                             per_device_rows, precision_kwargs, process_device, save_trained,
+                             warn_if_updates_vanish)
 from opsdlab.verifier import VerifierConfig
 from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
@@ -42,14 +43,27 @@ LEFT_PADDED = ("prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_promp
 
 
 VLLM_MODES = ("colocate", "server")
+# How TRL's trainer generates rollouts: `model.generate` on padded batches, transformers' continuous
+# batching over a paged KV cache (`generate_batch`), or vLLM.
+GENERATION_BACKENDS = ("transformers", "paged", "vllm")
+# Continuous batching on CPU: TRL sizes the paged cache as a share of the device's memory, which on
+# CPU is all of the machine's RAM; grpo_args sizes it for the generation batch instead.
+PAGED_CPU_PAGE_SIZE = 32
+PAGED_CPU_PROMPT_TOKENS = 512
 
 
 @dataclass(frozen=True)
 class VLLMGeneration:
-    """Rollouts from vLLM through TRL (`use_vllm`), shared by the RLVR and OPSD stage configs:
-    "colocate" builds an engine in each training process, "server" asks a running `trl vllm-serve`
-    (`vllm_server_base_url`). The fields are GRPOConfig's, passed through (`VLLM_FIELDS`)."""
+    """How rollouts are generated, shared by the RLVR and OPSD stage configs (`VLLM_FIELDS`).
 
+    `generation_backend` names the generator (`GENERATION_BACKENDS`); `use_vllm: true`, the older
+    switch, still means "vllm". With vLLM, "colocate" builds an engine in each training process,
+    "server" asks a running `trl vllm-serve` (`vllm_server_base_url`). The other fields are
+    GRPOConfig's, passed through; `grpo_args` maps the backend onto GRPOConfig's switches.
+    """
+
+    # how rollouts are generated: transformers (model.generate), paged (transformers continuous batching) or vllm
+    generation_backend: str = "transformers"
     use_vllm: bool = False
     vllm_mode: str = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
@@ -119,8 +133,19 @@ class RLVRStageConfig(VLLMGeneration, CheckSettings):
                                    self.gradient_accumulation_steps)
 
 
+def generation_backend(config: VLLMGeneration) -> str:
+    """The backend a stage config asks for: its `generation_backend`, or "vllm" under `use_vllm`."""
+    return "vllm" if config.use_vllm else config.generation_backend
+
+
 def check_vllm_fields(stage: str, config) -> None:
-    """The vLLM generation fields of a stage config (RLVR or OPSD), checked before TRL sees them."""
+    """The generation fields of a stage config (RLVR or OPSD), checked before TRL sees them."""
+    if config.generation_backend not in GENERATION_BACKENDS:
+        raise ValueError(f"{stage}: generation_backend must be one of {GENERATION_BACKENDS}, "
+                         f"got {config.generation_backend!r}")
+    if config.use_vllm and config.generation_backend not in ("transformers", "vllm"):
+        raise ValueError(f"{stage}: use_vllm asks for vLLM but generation_backend is {config.generation_backend!r}; "
+                         f"set one of them (generation_backend=vllm replaces use_vllm=true)")
     if config.vllm_mode not in VLLM_MODES:
         raise ValueError(f"{stage}: vllm_mode must be one of {VLLM_MODES}, got {config.vllm_mode!r}")
     if not 0 < config.vllm_gpu_memory_utilization <= 1:
@@ -193,7 +218,7 @@ def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, *, rollouts_p
         top_p=config.top_p,
         num_iterations=config.num_iterations,
         gradient_checkpointing=config.gradient_checkpointing,
-        **{name: getattr(config, name) for name in VLLM_FIELDS},
+        **generation_args(config, per_device * config.gradient_accumulation_steps),
         reward_weights=[1.0, config.format_reward_weight] if config.format_reward_weight else None,
         **common_training_args(stage_dir, seed=seed, save_steps=config.save_steps,
                                logging_steps=config.logging_steps, report_to=config.report_to),
@@ -202,6 +227,25 @@ def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, *, rollouts_p
     check_world_size(args, num_processes, stage)
     if rollouts == 1:
         args.num_generations = 1
+    return args
+
+
+def generation_args(config: VLLMGeneration, rows: int) -> dict:
+    """GRPOConfig's generation switches for a stage config that generates `rows` rollouts per process
+    per generation batch: the vLLM fields passed through, `use_vllm` and
+    `use_transformers_continuous_batching` set from the backend. Continuous batching on CPU gets a
+    paged cache sized for the batch (prompts of up to PAGED_CPU_PROMPT_TOKENS; a longer one waits for
+    free pages) rather than TRL's share of all the machine's RAM."""
+    backend = generation_backend(config)
+    args = {name: getattr(config, name) for name in VLLM_FIELDS if name != "generation_backend"}
+    args["use_vllm"] = backend == "vllm"
+    if backend == "paged":
+        args["use_transformers_continuous_batching"] = True
+        if precision_kwargs()["use_cpu"]:
+            pages = math.ceil((PAGED_CPU_PROMPT_TOKENS + config.max_completion_length) / PAGED_CPU_PAGE_SIZE)
+            args["transformers_continuous_batching_config"] = {
+                "page_size": PAGED_CPU_PAGE_SIZE, "num_blocks": rows * pages,
+                "max_batch_tokens": rows * PAGED_CPU_PAGE_SIZE}
     return args
 
 
