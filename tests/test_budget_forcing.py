@@ -223,7 +223,7 @@ def test_no_budget_is_the_evaluation_as_before(tiny, task):
 # ------------------------------------------------------------------ opsdlab eval --budget
 
 
-def test_eval_cli_budget_forces_and_records_it(tiny_folder, tmp_path):
+def test_eval_cli_budget_forces_and_records_it(tiny_folder, tmp_path, capsys):
     import json
 
     from opsdlab.cli import main
@@ -236,6 +236,7 @@ def test_eval_cli_budget_forces_and_records_it(tiny_folder, tmp_path):
     forced = len(CUE) + 1  # the tiny template leaves <think> to the model, which did not open it: "\n" and the cue
     lengths = [json.loads(line)["response_tokens"] for line in (out / "samples.jsonl").read_text().splitlines()]
     assert all(4 + forced < length <= 4 + forced + 32 for length in lengths), lengths
+    assert "budget 4 (2 of 2 forced)" in capsys.readouterr().out
 
 
 def test_eval_cli_bad_budget_names_the_flag(tiny_folder, tmp_path, capsys):
