@@ -136,14 +136,6 @@ def _copy_adapter(model, name: str) -> None:
             param.requires_grad_(False)
 
 
-def _adapter_pairs(model, name: str):
-    """(teacher adapter parameter, student adapter parameter) pairs."""
-    active = model.active_adapter
-    own = dict(model.named_parameters())
-    return [(own[key.replace(f".{active}.", f".{name}.")], param) for key, param in own.items()
-            if f".{active}." in key]
-
-
 class _CopyOrAdapter:
     """A teacher held as a separate network (`copy`) or as a PEFT adapter setting of the student."""
 
