@@ -156,3 +156,46 @@ def test_the_loss_compares_the_distributions_at_the_sampling_temperature(tmp_pat
     assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
     untempered, _ = loss_and_gradient(perturbed_trainer(tmp_path / "t1", tiny_folder, task))
     assert abs(untempered.item() - reference.item()) > 0.1 * reference.item()  # T matters on this batch
+
+
+def _all_layer_reference(model, ids, attn):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False).hidden_states[-1]
+
+
+def test_final_hidden_asks_for_no_per_layer_hidden_states(tmp_path, tiny_folder, task):
+    """The OPSD step's forwards (student and teacher) ask for no per-layer hidden states and return
+    none, and the trainer's loss on the fixed batch is the pinned one."""
+    trainer = perturbed_trainer(tmp_path, tiny_folder, task)
+    calls = []
+
+    def spy(module, args, kwargs, output):
+        calls.append((bool(kwargs.get("output_hidden_states")), getattr(output, "hidden_states", None)))
+
+    handles = [m.register_forward_hook(spy, with_kwargs=True) for m in (trainer.model, trainer.teacher.copy)]
+    loss, _ = loss_and_gradient(trainer)
+    for handle in handles:
+        handle.remove()
+    assert len(calls) == 2 and calls == [(False, None), (False, None)]
+    assert loss.item() == pytest.approx(PINNED["kl"][2], rel=1e-5)
+
+
+@pytest.mark.parametrize("wrapping", ["plain", "peft", "no_backbone"])
+def test_final_hidden_is_the_models_last_hidden_state(tiny_folder, wrapping):
+    """Final (post-norm) hidden states through a PEFT wrapper, and through a model whose backbone is
+    not found (the all-layer forward then), equal the model's own last hidden states."""
+    from peft import LoraConfig, get_peft_model
+
+    from opsdlab.models import load_policy
+    from opsdlab.opsd import final_hidden
+
+    model, _ = load_policy(tiny_folder)
+    if wrapping == "peft":
+        model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = torch.tensor([[0, 5, 6, 7, 8], [9, 10, 11, 12, 13]])
+    attn = (ids != 0).long()
+    expected = _all_layer_reference(model, ids, attn)
+    if wrapping == "no_backbone":
+        model.base_model_prefix = "absent"
+    got = final_hidden(model, ids, attn)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)

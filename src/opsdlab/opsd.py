@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, is_peft_model
+from accelerate.utils import DistributedType, extract_model_from_parallel, is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import pad
 from transformers import TrainerCallback
@@ -225,11 +225,45 @@ def check_alignment(student_ids, student_attn, student_positions: slice, teacher
                                "check prompt padding and the chat template")
 
 
+def _backbone(model) -> torch.nn.Module | None:
+    """The decoder stack whose output's `last_hidden_state` is the final (post-norm) hidden state.
+
+    Looked up, as TRL's distillation trainer does, as the transformers model's `base_model` under any
+    DDP/DeepSpeed/compile and PEFT wrapper; None when the model has no separate backbone.
+    """
+    inner = extract_model_from_parallel(model)
+    if is_peft_model(inner):
+        inner = inner.get_base_model()
+    backbone = getattr(inner, "base_model", None)
+    return backbone if isinstance(backbone, torch.nn.Module) and backbone is not inner else None
+
+
 def final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
-    """Final (post-norm) hidden states without materializing full-vocabulary logits."""
-    output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                   logits_to_keep=1, use_cache=False)
-    return output.hidden_states[-1]
+    """Final (post-norm) hidden states without materializing full-vocabulary logits.
+
+    The model's own forward runs (so DDP's gradient hooks and accelerate's autocast apply) with the LM
+    head on one position only, and the backbone's `last_hidden_state` is taken from a forward hook:
+    no per-layer hidden states are kept or, under mixed precision, copied to float32. A model whose
+    backbone is not found returns every layer's hidden states instead, and the last is used.
+    """
+    backbone = _backbone(model)
+    captured = []
+    handle = None if backbone is None else backbone.register_forward_hook(
+        lambda module, args, output: captured.append(
+            output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)))
+    try:
+        output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False,
+                       output_hidden_states=backbone is None)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if backbone is None:
+        return output.hidden_states[-1]
+    if len(captured) != 1 or not torch.is_tensor(captured[0]) or captured[0].shape[:2] != input_ids.shape:
+        raise RuntimeError(f"final_hidden: the backbone ({type(backbone).__name__}) of {type(model).__name__} "
+                           "did not give one last_hidden_state of the input's shape during the forward; "
+                           "the OPSD loss cannot read this model's final hidden states")
+    return captured[0]
 
 
 def response_hidden(model, input_ids, attention_mask, positions: slice) -> torch.Tensor:
@@ -443,8 +477,8 @@ class OPSDTrainer(GRPOTrainer):
         loss_sum, stats = chunked_divergence(
             student_scores[mask], teacher_scores[mask].detach(), self.scoring.head(unwrapped), teacher_head,
             completion_ids[mask], token_names, self.divergence_options, chunk_size=self.opsd.chunk_size,
-        )
             temperature=self.temperature,
+        )
         tokens = int(mask.sum()) if keep else 0
         if mode == "train":
             normalizer = loss_normalizer(float(inputs["opsd_step_tokens"]), self.accelerator.num_processes,
@@ -498,7 +532,6 @@ class OPSDTrainer(GRPOTrainer):
         optimizer._opsd_guarded = True
         return optimizer
 
-    def _save_checkpoint(self, model, trial):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The Trainer's learning-rate schedule, which does not move on an optimizer step that was skipped
         (`create_optimizer`): a step that kept nothing is no training step."""
@@ -508,6 +541,7 @@ class OPSDTrainer(GRPOTrainer):
             self.lr_scheduler = scheduler = _SkipAwareScheduler(scheduler, self)
         return scheduler
 
+    def _save_checkpoint(self, model, trial):
         # The teacher's state goes in first: the Trainer writes trainer_state.json last, and a folder
         # without it is discarded on resume (runtime.resume_point), so a checkpoint is all or nothing.
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
