@@ -310,13 +310,16 @@ def check_budget(budget: int | None, answer_tokens: int, key: str = "budget") ->
         raise ValueError(f"answer_tokens must be a token count >= 1, got {answer_tokens!r}")
 
 
-def forced_text(response_ids: list[int], tokenizer, prompt: str, cue: str = ANSWER_CUE) -> str:
+def forced_text(response_ids: list[int], tokenizer, prompt: str, cue: str = ANSWER_CUE,
+                close: str | None = None) -> str:
     """What budget forcing appends to a response cut at its budget: the chat template's think-close
-    text and the answer cue while the think block (the prompt's or the response's) is open, else a
-    line break and the cue."""
+    text (`close`, default `templates.think_close_text`) and the answer cue while the think block (the
+    prompt's or the response's) is open, else a line break and the cue."""
     # Tags kept: the tiny tokenizer drops <think>/</think> when skipping special tokens.
     response = tokenizer.decode(response_ids, skip_special_tokens=False)
-    return (think_close_text(tokenizer) if unclosed_thinking(response, prompt) else "\n") + cue
+    if not unclosed_thinking(response, prompt):
+        return "\n" + cue
+    return (think_close_text(tokenizer) if close is None else close) + cue
 
 
 def budget_forced_generate(backend: str, model, tokenizer, prompts: list[str], sampling: SamplingConfig,
@@ -339,7 +342,8 @@ def budget_forced_generate(backend: str, model, tokenizer, prompts: list[str], s
     if not cut:
         return first
     prompt_ids = tokenizer([repeated[row] for row in cut], add_special_tokens=True)["input_ids"]
-    forced = [tokenizer(forced_text(first[row].token_ids, tokenizer, repeated[row], cue),
+    close = think_close_text(tokenizer)
+    forced = [tokenizer(forced_text(first[row].token_ids, tokenizer, repeated[row], cue, close),
                         add_special_tokens=False)["input_ids"] for row in cut]
     second = engine.extend(model, tokenizer,
                            [ids + first[row].token_ids + extra for ids, row, extra in zip(prompt_ids, cut, forced)],
