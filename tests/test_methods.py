@@ -1,0 +1,108 @@
+"""Compaction methods as a named choice of an arm: settings, validation, the steps a pipeline plans."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opsdlab.config import ConfigError, load_config
+from opsdlab.methods import METHODS, length_rl_config
+from opsdlab.pipeline import Step, budget_points, budget_tokens, pipeline_steps, run_outputs
+
+ARMS = ("arms=[{name: opsd, gate: correct}, {name: crisp, method: crisp}, {name: dler, method: length_rl}, "
+        "{name: contrast, method: contrastive}, {name: forced, method: budget}]")
+
+
+def arms_of(config):
+    return {arm.name: config.arm_config(arm) for arm in config.arms}
+
+
+def test_a_method_sets_its_defaults_and_the_arm_overrides_them():
+    config = load_config("tiny", [ARMS])
+    arms = arms_of(config)
+    assert [arms[name].method for name in arms] == ["opsd", "crisp", "length_rl", "contrastive", "budget"]
+    crisp = arms["crisp"]
+    assert (crisp.teacher_context, crisp.divergence, crisp.gate, crisp.teacher_weights) == \
+        ("concise", "reverse_kl", "all", "periodic")
+    assert arms["contrast"].gate == config.opsd.gate  # contrastive differs from OPSD only by the contrast
+    own = arms_of(load_config("tiny", ["arms=[{name: c, method: crisp, gate: correct, teacher_refresh_steps: 7}]"]))
+    assert (own["c"].gate, own["c"].teacher_refresh_steps, own["c"].teacher_context) == ("correct", 7, "concise")
+
+
+@pytest.mark.parametrize("arm, message", [
+    ("{name: a, method: distill}", "arms.a: method must be one of ['budget', 'contrastive', 'crisp', 'length_rl', 'opsd']"),
+    ("{name: a, method: length_rl, rollouts_per_prompt: 1}", "arms.a: method length_rl is group-relative RL"),
+    ("{name: a, method: contrastive, contrast_context: solution}", "arms.a: contrast_context must differ"),
+    ("{name: a, method: length_rl, length_reward: cosine}", "arms.a: length_reward must be one of"),
+    ("{name: a, method: budget, budgets: [0]}", "budgets must be positive token counts"),
+])
+def test_bad_method_settings_are_errors_naming_the_arm(arm, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config("tiny", [f"arms=[{arm}]"])
+
+
+def test_length_rl_runs_rl_with_the_arms_budget_and_dlers_settings():
+    config = load_config("tiny", [ARMS, "opsd.max_steps=7", "opsd.rollouts_per_prompt=4", "rlvr.epsilon_high=0.3"])
+    rl = length_rl_config(arms_of(config)["dler"], config.rlvr)
+    assert (rl.max_steps, rl.group_size, rl.prompts_per_step) == (7, 4, config.opsd.prompts_per_step)
+    assert (rl.scale_rewards, rl.dynamic_sampling, rl.epsilon_high) == ("batch", True, 0.3)
+    assert rl.learning_rate == config.opsd.learning_rate and rl.loss_type == config.rlvr.loss_type
+
+
+def test_the_pipeline_plans_training_for_trained_methods_and_budget_evaluations_for_budget_forcing(tmp_path):
+    config = load_config("tiny", [ARMS, f"run_dir={tmp_path}"])
+    steps = {step.name: step for step in pipeline_steps(config, tmp_path / "base" / "model")}
+    for arm in ("opsd", "crisp", "dler", "contrast"):
+        assert steps[f"train opsd-{arm}-s0"].kind == "opsd"
+    assert not any(name.startswith("train opsd-forced") for name in steps)
+    forced = [step for step in steps.values() if step.kind == "budget"]
+    assert [step.checkpoint for step in forced] == ["opsd-forced-q25-s0", "opsd-forced-q50-s0", "opsd-forced-q75-s0"]
+    assert all(step.source == "rlvr" and "eval rlvr" in step.after for step in forced)
+    assert forced[1].budget == ("quantile", 0.5)
+    # the teacher prompts checked first are those of methods that read a teacher: solution (opsd,
+    # contrastive) and concise (crisp), not length_rl's or budget's
+    assert sorted(name for name in steps if name.startswith("check ")) == ["check rlvr concise", "check rlvr solution"]
+
+
+def test_each_methods_outputs_record_what_shapes_them(tmp_path):
+    config = load_config("tiny", [ARMS, f"run_dir={tmp_path}"])
+    outputs = {output.folder.relative_to(tmp_path).as_posix(): output for output in run_outputs(config)}
+    dler = outputs["opsd/dler-s0"].record["settings"]
+    assert dler["opsd.method"] == "length_rl" and dler["rlvr.loss_type"] == config.rlvr.loss_type
+    assert "rlvr.loss_type" not in outputs["opsd/opsd-s0"].record["settings"]
+    forced = outputs["eval/opsd-forced-q50-s0/synthetic"]
+    assert forced.record["settings"]["budget.quantile"] == 0.5
+    assert forced.reads == tmp_path / "rlvr" and "eval rlvr" in forced.after
+
+
+def test_explicit_budgets_name_their_evaluations_by_tokens():
+    config = load_config("tiny", ["arms=[{name: f, method: budget, budgets: [16, 48]}]"])
+    assert budget_points(arms_of(config)["f"]) == [("b16", ("tokens", 16)), ("b48", ("tokens", 48))]
+
+
+def test_a_quantile_budget_reads_the_starting_checkpoints_sampled_lengths(tmp_path):
+    folder = tmp_path / "eval" / "rlvr" / "synthetic"
+    folder.mkdir(parents=True)
+    folder.joinpath("samples.jsonl").write_text("".join(json.dumps({"response_tokens": n}) + "\n"
+                                                        for n in (10, 20, 30, 40, 50)))
+    step = Step("eval opsd-f-q25-s0", "budget", "opsd-f-q25-s0", "m", arm="f", source="rlvr",
+                budget=("quantile", 0.25))
+    assert budget_tokens(tmp_path, step, "synthetic") == 20  # linear quantile of 10..50 at 0.25
+    assert budget_tokens(tmp_path, Step("x", "budget", "x", "m", source="rlvr", budget=("tokens", 33)),
+                         "synthetic") == 33
+    with pytest.raises(ConfigError, match="arms.f: budget_quantiles read the evaluation of rlvr on other"):
+        budget_tokens(tmp_path, step, "other")
+
+
+def test_every_method_is_described():
+    assert all(method.summary for method in METHODS.values())
+    assert {name for name, method in METHODS.items() if method.train is None} == {"budget"}
+
+
+def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
+    from opsdlab.study import study_config
+
+    config = study_config("tiny", tmp_path, seeds=(0,), arms="methods")
+    assert {config.arm_config(arm).method for arm in config.arms} == set(METHODS)
+    with pytest.raises(ConfigError, match="--arms: expected one of gates, methods, got 'all'"):
+        study_config("tiny", tmp_path, arms="all")
