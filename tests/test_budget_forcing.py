@@ -131,6 +131,40 @@ def test_bad_budget_is_one_clear_error(tiny_folder, task, budget, answer_tokens,
                  answer_tokens=answer_tokens)
 
 
+# ------------------------------------------------------------------ the template's think-close text
+
+
+@pytest.mark.parametrize("template", ["qwen3", "qwen3_5_think", "deepseek_r1_distill"])
+def test_think_close_text_of_real_templates(tokenizer, template):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = shipped_template(template)
+    # Qwen3's write it; DeepSeek-R1-distill's drops the reasoning of rendered turns: Qwen3's form is used.
+    assert think_close_text(tokenizer) == "\n</think>\n\n"
+
+
+def test_think_close_text_is_read_from_the_template(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{%- if m['role'] == 'assistant' %}"
+        "{{- m['content'].split('</think>')[0].rstrip() + '</think>\n' + m['content'].split('</think>')[-1].lstrip() }}"
+        "{%- else %}{{- m['content'] }}{%- endif %}{%- endfor %}")
+    assert think_close_text(tokenizer) == "</think>\n"
+
+
+@pytest.mark.parametrize("prompt,response,unclosed", [
+    ("user: hi\n", "<think>\nsome steps", True),
+    ("user: hi\n", "<think>\nsteps</think>\n\nThe answer", False),
+    ("user: hi\n", "no think block at all", False),
+    ("user: hi\n<think>\n", "steps opened by the template", True),
+    ("user: hi\n<think>\n", "steps</think>\nThe answer", False),
+    ("user: hi\n<think>\n\n</think>\n\n", "thinking off", False),
+])
+def test_unclosed_thinking(prompt, response, unclosed):
+    from opsdlab.templates import unclosed_thinking
+
+    assert unclosed_thinking(response, prompt) is unclosed
+
+
 # ------------------------------------------------------------------ the tiny model
 
 
