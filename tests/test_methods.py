@@ -106,3 +106,21 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
     assert {config.arm_config(arm).method for arm in config.arms} == set(METHODS)
     with pytest.raises(ConfigError, match="--arms: expected one of gates, methods, got 'all'"):
         study_config("tiny", tmp_path, arms="all")
+
+
+def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
+    from opsdlab import pipeline
+    from opsdlab.evaluate import SamplingConfig
+    from opsdlab.metrics import Sample
+
+    def fake_evaluate(model, tokenizer, share, verifier, sampling, **kwargs):
+        samples = [Sample(problem_id=p, sample_index=0, correct=True, answer="1", response_tokens=10 * (i + 1),
+                          thinking_tokens=0, truncated=False) for i, p in enumerate(share)]
+        return samples, {"forced_samples": len(share), "budget": kwargs["budget"]}
+
+    monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
+    monkeypatch.setattr(pipeline, "shard_and_gather", lambda items, work: [work(items[:2], 0), work(items[2:], 1)])
+    _, summary = pipeline.evaluate_sharded(None, None, ["a", "b", "c"], None, SamplingConfig(k=1), budget=25,
+                                           budgets=[15])
+    assert summary["forced_samples"] == 2 + 1 and summary["budget"] == 25
+    assert summary["accuracy_at_budget"] == {"15": 2 / 3}  # a (10) and c (10) within 15, b (20) not

@@ -59,3 +59,9 @@ def test_the_gpu_presets_evaluate_with_vllm_and_track_nothing_by_default():
         config = load_config(preset)
         assert config.eval.backend == "vllm"
         assert config.rlvr.report_to == "none" and config.opsd.report_to == "none"
+
+
+def test_the_vllm_generation_backend_is_a_vllm_user_too(monkeypatch):
+    monkeypatch.setattr(preflight, "installed", lambda module: False)
+    with pytest.raises(ConfigError, match="rlvr.generation_backend: vLLM is not installed"):
+        check_inputs(load_config("tiny", ["rlvr.generation_backend=vllm"]))

