@@ -39,7 +39,8 @@ from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syn
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
 REWARD_SCALINGS = ("group", "batch", "none")
 # Per-row tensors padded on the left (prompt side); every other 2-D per-row tensor is right-padded.
-LEFT_PADDED = ("prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask")
+LEFT_PADDED = ("prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask", "contrast_prompt_ids",
+               "contrast_prompt_mask")
 
 
 VLLM_MODES = ("colocate", "server")
