@@ -131,3 +131,63 @@ def test_generation_and_grading_end_responses_at_the_generation_config_eos(token
     reward = reward_functions(VerifierConfig(), tokenizer, RLVRStageConfig(), model)[0]
     reward(prompts=["", ""], completions=["", ""], completion_ids=[[7, turn_end], [7, 7]], answer=["1", "1"])
     assert reward.last_truncated == [False, True]
+
+
+def _bf16_head_reference(hidden, weight, grad_out):
+    """Logits and gradients of the LM head computed by hand: bf16-rounded operands multiplied in float64,
+    the incoming gradient rounded to bf16 (as under autocast)."""
+    h, w = hidden.bfloat16().double(), weight.bfloat16().double()
+    g = grad_out.bfloat16().double()
+    return h @ w.t(), g @ w, g.t() @ h
+
+
+def test_output_head_in_bf16_gives_float32_logits_of_bf16_operands(tokenizer):
+    """bf16 compute (bf16 weights, or float32 weights under bf16 mixed precision): logits are the exact
+    products of bf16 values in float32 (not rounded to bf16), and the gradients are those products'."""
+    from opsdlab.models import output_head
+
+    torch.manual_seed(0)
+    for weights_dtype, compute in ((torch.bfloat16, None), (torch.float32, torch.bfloat16)):
+        model = build_tiny_model(tokenizer, seed=0).to(weights_dtype)
+        weight = model.get_output_embeddings().weight
+        hidden = torch.randn(5, model.config.hidden_size, requires_grad=True)
+        logits = output_head(model, compute)(hidden)
+        assert logits.dtype == torch.float32
+        grad_out = torch.randn_like(logits)
+        logits.backward(grad_out)
+        expected, grad_hidden, grad_weight = _bf16_head_reference(hidden.detach(), weight.detach().float(), grad_out)
+        assert torch.allclose(logits.double(), expected, rtol=1e-6, atol=1e-5)
+        assert not torch.equal(logits, logits.bfloat16().float())  # not rounded to bf16
+        assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == weights_dtype
+        assert torch.allclose(hidden.grad.double(), grad_hidden, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(weight.grad.double(), grad_weight.to(weights_dtype).double(), rtol=1e-2, atol=1e-4)
+    # float32 weights without mixed precision: the plain float32 head, bit for bit
+    model = build_tiny_model(tokenizer, seed=0)
+    hidden = torch.randn(5, model.config.hidden_size)
+    assert torch.equal(output_head(model)(hidden), model.get_output_embeddings()(hidden))
+
+
+def test_output_head_on_cuda_takes_one_bf16_product_with_float32_output(tokenizer, monkeypatch):
+    """The CUDA branch (`torch.mm(..., out_dtype=torch.float32)` on bf16 operands, forward and both
+    gradient products), run on the meta device, which has that product: bf16 operands, float32 out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import opsdlab.models as models
+
+    monkeypatch.setattr(models, "_FLOAT32_OUT_MM_DEVICES", ("meta",))
+    model = build_tiny_model(tokenizer, seed=0).to("meta")
+    hidden = torch.empty(5, model.config.hidden_size, device="meta", requires_grad=True)
+    products = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.dtype):
+                products.append((func, args[0].dtype, args[1].dtype, out.dtype))
+            return out
+
+    with Record():
+        logits = models.output_head(model, torch.bfloat16)(hidden)
+        logits.sum().backward()
+    assert logits.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    assert products == [(torch.ops.aten.mm.dtype, torch.bfloat16, torch.bfloat16, torch.float32)] * 3

@@ -43,3 +43,78 @@ def test_a_stage_with_bf16_weights_warns_that_its_steps_round_away(tmp_path, tin
     assert len(warning) == 1 and "opsd: a step of the learning rate (1e-06) leaves 9" in warning[0]
     assert main(["opsd", "--model", str(tiny_folder), "--out", str(tmp_path / "fp32"), *common]) == 0
     assert "leaves" not in capsys.readouterr().err
+
+
+
+def _head_gemms(run, vocab: int, hidden: int, paused: dict) -> list[tuple]:
+    """(operand dtypes, operands exact in bf16, output dtype) of every LM-head product (hidden size in,
+    vocabulary out) while `run()` executes, except while `paused["on"]`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.dtype}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in products and out.shape[-1] == vocab and not paused["on"]:
+                a, b = [x for x in args if torch.is_tensor(x) and x.dim() == 2][-2:]
+                if a.shape[-1] == hidden:
+                    exact = all(bool((x == x.to(torch.bfloat16).to(x.dtype)).all()) for x in (a, b))
+                    seen.append(((a.dtype, b.dtype), exact, out.dtype))
+            return out
+
+    with Record():
+        run()
+    return seen
+
+
+def test_the_lm_head_in_the_loss_runs_bf16_operands_into_float32_logits_under_mixed_precision(
+        tmp_path, tiny_folder, task, monkeypatch):
+    """float32 weights under accelerate's bf16 mixed precision (the forwards under autocast): in a training
+    step, the loss's LM head multiplies bf16 values (bf16 operands; on CPU bf16 values held in float32)
+    into float32 logits, for the student, the teacher and the backward's recomputation, as TRL's chunked
+    kernels do. The only bf16 logits are those of the forwards' own head on their last position (unused).
+    Without mixed precision every head product is float32."""
+    import opsd_helpers
+
+    real_args = opsd_helpers.opsd_args
+
+    def bf16_args(*args, **kwargs):
+        training_args = real_args(*args, **kwargs)
+        training_args.bf16, training_args.mixed_precision = True, "bf16"
+        return training_args
+
+    for mixed in (True, False):
+        monkeypatch.setattr(opsd_helpers, "opsd_args", bf16_args if mixed else real_args)
+        trainer = opsd_helpers.make_trainer(tmp_path / str(mixed), tiny_folder, task, max_steps=1, chunk_size=4)
+        config = trainer.model.config
+        gemms, paused, result = [], {"on": False}, []
+        step, prepare = trainer.training_step, trainer._prepare_inputs
+
+        def generation_unrecorded(*args, **kwargs):  # rollouts: the generation's own LM head
+            paused["on"] = True
+            try:
+                return prepare(*args, **kwargs)
+            finally:
+                paused["on"] = False
+
+        def recorded_step(*args, **kwargs):
+            gemms.extend(_head_gemms(lambda: result.append(step(*args, **kwargs)), config.vocab_size,
+                                     config.hidden_size, paused))
+            return result[-1]
+
+        trainer._prepare_inputs, trainer.training_step = generation_unrecorded, recorded_step
+        trainer.train()
+        assert trainer.accelerator.mixed_precision == ("bf16" if mixed else "no")
+        assert next(trainer.model.parameters()).dtype == torch.float32
+        forward_heads = [g for g in gemms if g[2] != torch.float32]
+        loss_heads = [g for g in gemms if g[2] == torch.float32]
+        assert len(loss_heads) >= 3  # student, teacher, recomputation: at least one chunk each
+        if mixed:
+            assert forward_heads == [((torch.bfloat16, torch.bfloat16), True, torch.bfloat16)] * 2
+            assert all(exact for _, exact, _ in loss_heads), loss_heads
+        else:
+            assert not forward_heads
+            assert all(dtypes == (torch.float32, torch.float32) for dtypes, _, _ in loss_heads)
+            assert not all(exact for _, exact, _ in loss_heads)

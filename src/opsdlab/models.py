@@ -13,6 +13,7 @@ asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -309,14 +310,90 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+# Devices with a half-precision matrix product that writes float32 (`torch.mm(..., out_dtype=)`, CUDA).
+_FLOAT32_OUT_MM_DEVICES = ("cuda",)
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _float32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` into float32 without rounding the product to the operands' dtype (as TRL's chunked kernels).
+
+    Half-precision operands on CUDA: one half-precision GEMM with float32 output; elsewhere the
+    (half-precision-valued) operands are upcast and multiplied in float32, the same exact products.
+    """
+    if a.dtype in _HALF and a.dtype == b.dtype and a.device.type in _FLOAT32_OUT_MM_DEVICES:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _no_autocast(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _Float32Linear(torch.autograd.Function):
+    """`linear(hidden, weight, bias)` with operands in `dtype` and float32 logits out.
+
+    The gradient products take the logits' gradient in `dtype` and accumulate in float32 (TRL's
+    `_addmm_fp32`); the gradients are returned in the inputs' own dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, dtype):
+        with _no_autocast(hidden.device.type):
+            h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+            w = weight.to(dtype)
+            out = _float32_mm(h, w.t())
+            if bias is not None:
+                out = out + bias.float()
+        ctx.save_for_backward(h, w)
+        ctx.dtype, ctx.hidden_shape, ctx.hidden_dtype = dtype, hidden.shape, hidden.dtype
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.reshape(*hidden.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w = ctx.saved_tensors
+        with _no_autocast(grad.device.type):
+            g = grad.reshape(-1, grad.shape[-1])
+            g_half = g.to(ctx.dtype)
+            grad_hidden = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = _float32_mm(g_half, w).reshape(ctx.hidden_shape).to(ctx.hidden_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = _float32_mm(g_half.t(), h).to(ctx.weight_dtype)
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0).to(ctx.bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def head_dtype(accelerator) -> torch.dtype | None:
+    """The LM head's operand dtype that a launch's mixed precision asks for (None: the weights' own)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(getattr(accelerator, "mixed_precision", "no")))
+
+
+def output_head(model, compute_dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden states -> logits exactly as the model's forward computes them from its final hidden states.
 
     The LM head (`model.get_output_embeddings()`), then the family's logit scaling: Cohere's
     `logit_scale` (multiplied), Granite's `logits_scaling` (divided), and Gemma 2/3's
     `final_logit_softcapping` (`tanh(logits / cap) * cap`). Use it wherever the LM head is applied
     to hidden states outside the model's forward; `check_output_head` verifies it on a model.
-    Hidden states are cast to the head's dtype first (float32 outputs of a mixed-precision forward).
+
+    Precision, as TRL's chunked log-prob and divergence kernels: the product runs in the compute
+    dtype, i.e. the active autocast dtype, else `compute_dtype` (a launch's mixed precision:
+    `head_dtype`), else the weights' dtype. A half-precision compute dtype gives half-precision
+    operands and float32 logits (no logit rounded to bf16 before a softmax); a float32 one is the
+    plain float32 head. An LM head that is not a plain `nn.Linear` (a PEFT-wrapped head) runs as its
+    own module in the compute dtype, its logits upcast afterwards.
     """
     head = model.get_output_embeddings()
     if head is None:
@@ -333,13 +410,19 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
     cap = float(cap) if cap else None
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        # Under bf16/fp16 mixed precision accelerate returns the forward's outputs in float32, while
-        # the head's weights stay in the model's dtype: compute the head in its own dtype, as the
-        # forward does (the divergence upcasts the logits afterwards).
         weight = getattr(head, "weight", None)
-        if weight is not None and weight.is_floating_point() and hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
-        out = head(hidden)
+        dtype = (_autocast_dtype(hidden.device.type) or compute_dtype
+                 or (weight.dtype if weight is not None and weight.is_floating_point() else hidden.dtype))
+        if dtype in _HALF and type(head) is torch.nn.Linear:
+            out = _Float32Linear.apply(hidden, head.weight, head.bias, dtype)
+        elif dtype in _HALF:
+            out = head(hidden.to(dtype)).float()
+        else:
+            # Under mixed precision accelerate returns the forward's outputs in float32; without it
+            # the head runs in the weights' own dtype, as the forward does.
+            if weight is not None and weight.is_floating_point() and hidden.dtype != weight.dtype:
+                hidden = hidden.to(weight.dtype)
+            out = head(hidden)
         if multiplier != 1.0:
             out = out * multiplier
         if cap is not None:

@@ -33,7 +33,7 @@ from opsdlab.checks import CheckSettings, attach_checks, check_settings, train_c
 from opsdlab.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
 from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
 from opsdlab.gates import GATES, route
-from opsdlab.models import end_token_ids, output_head, save_policy
+from opsdlab.models import end_token_ids, head_dtype, output_head, save_policy
 from opsdlab.progress import OPSD_POSTFIX, train_stage
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.rewards import VerifierReward
@@ -278,14 +278,15 @@ def response_logits(model, input_ids, attention_mask, positions: slice) -> torch
     return output.logits[:, :positions.stop - positions.start]
 
 
-def _identity_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+def _identity_head(model, compute_dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda logits: logits
 
 
 @dataclass(frozen=True)
 class Scoring:
     """How student and teacher score the response: `scores(model, ids, attn, positions)` runs the
-    model, `head(unwrapped_model)` maps those scores to logits inside `chunked_divergence`."""
+    model, `head(unwrapped_model, compute_dtype)` maps those scores to logits inside `chunked_divergence`
+    (`compute_dtype`: the launch's mixed-precision dtype or None, `models.output_head`)."""
 
     scores: Callable
     head: Callable
@@ -375,6 +376,7 @@ class OPSDTrainer(GRPOTrainer):
                                      pretrained_adapter=pretrained_adapter)
         self.divergence_options = opsd.divergence_options()
         self.scoring = SCORINGS[scoring_for(self.accelerator)]
+        self.head_dtype = head_dtype(self.accelerator)  # bf16 operands, float32 logits under bf16 mixed precision
         self.token_stats_path = token_stats_path
         self.refill = RefillSampler(self.train_dataset, self.args.seed)
         self.skipped_steps = 0
@@ -470,12 +472,12 @@ class OPSDTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         with torch.no_grad(), self.teacher.use(unwrapped) as teacher_model:
             teacher_scores = self.scoring.scores(teacher_model, teacher_ids, teacher_attn, teacher_positions)
-            teacher_head = self.scoring.head(self.accelerator.unwrap_model(teacher_model))
+            teacher_head = self.scoring.head(self.accelerator.unwrap_model(teacher_model), self.head_dtype)
         mask = completion_mask.bool()
         names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
         token_names = [names[r] for r in range(len(rows_list)) for _ in range(int(mask[r].sum()))]
         loss_sum, stats = chunked_divergence(
-            student_scores[mask], teacher_scores[mask].detach(), self.scoring.head(unwrapped), teacher_head,
+            student_scores[mask], teacher_scores[mask].detach(), self.scoring.head(unwrapped, self.head_dtype), teacher_head,
             completion_ids[mask], token_names, self.divergence_options, chunk_size=self.opsd.chunk_size,
             temperature=self.temperature,
         )
