@@ -199,3 +199,81 @@ def test_final_hidden_is_the_models_last_hidden_state(tiny_folder, wrapping):
         model.base_model_prefix = "absent"
     got = final_hidden(model, ids, attn)
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+
+
+def _count_ops(run, names) -> dict:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = dict.fromkeys(names, 0)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in counts:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return counts
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "sampled_reverse_kl"])
+def test_each_side_is_normalized_once_per_chunk(divergence):
+    """One log-softmax per side and chunk gives the loss and the logged stats; the backward recomputes
+    only the student's (the teacher side is no-grad)."""
+    from opsdlab.divergences import DivergenceOptions, chunked_divergence
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    student, teacher = torch.randn(10, 8, requires_grad=True), torch.randn(10, 8)
+    ids = torch.randint(0, 50, (10,))
+    options = DivergenceOptions(top_k=5) if divergence == "jsd" else None
+    result = {}
+
+    def forward():
+        result["loss"], _ = chunked_divergence(student, teacher, head, head, ids, divergence, options, chunk_size=4)
+
+    assert _count_ops(forward, ["_log_softmax"])["_log_softmax"] == 2 * 3 + (2 * 3 if divergence == "jsd" else 0)
+
+
+def test_a_micro_batch_synchronizes_with_the_host_a_few_times(tmp_path, tiny_folder, task, monkeypatch):
+    """Reading values back from the device (.item(), .tolist(), int(), float(), bool(), torch.equal,
+    boolean-mask indexing, nonzero) stalls a GPU until its queue drains: the OPSD loss of a micro-batch
+    and its backward do so a fixed few times (alignment, kept tokens, step total, logged numbers), not once
+    per row, chunk or logged number. (The model's own forward is not counted.)"""
+    import sys
+
+    trainer = perturbed_trainer(tmp_path, tiny_folder, task)
+    reads = []
+
+    def note(name):
+        caller = sys._getframe(2).f_code
+        if "opsdlab" in caller.co_filename:
+            reads.append((name, caller.co_name))
+
+    def counting(name, real):
+        def wrapper(self, *args, **kwargs):
+            note(name)
+            return real(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    real_getitem, real_equal = torch.Tensor.__getitem__, torch.equal
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts):
+            note("mask index")
+        return real_getitem(self, index)
+
+    def equal(*args):
+        note("equal")
+        return real_equal(*args)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    monkeypatch.setattr(torch, "equal", equal)
+    loss_and_gradient(trainer)
+    monkeypatch.undo()
+    assert len(reads) <= 5, reads

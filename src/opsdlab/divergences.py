@@ -161,6 +161,43 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor, sampled_ids: T
         raise ValueError(f"sampled_ids must be torch.long, got {sampled_ids.dtype}")
 
 
+def _top_k_support(logp_s_NV: Tensor, logp_t_NV: Tensor, options: DivergenceOptions) -> tuple[Tensor, Tensor]:
+    """Both log-distributions renormalized over the teacher's ``top_k`` tokens (or unchanged)."""
+    if options.top_k is None or options.top_k >= logp_s_NV.shape[-1]:
+        return logp_s_NV, logp_t_NV
+    support_NK = logp_t_NV.topk(options.top_k, dim=-1).indices
+    return (F.log_softmax(logp_s_NV.gather(-1, support_NK), dim=-1),
+            F.log_softmax(logp_t_NV.gather(-1, support_NK), dim=-1))
+
+
+def _reverse_kl_core(logp_s_NV: Tensor, logp_t_NV: Tensor, options: DivergenceOptions) -> Tensor:
+    return _reduce([(1.0, logp_s_NV.exp(), logp_s_NV - logp_t_NV)], options)
+
+
+def _forward_kl_core(logp_s_NV: Tensor, logp_t_NV: Tensor, options: DivergenceOptions) -> Tensor:
+    return _reduce([(1.0, logp_t_NV.exp(), logp_t_NV - logp_s_NV)], options)
+
+
+def _jsd_core(logp_s_NV: Tensor, logp_t_NV: Tensor, options: DivergenceOptions) -> Tensor:
+    beta = float(options.beta)
+    logm_NV = torch.logaddexp(logp_t_NV + math.log(beta), logp_s_NV + math.log1p(-beta))
+    return _reduce(
+        [
+            (beta, logp_t_NV.exp(), logp_t_NV - logm_NV),
+            (1.0 - beta, logp_s_NV.exp(), logp_s_NV - logm_NV),
+        ],
+        options,
+    )
+
+
+def _sampled_reverse_kl_core(logp_s_NV: Tensor, logp_t_NV: Tensor, ids_N: Tensor) -> Tensor:
+    ids_N1 = ids_N.unsqueeze(-1)
+    logp_s_N = logp_s_NV.gather(-1, ids_N1).squeeze(-1)
+    logp_t_N = logp_t_NV.detach().gather(-1, ids_N1).squeeze(-1)
+    advantage_N = (logp_t_N - logp_s_N).detach()
+    return -advantage_N * logp_s_N
+
+
 def _prepare(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -235,7 +272,7 @@ def reverse_kl(
     logp_s_NV, logp_t_NV, options = _prepare(
         student_logits, teacher_logits, sampled_ids, options, use_top_k=True
     )
-    return _reduce([(1.0, logp_s_NV.exp(), logp_s_NV - logp_t_NV)], options)
+    return _reverse_kl_core(logp_s_NV, logp_t_NV, options)
 
 
 def forward_kl(
@@ -253,7 +290,7 @@ def forward_kl(
     logp_s_NV, logp_t_NV, options = _prepare(
         student_logits, teacher_logits, sampled_ids, options, use_top_k=True
     )
-    return _reduce([(1.0, logp_t_NV.exp(), logp_t_NV - logp_s_NV)], options)
+    return _forward_kl_core(logp_s_NV, logp_t_NV, options)
 
 
 def jsd(
@@ -277,15 +314,7 @@ def jsd(
     logp_s_NV, logp_t_NV, options = _prepare(
         student_logits, teacher_logits, sampled_ids, options, use_top_k=True
     )
-    beta = float(options.beta)
-    logm_NV = torch.logaddexp(logp_t_NV + math.log(beta), logp_s_NV + math.log1p(-beta))
-    return _reduce(
-        [
-            (beta, logp_t_NV.exp(), logp_t_NV - logm_NV),
-            (1.0 - beta, logp_s_NV.exp(), logp_s_NV - logm_NV),
-        ],
-        options,
-    )
+    return _jsd_core(logp_s_NV, logp_t_NV, options)
 
 
 def sampled_reverse_kl(
@@ -312,12 +341,10 @@ def sampled_reverse_kl(
     """
     options = _DEFAULT_OPTIONS if options is None else options
     _check_logits(student_logits, teacher_logits, sampled_ids)
-    ids_N1 = sampled_ids.unsqueeze(-1)
-    logp_s_N = F.log_softmax(_upcast(student_logits), dim=-1).gather(-1, ids_N1).squeeze(-1)
+    logp_s_NV = F.log_softmax(_upcast(student_logits), dim=-1)
     with torch.no_grad():
-        logp_t_N = F.log_softmax(_upcast(teacher_logits.detach()), dim=-1).gather(-1, ids_N1).squeeze(-1)
-    advantage_N = (logp_t_N - logp_s_N).detach()
-    return -advantage_N * logp_s_N
+        logp_t_NV = F.log_softmax(_upcast(teacher_logits.detach()), dim=-1)
+    return _sampled_reverse_kl_core(logp_s_NV, logp_t_NV, sampled_ids)
 
 
 def sampled_kl_estimate(
@@ -348,6 +375,17 @@ DIVERGENCES: dict[str, DivergenceFn] = {
     "jsd": jsd,
     "sampled_reverse_kl": sampled_reverse_kl,
 }
+
+
+def _from_log_probs(fn: DivergenceFn, logp_s_NV: Tensor, logp_t_NV: Tensor, ids_N: Tensor,
+                    options: DivergenceOptions) -> Tensor:
+    """``fn`` on full-vocabulary log-probabilities already computed (no second log-softmax)."""
+    if fn is sampled_reverse_kl:
+        return _sampled_reverse_kl_core(logp_s_NV, logp_t_NV, ids_N)
+    core = {reverse_kl: _reverse_kl_core, forward_kl: _forward_kl_core, jsd: _jsd_core}.get(fn)
+    if core is None:  # any other divergence: log-probabilities are valid logits
+        return fn(logp_s_NV, logp_t_NV, ids_N, options)
+    return core(*_top_k_support(logp_s_NV, logp_t_NV, options), options)
 
 
 def _lookup(name: str) -> DivergenceFn:
@@ -439,45 +477,47 @@ def _loss_and_stats(
     """Logits, per-token losses and detached stats for one block of rows.
 
     Returns ``(loss_sum, loss_n, student_entropy_n, teacher_entropy_n,
-    student_logp_n, teacher_logp_n)``; only ``loss_sum`` carries grad. The
-    loss is computed first and the stats last, under ``no_grad``: with
-    non-reentrant checkpointing (early stop) the backward recomputation then
-    stops after the loss graph and never redoes the stats.
+    student_logp_n, teacher_logp_n)``; only ``loss_sum`` carries grad. Each
+    side's logits are normalized once (one log-softmax) for both the loss and
+    the stats. The loss is computed first and the stats last, under
+    ``no_grad``: with non-reentrant checkpointing (early stop) the backward
+    recomputation then stops after the loss graph and never redoes the stats.
     """
     s_nV = _upcast(student_head(student_hidden_nD))
+    if temperature != 1.0:
+        s_nV = s_nV / temperature
+    logp_s_nV = F.log_softmax(s_nV, dim=-1)  # its backward keeps only its output, not the logits
+    del s_nV
     with torch.no_grad():
         t_nV = _upcast(teacher_head(teacher_hidden_nD))
-    if temperature != 1.0:
-        s_nV, t_nV = s_nV / temperature, t_nV / temperature
+        if temperature != 1.0:
+            t_nV = t_nV / temperature
+        logp_t_nV = F.log_softmax(t_nV, dim=-1)
+        del t_nV
 
     if len(groups) == 1 and groups[0][1] is None:
-        loss_n = groups[0][0](s_nV, t_nV, sampled_ids_n, options)
+        loss_n = _from_log_probs(groups[0][0], logp_s_nV, logp_t_nV, sampled_ids_n, options)
     else:
-        loss_n = s_nV.new_zeros(s_nV.shape[0])
+        loss_n = logp_s_nV.new_zeros(logp_s_nV.shape[0])
         for fn, rows in groups:
-            part = fn(
-                s_nV.index_select(0, rows),
-                t_nV.index_select(0, rows),
+            part = _from_log_probs(
+                fn,
+                logp_s_nV.index_select(0, rows),
+                logp_t_nV.index_select(0, rows),
                 sampled_ids_n.index_select(0, rows),
                 options,
             )
             loss_n = loss_n.index_copy(0, rows, part)
     loss_sum = loss_n.sum()
 
-    # Stats: teacher side first so its logits can be released before the
-    # student side; at most two [n, V] temporaries (log-probs and probs) at once.
     with torch.no_grad():
         ids_n1 = sampled_ids_n.unsqueeze(-1)
-        logp_t_nV = F.log_softmax(t_nV, dim=-1)
-        del t_nV
         teacher_logp_n = logp_t_nV.gather(-1, ids_n1).squeeze(-1)
         teacher_entropy_n = -_rowdot(logp_t_nV.exp(), logp_t_nV)
         del logp_t_nV
-        logp_s_nV = F.log_softmax(s_nV.detach(), dim=-1)
-        del s_nV
+        logp_s_nV = logp_s_nV.detach()
         student_logp_n = logp_s_nV.gather(-1, ids_n1).squeeze(-1)
         student_entropy_n = -_rowdot(logp_s_nV.exp(), logp_s_nV)
-        del logp_s_nV
     return loss_sum, loss_n.detach(), student_entropy_n, teacher_entropy_n, student_logp_n, teacher_logp_n
 
 

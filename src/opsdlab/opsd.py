@@ -212,6 +212,7 @@ def check_alignment(student_ids, student_attn, student_positions: slice, teacher
     the wrong side or a response misplaced in either sequence makes this fail.
     """
     mask = response_mask.bool()
+    aligned = []
     for role, ids, attn, positions in (("student", student_ids, student_attn, student_positions),
                                        ("teacher", teacher_ids, teacher_attn, teacher_positions)):
         width = positions.stop - positions.start
@@ -220,7 +221,10 @@ def check_alignment(student_ids, student_attn, student_positions: slice, teacher
         if width != response_ids.shape[1] or targets.shape != response_ids.shape:
             raise RuntimeError(f"OPSD alignment: the {role} scores {targets.shape[1]} positions for a "
                                f"{response_ids.shape[1]}-token response; check prompt padding and the chat template")
-        if not torch.equal(targets[mask], response_ids[mask]) or not bool(attended[mask].all()):
+        aligned.append(((targets == response_ids) & attended.bool() | ~mask).all())
+    # One read back from the device for both sides.
+    for role, ok in zip(("student", "teacher"), torch.stack(aligned).tolist()):
+        if not ok:
             raise RuntimeError(f"OPSD alignment: the {role}'s scored positions do not predict the response tokens; "
                                "check prompt padding and the chat template")
 
@@ -475,13 +479,20 @@ class OPSDTrainer(GRPOTrainer):
             teacher_head = self.scoring.head(self.accelerator.unwrap_model(teacher_model), self.head_dtype)
         mask = completion_mask.bool()
         names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
-        token_names = [names[r] for r in range(len(rows_list)) for _ in range(int(mask[r].sum()))]
+        # Kept tokens, row-major, as one index: no boolean-mask indexing (each one a device read-back).
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+        lengths = mask.sum(dim=1).tolist()
+        token_names = [names[r] for r, n in enumerate(lengths) for _ in range(n)]
+
+        def kept(scores):
+            return scores.reshape(-1, scores.shape[-1]).index_select(0, flat)
+
         loss_sum, stats = chunked_divergence(
-            student_scores[mask], teacher_scores[mask].detach(), self.scoring.head(unwrapped, self.head_dtype), teacher_head,
-            completion_ids[mask], token_names, self.divergence_options, chunk_size=self.opsd.chunk_size,
-            temperature=self.temperature,
+            kept(student_scores), kept(teacher_scores).detach(), self.scoring.head(unwrapped, self.head_dtype),
+            teacher_head, completion_ids.reshape(-1).index_select(0, flat), token_names, self.divergence_options,
+            chunk_size=self.opsd.chunk_size, temperature=self.temperature,
         )
-        tokens = int(mask.sum()) if keep else 0
+        tokens = sum(lengths) if keep else 0
         if mode == "train":
             normalizer = loss_normalizer(float(inputs["opsd_step_tokens"]), self.accelerator.num_processes,
                                          self.current_gradient_accumulation_steps, self.args.steps_per_generation)
@@ -493,12 +504,15 @@ class OPSDTrainer(GRPOTrainer):
 
         metrics = self._metrics[mode]
         if keep:
-            metrics["opsd/loss"].append(loss_sum.item() / tokens)
+            with torch.no_grad():  # the logged numbers in one read-back
+                logged = torch.stack([loss_sum.detach() / tokens, stats["student_entropy_N"].mean(),
+                                      stats["teacher_entropy_N"].mean(),
+                                      (stats["teacher_logp_N"] - stats["student_logp_N"]).mean()]).tolist()
+            metrics["opsd/loss"].append(logged[0])
             metrics["opsd/kept_tokens"].append(float(tokens))
-            metrics["opsd/student_entropy"].append(stats["student_entropy_N"].mean().item())
-            metrics["opsd/teacher_entropy"].append(stats["teacher_entropy_N"].mean().item())
-            metrics["opsd/teacher_minus_student_logp"].append(
-                (stats["teacher_logp_N"] - stats["student_logp_N"]).mean().item())
+            metrics["opsd/student_entropy"].append(logged[1])
+            metrics["opsd/teacher_entropy"].append(logged[2])
+            metrics["opsd/teacher_minus_student_logp"].append(logged[3])
             if mode == "train":
                 self._write_token_stats(completion_ids, mask, stats, names, inputs["correct"][rows])
         return loss
