@@ -475,7 +475,11 @@ MEANINGS = {
                                              "into the teacher",
     "OPSDStageConfig.contrast_context": "contrastive: the teacher prompt whose signal is subtracted (no privileged "
                                         "information)",
-    "OPSDStageConfig.contrast_weight": "contrastive: the weight of the contrast",
+    "OPSDStageConfig.contrast_weight": "contrastive: the weight w of the contrast (0: plain OPSD with the reference "
+                                       "anchor)",
+    "OPSDStageConfig.contrast_anchor": "contrastive: what the contrast tilts: reference (the RLCSD authors' plug-in) "
+                                       "or student",
+    "OPSDStageConfig.contrast_floor": "contrastive: lower bound of the contrast teacher's log-probabilities; null: none",
     "OPSDStageConfig.length_reward": "length_rl: the length-aware reward (rewards.LENGTH_REWARDS)",
     "OPSDStageConfig.length_target": "length_rl: the target length in tokens; null: the quantile below of the "
                                      "starting checkpoint's rollout lengths",

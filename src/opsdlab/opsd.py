@@ -30,6 +30,7 @@ from trl.trainer.utils import pad
 from transformers import TrainerCallback
 
 from opsdlab.checks import CheckSettings, attach_checks, check_settings, train_checked
+from opsdlab.contrastive import ANCHORS, contrastive_head, pack
 from opsdlab.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
 from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
 from opsdlab.gates import GATES, route
@@ -69,10 +70,12 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     teacher_weights: str = "frozen"
     ema_rate: float = 0.05
     teacher_refresh_steps: int = 50  # teacher_weights "periodic": the teacher is re-copied from the student this often
-    # method "contrastive": the teacher's signal under `teacher_context` minus its signal under this
-    # context (a prompt without the privileged information), weighted by contrast_weight.
+    # method "contrastive" (`contrastive`): the target contrasts the teacher under `teacher_context` with
+    # the teacher under `contrast_context` (no privileged information); the RLCSD authors' plug-in setting.
     contrast_context: str = "unrelated"
-    contrast_weight: float = 1.0
+    contrast_weight: float = 0.5
+    contrast_anchor: str = "reference"  # or "student": the target is the student tilted by the contrast
+    contrast_floor: float | None = -5.0  # lower bound of the contrast teacher's log-probabilities; null: none
     # method "length_rl": RLVR continued with a length-aware reward (`rewards.LENGTH_REWARDS`); the
     # target length is given, or the length_target_quantile of the starting checkpoint's rollout lengths.
     length_reward: str = "truncation"
@@ -117,6 +120,10 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
         if self.contrast_context not in TEACHER_CONTEXTS:
             raise ValueError(f"opsd: contrast_context must be one of {sorted(TEACHER_CONTEXTS)}, "
                              f"got {self.contrast_context!r}")
+        if self.contrast_anchor not in ANCHORS:
+            raise ValueError(f"opsd: contrast_anchor must be one of {list(ANCHORS)}, got {self.contrast_anchor!r}")
+        if self.contrast_weight < 0:
+            raise ValueError(f"opsd: contrast_weight must be >= 0, got {self.contrast_weight}")
         if self.teacher_refresh_steps < 1:
             raise ValueError(f"opsd: teacher_refresh_steps must be >= 1, got {self.teacher_refresh_steps}")
         if self.length_target is not None and self.length_target < 1:
@@ -404,14 +411,23 @@ class OPSDTrainer(GRPOTrainer):
                                                                                       self.num_generations))
             for i, row in enumerate(inputs)
         ]
-        # The same tokenization call (and special-token policy) TRL applies to the student prompts.
-        teacher_rows = [torch.tensor(ids) for ids in self._tokenize_prompts(teacher_prompts)[0]]
         device = batch["prompt_ids"].device
-        teacher_ids = pad(teacher_rows, padding_value=self.processing_class.pad_token_id, padding_side="left").to(device)
-        teacher_mask = pad([torch.ones_like(t) for t in teacher_rows], padding_value=0, padding_side="left").to(device)
+        teacher_ids, teacher_mask = self._prompt_tensors(teacher_prompts, device)
         batch.update(teacher_prompt_ids=teacher_ids, teacher_prompt_mask=teacher_mask, route=routes,
                      correct=torch.tensor(correct, device=device), truncated=torch.tensor(truncated, device=device))
+        if self.opsd.method == "contrastive":  # the same teacher reads the contrast prompt too
+            contrast = [render_prompt(self.processing_class, _example(row), thinking=self.teacher_thinking,
+                                      context=self.opsd.contrast_context) for row in inputs]
+            batch["contrast_prompt_ids"], batch["contrast_prompt_mask"] = self._prompt_tensors(contrast, device)
         return batch
+
+    def _prompt_tensors(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and attention mask of rendered prompts, tokenized by the same call (and
+        special-token policy) TRL applies to the student prompts."""
+        rows = [torch.tensor(ids) for ids in self._tokenize_prompts(prompts)[0]]
+        ids = pad(rows, padding_value=self.processing_class.pad_token_id, padding_side="left").to(device)
+        mask = pad([torch.ones_like(t) for t in rows], padding_value=0, padding_side="left").to(device)
+        return ids, mask
 
     def _generate_and_score_completions(self, inputs):
         """A gated generation batch; refilled with fresh prompts while it keeps too few rollouts.
@@ -471,11 +487,20 @@ class OPSDTrainer(GRPOTrainer):
         teacher_positions = response_positions(inputs["teacher_prompt_ids"].shape[1], c_width)
         check_alignment(student_ids, student_attn, student_positions, teacher_ids, teacher_attn, teacher_positions,
                         completion_ids, completion_mask)
+        contrast = "contrast_prompt_ids" in inputs
+        if contrast:
+            contrast_ids = torch.cat([inputs["contrast_prompt_ids"][rows], completion_ids], dim=1)
+            contrast_attn = torch.cat([inputs["contrast_prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
+            contrast_positions = response_positions(inputs["contrast_prompt_ids"].shape[1], c_width)
+            check_alignment(student_ids, student_attn, student_positions, contrast_ids, contrast_attn,
+                            contrast_positions, completion_ids, completion_mask)
 
         student_scores = self.scoring.scores(model, student_ids, student_attn, student_positions)
         unwrapped = self.accelerator.unwrap_model(model)
         with torch.no_grad(), self.teacher.use(unwrapped) as teacher_model:
             teacher_scores = self.scoring.scores(teacher_model, teacher_ids, teacher_attn, teacher_positions)
+            if contrast:
+                contrast_scores = self.scoring.scores(teacher_model, contrast_ids, contrast_attn, contrast_positions)
             teacher_head = self.scoring.head(self.accelerator.unwrap_model(teacher_model), self.head_dtype)
         mask = completion_mask.bool()
         names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
@@ -487,9 +512,13 @@ class OPSDTrainer(GRPOTrainer):
         def kept(scores):
             return scores.reshape(-1, scores.shape[-1]).index_select(0, flat)
 
+        student_head = self.scoring.head(unwrapped, self.head_dtype)
+        teacher_kept = kept(teacher_scores).detach()
+        if contrast:  # the "teacher" is the contrastive target: [student | teacher | contrast teacher] -> log q
+            teacher_kept = pack(kept(student_scores), teacher_kept, kept(contrast_scores))
+            teacher_head = self._contrast_head(student_head, teacher_head, student_scores.shape[-1])
         loss_sum, stats = chunked_divergence(
-            kept(student_scores), kept(teacher_scores).detach(), self.scoring.head(unwrapped, self.head_dtype),
-            teacher_head, completion_ids.reshape(-1).index_select(0, flat), token_names, self.divergence_options,
+            kept(student_scores), teacher_kept, student_head, teacher_head, completion_ids.reshape(-1).index_select(0, flat), token_names, self.divergence_options,
             chunk_size=self.opsd.chunk_size, temperature=self.temperature,
         )
         tokens = sum(lengths) if keep else 0
@@ -516,6 +545,16 @@ class OPSDTrainer(GRPOTrainer):
             if mode == "train":
                 self._write_token_stats(completion_ids, mask, stats, names, inputs["correct"][rows])
         return loss
+
+    def _contrast_head(self, student_head, teacher_head, width: int):
+        """`contrastive.contrastive_head` at the sampling temperature T: each part's logits are divided
+        by T before the contrast, and the target's log-probabilities multiplied by T, so that the
+        divergence's own division by T leaves the target q itself."""
+        t = self.temperature
+        head = contrastive_head(lambda h: student_head(h) / t, lambda h: teacher_head(h) / t, width,
+                                self.opsd.contrast_weight, anchor=self.opsd.contrast_anchor,
+                                unrelated_floor=self.opsd.contrast_floor)
+        return head if t == 1.0 else (lambda packed: head(packed) * t)
 
     # -------------------------------------------------------------- optimizer step and checkpoints
     def create_optimizer(self, model=None):
