@@ -97,7 +97,9 @@ def method_rows(run_dir: Path, config: dict, changes: dict[str, dict], set_name:
                      "overthinking": summary.get("tokens_after_first_correct"),
                      "overthinking_share": summary.get("tokens_after_first_correct_share"),
                      "budget": summary.get("budget"), **training_cost(run_dir, name)})
-    return rows
+    order = list(arm_methods(config))  # the configured arm order; a budget arm's budgets in ascending order
+    return sorted(rows, key=lambda row: (order.index(row["arm"]) if row["arm"] in order else len(order),
+                                         row["budget"] or 0, row["checkpoint"]))
 
 
 def _cell(value, pattern: str) -> str:
