@@ -124,3 +124,36 @@ def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkey
                                            budgets=[15])
     assert summary["forced_samples"] == 2 + 1 and summary["budget"] == 25
     assert summary["accuracy_at_budget"] == {"15": 2 / 3}  # a (10) and c (10) within 15, b (20) not
+
+
+def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_by_side(tmp_path):
+    """The five methods from one RLVR checkpoint, at the smallest sizes: each arm (each budget of the
+    budget arm) has its evaluation with the budget metrics, and the report compares them."""
+    import yaml
+
+    from opsdlab.pipeline import run_pipeline
+    from opsdlab.report import write_report
+    from test_pipeline import TINY_RUN
+
+    run = {**TINY_RUN, "run_dir": str(tmp_path / "run"), "workers": 1,
+           "opsd": {**TINY_RUN["opsd"], "max_steps": 2, "save_steps": 100},
+           "eval": {**TINY_RUN["eval"], "greedy": False},
+           "arms": [{"name": "opsd", "gate": "all"}, {"name": "crisp", "method": "crisp"},
+                    {"name": "dler", "method": "length_rl", "length_target": 8},
+                    {"name": "contrast", "method": "contrastive", "gate": "all"},
+                    {"name": "forced", "method": "budget", "budgets": [6]}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(run))
+    run_dir = run_pipeline(load_config(path))
+    for checkpoint in ("opsd-opsd-s0", "opsd-crisp-s0", "opsd-dler-s0", "opsd-contrast-s0", "opsd-forced-b6-s0"):
+        summary = json.loads((run_dir / "eval" / checkpoint / "synthetic" / "summary.json").read_text())
+        assert "accuracy_at_budget" in summary and "tokens_after_first_correct" in summary, checkpoint
+    forced = json.loads((run_dir / "eval" / "opsd-forced-b6-s0" / "synthetic" / "summary.json").read_text())
+    assert forced["budget"] == 6 and not (run_dir / "opsd" / "forced-s0").exists()
+    assert json.loads((run_dir / "opsd" / "dler-s0" / "length_target.json").read_text())["target"] == 8
+    report = write_report(run_dir).read_text()
+    assert "### Compaction methods against the start" in report
+    for row in ("| opsd | opsd |", "| crisp | crisp |", "| dler | length_rl |", "| contrast | contrastive |",
+                "| forced-b6 (B=6) | budget |"):
+        assert row in report
+    assert (run_dir / "report" / "budgets_synthetic.png").exists()
