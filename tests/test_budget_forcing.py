@@ -278,3 +278,17 @@ def test_eval_cli_bad_budget_names_the_flag(tiny_folder, tmp_path, capsys):
 
     assert main(["eval", "--model", str(tiny_folder), "--budget", "0", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.splitlines()[0] == "opsdlab eval: error: --budget must be >= 1 (tokens), got 0"
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("<think>\n1 + 12 = 13\n13 +", "\n</think>\n\nThe answer is \\boxed{"),   # reasoning cut: closed, then the cue
+    ("<think>\n1 + 12 = 13\n</think>\n\nThe answer is \\boxed{13}.", ""),    # reasoning done: its own answer goes on
+    ("1 + 12 = 13\n13 +", "\nThe answer is \\boxed{"),                      # thinking off: the cue
+])
+def test_what_is_forced_depends_on_whether_the_reasoning_ended(tiny_folder, response, expected):
+    from opsdlab.evaluate import forced_text
+    from opsdlab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_folder)
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    assert forced_text(ids, tokenizer, prompt="") == expected

@@ -33,7 +33,7 @@ from opsdlab.data import Example
 from opsdlab.metrics import Sample, find_answer, summarize
 from opsdlab.models import end_token_ids, stop_token_ids, thinking_token_count
 from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
-from opsdlab.templates import think_close_text, unclosed_thinking
+from opsdlab.templates import closed_thinking, think_close_text, unclosed_thinking
 from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
 
 
@@ -314,12 +314,16 @@ def forced_text(response_ids: list[int], tokenizer, prompt: str, cue: str = ANSW
                 close: str | None = None) -> str:
     """What budget forcing appends to a response cut at its budget: the chat template's think-close
     text (`close`, default `templates.think_close_text`) and the answer cue while the think block (the
-    prompt's or the response's) is open, else a line break and the cue."""
+    prompt's or the response's) is open; nothing when the thinking closed within the budget (the
+    budget caps the reasoning, and the model goes on with its own answer); a line break and the cue
+    for a response without a think block (thinking off: the whole response is the reasoning)."""
     # Tags kept: the tiny tokenizer drops <think>/</think> when skipping special tokens.
     response = tokenizer.decode(response_ids, skip_special_tokens=False)
-    if not unclosed_thinking(response, prompt):
-        return "\n" + cue
-    return (think_close_text(tokenizer) if close is None else close) + cue
+    if unclosed_thinking(response, prompt):
+        return (think_close_text(tokenizer) if close is None else close) + cue
+    if closed_thinking(response, prompt):
+        return ""
+    return "\n" + cue
 
 
 def budget_forced_generate(backend: str, model, tokenizer, prompts: list[str], sampling: SamplingConfig,

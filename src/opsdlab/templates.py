@@ -124,6 +124,12 @@ def unclosed_thinking(response: str, prompt: str = "") -> bool:
     return THINK_OPEN in text and THINK_CLOSE not in text[text.rindex(THINK_OPEN):]
 
 
+def closed_thinking(response: str, prompt: str = "") -> bool:
+    """Whether the response (read with the prompt's own `<think>`) opened a think block and closed it."""
+    text = explicit_response(prompt, response)
+    return THINK_OPEN in text and THINK_CLOSE in text[text.rindex(THINK_OPEN):]
+
+
 # ------------------------------------------------------------------------------------ templates
 
 
