@@ -197,8 +197,17 @@ def test_final_hidden_is_the_models_last_hidden_state(tiny_folder, wrapping):
     expected = _all_layer_reference(model, ids, attn)
     if wrapping == "no_backbone":
         model.base_model_prefix = "absent"
+    head_inputs = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: head_inputs.append(tuple(args[0].shape)))
     got = final_hidden(model, ids, attn)
+    handle.remove()
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+    # The forward's own logits are never read: with a backbone the head computes none (the chunked
+    # divergence applies it to the response positions later); the hook is gone afterwards.
+    width = got.shape[-1]
+    assert head_inputs == ([(2, 0, width)] if wrapping != "no_backbone" else [(2, 1, width)])
+    assert model(input_ids=ids, attention_mask=attn, logits_to_keep=1).logits.shape[1] == 1
 
 
 def _count_ops(run, names) -> dict:
