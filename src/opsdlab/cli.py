@@ -371,10 +371,15 @@ def cmd_study(args) -> int:
     from opsdlab.study import run_study
 
     start = time.time()
-    done = run_study(args.run_dir, [p for p in args.presets.split(",") if p], args.seeds, args.overrides,
-                     jobs=args.jobs, redo=args.redo, arms=args.arms)
+    presets = [p for p in args.presets.split(",") if p]
+    done = run_study(args.run_dir, presets, args.seeds, args.overrides, jobs=args.jobs, redo=args.redo,
+                     arms=args.arms)
     for preset, result in done.items():
         print(f"{preset}: {result['report']}")
+    if args.ladder:
+        from opsdlab.ladder import write_ladder_report
+
+        print(f"ladder: {write_ladder_report(args.run_dir, presets)}")
     print(f"study wall time: {time.time() - start:.0f}s")
     return 0
 
@@ -444,8 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default: tiny,tiny-search)")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated pipeline seeds (default: 0,1,2)")
     p.add_argument("--run-dir", default="runs/study", help="one sub-directory per preset")
-    p.add_argument("--arms", default="gates", help="the arm set: gates (OPSD's gates and the controls, default) or "
-                                                   "methods (OPSD against the other compaction methods)")
+    p.add_argument("--arms", default="gates", help="the arm set: gates (OPSD's gates and the controls, default), "
+                                                   "methods (OPSD against the other compaction methods) or ladder "
+                                                   "(the gates and the none control)")
+    p.add_argument("--ladder", action="store_true",
+                   help="the presets are rungs of a trace-length ladder, shortest first (e.g. ladder-1-nothink,"
+                        "ladder-2-short,ladder-3-medium,ladder-4-long): also write <run-dir>/ladder-report/ with "
+                        "each gate's accuracy and length change against the rung's trace length")
     p.add_argument("--jobs", type=int, default=1,
                    help="(preset, seed) parts run as this many processes at a time, each with OMP_NUM_THREADS "
                         "= cores / jobs unless set (default: 1, in this process)")

@@ -1,7 +1,8 @@
 """The study: every task preset × pipeline seeds × arms, one aggregate report per task.
 
-Two arm sets (`STUDY_ARM_SETS`): "gates", OPSD's gates and the controls without privileged
-information; "methods", OPSD against the other compaction methods (`methods.METHODS`).
+Three arm sets (`STUDY_ARM_SETS`): "gates", OPSD's gates and the controls without privileged
+information; "methods", OPSD against the other compaction methods (`methods.METHODS`); "ladder", the
+gates and the `none` control over the trace-length ladder's rungs (`ladder.py`).
 
 `run_study` runs, for each preset (a shipped config name or a YAML file), the whole pipeline over
 `STUDY_SEEDS` (`pipeline.run_seeds`) with the `STUDY_ARMS`, into `<run_dir>/<preset>/`, and writes
@@ -48,8 +49,17 @@ METHOD_ARMS = (
     {"name": "dler", "method": "length_rl"},
     {"name": "forced", "method": "budget"},
 )
-# The arm sets a study runs (`opsdlab study --arms`): the gates and their controls, or the methods.
-STUDY_ARM_SETS = {"gates": STUDY_ARMS, "methods": METHOD_ARMS}
+# The trace-length ladder (`configs/ladder-*.yaml`, `ladder.py`): the three gates and the control whose
+# teacher reads the student's own prompt, so that a change it shares is not the reference's doing.
+LADDER_ARMS = (
+    {"name": "correct", "gate": "correct"},
+    {"name": "incorrect", "gate": "incorrect"},
+    {"name": "all", "gate": "all"},
+    {"name": "none", "gate": "all", "teacher_context": "none"},
+)
+# The arm sets a study runs (`opsdlab study --arms`): the gates and their controls, the methods, or the
+# ladder's gates.
+STUDY_ARM_SETS = {"gates": STUDY_ARMS, "methods": METHOD_ARMS, "ladder": LADDER_ARMS}
 
 
 def study_config(preset: str, run_dir: str | Path, seeds=STUDY_SEEDS, overrides: list[str] | None = None,
