@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 
 from opsdlab.report import (  # noqa: E402
     POINT_MARKERS, arm_of, checkpoint_order, holds_in_every_seed, is_main_set, opsd_seed_of, palette, run_config,
@@ -77,7 +78,8 @@ def plot_ladder(points: list[tuple[str, str, object, dict]], colors: dict, out: 
     """Two panels against the RLVR checkpoint's mean response length (log scale): Δaccuracy (pp) and
     Δlength (%), one colour and marker per gate, one point per (rung, seed) with its paired 95% CI.
     Gates at one x are set slightly apart so that their bars stay readable."""
-    gates = list(dict.fromkeys(gate for _, gate, _, _ in points))
+    found = set(gate for _, gate, _, _ in points)
+    gates = [g for g in colors if g in found] + sorted(found - set(colors))  # configured order, as the colours
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, label in ((axes[0], "accuracy_diff", "Δaccuracy vs RLVR (pp)"),
                            (axes[1], "length_change", "Δlength vs RLVR (%)")):
@@ -89,11 +91,14 @@ def plot_ladder(points: list[tuple[str, str, object, dict]], colors: dict, out: 
                         color=colors.get(gate, "tab:gray"), alpha=0.85, label=gate)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("mean response tokens of the seed's RLVR checkpoint (log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
+        unique = dict(sorted(zip(labels, handles), key=lambda item: gates.index(item[0])))
         ax.legend(unique.values(), unique.keys(), fontsize=7, title="gate", title_fontsize=7)
     axes[0].set_title("correction: accuracy change per gate", fontsize=9)
     axes[1].set_title("compression: length change per gate", fontsize=9)
