@@ -191,3 +191,45 @@ def test_output_head_on_cuda_takes_one_bf16_product_with_float32_output(tokenize
         logits.sum().backward()
     assert logits.dtype == torch.float32 and hidden.grad.dtype == torch.float32
     assert products == [(torch.ops.aten.mm.dtype, torch.bfloat16, torch.bfloat16, torch.float32)] * 3
+
+
+def test_output_head_on_cpu_casts_its_weight_to_float32_once_until_the_weight_changes(tokenizer):
+    """On CPU a bf16 head multiplies in float32: the head keeps one float32 copy of its weight for all
+    its calls and gradients (not one per call), makes a new one after an in-place update (an optimizer
+    step), and its logits and gradients are those of a fresh head."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from opsdlab.models import output_head
+
+    model = build_tiny_model(tokenizer, seed=0).to(torch.bfloat16)
+    weight = model.get_output_embeddings().weight
+    casts = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (func.overloadpacket.__name__ in ("_to_copy", "copy_") and out.dtype == torch.float32
+                    and tuple(out.shape) in (tuple(weight.shape), tuple(weight.shape[::-1]))):
+                casts.append(func)
+            return out
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, model.config.hidden_size, requires_grad=True)
+    head = output_head(model)
+    with Record():
+        for _ in range(3):
+            head(hidden).sum().backward()
+    assert len(casts) == 1
+    with torch.no_grad():
+        weight.mul_(-1.0)  # in place, as an optimizer step
+    hidden.grad = weight.grad = None
+    with Record():
+        logits = head(hidden)
+        logits.square().sum().backward()
+    assert len(casts) == 2
+    fresh_hidden = hidden.detach().clone().requires_grad_(True)
+    fresh_weight_grad, weight.grad = weight.grad, None
+    expected = output_head(model)(fresh_hidden)
+    expected.square().sum().backward()
+    assert torch.equal(logits, expected)
+    assert torch.equal(hidden.grad, fresh_hidden.grad) and torch.equal(fresh_weight_grad, weight.grad)

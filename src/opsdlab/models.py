@@ -342,14 +342,15 @@ class _Float32Linear(torch.autograd.Function):
     """`linear(hidden, weight, bias)` with operands in `dtype` and float32 logits out.
 
     The gradient products take the logits' gradient in `dtype` and accumulate in float32 (TRL's
-    `_addmm_fp32`); the gradients are returned in the inputs' own dtypes.
+    `_addmm_fp32`); the gradients are returned in the inputs' own dtypes. `weight32`: the weight's
+    `dtype` values already in float32 (`_Float32Weight`), used instead of casting it again.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, dtype):
+    def forward(ctx, hidden, weight, bias, dtype, weight32=None):
         with _no_autocast(hidden.device.type):
             h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
-            w = weight.to(dtype)
+            w = weight.to(dtype) if weight32 is None else weight32
             out = _float32_mm(h, w.t())
             if bias is not None:
                 out = out + bias.float()
@@ -372,7 +373,32 @@ class _Float32Linear(torch.autograd.Function):
                 grad_weight = _float32_mm(g_half.t(), h).to(ctx.weight_dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+class _Float32Weight:
+    """One float32 copy of a half-precision weight's values, made again only when the weight changes.
+
+    Where no half-precision GEMM writes float32 (CPU), `_float32_mm` multiplies in float32 and would
+    copy the whole LM head weight to float32 for every product: at Qwen3's vocabulary 151,936 x 2,048
+    values, a copy per chunk and pass (forward, checkpointed recomputation, backward). The copy is
+    the same exact values, so results do not change; it lives as long as the head that holds it.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def __call__(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        if weight.device.type in _FLOAT32_OUT_MM_DEVICES:
+            return None
+        key = (weight.data_ptr(), weight._version, weight.dtype, dtype, tuple(weight.shape))
+        if key != self.key:
+            self.value = None  # the old copy goes before the new one is made
+            with torch.no_grad():
+                self.value = weight.detach().to(dtype).float()
+            self.key = key
+        return self.value
 
 
 def head_dtype(accelerator) -> torch.dtype | None:
@@ -392,7 +418,9 @@ def output_head(model, compute_dtype: torch.dtype | None = None) -> Callable[[to
     dtype, i.e. the active autocast dtype, else `compute_dtype` (a launch's mixed precision:
     `head_dtype`), else the weights' dtype. A half-precision compute dtype gives half-precision
     operands and float32 logits (no logit rounded to bf16 before a softmax); a float32 one is the
-    plain float32 head. An LM head that is not a plain `nn.Linear` (a PEFT-wrapped head) runs as its
+    plain float32 head. Without a half-precision GEMM that writes float32 (CPU) the head keeps one
+    float32 copy of its weight while the weight is unchanged (`_Float32Weight`): the returned function
+    holds it, so build the head per step or micro-batch. An LM head that is not a plain `nn.Linear` (a PEFT-wrapped head) runs as its
     own module in the compute dtype, its logits upcast afterwards.
     """
     head = model.get_output_embeddings()
@@ -409,12 +437,14 @@ def output_head(model, compute_dtype: torch.dtype | None = None) -> Callable[[to
     cap = getattr(config, "final_logit_softcapping", None)
     cap = float(cap) if cap else None
 
+    weight32 = _Float32Weight()
+
     def logits(hidden: torch.Tensor) -> torch.Tensor:
         weight = getattr(head, "weight", None)
         dtype = (_autocast_dtype(hidden.device.type) or compute_dtype
                  or (weight.dtype if weight is not None and weight.is_floating_point() else hidden.dtype))
         if dtype in _HALF and type(head) is torch.nn.Linear:
-            out = _Float32Linear.apply(hidden, head.weight, head.bias, dtype)
+            out = _Float32Linear.apply(hidden, head.weight, head.bias, dtype, weight32(head.weight, dtype))
         elif dtype in _HALF:
             out = head(hidden.to(dtype)).float()
         else:
