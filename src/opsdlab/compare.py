@@ -226,7 +226,8 @@ def seeds_methods_section(seed_rows: dict[int, list[dict]], references: dict[int
             values = [v for v in values if v is not None]
             if not values:
                 return "–"
-            return f"{pattern.format(np.mean(values))} ± {pattern.format(np.std(values, ddof=1) if len(values) > 1 else 0)}"
+            sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
+            return f"{pattern.format(np.mean(values))} ± {pattern.replace('+', '').format(sd)}"
 
         cost = (lambda key: [0 if r["method"] == "budget" else r[key] for r in per_seed.values()])
         md.append(f"| {label} | {first['method']} | {stat([100 * r['change']['accuracy_diff'] for r in per_seed.values()], '{:+.1f}')} | "
