@@ -104,7 +104,7 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
 
     config = study_config("tiny", tmp_path, seeds=(0,), arms="methods")
     assert {config.arm_config(arm).method for arm in config.arms} == set(METHODS)
-    with pytest.raises(ConfigError, match="--arms: expected one of gates, methods, got 'all'"):
+    with pytest.raises(ConfigError, match="--arms: expected one of gates, methods, .*got 'all'"):
         study_config("tiny", tmp_path, arms="all")
 
 
