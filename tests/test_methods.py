@@ -83,8 +83,9 @@ def test_explicit_budgets_name_their_evaluations_by_tokens():
 def test_a_quantile_budget_reads_the_starting_checkpoints_sampled_lengths(tmp_path):
     folder = tmp_path / "eval" / "rlvr" / "synthetic"
     folder.mkdir(parents=True)
-    folder.joinpath("samples.jsonl").write_text("".join(json.dumps({"response_tokens": n}) + "\n"
-                                                        for n in (10, 20, 30, 40, 50)))
+    folder.joinpath("samples.jsonl").write_text("".join(
+        json.dumps({"problem_id": f"p{n}", "sample_index": 0, "correct": False, "answer": None, "response_tokens": n,
+                    "thinking_tokens": n, "truncated": False}) + "\n" for n in (10, 20, 30, 40, 50)))
     step = Step("eval opsd-f-q25-s0", "budget", "opsd-f-q25-s0", "m", arm="f", source="rlvr",
                 budget=("quantile", 0.25))
     assert budget_tokens(tmp_path, step, "synthetic") == 20  # linear quantile of 10..50 at 0.25

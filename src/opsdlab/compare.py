@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from opsdlab.metrics import accuracy_at_budget  # noqa: E402
+from opsdlab.runtime import read_jsonl  # noqa: E402
 
 GRID_POINTS = 12
 
@@ -52,19 +53,11 @@ def training_cost(run_dir: Path, checkpoint: str) -> dict:
     """What training a checkpoint's arm took: wall seconds (summary.jsonl's stage line) and the tokens
     through generation (TRL's `num_tokens`, prompts and responses, at the last logged step). A budget
     arm trains nothing: 0 and 0."""
-    seconds = None
-    log = run_dir / "summary.jsonl"
-    if log.exists():
-        for line in log.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if record.get("kind") == "stage" and record.get("stage") == checkpoint:
-                seconds = record.get("seconds")
-    tokens = None
-    folder = run_dir / "opsd" / checkpoint.removeprefix("opsd-") / "metrics.jsonl"
-    if folder.exists():
-        counts = [json.loads(line).get("num_tokens") for line in folder.read_text().splitlines() if line.strip()]
-        tokens = max((c for c in counts if c is not None), default=None)
-    return {"seconds": seconds, "tokens": tokens}
+    stages = [r for r in read_jsonl(run_dir / "summary.jsonl")
+              if r.get("kind") == "stage" and r.get("stage") == checkpoint]
+    counts = [r["num_tokens"] for r in read_jsonl(run_dir / "opsd" / checkpoint.removeprefix("opsd-") / "metrics.jsonl")
+              if r.get("num_tokens") is not None]
+    return {"seconds": stages[-1].get("seconds") if stages else None, "tokens": max(counts, default=None)}
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
@@ -230,11 +223,12 @@ def seeds_methods_section(seed_rows: dict[int, list[dict]], references: dict[int
             return f"{pattern.format(np.mean(values))} ± {pattern.replace('+', '').format(sd)}"
 
         cost = (lambda key: [0 if r["method"] == "budget" else r[key] for r in per_seed.values()])
-        md.append(f"| {label} | {first['method']} | {stat([100 * r['change']['accuracy_diff'] for r in per_seed.values()], '{:+.1f}')} | "
-                  f"{stat([100 * r['change']['length_change'] for r in per_seed.values()], '{:+.1f}')} % | "
+        changes = [r["change"] for r in per_seed.values()]
+        md.append(f"| {label} | {first['method']} | {stat([100 * d['accuracy_diff'] for d in changes], '{:+.1f}')} | "
+                  f"{stat([100 * d['length_change'] for d in changes], '{:+.1f}')} % | "
                   f"{sum(label in fronts[s] for s in per_seed)}/{len(seeds)} | "
                   f"{stat([r['overthinking'] for r in per_seed.values()], '{:.1f}')} | "
-                  f"{stat([r['change'].get('aes') for r in per_seed.values()], '{:+.3f}')} | "
+                  f"{stat([d.get('aes') for d in changes], '{:+.3f}')} | "
                   f"{stat(cost('tokens'), '{:,.0f}')} | {stat(cost('seconds'), '{:.0f}')} |")
     md.append("")
     samples = {(seed, name): found for seed, rows in seed_rows.items()

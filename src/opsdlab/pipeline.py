@@ -50,7 +50,7 @@ import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
 from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
-from opsdlab.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, write_eval
+from opsdlab.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.methods import METHODS
@@ -353,6 +353,11 @@ def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
     return steps
 
 
+def arm_settings(config: PipelineConfig, name: str) -> OPSDStageConfig:
+    """The settings of the arm called `name` (`PipelineConfig.arm_config`)."""
+    return config.arm_config(next(arm for arm in config.arms if arm.name == name))
+
+
 def budget_points(arm: OPSDStageConfig) -> list[tuple[str, tuple]]:
     """The evaluations of a `budget` arm, (label, budget) each: its `budgets` in tokens (`b64`), else
     its `budget_quantiles` of the starting checkpoint's own sampled response lengths (`q50`)."""
@@ -417,9 +422,8 @@ def stage_settings(config: PipelineConfig, step: Step, verifier: dict) -> dict:
     if step.kind == "rlvr":
         section, settings = config.rlvr, {**flatten("rlvr", config.rlvr), **common, **verifier}
     else:
-        arm = next(arm for arm in config.arms if arm.name == step.arm)
-        section = config.arm_config(arm)
-        settings = {**flatten("opsd", section), "arm": arm.name, "opsd_seed": step.opsd_seed, **common, **verifier}
+        section = arm_settings(config, step.arm)
+        settings = {**flatten("opsd", section), "arm": step.arm, "opsd_seed": step.opsd_seed, **common, **verifier}
         if section.method == "length_rl":  # RL continued: the run's RL loss settings shape it too
             settings.update(flatten("rlvr", config.rlvr))
     if section.check_every:  # the held-out check's problems (`check_problems`) follow the evaluation's
@@ -480,18 +484,19 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
             made[step.checkpoint] = (folder, step.name)
             continue
         reads, maker = made[step.source or step.checkpoint]
-        after = ((maker,) if maker else ()) + (step.after[len(step.after) - 1:] if step.kind == "budget" else ())
+        # A budget evaluation also reads the start's evaluation (its quantile budgets), as its step says.
+        after = step.after if step.kind == "budget" else ((maker,) if maker else ())
+        forcing = {}
+        if step.kind == "budget":
+            forcing = {f"budget.{step.budget[0]}": step.budget[1], "arm": step.arm,
+                       "opsd.budget_answer_tokens": arm_settings(config, step.arm).budget_answer_tokens}
         for name in config.eval.sets:
             for suffix, sampling, context in eval_runs(config, step.context):
                 folder = eval_folder(run_dir, step.checkpoint, f"{set_label(name)}{suffix}")
                 if folder in seen:
                     continue
                 seen.add(folder)
-                settings = eval_settings(config, name, sampling, context, verifier)
-                if step.kind == "budget":
-                    arm = config.arm_config(next(a for a in config.arms if a.name == step.arm))
-                    settings.update({f"budget.{step.budget[0]}": step.budget[1], "arm": step.arm,
-                                     "opsd.budget_answer_tokens": arm.budget_answer_tokens})
+                settings = {**eval_settings(config, name, sampling, context, verifier), **forcing}
                 inputs = {**(external if reads is None else {}), **set_inputs[name]}
                 record = make_record("evaluate", settings, inputs, defaults)
                 outputs.append(Output(folder, step.name, record, after=after, kind="eval", reads=reads))
@@ -685,9 +690,8 @@ def check_problems(config: PipelineConfig, stage) -> list[Example] | None:
 def _train_arm(run: Run, step: Step) -> None:
     """Train one arm with its compaction method (`methods.METHODS`) from the starting checkpoint."""
     config = run.config
-    arm = next(arm for arm in config.arms if arm.name == step.arm)
-    stage_dir = run.run_dir / "opsd" / f"{arm.name}-s{step.opsd_seed}"
-    arm_config = config.arm_config(arm)
+    stage_dir = run.run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}"
+    arm_config = arm_settings(config, step.arm)
 
     def train():
         examples = run.task.examples("train", arm_config.train_problems)
@@ -697,7 +701,7 @@ def _train_arm(run: Run, step: Step) -> None:
                                          check_examples=check_problems(config, arm_config), rlvr=config.rlvr)
 
     method = "" if arm_config.method == "opsd" else f" ({arm_config.method})"
-    _train_stage(run, stage_dir, step.checkpoint, f"[opsd] arm {arm.name}{method} seed {step.opsd_seed}", train)
+    _train_stage(run, stage_dir, step.checkpoint, f"[opsd] arm {step.arm}{method} seed {step.opsd_seed}", train)
 
 
 def _evaluate(run: Run, step: Step) -> None:
@@ -715,13 +719,13 @@ def budget_tokens(run_dir: Path, step: Step, set_name: str) -> int:
     if not samples.exists():
         raise ConfigError(f"arms.{step.arm}: budget_quantiles read the evaluation of {step.source} on {set_name} "
                           f"({samples}), which does not exist; give budgets in tokens (budgets=[...]) instead")
-    lengths = [json.loads(line)["response_tokens"] for line in samples.read_text().splitlines() if line.strip()]
+    lengths = [sample.response_tokens for sample in read_samples(samples)]
     return max(1, round(float(numpy.quantile(lengths, value))))
 
 
 def _evaluate_budget(run: Run, step: Step) -> None:
     """A `budget` arm's evaluation: its starting checkpoint with each response cut at the budget."""
-    arm = run.config.arm_config(next(a for a in run.config.arms if a.name == step.arm))
+    arm = arm_settings(run.config, step.arm)
     budgets = {name: budget_tokens(run.run_dir, step, name) for name in run.sets}
     evaluate_checkpoint(run.run_dir, step.checkpoint, Path(step.model_dir), run.config, run.task, run.sets,
                         outputs=run.outputs, budgets=budgets, answer_tokens=arm.budget_answer_tokens)
