@@ -449,6 +449,10 @@ def test_the_trainer_trains_the_same_weights_with_either_scoring(tmp_path, tiny_
     for scoring in SCORINGS:
         monkeypatch.setattr(opsd_module, "scoring_for", lambda accelerator, chosen=scoring: chosen)
         trainer = make_trainer(tmp_path / scoring, tiny_folder, task, max_steps=2, gate="all")
+        # Adam divides by sqrt(v) + eps: where a gradient entry is near eps (1e-8) its update moves by
+        # lr/eps times any float32 rounding difference between two correct computations. An eps of 1e-3
+        # keeps that factor at 10, so the weights are compared at a tolerance that can still fail.
+        trainer.args.adam_epsilon = 1e-3
         start = snapshot(trainer.model)
         widths.clear()
         trainer.train()

@@ -286,3 +286,58 @@ def test_a_micro_batch_synchronizes_with_the_host_a_few_times(tmp_path, tiny_fol
     loss_and_gradient(trainer)
     monkeypatch.undo()
     assert len(reads) <= 5, reads
+
+
+def _head_products(run, weight_shape) -> int:
+    """Matrix products with an operand or a result of the LM head weight's shape (or its transpose), on
+    non-empty operands: the head's logits, the gradient of its input and the gradient of its weight."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("mm", "addmm", "bmm"):
+                tensors = [a for a in args if torch.is_tensor(a)] + [out]
+                shapes = {tuple(weight_shape), tuple(reversed(weight_shape))}
+                if all(t.numel() for t in tensors) and any(tuple(t.shape) in shapes for t in tensors):
+                    count[0] += 1
+            return out
+
+    with Count():
+        run()
+    return count[0]
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_the_head_gradient_taken_in_the_forward_saves_the_recomputation(divergence):
+    """With the head's parameters named, each chunk runs the head four times (student logits, teacher
+    logits, the two gradient products) instead of six, and gives the same loss and gradients."""
+    from opsdlab.divergences import chunked_divergence
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    student, teacher = torch.randn(10, 8, requires_grad=True), torch.randn(10, 8)
+    ids = torch.randint(0, 50, (10,))
+    results = {}
+    for mode, params in (("recompute", None), ("in_forward", [head.weight])):
+        student.grad, head.weight.grad = None, None
+
+        def run():
+            loss, stats = chunked_divergence(student, teacher, head, head, ids, divergence, chunk_size=4,
+                                             head_params=params)
+            (loss * 0.5).backward()
+            results[mode] = (loss.detach(), student.grad.clone(), head.weight.grad.clone(), stats["loss_N"])
+
+        results[mode + "_products"] = _head_products(run, head.weight.shape)
+    assert results["recompute_products"] == 3 * 6 and results["in_forward_products"] == 3 * 4
+    for a, b in zip(results["recompute"], results["in_forward"]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_an_opsd_micro_batch_runs_the_head_four_times_per_chunk(tmp_path, tiny_folder, task):
+    """Through the trainer (chunks of 3 over 9 kept tokens): 3 chunks x 4 head products, loss and backward."""
+    trainer = perturbed_trainer(tmp_path, tiny_folder, task)
+    shape = trainer.model.get_output_embeddings().weight.shape
+    assert _head_products(lambda: loss_and_gradient(trainer), shape) == 3 * 4

@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -555,6 +555,29 @@ def _empty_result(student_hidden_ND: Tensor) -> tuple[Tensor, dict[str, Tensor]]
     return zero, {k: empty for k in _STAT_KEYS}
 
 
+class _GradientInForward(torch.autograd.Function):
+    """The summed loss of all chunks, its gradient computed chunk by chunk during the forward.
+
+    `run(hidden_ND, params)` returns ``(loss_sum, grad_hidden_ND, grad_params)``: the gradient of the
+    loss with respect to the student's hidden states and the head's parameters. The backward only
+    scales them by the incoming gradient, so no chunk's logits are computed a second time.
+    """
+
+    @staticmethod
+    def forward(ctx, run, student_hidden_ND, *params):
+        loss_sum, grad_hidden, grad_params = run(student_hidden_ND, params)
+        ctx.grads = (grad_hidden, grad_params, [p.dtype for p in params])
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_params, dtypes = ctx.grads
+        del ctx.grads
+        scale = grad_loss.float()
+        return (None, (grad_hidden * scale).to(grad_hidden.dtype),
+                *(None if g is None else (g * scale).to(dtype) for g, dtype in zip(grad_params, dtypes)))
+
+
 def chunked_divergence(
     student_hidden_ND: Tensor,
     teacher_hidden_ND: Tensor,
@@ -565,6 +588,7 @@ def chunked_divergence(
     options: DivergenceOptions | None = None,
     chunk_size: int = 256,
     temperature: float = 1.0,
+    head_params: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Summed per-token divergence from hidden states, one row chunk at a time.
 
@@ -590,6 +614,18 @@ def chunked_divergence(
             any softmax: the distributions compared are those the response
             was sampled from at this temperature, as TRL's log-probabilities.
             The stats are of the same tempered distributions.
+        head_params: The trainable tensors ``student_head`` reads (the LM
+            head's weight; ``[]`` for a frozen head). Given, and with
+            gradients on, each chunk's gradient with respect to the hidden
+            rows and these tensors is computed in the forward, right after
+            its loss, and the backward only scales it: the head's product
+            runs three times per chunk (logits, then the two gradient
+            products) instead of five (checkpointing recomputes both sides'
+            logits). The price is memory held from forward to backward: one
+            ``[N, D]`` gradient and one float32 copy of each tensor's
+            gradient (the head weight's size). None: activation
+            checkpointing, as below, for a head whose parameters cannot be
+            named (nothing extra is held between forward and backward).
 
     Returns:
         ``(loss_sum, stats)``: the *sum* of per-token losses as a float32
@@ -599,7 +635,7 @@ def chunked_divergence(
         ``teacher_logp_N`` (full-vocabulary quantities, independent of
         ``top_k``).
 
-    Memory: each chunk runs under ``torch.utils.checkpoint.checkpoint(...,
+    Memory, without ``head_params``: each chunk runs under ``torch.utils.checkpoint.checkpoint(...,
     use_reentrant=False)``. The forward keeps only the chunk's inputs (hidden
     rows, ids) and the backward recomputes one chunk's logits at a time
     (autograd finishes a chunk's subgraph before starting the next), so peak
@@ -622,6 +658,9 @@ def chunked_divergence(
         temperature=float(temperature),
     )
 
+    if head_params is not None and torch.is_grad_enabled() and student_hidden_ND.requires_grad:
+        return _chunked_gradient_in_forward(block, student_hidden_ND, teacher_hidden_ND, sampled_ids_N,
+                                            resolved, chunk_size, list(head_params))
     loss_sums: list[Tensor] = []
     stat_parts: list[tuple[Tensor, ...]] = []
     for start in range(0, n_tokens, chunk_size):
@@ -639,6 +678,41 @@ def chunked_divergence(
         stat_parts.append(tuple(stats))
 
     total = loss_sums[0] if len(loss_sums) == 1 else torch.stack(loss_sums).sum()
+    stats_dict = {key: torch.cat([p[i] for p in stat_parts]) for i, key in enumerate(_STAT_KEYS)}
+    return total, stats_dict
+
+
+def _chunked_gradient_in_forward(block, student_hidden_ND: Tensor, teacher_hidden_ND: Tensor, sampled_ids_N: Tensor,
+                                 resolved, chunk_size: int, head_params: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """`chunked_divergence` with each chunk's gradient taken in the forward (`_GradientInForward`)."""
+    n_tokens = student_hidden_ND.shape[0]
+    stat_parts: list[tuple[Tensor, ...]] = []
+
+    def run(hidden_ND: Tensor, params: tuple[Tensor, ...]):
+        grad_hidden = torch.empty_like(hidden_ND)
+        grad_params: list[Tensor | None] = [None] * len(params)
+        loss_sums = []
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            groups = _groups_for_range(resolved, start, end, sampled_ids_N.device)
+            with torch.enable_grad():
+                rows = hidden_ND[start:end].detach().requires_grad_(True)
+                # The head reads a view, not the leaf: a module hook that waits for all its inputs'
+                # gradients (`register_multi_grad_hook`, e.g. FlopCounterMode's module tracker) cannot
+                # be given a leaf inside `autograd.grad`.
+                loss_sum, *stats = block(rows.view_as(rows), teacher_hidden_ND[start:end], sampled_ids_N[start:end],
+                                         groups)
+                grads = torch.autograd.grad(loss_sum, (rows, *params), allow_unused=True)
+            grad_hidden[start:end] = 0.0 if grads[0] is None else grads[0]
+            for i, g in enumerate(grads[1:]):
+                if g is not None:
+                    grad_params[i] = g.float() if grad_params[i] is None else grad_params[i].add_(g)
+            loss_sums.append(loss_sum.detach())
+            stat_parts.append(tuple(stats))
+        total = loss_sums[0] if len(loss_sums) == 1 else torch.stack(loss_sums).sum()
+        return total, grad_hidden, grad_params
+
+    total = _GradientInForward.apply(run, student_hidden_ND, *head_params)
     stats_dict = {key: torch.cat([p[i] for p in stat_parts]) for i, key in enumerate(_STAT_KEYS)}
     return total, stats_dict
 

@@ -319,14 +319,22 @@ class Scoring:
 
     scores: Callable
     head: Callable
+    head_params: Callable  # unwrapped model -> the trainable tensors `head` reads, or None (`chunked_divergence`)
+
+
+def _head_params(model) -> list[torch.nn.Parameter]:
+    head = _head_module(model)
+    return [] if head is None else [p for p in head.parameters() if p.requires_grad]
 
 
 # "hidden": the LM head applied to hidden states chunk by chunk, so no [tokens, V] tensor exists
-# (peak O(chunk x V)). "logits": the model's forward computes the logits ([tokens, V] twice, student
-# and teacher), for models whose LM head weights are whole only inside their forward.
+# (peak O(chunk x V)), its gradient taken in the forward (three head products per chunk, not five).
+# "logits": the model's forward computes the logits ([tokens, V] twice, student and teacher), for
+# models whose LM head weights are whole only inside their forward; its chunks are recomputed in the
+# backward (an identity head: no product to repeat) instead of holding a [tokens, V] gradient.
 SCORINGS = {
-    "hidden": Scoring(response_hidden, output_head),
-    "logits": Scoring(response_logits, _identity_head),
+    "hidden": Scoring(response_hidden, output_head, _head_params),
+    "logits": Scoring(response_logits, _identity_head, lambda model: None),
 }
 
 
@@ -537,7 +545,7 @@ class OPSDTrainer(GRPOTrainer):
             teacher_head = self._contrast_head(student_head, teacher_head, student_scores.shape[-1])
         loss_sum, stats = chunked_divergence(
             kept(student_scores), teacher_kept, student_head, teacher_head, completion_ids.reshape(-1).index_select(0, flat), token_names, self.divergence_options,
-            chunk_size=self.opsd.chunk_size, temperature=self.temperature,
+            chunk_size=self.opsd.chunk_size, temperature=self.temperature, head_params=self.scoring.head_params(unwrapped),
         )
         tokens = sum(lengths) if keep else 0
         if mode == "train":
