@@ -61,8 +61,11 @@ def findings_of(text: str) -> str:
 
 
 def test_the_rungs_differ_only_in_problem_size_thinking_and_response_caps():
+    from opsdlab.tasks.synthetic import SyntheticConfig
+
     base = to_dict(load_config("ladder-2-short"))
     free = {("task", "thinking"), ("task", "options", "min_terms"), ("task", "options", "max_terms"),
+            ("task", "options", "max_term"),
             ("eval", "sampling", "max_new_tokens"), ("rlvr", "max_completion_length"),
             ("opsd", "max_completion_length"), ("sft", "max_length"), ("run_dir",)}
 
@@ -77,12 +80,15 @@ def test_the_rungs_differ_only_in_problem_size_thinking_and_response_caps():
                      if flat(base).get(key) != flat(config).get(key)}
         assert differing <= free, f"{preset} differs from ladder-2-short in {sorted(differing - free)}"
         options = config["task"]["options"]
-        sizes.append((config["task"]["thinking"], options["min_terms"], options["max_terms"]))
+        max_term = options.get("max_term", SyntheticConfig.max_term)
+        sizes.append((config["task"]["thinking"], options["min_terms"], options["max_terms"], max_term))
+        # More terms, smaller ones: every rung's largest total is about the same (60-65).
+        assert 60 <= options["max_terms"] * max_term <= 65, preset
         # Each rung's caps are the same on every stage, and the demo's task is the short rung.
         assert config["rlvr"]["max_completion_length"] == config["opsd"]["max_completion_length"] \
             == config["eval"]["sampling"]["max_new_tokens"]
         assert [arm["name"] for arm in config["arms"]] == list(GATES)
-    assert sizes == [(False, 3, 5), (True, 3, 5), (True, 8, 10), (True, 16, 20)]
+    assert sizes == [(False, 3, 5, 13), (True, 3, 5, 13), (True, 8, 10, 6), (True, 16, 20, 3)]
     tiny = to_dict(load_config("tiny"))
     assert tiny["task"]["options"] == base["task"]["options"] and tiny["sft"] == base["sft"]
 
