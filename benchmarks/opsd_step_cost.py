@@ -573,12 +573,40 @@ def measure(settings: Settings, work: Path | None = None, log=print) -> dict:
                   "teacher_prompt_tokens": int(captured["batch"]["teacher_prompt_ids"].shape[1]),
                   "generated_once_seconds": round(once_seconds, 3)},
         "teacher_forward": teacher,
+        "head_gemm_seconds": head_gemm_seconds(model, sum(len(ids) for ids in generated[1])),
         "order": order,
         "stages": stages,
         "device": "cuda" if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def head_gemm_seconds(model, rows: int, repeats: int = 3) -> dict:
+    """Seconds of one LM-head product over `rows` positions in the two precisions the stages' heads use.
+
+    Under bf16 weights GRPO's head is TRL's: bf16 operands, bf16 logits. OPSD's head keeps float32
+    logits (bf16 operands, float32 accumulation and output): a GPU does that in one bf16 GEMM, but a
+    CPU has no bf16 GEMM with float32 output, so it multiplies in float32. The ratio says how much of
+    a CPU wall ratio is that precision rather than work.
+    """
+    import torch
+
+    weight = model.get_output_embeddings().weight.detach()
+    hidden = torch.randn(rows, weight.shape[1], device=weight.device)
+    products = {"bf16_output": (hidden.bfloat16(), weight.bfloat16()), "float32": (hidden.float(), weight.float())}
+    seconds = {}
+    for name, (a, b) in products.items():
+        torch.mm(a, b.t())  # warm-up
+        if weight.is_cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b.t())
+        if weight.is_cuda:
+            torch.cuda.synchronize()
+        seconds[name] = (time.perf_counter() - begin) / repeats
+    return {**seconds, "rows": rows, "float32_over_bf16_output": seconds["float32"] / seconds["bf16_output"]}
 
 
 def root_names(model, name: str) -> dict:
@@ -660,6 +688,9 @@ def table(result: dict) -> str:
                  f"{s['grpo']['peak_memory_bytes'] / gib:.2f} GiB", f"{result['peak_memory_ratio']:.3f}"))
     lines = ["| | OPSD | GRPO | OPSD / GRPO |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    head = result["head_gemm_seconds"]
+    lines.append(f"\none LM-head product over {head['rows']} rows: bf16 logits {head['bf16_output']:.3f} s, "
+                 f"float32 logits {head['float32']:.3f} s ({head['float32_over_bf16_output']:.2f}x)")
     t = result["targets"]
     lines.append(f"\nbound_ratio {result['bound_ratio']:.3f}: targets flops_ratio <= {t['flops_ratio_max']:.3f} "
                  f"({'met' if t['flops_met'] else 'not met'}), wall_ratio_non_generation <= "

@@ -58,6 +58,8 @@ def test_measure_runs_both_trainers_on_one_batch(bench, tmp_path):
     assert set(opsd["flops_by_module"]["teacher.model"]) == {"forward_grad_off"}
     assert "teacher.model" not in grpo["flops_by_module"]
     assert opsd["uncounted_ops"] == grpo["uncounted_ops"] == {}
+    head = result["head_gemm_seconds"]
+    assert head["rows"] == 2 * 2 * 4 and head["bf16_output"] > 0 and head["float32"] > 0
     # The frozen teacher is a copy of the weights (its buffers may differ by a few bytes).
     assert opsd["memory_parts_bytes"]["teacher_kept_apart"] == pytest.approx(opsd["memory_parts_bytes"]["weights"],
                                                                              rel=0.01)

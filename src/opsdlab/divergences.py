@@ -566,16 +566,16 @@ class _GradientInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, student_hidden_ND, *params):
         loss_sum, grad_hidden, grad_params = run(student_hidden_ND, params)
-        ctx.grads = (grad_hidden, grad_params, [p.dtype for p in params])
+        ctx.grads = (grad_hidden, grad_params)
         return loss_sum
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_params, dtypes = ctx.grads
+        grad_hidden, grad_params = ctx.grads
         del ctx.grads
         scale = grad_loss.float()
         return (None, (grad_hidden * scale).to(grad_hidden.dtype),
-                *(None if g is None else (g * scale).to(dtype) for g, dtype in zip(grad_params, dtypes)))
+                *(None if g is None else (g * scale).to(g.dtype) for g in grad_params))
 
 
 def chunked_divergence(
@@ -622,8 +622,9 @@ def chunked_divergence(
             runs three times per chunk (logits, then the two gradient
             products) instead of five (checkpointing recomputes both sides'
             logits). The price is memory held from forward to backward: one
-            ``[N, D]`` gradient and one float32 copy of each tensor's
-            gradient (the head weight's size). None: activation
+            ``[N, D]`` gradient and each tensor's gradient (the head weight's
+            size, in its dtype, summed over chunks as autograd would sum
+            them into ``.grad``). None: activation
             checkpointing, as below, for a head whose parameters cannot be
             named (nothing extra is held between forward and backward).
 
@@ -706,7 +707,7 @@ def _chunked_gradient_in_forward(block, student_hidden_ND: Tensor, teacher_hidde
             grad_hidden[start:end] = 0.0 if grads[0] is None else grads[0]
             for i, g in enumerate(grads[1:]):
                 if g is not None:
-                    grad_params[i] = g.float() if grad_params[i] is None else grad_params[i].add_(g)
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
             loss_sums.append(loss_sum.detach())
             stat_parts.append(tuple(stats))
         total = loss_sums[0] if len(loss_sums) == 1 else torch.stack(loss_sums).sum()
