@@ -25,8 +25,16 @@ what the stage keeps (its optimizer state, the OPSD teacher's weights) and the l
 memory within a step (resident set size sampled every millisecond on CPU; CUDA's peak allocated on
 a GPU). The ratios are OPSD over GRPO; `bound_ratio` is (GRPO step + one no-grad teacher forward
 over the same batch, teacher prompts included, with the LM head on the response positions only) /
-GRPO step, all three counted the same way. The issue's target: flops_ratio <= 1.05 x bound_ratio and
+GRPO step, all three counted the same way. The targets: flops_ratio <= 1.05 x bound_ratio and
 wall_ratio_non_generation <= 1.15 x bound_ratio.
+
+Precision. With bfloat16 weights GRPO's LM head is TRL's (bf16 operands, bf16 logits) and OPSD's keeps
+float32 logits (bf16 operands, float32 accumulation and output), as it must not round logits before
+its softmax. A GPU does both in one bf16 GEMM; a CPU has no bf16 GEMM with float32 output, so there
+OPSD's head multiplies in float32, several times slower per product than GRPO's bf16 one (the run
+times one product both ways: `head_gemm_seconds`). On a CPU a bfloat16 run therefore compares two
+precisions, not two steps' work; `--dtype auto` (the default) takes float32 weights there, the same
+precision in both trainers, and bfloat16 on a GPU.
 """
 
 from __future__ import annotations
@@ -710,7 +718,8 @@ def main(argv=None) -> int:
     parser.add_argument("--completion", type=int, default=defaults.completion, help="tokens per rollout")
     parser.add_argument("--generation", choices=("transformers", "paged"), default=defaults.generation,
                         help="TRL generation backend of both stages")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype, help="weights' dtype")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights' dtype; auto: bfloat16 on a GPU, float32 on a CPU (see the module's docstring)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                         default=defaults.gradient_checkpointing)
     parser.add_argument("--vllm-style", action="store_true",
@@ -725,8 +734,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--work", type=Path, help="trainers' output folder (default: a new temporary folder)")
     args = parser.parse_args(argv)
+    dtype = args.dtype
+    if dtype == "auto":
+        import torch
+
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     settings = Settings(shape=args.shape, layers=args.layers, prompts=args.prompts, rollouts=args.rollouts,
-                        completion=args.completion, generation=args.generation, dtype=args.dtype,
+                        completion=args.completion, generation=args.generation, dtype=dtype,
                         gradient_checkpointing=args.gradient_checkpointing, vllm_style=args.vllm_style,
                         vllm_importance_sampling_correction=args.vllm_importance_sampling_correction,
                         teacher_weights=args.teacher_weights, divergence=args.divergence,
