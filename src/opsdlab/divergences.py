@@ -19,8 +19,9 @@ This module is pure torch (no model, no I/O) and has three layers:
    :func:`per_token_divergence`.
 2. :func:`chunked_divergence`, which goes from final hidden states to summed
    loss without ever materializing the ``(N, V)`` logits of all tokens at once:
-   it processes row chunks under activation checkpointing, so both forward and
-   backward hold only one chunk's logits. At V = 151,936 the logits of 4,096
+   it processes row chunks and takes each chunk's gradient right after its loss
+   (or, for a head whose parameters are not named, recomputes the chunk under
+   activation checkpointing), so forward and backward hold one chunk's logits. At V = 151,936 the logits of 4,096
    tokens are 2.5 GB per float32 copy, and a divergence needs several copies.
 3. :func:`naive_divergence`, the same computation done in one shot; it is the
    reference for tests and the memory benchmark.
