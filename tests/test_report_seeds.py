@@ -212,3 +212,16 @@ def test_an_arm_with_several_opsd_seeds_states_a_finding_only_if_every_draw_hold
     shutil.rmtree(root / "seed-1" / "eval" / "opsd-all-s1")  # a draw still to run: no finding yet
     findings = findings_of(write_report(root).read_text())
     assert "`opsd-all`" not in findings
+
+
+def test_a_seed_still_to_run_leaves_the_report_over_the_others_intact(tmp_path):
+    """A seed directory with nothing evaluated yet (its run still going, beside another study process)
+    holds no checkpoint: the report over seeds is written from the seeds that have one."""
+    root = fabricate(tmp_path)
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    (root / "config.yaml").write_text(yaml.safe_dump({**config, "seeds": [0, 1, 2]}))
+    (root / "seed-2").mkdir()
+    text = write_report(root).read_text()
+    assert "`opsd-all` is shorter than `rlvr` in every seed" not in findings_of(text)  # seed 2 has not run
+    checkpoints = text.split("### Checkpoints over seeds")[1].split("\n### ")[0]
+    assert "| rlvr | 2 | 0.500 ± 0.000" in checkpoints  # over the two seeds that ran

@@ -191,7 +191,10 @@ def seeds_methods_section(seed_rows: dict[int, list[dict]], references: dict[int
                           seeds: list[int], colors: dict, set_name: str, out_dir: Path) -> tuple[list[str], list[str]]:
     """Over seeds: (findings lines, section lines). `seed_rows`: each seed's `method_rows`;
     `samples_of(seed, name)`: a checkpoint's samples in a seed. A method is on the front in every seed
-    when every seed has it and it is on that seed's front."""
+    when every seed has it and it is on that seed's front. A seed with no reference checkpoint yet
+    (its run still going) has nothing to compare and is left out."""
+    references = {seed: name for seed, name in references.items() if name is not None}
+    seed_rows = {seed: rows for seed, rows in seed_rows.items() if seed in references}
     if not any(seed_rows.values()):
         return [], []
     fronts, labels = {}, []
