@@ -91,7 +91,7 @@ def plot_ladder(points: list[tuple[str, str, object, dict]], colors: dict, out: 
                         color=colors.get(gate, "tab:gray"), alpha=0.85, label=gate)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("mean response tokens of the seed's RLVR checkpoint (log scale)")
