@@ -620,9 +620,9 @@ def chunked_divergence(
             gradients on, each chunk's gradient with respect to the hidden
             rows and these tensors is computed in the forward, right after
             its loss, and the backward only scales it: the head's product
-            runs three times per chunk (logits, then the two gradient
-            products) instead of five (checkpointing recomputes both sides'
-            logits). The price is memory held from forward to backward: one
+            runs four times per chunk (student logits, teacher logits, the
+            two gradient products) instead of six (checkpointing recomputes
+            both sides' logits). The price is memory held from forward to backward: one
             ``[N, D]`` gradient and each tensor's gradient (the head weight's
             size, in its dtype, summed over chunks as autograd would sum
             them into ``.grad``). None: activation
