@@ -21,8 +21,9 @@ This module is pure torch (no model, no I/O) and has three layers:
    loss without ever materializing the ``(N, V)`` logits of all tokens at once:
    it processes row chunks and takes each chunk's gradient right after its loss
    (or, for a head whose parameters are not named, recomputes the chunk under
-   activation checkpointing), so forward and backward hold one chunk's logits. At V = 151,936 the logits of 4,096
-   tokens are 2.5 GB per float32 copy, and a divergence needs several copies.
+   activation checkpointing), so forward and backward hold one chunk's logits.
+   At V = 151,936 the logits of 4,096 tokens are 2.5 GB per float32 copy, and a
+   divergence needs several copies.
 3. :func:`naive_divergence`, the same computation done in one shot; it is the
    reference for tests and the memory benchmark.
 
@@ -622,12 +623,12 @@ def chunked_divergence(
             its loss, and the backward only scales it: the head's product
             runs four times per chunk (student logits, teacher logits, the
             two gradient products) instead of six (checkpointing recomputes
-            both sides' logits). The price is memory held from forward to backward: one
-            ``[N, D]`` gradient and each tensor's gradient (the head weight's
-            size, in its dtype, summed over chunks as autograd would sum
-            them into ``.grad``). None: activation
-            checkpointing, as below, for a head whose parameters cannot be
-            named (nothing extra is held between forward and backward).
+            both sides' logits). The price is memory held from forward to
+            backward: one ``[N, D]`` gradient and each tensor's gradient (the
+            head weight's size, in its dtype, summed over chunks as autograd
+            would sum them into ``.grad``). None: activation checkpointing,
+            as below, for a head whose parameters cannot be named (nothing
+            extra is held between forward and backward).
 
     Returns:
         ``(loss_sum, stats)``: the *sum* of per-token losses as a float32
@@ -665,9 +666,7 @@ def chunked_divergence(
                                             resolved, chunk_size, list(head_params))
     loss_sums: list[Tensor] = []
     stat_parts: list[tuple[Tensor, ...]] = []
-    for start in range(0, n_tokens, chunk_size):
-        end = min(start + chunk_size, n_tokens)
-        groups = _groups_for_range(resolved, start, end, sampled_ids_N.device)
+    for start, end, groups in _chunks(resolved, n_tokens, chunk_size, sampled_ids_N.device):
         loss_sum, *stats = checkpoint(
             block,
             student_hidden_ND[start:end],
@@ -678,10 +677,23 @@ def chunked_divergence(
         )
         loss_sums.append(loss_sum)
         stat_parts.append(tuple(stats))
+    return _summed(loss_sums), _stats_by_key(stat_parts)
 
-    total = loss_sums[0] if len(loss_sums) == 1 else torch.stack(loss_sums).sum()
-    stats_dict = {key: torch.cat([p[i] for p in stat_parts]) for i, key in enumerate(_STAT_KEYS)}
-    return total, stats_dict
+
+def _chunks(resolved, n_tokens: int, chunk_size: int, device: torch.device):
+    """``(start, end, name groups)`` of each row chunk, in order."""
+    for start in range(0, n_tokens, chunk_size):
+        end = min(start + chunk_size, n_tokens)
+        yield start, end, _groups_for_range(resolved, start, end, device)
+
+
+def _summed(loss_sums: list[Tensor]) -> Tensor:
+    return loss_sums[0] if len(loss_sums) == 1 else torch.stack(loss_sums).sum()
+
+
+def _stats_by_key(stat_parts: list[tuple[Tensor, ...]]) -> dict[str, Tensor]:
+    """The chunks' detached per-token stats, concatenated per key of `_STAT_KEYS`."""
+    return {key: torch.cat([p[i] for p in stat_parts]) for i, key in enumerate(_STAT_KEYS)}
 
 
 def _chunked_gradient_in_forward(block, student_hidden_ND: Tensor, teacher_hidden_ND: Tensor, sampled_ids_N: Tensor,
@@ -694,9 +706,7 @@ def _chunked_gradient_in_forward(block, student_hidden_ND: Tensor, teacher_hidde
         grad_hidden = torch.empty_like(hidden_ND)
         grad_params: list[Tensor | None] = [None] * len(params)
         loss_sums = []
-        for start in range(0, n_tokens, chunk_size):
-            end = min(start + chunk_size, n_tokens)
-            groups = _groups_for_range(resolved, start, end, sampled_ids_N.device)
+        for start, end, groups in _chunks(resolved, n_tokens, chunk_size, sampled_ids_N.device):
             with torch.enable_grad():
                 rows = hidden_ND[start:end].detach().requires_grad_(True)
                 # The head reads a view, not the leaf: a module hook that waits for all its inputs'
@@ -711,12 +721,10 @@ def _chunked_gradient_in_forward(block, student_hidden_ND: Tensor, teacher_hidde
                     grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
             loss_sums.append(loss_sum.detach())
             stat_parts.append(tuple(stats))
-        total = loss_sums[0] if len(loss_sums) == 1 else torch.stack(loss_sums).sum()
-        return total, grad_hidden, grad_params
+        return _summed(loss_sums), grad_hidden, grad_params
 
     total = _GradientInForward.apply(run, student_hidden_ND, *head_params)
-    stats_dict = {key: torch.cat([p[i] for p in stat_parts]) for i, key in enumerate(_STAT_KEYS)}
-    return total, stats_dict
+    return total, _stats_by_key(stat_parts)
 
 
 def naive_divergence(
