@@ -25,8 +25,8 @@ def main() -> None:
 
     import torch
 
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer
-    from opsdlab.runtime import vanishing_update_fraction
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer
+    from opsdlab.modeling.runtime import vanishing_update_fraction
     from opsdlab.tasks import build_task
 
     tokenizer = build_tiny_tokenizer(build_task("synthetic").tokenizer_corpus())

@@ -82,9 +82,9 @@ def main() -> None:
     import torch
 
     from opsdlab.config import load_config
-    from opsdlab.pipeline import run_pipeline
+    from opsdlab.run.pipeline import run_pipeline
     from opsdlab.report import write_report
-    from opsdlab.runtime import peak_memory_mb
+    from opsdlab.modeling.runtime import peak_memory_mb
 
     if args.threads:
         torch.set_num_threads(args.threads)

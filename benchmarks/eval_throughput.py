@@ -50,7 +50,7 @@ def machine() -> dict:
 
 
 def tiny_model(folder: Path) -> Path:
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, save_policy
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, save_policy
     from opsdlab.tasks import build_task
 
     tokenizer = build_tiny_tokenizer(build_task("synthetic", {}).tokenizer_corpus())
@@ -59,8 +59,8 @@ def tiny_model(folder: Path) -> Path:
 
 def measure(backend: str, model_dir: Path, examples, sampling, dtype: str, settings=None) -> dict:
     """Load `backend`, warm it up, and time one evaluation of `examples`."""
-    from opsdlab.evaluate import SamplingConfig, evaluate, load_for_eval
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, load_for_eval
+    from opsdlab.tasks.verifier import VerifierConfig
 
     verifier = VerifierConfig(compare="exact")
     start = time.perf_counter()
@@ -107,8 +107,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_throughput_cpu.json"))
     args = parser.parse_args()
 
-    from opsdlab.evaluate import SamplingConfig
-    from opsdlab.vllm_backend import VLLMSettings
+    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     sampling = SamplingConfig(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size)

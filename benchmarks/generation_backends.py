@@ -41,8 +41,8 @@ def main() -> None:
     import torch
 
     from eval_throughput import machine, tiny_model
-    from opsdlab.models import load_policy
-    from opsdlab.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, rl_dataset
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, rl_dataset
     from opsdlab.tasks import build_task
 
     info = machine()

@@ -43,7 +43,7 @@ def build_model(folder: Path, tiny: bool) -> Path:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from opsdlab.models import build_tiny_tokenizer, save_policy
+    from opsdlab.modeling.models import build_tiny_tokenizer, save_policy
     from opsdlab.tasks import build_task
 
     tokenizer = build_tiny_tokenizer(build_task("synthetic", {}).tokenizer_corpus())
@@ -64,8 +64,8 @@ def build_model(folder: Path, tiny: bool) -> Path:
 
 def stage_config(stage: str, args):
     """The OPSD or RLVR (GRPO) stage config of one measurement: same batch, same generation."""
-    from opsdlab.opsd import OPSDStageConfig
-    from opsdlab.rlvr import RLVRStageConfig
+    from opsdlab.stages.opsd import OPSDStageConfig
+    from opsdlab.stages.rlvr import RLVRStageConfig
 
     common = dict(max_steps=args.steps, prompts_per_step=args.prompts, max_completion_length=args.completion,
                   gradient_accumulation_steps=args.accumulation, gradient_checkpointing=not args.tiny,
@@ -81,12 +81,12 @@ def measure_stage(stage: str, model_dir: Path, args) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from opsdlab.models import load_policy
-    from opsdlab.opsd import OPSDTrainer, opsd_args
-    from opsdlab.rewards import VerifierReward
-    from opsdlab.rlvr import RLVRTrainer, grpo_args, rl_dataset
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.opsd import OPSDTrainer, opsd_args
+    from opsdlab.loss.rewards import VerifierReward
+    from opsdlab.stages.rlvr import RLVRTrainer, grpo_args, rl_dataset
     from opsdlab.tasks import build_task
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.tasks.verifier import VerifierConfig
 
     cuda = torch.cuda.is_available()
     model, tokenizer = load_policy(model_dir, "bfloat16" if cuda else "float32")
@@ -191,8 +191,8 @@ def main() -> int:
         if args.child == "eval":
             from eval_throughput import run
 
-            from opsdlab.evaluate import SamplingConfig
-            from opsdlab.vllm_backend import VLLMSettings
+            from opsdlab.evaluation.evaluate import SamplingConfig
+            from opsdlab.evaluation.vllm_backend import VLLMSettings
 
             sampling = SamplingConfig(k=4, temperature=0.6, max_new_tokens=args.completion, batch_size=64)
             dtype = "float32" if args.tiny else "bfloat16"

@@ -112,7 +112,7 @@ def build(settings: Settings):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from opsdlab.models import build_tiny_tokenizer
+    from opsdlab.modeling.models import build_tiny_tokenizer
     from opsdlab.tasks import build_task
 
     task = build_task("synthetic", {})
@@ -136,10 +136,10 @@ def build_trainers(model, tokenizer, examples, settings: Settings, work: Path, t
     """The project's OPSD and GRPO trainers on `model`, each with one optimizer step per generation batch."""
     from transformers.trainer_utils import SaveStrategy
 
-    from opsdlab.opsd import OPSDStageConfig, OPSDTrainer, opsd_args, opsd_dataset
-    from opsdlab.rewards import VerifierReward
-    from opsdlab.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, rl_dataset
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.stages.opsd import OPSDStageConfig, OPSDTrainer, opsd_args, opsd_dataset
+    from opsdlab.loss.rewards import VerifierReward
+    from opsdlab.stages.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, rl_dataset
+    from opsdlab.tasks.verifier import VerifierConfig
 
     common = dict(max_steps=total_steps, prompts_per_step=settings.prompts,
                   max_completion_length=settings.completion, gradient_checkpointing=settings.gradient_checkpointing,

@@ -48,8 +48,8 @@ def step_seconds(base_model: Path, rows: list[dict], stage, out_dir: Path, compi
     from transformers import TrainerCallback
     from trl import SFTTrainer
 
-    from opsdlab.models import load_policy
-    from opsdlab.sft import sft_args
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.sft import sft_args
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -84,8 +84,8 @@ def main() -> None:
     import torch
 
     from opsdlab.config import load_config
-    from opsdlab.models import load_policy
-    from opsdlab.pipeline import prepare_base
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.run.pipeline import prepare_base
     from opsdlab.tasks import build_task
 
     chosen = list(VARIANTS.items())

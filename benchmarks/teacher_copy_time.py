@@ -34,7 +34,7 @@ def main() -> None:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from opsdlab.teacher import separate_copy
+    from opsdlab.stages.teacher import separate_copy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = Qwen3Config(**SHAPES[args.shape])

@@ -48,21 +48,21 @@ def main() -> None:
     import torch
     import trl.generation.vllm_generation as trl_vllm
 
-    import opsdlab.opsd
-    import opsdlab.rlvr
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
-    from opsdlab.opsd import OPSDStageConfig, run_opsd
-    from opsdlab.rlvr import RLVRStageConfig, run_rlvr
+    import opsdlab.stages.opsd
+    import opsdlab.stages.rlvr
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
+    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
     from opsdlab.tasks import build_task
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.tasks.verifier import VerifierConfig
 
     if args.keep_engines:
         @contextlib.contextmanager
         def engines_kept():
             yield lambda trainer: trainer
 
-        opsdlab.rlvr.colocated_engine_released = engines_kept
-        opsdlab.opsd.colocated_engine_released = engines_kept
+        opsdlab.stages.rlvr.colocated_engine_released = engines_kept
+        opsdlab.stages.opsd.colocated_engine_released = engines_kept
 
     engines = []
     build = trl_vllm.LLM

@@ -18,7 +18,7 @@ def task():
 
 @pytest.fixture(scope="session")
 def tokenizer(task):
-    from opsdlab.models import build_tiny_tokenizer
+    from opsdlab.modeling.models import build_tiny_tokenizer
 
     return build_tiny_tokenizer(task.tokenizer_corpus())
 
@@ -26,7 +26,7 @@ def tokenizer(task):
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tokenizer):
     """A saved random-init tiny model folder (HF format)."""
-    from opsdlab.models import build_tiny_model, save_policy
+    from opsdlab.modeling.models import build_tiny_model, save_policy
 
     folder = tmp_path_factory.mktemp("tiny") / "model"
     save_policy(build_tiny_model(tokenizer, seed=0), tokenizer, folder)
@@ -43,7 +43,7 @@ def bos_folder(tmp_path_factory, task):
     """A tiny model whose tokenizer adds a BOS token to every encoded text (as Llama 3's does)."""
     from tokenizers.processors import TemplateProcessing
 
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, save_policy
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, save_policy
 
     tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
     tokenizer.add_special_tokens({"bos_token": "<bos>"})

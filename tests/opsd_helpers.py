@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from opsdlab.models import load_policy
-from opsdlab.opsd import OPSDStageConfig, OPSDTrainer, opsd_args, opsd_dataset
-from opsdlab.rewards import VerifierReward
-from opsdlab.runtime import JsonlMetrics
-from opsdlab.verifier import VerifierConfig
+from opsdlab.modeling.models import load_policy
+from opsdlab.stages.opsd import OPSDStageConfig, OPSDTrainer, opsd_args, opsd_dataset
+from opsdlab.loss.rewards import VerifierReward
+from opsdlab.modeling.runtime import JsonlMetrics
+from opsdlab.tasks.verifier import VerifierConfig
 
 EXACT = VerifierConfig(extract="last_boxed", compare="exact")
 SMALL = dict(max_steps=2, prompts_per_step=2, rollouts_per_prompt=2, max_completion_length=12,

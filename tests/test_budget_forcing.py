@@ -14,8 +14,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from opsdlab import vllm_backend
-from opsdlab.evaluate import (
+from opsdlab.evaluation import vllm_backend
+from opsdlab.evaluation.evaluate import (
     ANSWER_CUE,
     SamplingConfig,
     budget_forced_generate,
@@ -23,9 +23,9 @@ from opsdlab.evaluate import (
     generate,
     write_eval,
 )
-from opsdlab.prompts import render_prompt
-from opsdlab.templates import shipped_template, think_close_text
-from opsdlab.verifier import VerifierConfig
+from opsdlab.tasks.prompts import render_prompt
+from opsdlab.tasks.templates import shipped_template, think_close_text
+from opsdlab.tasks.verifier import VerifierConfig
 
 EXACT = VerifierConfig(compare="exact")
 EOS = "<|im_end|>"
@@ -53,7 +53,7 @@ def ids_of(tokenizer, tokens):
 @pytest.fixture
 def scripted(tiny_folder, task, monkeypatch):
     """The tiny model and 2 problems; both backends' sampling replaced by the script, their inputs recorded."""
-    from opsdlab.models import load_policy
+    from opsdlab.modeling.models import load_policy
 
     model, tokenizer = load_policy(tiny_folder)
     rounds = {6: [ids_of(tokenizer, row) for row in ROUND_ONE], 4: [ids_of(tokenizer, row) for row in ROUND_TWO]}
@@ -160,7 +160,7 @@ def test_think_close_text_is_read_from_the_template(tokenizer):
     ("user: hi\n<think>\n\n</think>\n\n", "thinking off", False),
 ])
 def test_unclosed_thinking(prompt, response, unclosed):
-    from opsdlab.templates import unclosed_thinking
+    from opsdlab.tasks.templates import unclosed_thinking
 
     assert unclosed_thinking(response, prompt) is unclosed
 
@@ -170,7 +170,7 @@ def test_unclosed_thinking(prompt, response, unclosed):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_folder):
-    from opsdlab.models import load_policy
+    from opsdlab.modeling.models import load_policy
 
     return load_policy(tiny_folder)
 
@@ -286,8 +286,8 @@ def test_eval_cli_bad_budget_names_the_flag(tiny_folder, tmp_path, capsys):
     ("1 + 12 = 13\n13 +", "\nThe answer is \\boxed{"),                      # thinking off: the cue
 ])
 def test_what_is_forced_depends_on_whether_the_reasoning_ended(tiny_folder, response, expected):
-    from opsdlab.evaluate import forced_text
-    from opsdlab.models import load_tokenizer
+    from opsdlab.evaluation.evaluate import forced_text
+    from opsdlab.modeling.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_folder)
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]

@@ -1,6 +1,6 @@
 """Efficient-reasoning metrics: accuracy within token budgets and tokens spent after the first correct answer.
 
-Hand-computed values on tiny inputs for the pure functions in `opsdlab.metrics`, the token index that
+Hand-computed values on tiny inputs for the pure functions in `opsdlab.evaluation.metrics`, the token index that
 `evaluate` records for each correct sample (`evaluate.answer_token`), and `evaluate` itself on scripted
 responses through both backends' code paths and on the tiny model.
 """
@@ -13,9 +13,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from opsdlab import vllm_backend
-from opsdlab.evaluate import SamplingConfig, _first_true, answer_token, evaluate, read_samples, write_eval
-from opsdlab.metrics import (
+from opsdlab.evaluation import vllm_backend
+from opsdlab.evaluation.evaluate import SamplingConfig, _first_true, answer_token, evaluate, read_samples, write_eval
+from opsdlab.evaluation.metrics import (
     Sample,
     accuracy_at_budget,
     budget_ladder,
@@ -23,7 +23,7 @@ from opsdlab.metrics import (
     summarize,
     tokens_after_first_correct,
 )
-from opsdlab.verifier import VerifierConfig
+from opsdlab.tasks.verifier import VerifierConfig
 
 
 def S(pid, idx, correct, resp, trunc=False, first=None):
@@ -179,7 +179,7 @@ def test_answer_token_skips_a_longer_number_made_of_tokens(tokenizer):
 
 
 def test_answer_token_counts_tokens_that_decode_to_nothing(task, tokenizer):
-    from opsdlab.models import build_tiny_tokenizer
+    from opsdlab.modeling.models import build_tiny_tokenizer
 
     # The default tiny tokenizer drops <think> when decoding; the same ids give the same index either way.
     keeps = build_tiny_tokenizer(task.tokenizer_corpus(), decode_keeps_think=True)
@@ -219,7 +219,7 @@ SCRIPT = [
 @pytest.fixture
 def scripted(tiny_folder, task, monkeypatch):
     """The tiny model and 2 problems, with the responses of both backends replaced by SCRIPT."""
-    from opsdlab.models import load_policy
+    from opsdlab.modeling.models import load_policy
 
     model, tokenizer = load_policy(tiny_folder)
     rows = [ids_of(tokenizer, tokens) for tokens in SCRIPT]
@@ -259,7 +259,7 @@ def test_evaluate_records_the_answer_token_and_summarizes(scripted, backend, tmp
 
 
 def test_evaluate_on_the_tiny_model_writes_the_metrics(tiny_folder, task, tmp_path):
-    from opsdlab.models import load_policy
+    from opsdlab.modeling.models import load_policy
 
     model, tokenizer = load_policy(tiny_folder)
     samples, summary = evaluate(model, tokenizer, task.examples("test", 2), VerifierConfig(**task.default_verifier),

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opsdlab import checks
-from opsdlab.checks import (SELECT_RULES, STOP_RULES, CheckSettings, HeldOutCheck, best_aes,
+from opsdlab.stages import checks
+from opsdlab.stages.checks import (SELECT_RULES, STOP_RULES, CheckSettings, HeldOutCheck, best_aes,
                             shortest_within_tolerance)
-from opsdlab.models import load_policy
-from opsdlab.opsd import OPSDStageConfig, run_opsd
-from opsdlab.rlvr import RLVRStageConfig, run_rlvr
+from opsdlab.modeling.models import load_policy
+from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
 
 from opsd_helpers import EXACT
 
@@ -287,7 +287,7 @@ def test_the_pipeline_grades_held_out_problems_disjoint_from_the_evaluation(tmp_
 
     from opsdlab.cli import main
     from opsdlab.config import load_config
-    from opsdlab.pipeline import check_problems, eval_sets
+    from opsdlab.run.pipeline import check_problems, eval_sets
     from opsdlab.tasks import build_task
 
     config = load_config("tiny", ["eval.problems=6", "opsd.check_every=1", "opsd.check_problems=4"])

@@ -82,7 +82,7 @@ def test_pipeline_override_of_the_wrong_type_is_exact(capsys):
 
 def test_stage_options_take_yaml_numbers_without_a_dot(tmp_path):
     from opsdlab.cli import _overrides
-    from opsdlab.opsd import OPSDStageConfig
+    from opsdlab.stages.opsd import OPSDStageConfig
 
     config = _overrides(OPSDStageConfig, ["learning_rate=1e-6", "clip_tau=null"], {"gate": "all"})
     assert config.learning_rate == 1e-6 and config.clip_tau is None and config.gate == "all"
@@ -113,7 +113,8 @@ def test_stage_commands_load_the_weights_in_the_dtype_asked(tmp_path, tiny_folde
     """`--dtype bfloat16`: the stage trains and saves bfloat16 weights (on CPU without mixed precision)."""
     from safetensors import safe_open
 
-    from opsdlab import cli, models
+    from opsdlab import cli
+    from opsdlab.modeling import models
 
     assert cli.WEIGHT_DTYPES == models.DTYPES
     out = tmp_path / "opsd"
@@ -125,7 +126,7 @@ def test_stage_commands_load_the_weights_in_the_dtype_asked(tmp_path, tiny_folde
 
 
 def test_eval_loads_the_weights_in_the_dtype_asked(tmp_path, tiny_folder, loaded_dtypes):
-    from opsdlab import evaluate
+    from opsdlab.evaluation import evaluate
 
     loaded = loaded_dtypes(evaluate)
     assert main(["eval", "--model", str(tiny_folder), "--out", str(tmp_path), "--dtype", "bfloat16", "--problems", "2",
@@ -141,7 +142,7 @@ def test_unknown_stage_option_is_a_clear_error(tmp_path, tiny_folder, capsys):
 
 def test_a_launch_that_does_not_match_the_batch_split_is_a_clear_error(tmp_path, monkeypatch, capsys):
     """The batch was split for 2 processes (say WORLD_SIZE was left set) but the Trainer runs on one."""
-    monkeypatch.setattr("opsdlab.sft.launch_processes", lambda: 2)
+    monkeypatch.setattr("opsdlab.stages.sft.launch_processes", lambda: 2)
     code = main(["sft", "--model", "tiny", "--out", str(tmp_path / "sft"), "--set", "rows=8",
                  "--set", "max_steps=1", "--set", "batch_size=4"])
     err = capsys.readouterr().err

@@ -65,12 +65,12 @@ def test_a_key_without_a_comment_or_entry_has_no_meaning():
 
 
 def test_meanings_name_fields_that_exist():
-    from opsdlab.evaluate import SamplingConfig
-    from opsdlab.opsd import OPSDStageConfig
-    from opsdlab.rlvr import RLVRStageConfig
-    from opsdlab.sft import SFTStageConfig
+    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.stages.opsd import OPSDStageConfig
+    from opsdlab.stages.rlvr import RLVRStageConfig
+    from opsdlab.stages.sft import SFTStageConfig
     from opsdlab.config import EvalSection, ModelSection, TaskSection
-    from opsdlab.vllm_backend import VLLMSettings
+    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     classes = {cls.__name__: cls for cls in (PipelineConfig, ModelSection, TaskSection, EvalSection, SamplingConfig,
                                              VLLMSettings, SFTStageConfig, RLVRStageConfig, OPSDStageConfig)}

@@ -1,4 +1,4 @@
-"""Tests for opsdlab.contrastive: hand-computed targets on V = 3, invariants, and the packed
+"""Tests for opsdlab.loss.contrastive: hand-computed targets on V = 3, invariants, and the packed
 head through divergences.chunked_divergence against a direct computation."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from opsdlab.contrastive import contrast_logits, contrastive_head, pack, unpack
-from opsdlab.divergences import chunked_divergence, naive_divergence
+from opsdlab.loss.contrastive import contrast_logits, contrastive_head, pack, unpack
+from opsdlab.loss.divergences import chunked_divergence, naive_divergence
 
 
 @pytest.fixture(autouse=True, scope="module")

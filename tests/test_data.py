@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from opsdlab.data import ColumnMap, DataError, Example, load_examples, parse_column_map
+from opsdlab.tasks.data import ColumnMap, DataError, Example, load_examples, parse_column_map
 
 EVAL_ONLY = ColumnMap(solution=None)
 

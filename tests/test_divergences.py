@@ -1,4 +1,4 @@
-"""Tests for opsdlab.divergences: hand-computed values, gradients, chunked == naive."""
+"""Tests for opsdlab.loss.divergences: hand-computed values, gradients, chunked == naive."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opsdlab.divergences import (
+from opsdlab.loss.divergences import (
     DIVERGENCES,
     DivergenceOptions,
     chunked_divergence,

@@ -18,7 +18,7 @@ SMALL_RUN = ["stages=[sft]", "workers=1", "sft.rows=32", "sft.max_steps=8", "sft
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     from opsdlab.config import load_config
-    from opsdlab.pipeline import run_pipeline
+    from opsdlab.run.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("run") / "run"
     run_pipeline(load_config("tiny", [f"run_dir={run_dir}", *SMALL_RUN]))
@@ -60,7 +60,7 @@ def test_flags_override_the_runs_settings_and_run_dir_names_the_run(small_run, t
 
 
 def test_a_seed_sub_run_is_the_run_and_a_model_elsewhere_has_none(tmp_path):
-    from opsdlab.evaluate import run_dir_of
+    from opsdlab.evaluation.evaluate import run_dir_of
 
     seed_run = tmp_path / "runs" / "seeds" / "seed-1"
     (seed_run / "sft" / "model").mkdir(parents=True)
@@ -84,7 +84,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr("opsdlab.evaluate.load_for_eval", refuse)
+    monkeypatch.setattr("opsdlab.evaluation.evaluate.load_for_eval", refuse)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -187,8 +187,8 @@ def test_greedy_without_k_takes_one_sample(tiny_folder, tmp_path):
 
 
 def test_every_eval_option_states_its_default():
-    from opsdlab.evaluate import SamplingConfig
-    from opsdlab.prompts import TEACHER_CONTEXTS
+    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.tasks.prompts import TEACHER_CONTEXTS
 
     parser = build_parser()
     eval_parser = parser._subparsers._group_actions[0].choices["eval"]

@@ -1,6 +1,6 @@
 import pytest
 
-from opsdlab.gates import GATES, route
+from opsdlab.loss.gates import GATES, route
 
 CORRECT = [True, True, False, False]
 TRUNCATED = [False, True, False, True]  # the second rollout is "correct" text but hit the length cap

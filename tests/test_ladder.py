@@ -9,10 +9,10 @@ import yaml
 
 from opsdlab import cli
 from opsdlab.config import load_config, to_dict
-from opsdlab.evaluate import write_eval
-from opsdlab.ladder import LADDER_PRESETS, ladder_points, rung_changes, write_ladder_report
-from opsdlab.metrics import Sample, summarize
-from opsdlab.study import STUDY_ARM_SETS, study_config
+from opsdlab.evaluation.evaluate import write_eval
+from opsdlab.report.ladder import LADDER_PRESETS, ladder_points, rung_changes, write_ladder_report
+from opsdlab.evaluation.metrics import Sample, summarize
+from opsdlab.run.study import STUDY_ARM_SETS, study_config
 
 PROBLEMS = 4
 GATES = ("correct", "incorrect", "all", "none")
@@ -170,7 +170,7 @@ def test_opsdlab_study_ladder_writes_the_ladder_report(tmp_path, monkeypatch, ca
     the given rungs, in their order."""
     study = fabricate_study(tmp_path / "study")
     calls = []
-    monkeypatch.setattr("opsdlab.study.run_study", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
+    monkeypatch.setattr("opsdlab.run.study.run_study", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
     code = cli.main(["study", "--presets", "short,long", "--arms", "ladder", "--ladder", "--run-dir", str(study)])
     assert code == 0 and calls[0][1]["arms"] == "ladder" and calls[0][0][1] == ["short", "long"]
     assert f"ladder: {study / 'ladder-report' / 'report.md'}" in capsys.readouterr().out

@@ -4,14 +4,15 @@ import json
 
 import pytest
 
-from opsdlab import rewards, rlvr
-from opsdlab.evaluate import SamplingConfig, generate, response_length
-from opsdlab.models import end_token_ids, load_policy
-from opsdlab.prompts import render_prompt
-from opsdlab.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward
-from opsdlab.rlvr import RLVRStageConfig, decide_length_target, quantile_length, run_rlvr
-from opsdlab.runtime import read_jsonl
-from opsdlab.verifier import VerifierConfig
+from opsdlab.loss import rewards
+from opsdlab.stages import rlvr
+from opsdlab.evaluation.evaluate import SamplingConfig, generate, response_length
+from opsdlab.modeling.models import end_token_ids, load_policy
+from opsdlab.tasks.prompts import render_prompt
+from opsdlab.loss.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward
+from opsdlab.stages.rlvr import RLVRStageConfig, decide_length_target, quantile_length, run_rlvr
+from opsdlab.modeling.runtime import read_jsonl
+from opsdlab.tasks.verifier import VerifierConfig
 
 SMALL = dict(max_steps=1, prompts_per_step=4, group_size=2, max_completion_length=16, learning_rate=1e-3,
              save_steps=100, logging_steps=1)

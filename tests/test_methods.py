@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.methods import METHODS, length_rl_config
-from opsdlab.pipeline import Step, budget_points, budget_tokens, pipeline_steps, run_outputs
+from opsdlab.stages.methods import METHODS, length_rl_config
+from opsdlab.run.pipeline import Step, budget_points, budget_tokens, pipeline_steps, run_outputs
 
 ARMS = ("arms=[{name: opsd, gate: correct}, {name: crisp, method: crisp}, {name: dler, method: length_rl}, "
         "{name: contrast, method: contrastive}, {name: forced, method: budget}]")
@@ -101,7 +101,7 @@ def test_every_method_is_described():
 
 
 def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
-    from opsdlab.study import study_config
+    from opsdlab.run.study import study_config
 
     config = study_config("tiny", tmp_path, seeds=(0,), arms="methods")
     assert {config.arm_config(arm).method for arm in config.arms} == set(METHODS)
@@ -110,9 +110,9 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
 
 
 def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
-    from opsdlab import pipeline
-    from opsdlab.evaluate import SamplingConfig
-    from opsdlab.metrics import Sample
+    from opsdlab.run import pipeline
+    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.evaluation.metrics import Sample
 
     def fake_evaluate(model, tokenizer, share, verifier, sampling, **kwargs):
         samples = [Sample(problem_id=p, sample_index=0, correct=True, answer="1", response_tokens=10 * (i + 1),
@@ -132,7 +132,7 @@ def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_
     budget arm) has its evaluation with the budget metrics, and the report compares them."""
     import yaml
 
-    from opsdlab.pipeline import run_pipeline
+    from opsdlab.run.pipeline import run_pipeline
     from opsdlab.report import write_report
     from test_pipeline import TINY_RUN
 

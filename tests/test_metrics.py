@@ -1,4 +1,4 @@
-"""Tests for opsdlab.metrics against hand-computed values on hand-built samples."""
+"""Tests for opsdlab.evaluation.metrics against hand-computed values on hand-built samples."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from opsdlab.metrics import (
+from opsdlab.evaluation.metrics import (
     HESITATION_MARKERS,
     Sample,
     bootstrap_diff_ci,
@@ -414,7 +414,7 @@ def test_top_tokens_by_shift_errors():
 
 
 def test_accuracy_efficiency_score_hand_computed():
-    from opsdlab.metrics import accuracy_efficiency_score as aes
+    from opsdlab.evaluation.metrics import accuracy_efficiency_score as aes
 
     # 20% shorter, accuracy 0.50 -> 0.55 (+10% relative): 0.2 + 3 * 0.1 = 0.5
     assert aes(0.50, 0.55, 100, 80) == pytest.approx(0.5)

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from opsdlab.data import Example
-from opsdlab.models import (ModelFolderError, build_tiny_model, load_model, load_policy, load_tokenizer,
+from opsdlab.tasks.data import Example
+from opsdlab.modeling.models import (ModelFolderError, build_tiny_model, load_model, load_policy, load_tokenizer,
                             save_policy, thinking_token_count)
-from opsdlab.prompts import render_prompt
+from opsdlab.tasks.prompts import render_prompt
 
 
 def test_tokenizer_round_trips_traces_exactly(task, tokenizer):
@@ -105,7 +105,7 @@ def _turn_end_model(tokenizer, turn_end: int):
     """A tiny model whose greedy response is `turn_end` at every step, listed as an end of response in
     its generation config but not the tokenizer's EOS (as Gemma's instruct models end a turn with
     `<end_of_turn>` while their tokenizer's EOS is `<eos>`)."""
-    from opsdlab.models import build_tiny_model
+    from opsdlab.modeling.models import build_tiny_model
 
     model = build_tiny_model(tokenizer, seed=0)
     with torch.no_grad():
@@ -116,9 +116,9 @@ def _turn_end_model(tokenizer, turn_end: int):
 
 
 def test_generation_and_grading_end_responses_at_the_generation_config_eos(tokenizer, task):
-    from opsdlab.evaluate import SamplingConfig, evaluate
-    from opsdlab.rlvr import RLVRStageConfig, reward_functions
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.evaluation.evaluate import SamplingConfig, evaluate
+    from opsdlab.stages.rlvr import RLVRStageConfig, reward_functions
+    from opsdlab.tasks.verifier import VerifierConfig
 
     turn_end = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert turn_end not in {tokenizer.eos_token_id, tokenizer.pad_token_id}
@@ -144,7 +144,7 @@ def _bf16_head_reference(hidden, weight, grad_out):
 def test_output_head_in_bf16_gives_float32_logits_of_bf16_operands(tokenizer):
     """bf16 compute (bf16 weights, or float32 weights under bf16 mixed precision): logits are the exact
     products of bf16 values in float32 (not rounded to bf16), and the gradients are those products'."""
-    from opsdlab.models import output_head
+    from opsdlab.modeling.models import output_head
 
     torch.manual_seed(0)
     for weights_dtype, compute in ((torch.bfloat16, None), (torch.float32, torch.bfloat16)):
@@ -172,7 +172,7 @@ def test_output_head_on_cuda_takes_one_bf16_product_with_float32_output(tokenize
     gradient products), run on the meta device, which has that product: bf16 operands, float32 out."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import opsdlab.models as models
+    import opsdlab.modeling.models as models
 
     monkeypatch.setattr(models, "_FLOAT32_OUT_MM_DEVICES", ("meta",))
     model = build_tiny_model(tokenizer, seed=0).to("meta")
@@ -199,7 +199,7 @@ def test_output_head_on_cpu_casts_its_weight_to_float32_once_until_the_weight_ch
     step), and its logits and gradients are those of a fresh head."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from opsdlab.models import output_head
+    from opsdlab.modeling.models import output_head
 
     model = build_tiny_model(tokenizer, seed=0).to(torch.bfloat16)
     weight = model.get_output_embeddings().weight

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opsdlab.models import load_model
+from opsdlab.modeling.models import load_model
 from launch_helpers import free_port, run_with_deadline
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_process_train.py"

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from opsdlab.models import load_policy
-from opsdlab.opsd import (SCORINGS, OPSDStageConfig, check_alignment, final_hidden, loss_normalizer, response_positions,
+from opsdlab.modeling.models import load_policy
+from opsdlab.stages.opsd import (SCORINGS, OPSDStageConfig, check_alignment, final_hidden, loss_normalizer, response_positions,
                           scoring_for,
                           run_opsd)
 
@@ -130,8 +130,8 @@ def test_step_gradient_does_not_depend_on_gradient_accumulation(tmp_path, tiny_f
 def test_one_rollout_per_prompt_trains_on_distinct_prompts(tmp_path, tiny_folder, task):
     """The paper's setting: 4 distinct prompts x 1 rollout per step (GA=2), 2 steps; the sibling
     context has no group to draw from and reads the reference solution."""
-    from opsdlab.data import Example
-    from opsdlab.prompts import render_prompt
+    from opsdlab.tasks.data import Example
+    from opsdlab.tasks.prompts import render_prompt
 
     trainer = make_trainer(tmp_path, tiny_folder, task, rollouts_per_prompt=1, prompts_per_step=4,
                            gradient_accumulation_steps=2, teacher_context="sibling", gate="all")
@@ -156,8 +156,8 @@ def test_one_rollout_per_prompt_trains_on_distinct_prompts(tmp_path, tiny_folder
 
 def test_batch_sizes_count_one_optimizer_step_over_all_processes():
     """prompts_per_step and the SFT batch size are per optimizer step, over processes and accumulation steps."""
-    from opsdlab.rlvr import RLVRStageConfig
-    from opsdlab.sft import SFTStageConfig
+    from opsdlab.stages.rlvr import RLVRStageConfig
+    from opsdlab.stages.sft import SFTStageConfig
 
     assert OPSDStageConfig(prompts_per_step=32, rollouts_per_prompt=1).per_device_batch(8) == 4
     assert OPSDStageConfig(prompts_per_step=32, rollouts_per_prompt=4,
@@ -306,8 +306,8 @@ def test_config_rejects_bad_refill_settings():
 
 def test_the_loss_applies_the_models_final_logit_softcapping(tmp_path, task, monkeypatch):
     """Gemma 2 caps its logits after the LM head; the OPSD loss applies the head itself, so must cap too."""
-    import opsdlab.opsd as opsd_module
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, save_policy
+    import opsdlab.stages.opsd as opsd_module
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, save_policy
 
     tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
     folder = tmp_path / "gemma2"
@@ -333,7 +333,7 @@ def test_the_loss_applies_the_models_final_logit_softcapping(tmp_path, task, mon
 
 def _scored_loss(scoring: str, student, teacher, student_ids, teacher_ids, completion, mask):
     """The OPSD loss of one batch under one `SCORINGS` entry (all positions attended)."""
-    from opsdlab.divergences import chunked_divergence
+    from opsdlab.loss.divergences import chunked_divergence
 
     way, width = SCORINGS[scoring], completion.shape[1]
     student_scores = way.scores(student, student_ids, torch.ones_like(student_ids),
@@ -350,7 +350,7 @@ def _scored_loss(scoring: str, student, teacher, student_ids, teacher_ids, compl
 def test_hidden_and_logits_scoring_give_the_same_loss_and_gradients(task, architecture):
     """The LM head applied chunk by chunk to hidden states and the logits of the model's own forward
     (the scoring of sharded launches) are the same loss and gradient; Gemma 2 caps its logits in both."""
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
     completion = torch.randint(5, len(tokenizer), (2, 5))
@@ -375,7 +375,7 @@ def test_both_scorings_run_a_bf16_student_under_accelerate_mixed_precision(task)
     loss (the same one, to bf16 precision) and a gradient."""
     from accelerate.utils import convert_outputs_to_fp32
 
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
     completion = torch.randint(5, len(tokenizer), (2, 5))
@@ -436,7 +436,7 @@ def test_fsdp2_sharded_student_and_teacher_get_the_unsharded_loss_and_gradients(
 def test_the_trainer_trains_the_same_weights_with_either_scoring(tmp_path, tiny_folder, task, monkeypatch):
     """Two OPSD steps through the real trainer, once as on one process and once with the scoring a
     sharded launch picks: same rollouts, same weights."""
-    import opsdlab.opsd as opsd_module
+    import opsdlab.stages.opsd as opsd_module
 
     widths, real = [], opsd_module.chunked_divergence
 
@@ -468,9 +468,9 @@ def test_a_task_instruction_reaches_the_teacher_through_the_trainer(tmp_path):
     """With `instruction: ""` the real trainer's teacher prompts (two optimizer steps) are the student
     prompts of the same rows plus the reference block: no generic instruction creeps back in when the
     teacher's example is rebuilt from a dataset row."""
-    from opsdlab.data import Example
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, save_policy
-    from opsdlab.prompts import DEFAULT_INSTRUCTION, TEACHER_CONTEXTS
+    from opsdlab.tasks.data import Example
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, save_policy
+    from opsdlab.tasks.prompts import DEFAULT_INSTRUCTION, TEACHER_CONTEXTS
     from opsdlab.tasks import build_task
 
     task = build_task("synthetic", {"instruction": ""})

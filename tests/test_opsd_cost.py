@@ -95,7 +95,7 @@ def test_vllm_rollouts_run_no_student_forward_for_importance_sampling(tmp_path, 
     """With vLLM rollouts TRL scores every generation batch again with the student (no grad) for its
     importance-sampling correction of the policy-gradient loss; the distillation loss never reads it,
     so an OPSD generation batch runs no forward pass before the loss."""
-    from opsdlab.opsd import OPSDStageConfig, opsd_args
+    from opsdlab.stages.opsd import OPSDStageConfig, opsd_args
 
     config = OPSDStageConfig(use_vllm=True, vllm_mode="server", prompts_per_step=2, rollouts_per_prompt=2)
     assert opsd_args(config, tmp_path / "args", 0, num_processes=1).vllm_importance_sampling_correction is False
@@ -186,8 +186,8 @@ def test_final_hidden_is_the_models_last_hidden_state(tiny_folder, wrapping):
     not found (the all-layer forward then), equal the model's own last hidden states."""
     from peft import LoraConfig, get_peft_model
 
-    from opsdlab.models import load_policy
-    from opsdlab.opsd import final_hidden
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.opsd import final_hidden
 
     model, _ = load_policy(tiny_folder)
     if wrapping == "peft":
@@ -231,7 +231,7 @@ def _count_ops(run, names) -> dict:
 def test_each_side_is_normalized_once_per_chunk(divergence):
     """One log-softmax per side and chunk gives the loss and the logged stats; the backward recomputes
     only the student's (the teacher side is no-grad)."""
-    from opsdlab.divergences import DivergenceOptions, chunked_divergence
+    from opsdlab.loss.divergences import DivergenceOptions, chunked_divergence
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)
@@ -314,7 +314,7 @@ def _head_products(run, weight_shape) -> int:
 def test_the_head_gradient_taken_in_the_forward_saves_the_recomputation(divergence):
     """With the head's parameters named, each chunk runs the head four times (student logits, teacher
     logits, the two gradient products) instead of six, and gives the same loss and gradients."""
-    from opsdlab.divergences import chunked_divergence
+    from opsdlab.loss.divergences import chunked_divergence
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)

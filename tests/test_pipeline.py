@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from opsdlab.config import load_config
-from opsdlab.pipeline import run_pipeline
+from opsdlab.run.pipeline import run_pipeline
 from opsdlab.report import write_report
 
 TINY_RUN = {
@@ -88,7 +88,7 @@ def test_a_pipeline_without_opsd_evaluates_its_rlvr_checkpoint(tmp_path):
 
 
 def test_resume_point_skips_and_removes_a_checkpoint_killed_while_saving(tmp_path):
-    from opsdlab.runtime import resume_point
+    from opsdlab.modeling.runtime import resume_point
 
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "checkpoint-2").mkdir(parents=True)
@@ -105,7 +105,7 @@ def test_resume_point_skips_and_removes_a_checkpoint_killed_while_saving(tmp_pat
 def test_checkpoints_are_evaluated_in_eval_dtype_else_the_training_dtype(tmp_path, tiny_folder, task, loaded_dtypes):
     """`eval.dtype` (e.g. bfloat16 for a model trained from float32 weights) sets the evaluated weights'
     dtype, which summary.json records; left unset it is `model.dtype`."""
-    from opsdlab import pipeline
+    from opsdlab.run import pipeline
     from opsdlab.config import load_config
 
     loaded = loaded_dtypes(pipeline)
@@ -123,7 +123,7 @@ def test_an_evaluation_file_without_solutions_skips_the_teacher_prompt_that_read
                                                                                       capsys):
     """Evaluation sets may lack reference solutions: the student prompt is evaluated, and a teacher
     prompt that would show an empty reference is skipped with one line instead."""
-    from opsdlab import pipeline
+    from opsdlab.run import pipeline
     from opsdlab.config import load_config
 
     data = tmp_path / "answers-only.jsonl"

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from opsdlab.config import load_config
-from opsdlab.evaluate import evaluate, read_samples
-from opsdlab.metrics import summarize
-from opsdlab.models import load_model, load_policy
-from opsdlab.pipeline import eval_sets, evaluate_sharded, verifier_of
+from opsdlab.evaluation.evaluate import evaluate, read_samples
+from opsdlab.evaluation.metrics import summarize
+from opsdlab.modeling.models import load_model, load_policy
+from opsdlab.run.pipeline import eval_sets, evaluate_sharded, verifier_of
 from opsdlab.tasks import build_task
 from launch_helpers import free_port, run_with_deadline
 
@@ -168,9 +168,9 @@ def test_shares_merge_into_a_single_process_evaluation(tiny_folder, task, monkey
     """`evaluate_sharded` with the problems split as accelerate splits them over several processes
     (simulated in one; with fewer problems than processes a share is empty): the merged samples are a
     single process's problems and sample indices in its order, and the summary is over all of them."""
-    from opsdlab import pipeline
-    from opsdlab.evaluate import SamplingConfig
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.run import pipeline
+    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.tasks.verifier import VerifierConfig
 
     seeds = []
 

@@ -3,7 +3,7 @@
 import torch
 
 from opsdlab.cli import main
-from opsdlab.runtime import vanishing_update_fraction
+from opsdlab.modeling.runtime import vanishing_update_fraction
 
 
 def test_vanishing_update_fraction_hand_values():

@@ -3,16 +3,16 @@ before any model loads."""
 
 import pytest
 
-from opsdlab import preflight
+from opsdlab.run import preflight
 from opsdlab.cli import main
 from opsdlab.config import ConfigError, load_config
-from opsdlab.preflight import check_inputs
+from opsdlab.run.preflight import check_inputs
 
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if the pipeline loads or builds a model."""
-    import opsdlab.pipeline as pipeline
+    import opsdlab.run.pipeline as pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 from transformers import TrainerState
 
-from opsdlab.models import build_tiny_model, load_policy
-from opsdlab.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line
-from opsdlab.sft import SFTStageConfig, run_sft
+from opsdlab.modeling.models import build_tiny_model, load_policy
+from opsdlab.stages.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line
+from opsdlab.stages.sft import SFTStageConfig, run_sft
 
 ARGS = SimpleNamespace(disable_tqdm=False)
 
@@ -98,8 +98,8 @@ def test_a_resumed_sft_run_says_from_which_checkpoint(tmp_path, task, tokenizer,
 def test_rlvr_and_opsd_bars_show_their_keys(tmp_path, tiny_folder, task, capsys):
     from opsd_helpers import EXACT
 
-    from opsdlab.opsd import OPSDStageConfig, run_opsd
-    from opsdlab.rlvr import RLVRStageConfig, run_rlvr
+    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
 
     model, tokenizer = load_policy(tiny_folder)
     rlvr = RLVRStageConfig(max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=8, logging_steps=1,

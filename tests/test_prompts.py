@@ -1,7 +1,7 @@
 import pytest
 
-from opsdlab.data import Example
-from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
+from opsdlab.tasks.data import Example
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 
 EXAMPLE = Example("p1", "What is 2 + 3 + 4?", "2 + 3 = 5\n5 + 4 = 9\nThe answer is 9.", "9",
                   unrelated_solution="6 + 1 = 7\n7 + 8 = 15\nThe answer is 15.")
@@ -36,7 +36,7 @@ def test_a_problem_that_ends_with_the_instruction_gets_it_once(tokenizer, contex
     """Benchmark files often append the instruction to the problem; the prompt must not repeat it."""
     from dataclasses import replace
 
-    from opsdlab.prompts import DEFAULT_INSTRUCTION
+    from opsdlab.tasks.prompts import DEFAULT_INSTRUCTION
 
     for tail in ("\n" + DEFAULT_INSTRUCTION, " " + DEFAULT_INSTRUCTION + "\n", "\n\n" + DEFAULT_INSTRUCTION):
         with_instruction = replace(EXAMPLE, problem=EXAMPLE.problem + tail)
@@ -71,9 +71,9 @@ def test_a_task_instruction_reaches_every_role(task_name):
     (rebuilt from a dataset row) and evaluation alike; "" leaves the problem alone."""
     import random
 
-    from opsdlab.data import DEFAULT_INSTRUCTION
-    from opsdlab.models import build_tiny_tokenizer
-    from opsdlab.opsd import _example, opsd_dataset
+    from opsdlab.tasks.data import DEFAULT_INSTRUCTION
+    from opsdlab.modeling.models import build_tiny_tokenizer
+    from opsdlab.stages.opsd import _example, opsd_dataset
     from opsdlab.tasks import build_task
 
     for instruction in ("", "Add them."):

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from opsdlab.config import dump_config, load_config
-from opsdlab.evaluate import write_eval
-from opsdlab.metrics import Sample, summarize
+from opsdlab.evaluation.evaluate import write_eval
+from opsdlab.evaluation.metrics import Sample, summarize
 from opsdlab.report import palette, readable_token, write_report
 from opsdlab.tasks import build_task
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opsdlab.evaluate import write_eval
-from opsdlab.metrics import Sample, summarize
+from opsdlab.evaluation.evaluate import write_eval
+from opsdlab.evaluation.metrics import Sample, summarize
 from opsdlab.report import (against_all_arm, arm_teacher_context, consistent_sign, lead_and_change, run_config,
                             seed_changes, seed_dirs, spread, stage_changes, teacher_advantages, teacher_stage_changes,
                             write_report)

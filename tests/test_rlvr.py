@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from opsdlab.rewards import VerifierReward, rollout_stats
-from opsdlab.rlvr import concat_batches, informative_groups, select_rows
-from opsdlab.verifier import VerifierConfig
+from opsdlab.loss.rewards import VerifierReward, rollout_stats
+from opsdlab.stages.rlvr import concat_batches, informative_groups, select_rows
+from opsdlab.tasks.verifier import VerifierConfig
 
 
 def test_reward_and_evaluation_agree_on_the_same_responses():
-    from opsdlab.verifier import is_correct
+    from opsdlab.tasks.verifier import is_correct
 
     verifier = VerifierConfig(extract="last_boxed", compare="exact")
     responses = ["<think>\n1 + 2 = 3\n</think>\n\nThe answer is \\boxed{3}.", "The answer is \\boxed{4}.",
@@ -58,8 +58,8 @@ def test_select_and_concat_pad_prompts_left_and_completions_right():
 
 
 def test_generation_backend_reaches_grpo_config(tmp_path):
-    from opsdlab.opsd import OPSDStageConfig, opsd_args
-    from opsdlab.rlvr import RLVRStageConfig, grpo_args
+    from opsdlab.stages.opsd import OPSDStageConfig, opsd_args
+    from opsdlab.stages.rlvr import RLVRStageConfig, grpo_args
 
     small = dict(prompts_per_step=4, group_size=2, max_completion_length=8)
     plain = grpo_args(RLVRStageConfig(**small), tmp_path, 0, num_processes=1)
@@ -79,7 +79,7 @@ def test_generation_backend_reaches_grpo_config(tmp_path):
 
 
 def test_generation_backend_is_checked():
-    from opsdlab.rlvr import RLVRStageConfig
+    from opsdlab.stages.rlvr import RLVRStageConfig
 
     with pytest.raises(ValueError, match=r"rlvr: generation_backend must be one of "
                                          r"\('transformers', 'paged', 'vllm'\), got 'sglang'"):

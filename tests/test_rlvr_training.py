@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from opsdlab.models import load_policy
-from opsdlab.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, informative_groups, rl_dataset, run_rlvr
-from opsdlab.verifier import VerifierConfig
+from opsdlab.modeling.models import load_policy
+from opsdlab.stages.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, informative_groups, rl_dataset, run_rlvr
+from opsdlab.tasks.verifier import VerifierConfig
 
 SMALL = dict(max_steps=2, prompts_per_step=4, group_size=2, max_completion_length=8, learning_rate=1e-3,
              save_steps=100, logging_steps=1)
@@ -22,8 +22,8 @@ def coin_reward(completions, **_):
 
 
 def test_rlvr_moves_parameters_and_logs_rollout_stats(tmp_path, tiny_folder, task):
-    from opsdlab.rewards import VerifierReward
-    from opsdlab.runtime import JsonlMetrics
+    from opsdlab.loss.rewards import VerifierReward
+    from opsdlab.modeling.runtime import JsonlMetrics
 
     model, tokenizer = load_policy(tiny_folder)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

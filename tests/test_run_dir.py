@@ -12,8 +12,8 @@ import yaml
 
 from opsdlab.cli import main
 from opsdlab.config import load_config
-from opsdlab.pipeline import check_run_dir, run_outputs
-from opsdlab.provenance import differences, make_record
+from opsdlab.run.pipeline import check_run_dir, run_outputs
+from opsdlab.run.provenance import differences, make_record
 
 SMALL_RUN = {
     "sft": {"rows": 32, "max_steps": 2, "batch_size": 8, "save_steps": 100, "logging_steps": 1},
@@ -176,7 +176,7 @@ def test_outputs_the_config_no_longer_makes_are_kept_and_named(run, capsys):
 
 
 def test_a_data_file_is_fingerprinted_by_its_content(tmp_path):
-    from opsdlab.provenance import path_fingerprint
+    from opsdlab.run.provenance import path_fingerprint
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"problem": "1+1", "answer": "2"}\n')

@@ -6,13 +6,13 @@ from collections import Counter
 
 import pytest
 
-from opsdlab.data import pair_unrelated
-from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
+from opsdlab.tasks.data import pair_unrelated
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks import build_task
 from opsdlab.tasks.search import (CONTEXT_MIX, EXHAUSTED_TEXT, GIVE_UP_TEXT, SearchConfig, SearchProblem,
                                   SearchTask, behaviour, code_table, final_line, parse_problem, search_trace,
                                   trace_stats)
-from opsdlab.verifier import VerifierConfig, is_correct
+from opsdlab.tasks.verifier import VerifierConfig, is_correct
 
 VERIFIER = VerifierConfig(**SearchTask.default_verifier)
 LINE = re.compile(r"(?:(\d+) \+ |code of )(\d+)(?: =| is) (\d+)(?:, not (\d+)\.|\. found it\.)")
@@ -26,7 +26,7 @@ ADD_PROBLEM = SearchProblem((3, 11, 19, 7, 9, 14), 20, addend=6)
 
 @pytest.fixture(scope="module")
 def search_tokenizer():
-    from opsdlab.models import build_tiny_tokenizer
+    from opsdlab.modeling.models import build_tiny_tokenizer
 
     return build_tiny_tokenizer(SearchTask().tokenizer_corpus())
 
@@ -236,7 +236,7 @@ def test_behaviour_reads_tries_give_ups_and_mischecks():
 
 def test_pipeline_runs_end_to_end_on_the_search_task(tmp_path):
     from opsdlab.config import load_config
-    from opsdlab.pipeline import run_pipeline
+    from opsdlab.run.pipeline import run_pipeline
     from opsdlab.report import write_report
 
     run_dir = tmp_path / "run"

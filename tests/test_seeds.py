@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opsdlab import pipeline
+from opsdlab.run import pipeline
 from opsdlab.cli import main
 from opsdlab.config import ConfigError, load_config
-from opsdlab import study
-from opsdlab.study import STUDY_ARMS, run_parts, study_config
+from opsdlab.run import study
+from opsdlab.run.study import STUDY_ARMS, run_parts, study_config
 
 
 def test_seeds_default_to_the_single_seed_layout(tmp_path, monkeypatch):

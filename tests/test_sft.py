@@ -4,11 +4,11 @@ import json
 
 import torch
 
-from opsdlab.evaluate import SamplingConfig, evaluate
-from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy
-from opsdlab.sft import SFTStageConfig, run_sft
+from opsdlab.evaluation.evaluate import SamplingConfig, evaluate
+from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
+from opsdlab.stages.sft import SFTStageConfig, run_sft
 from opsdlab.tasks import build_task
-from opsdlab.verifier import VerifierConfig
+from opsdlab.tasks.verifier import VerifierConfig
 
 EASY = {"min_terms": 2, "max_terms": 2, "max_term": 5, "slip_rate": 0.0, "recheck_rate": 0.0,
         "filler_rate": 0.0, "restart_rate": 0.0, "privileged_fraction": 0.0}
@@ -37,7 +37,7 @@ def _sft_trainer(batching: str, tmp_path, *, rows: int = 256, batch_size: int = 
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from opsdlab.sft import sft_args
+    from opsdlab.stages.sft import sft_args
 
     task = build_task("synthetic")
     tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
@@ -149,7 +149,7 @@ def test_rebalanced_resume_across_an_epoch_matches_an_uninterrupted_run(tmp_path
 def _probe_run(tmp_path, name: str, probe_every: int):
     """SFT of 10 steps over 64 rows, probed every `probe_every` steps (0: never), with attention dropout:
     training then draws from torch's generator, which generation reseeds."""
-    from opsdlab.sft import TeacherProbe
+    from opsdlab.stages.sft import TeacherProbe
 
     task = build_task("synthetic")
     tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
@@ -181,7 +181,7 @@ def test_the_teacher_probe_records_each_step_and_does_not_change_training(tmp_pa
     # A resumed run (a new probe on the same file) does not probe a step twice.
     from types import SimpleNamespace
 
-    from opsdlab.sft import TeacherProbe
+    from opsdlab.stages.sft import TeacherProbe
 
     resumed = TeacherProbe(path, probe.examples, probe.verifier, probe.contexts, every=3, max_new_tokens=8)
     _, tokenizer = load_policy(path.parent / "model")
@@ -195,7 +195,7 @@ def test_the_teacher_probe_refuses_sharded_weights(tmp_path):
 
     import pytest
 
-    from opsdlab.sft import TeacherProbe
+    from opsdlab.stages.sft import TeacherProbe
 
     probe = TeacherProbe(tmp_path / "probe.jsonl", [], VerifierConfig(), ["none"], every=10)
     probe.on_train_begin(SimpleNamespace(world_size=2, deepspeed=None, fsdp=None), None, None)  # DDP is fine

@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from opsdlab.data import pair_unrelated
-from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
+from opsdlab.tasks.data import pair_unrelated
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks import build_task
 from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask, TraceStyle, terms_of, thinking_trace
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from opsdlab.models import load_model, load_policy
-from opsdlab.teacher import EMA_STATE_FILE
+from opsdlab.modeling.models import load_model, load_policy
+from opsdlab.stages.teacher import EMA_STATE_FILE
 
 from opsd_helpers import make_trainer, snapshot
 
@@ -175,7 +175,7 @@ def _own(module, marker=None):
 def test_bf16_ema_teacher_is_the_float32_average_cast_to_bf16(tiny_folder):
     from accelerate import Accelerator
 
-    from opsdlab.teacher import build_teacher
+    from opsdlab.stages.teacher import build_teacher
 
     rate, generator = 0.05, torch.Generator().manual_seed(1)
     student = load_model(tiny_folder, "bfloat16")
@@ -195,7 +195,7 @@ def test_bf16_ema_teacher_is_the_float32_average_cast_to_bf16(tiny_folder):
 def test_bf16_ema_teacher_stays_put_while_the_student_equals_it(tiny_folder):
     from accelerate import Accelerator
 
-    from opsdlab.teacher import build_teacher
+    from opsdlab.stages.teacher import build_teacher
 
     student = load_model(tiny_folder, "bfloat16")
     teacher = build_teacher("ema", student, Accelerator(), rate=0.05)
@@ -211,7 +211,7 @@ def test_bf16_ema_adapter_is_the_float32_average_and_stays_put_on_a_still_studen
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
-    from opsdlab.teacher import EMA_ADAPTER, build_teacher
+    from opsdlab.stages.teacher import EMA_ADAPTER, build_teacher
 
     rate, generator = 0.05, torch.Generator().manual_seed(2)
     student = get_peft_model(load_model(tiny_folder, "bfloat16"),
@@ -243,7 +243,7 @@ def test_building_a_teacher_leaves_the_students_config_alone(tiny_folder, kind):
     """The copy's model class writes its dtype and attention implementation into the config it is given."""
     from accelerate import Accelerator
 
-    from opsdlab.teacher import build_teacher
+    from opsdlab.stages.teacher import build_teacher
 
     student = load_model(tiny_folder)
     student.config.dtype = torch.bfloat16  # as saved by a bf16 run, loaded here in float32
@@ -257,7 +257,7 @@ def test_building_a_teacher_leaves_the_students_config_alone(tiny_folder, kind):
 def test_building_a_teacher_leaves_the_global_rng_alone(tiny_folder, kind):
     from accelerate import Accelerator
 
-    from opsdlab.teacher import build_teacher
+    from opsdlab.stages.teacher import build_teacher
 
     student = load_model(tiny_folder)
     state = torch.get_rng_state()

@@ -10,8 +10,8 @@ import torch
 from accelerate import Accelerator
 from transformers import TrainerCallback
 
-from opsdlab.models import load_model
-from opsdlab.teacher import PERIODIC_ADAPTER, PERIODIC_STATE_FILE, build_teacher, load_teacher_state, \
+from opsdlab.modeling.models import load_model
+from opsdlab.stages.teacher import PERIODIC_ADAPTER, PERIODIC_STATE_FILE, build_teacher, load_teacher_state, \
     save_teacher_state
 
 from opsd_helpers import ScriptedReward, make_trainer, snapshot

@@ -12,14 +12,14 @@ import logging
 import pytest
 import torch
 
-from opsdlab import templates
-from opsdlab.evaluate import Generation, SamplingConfig, evaluate, generate
-from opsdlab.models import (build_tiny_model, build_tiny_tokenizer, check_output_head, load_policy, output_head,
+from opsdlab.tasks import templates
+from opsdlab.evaluation.evaluate import Generation, SamplingConfig, evaluate, generate
+from opsdlab.modeling.models import (build_tiny_model, build_tiny_tokenizer, check_output_head, load_policy, output_head,
                             save_policy, thinking_token_count)
-from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt, user_message
-from opsdlab.rewards import format_reward
-from opsdlab.templates import ThinkingSwitchError, opens_thinking, shipped_template
-from opsdlab.verifier import VerifierConfig, extract_answer, is_correct
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt, user_message
+from opsdlab.loss.rewards import format_reward
+from opsdlab.tasks.templates import ThinkingSwitchError, opens_thinking, shipped_template
+from opsdlab.tasks.verifier import VerifierConfig, extract_answer, is_correct
 
 EXACT = VerifierConfig(extract="last_boxed", compare="exact")
 
@@ -75,7 +75,7 @@ def response_for(prompt: str, reasoning: str = REASONING, answer: str = ANSWER) 
 
 @pytest.fixture
 def example(task):
-    from opsdlab.data import pair_unrelated
+    from opsdlab.tasks.data import pair_unrelated
 
     return pair_unrelated(task.examples("test", 2))[0]
 
@@ -141,7 +141,7 @@ def test_a_template_that_always_closes_thinking_cannot_render_a_thinking_prompt(
 def test_a_template_without_a_switch_warns_once_naming_it(example, caplog, monkeypatch):
     monkeypatch.setattr(templates, "_warned", set())
     tokenizer = family_tokenizer("llama3_1")
-    with caplog.at_level(logging.WARNING, logger="opsdlab.templates"):
+    with caplog.at_level(logging.WARNING, logger="opsdlab.tasks.templates"):
         for _ in range(3):
             render_prompt(tokenizer, example, thinking=False)
     warnings = [r.getMessage() for r in caplog.records if "no thinking switch" in r.getMessage()]
@@ -298,7 +298,7 @@ def test_eval_counts_thinking_in_a_think_opened_template_like_an_explicit_one(tm
         tokenizer = family_tokenizer(family)
         folder = tmp_path / family
         save_policy(build_tiny_model(tokenizer), tokenizer, folder)
-        monkeypatch.setattr("opsdlab.evaluate.generate", _fixed_generate(tokenizer))
+        monkeypatch.setattr("opsdlab.evaluation.evaluate.generate", _fixed_generate(tokenizer))
         out = tmp_path / f"eval-{family}"
         assert main(["eval", "--model", str(folder), "--data", "synthetic", "--problems", "3", "--k", "2",
                      "--out", str(out)]) == 0
@@ -341,7 +341,7 @@ def test_eval_with_thinking_off_on_a_template_that_cannot_is_a_clear_error(tmp_p
 @pytest.mark.parametrize("family", FAMILIES)
 def test_opsd_steps_on_each_family_from_folder_to_folder(family, tmp_path, task):
     """HF folder in, OPSD (the alignment check runs on every batch), HF folder out, per family."""
-    from opsdlab.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
 
     tokenizer = family_tokenizer(family)
     architecture = FAMILIES[family][1]

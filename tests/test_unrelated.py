@@ -5,7 +5,7 @@ import random
 import pytest
 from opsd_helpers import make_trainer, record_teacher_prompts
 
-from opsdlab.data import Example, pair_unrelated
+from opsdlab.tasks.data import Example, pair_unrelated
 
 
 def _example(name: str, lines: int, answer: str) -> Example:
@@ -55,8 +55,8 @@ def test_pairing_is_deterministic_and_follows_its_rule(seed):
 def test_an_opsd_step_with_the_unrelated_teacher_reads_another_problems_solution(tmp_path, tiny_folder, task):
     from dataclasses import replace
 
-    from opsdlab.opsd import _example as example_of_row
-    from opsdlab.prompts import render_prompt
+    from opsdlab.stages.opsd import _example as example_of_row
+    from opsdlab.tasks.prompts import render_prompt
 
     trainer = make_trainer(tmp_path, tiny_folder, task, max_steps=1, teacher_context="unrelated", gate="all")
     teacher_rows = record_teacher_prompts(trainer)

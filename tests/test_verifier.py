@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from opsdlab.verifier import (
+from opsdlab.tasks.verifier import (
     COMPARATORS,
     EXTRACTORS,
     VerifierConfig,

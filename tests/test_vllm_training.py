@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from opsdlab.opsd import OPSDStageConfig
-from opsdlab.rlvr import RLVRStageConfig
+from opsdlab.stages.opsd import OPSDStageConfig
+from opsdlab.stages.rlvr import RLVRStageConfig
 
 from launch_helpers import free_port
 from opsd_helpers import make_trainer, snapshot
@@ -48,8 +48,8 @@ UNFUSED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
 def test_stage_configs_pass_vllm_fields_to_trl_and_reject_a_bad_mode(tmp_path):
-    from opsdlab.opsd import opsd_args
-    from opsdlab.rlvr import grpo_args
+    from opsdlab.stages.opsd import opsd_args
+    from opsdlab.stages.rlvr import grpo_args
 
     config = OPSDStageConfig(**VLLM, vllm_tensor_parallel_size=1, vllm_max_model_length=256,
                              vllm_server_base_url="http://localhost:8000")
@@ -115,10 +115,10 @@ def test_opsd_scores_the_vllm_rollouts_and_vllm_gets_the_trained_weights(tmp_pat
 
 def test_rlvr_trains_with_vllm_rollouts(tmp_path, tiny_folder, task):
     pytest.importorskip("vllm")
-    from opsdlab.models import load_policy
-    from opsdlab.rewards import VerifierReward
-    from opsdlab.rlvr import RLVRTrainer, grpo_args, rl_dataset
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.loss.rewards import VerifierReward
+    from opsdlab.stages.rlvr import RLVRTrainer, grpo_args, rl_dataset
+    from opsdlab.tasks.verifier import VerifierConfig
 
     model, tokenizer = load_policy(tiny_folder)
     before = snapshot(model)
@@ -167,9 +167,9 @@ def _alive(engines) -> list[int]:
 
 
 def _opsd_stage(model_dir, task, stage_dir):
-    from opsdlab.models import load_policy
-    from opsdlab.opsd import run_opsd
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.opsd import run_opsd
+    from opsdlab.tasks.verifier import VerifierConfig
 
     model, tokenizer = load_policy(model_dir)
     return run_opsd(model, tokenizer, task.examples("train", 8), VerifierConfig(compare="exact"),
@@ -183,9 +183,9 @@ def test_each_stage_frees_its_engine_so_stages_follow_each_other_in_one_process(
     them: after each stage its engine is gone, and so are the launch variables TRL exported for it.
     (Without that, the next stage took those variables for a launch, opened a process group, and
     its engine then stayed alive: on CPU the third engine of a pipeline found no memory left.)"""
-    from opsdlab.models import load_policy
-    from opsdlab.rlvr import run_rlvr
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.rlvr import run_rlvr
+    from opsdlab.tasks.verifier import VerifierConfig
 
     launch = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     before = {name: os.environ.get(name) for name in launch}

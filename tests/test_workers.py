@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.pipeline import Step, StepError, pipeline_steps, run_pipeline, step_priorities, steps_to_start
+from opsdlab.run.pipeline import Step, StepError, pipeline_steps, run_pipeline, step_priorities, steps_to_start
 from test_pipeline import TINY_RUN
 
 TINY_OVERRIDES = [f"{key}={json.dumps(value)}" for key, value in TINY_RUN.items()]
@@ -87,7 +87,7 @@ def test_with_priorities_the_training_after_a_checkpoint_starts_before_its_evalu
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident size from /proc")
 def test_peak_memory_is_at_least_what_the_process_holds():
     """With 300 MiB filled, the reported peak is at least the resident size the kernel states (VmRSS)."""
-    script = ("import torch; from opsdlab.runtime import peak_memory_mb; block = torch.ones(300 * 2**20 // 4); "
+    script = ("import torch; from opsdlab.modeling.runtime import peak_memory_mb; block = torch.ones(300 * 2**20 // 4); "
               "rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]; "
               "print(int(rss) / 1024, peak_memory_mb()['peak_rss_mb'])")
     resident, peak = map(float, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -136,7 +136,7 @@ def test_workers_must_be_a_positive_number(tmp_path):
 
 
 def test_under_a_multi_process_launch_the_steps_run_in_order(tmp_path, monkeypatch):
-    from opsdlab import pipeline
+    from opsdlab.run import pipeline
 
     started = []
     monkeypatch.setattr(pipeline, "launch_processes", lambda: 2)

@@ -36,7 +36,7 @@ def _task_args(parser: argparse.ArgumentParser) -> None:
 
 def _verifier(args, defaults: dict):
     """The one verifier, with the task's defaults unless --extract / --compare override them."""
-    from opsdlab.verifier import VerifierConfig
+    from opsdlab.tasks.verifier import VerifierConfig
 
     return VerifierConfig(extract=args.extract or defaults["extract"], compare=args.compare or defaults["compare"])
 
@@ -44,7 +44,7 @@ def _verifier(args, defaults: dict):
 def _examples_and_verifier(args, split: str, count: int | None = None):
     """Evaluation problems (`count`, else --problems, else 200 synthetic / all file rows), each paired
     with another one's solution for the `unrelated` context, and the verifier."""
-    from opsdlab.data import ColumnMap, load_examples, pair_unrelated, parse_column_map
+    from opsdlab.tasks.data import ColumnMap, load_examples, pair_unrelated, parse_column_map
     from opsdlab.tasks import FileTask, build_task
 
     count = count or args.problems
@@ -90,7 +90,7 @@ def _eval_run(args):
     """The run directory whose settings `eval` uses, and its config: `--run-dir`, else the run that
     holds `--model` (`evaluate.run_dir_of`), else (None, None)."""
     from opsdlab.config import ConfigError, load_config
-    from opsdlab.evaluate import run_dir_of
+    from opsdlab.evaluation.evaluate import run_dir_of
 
     run_dir = Path(args.run_dir) if args.run_dir is not None else run_dir_of(args.model)
     if run_dir is None:
@@ -110,9 +110,9 @@ def _eval_run(args):
 def _check_eval_flags(args) -> None:
     """Every flag that can be checked without data or model, each error naming its flag."""
     from opsdlab.config import ConfigError
-    from opsdlab.models import ModelFolderError
-    from opsdlab.prompts import TEACHER_CONTEXTS
-    from opsdlab.verifier import COMPARATORS, EXTRACTORS
+    from opsdlab.modeling.models import ModelFolderError
+    from opsdlab.tasks.prompts import TEACHER_CONTEXTS
+    from opsdlab.tasks.verifier import COMPARATORS, EXTRACTORS
 
     for flag, value, ok, need in (
             ("--problems", args.problems, lambda v: v >= 1, ">= 1"), ("--k", args.k, lambda v: v >= 1, ">= 1"),
@@ -151,18 +151,18 @@ def _eval_plan(args) -> dict:
     from dataclasses import replace
 
     from opsdlab.config import ConfigError
-    from opsdlab.data import pair_unrelated
-    from opsdlab.evaluate import SamplingConfig, check_backend_installed, check_context
-    from opsdlab.pipeline import set_examples
+    from opsdlab.tasks.data import pair_unrelated
+    from opsdlab.evaluation.evaluate import SamplingConfig, check_backend_installed, check_context
+    from opsdlab.run.pipeline import set_examples
     from opsdlab.tasks import FileTask, build_task
-    from opsdlab.verifier import VerifierConfig
-    from opsdlab.vllm_backend import VLLMSettings
+    from opsdlab.tasks.verifier import VerifierConfig
+    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     _check_eval_flags(args)
     run_dir, config = _eval_run(args)
     data = args.data or "synthetic"
     if config is not None:
-        from opsdlab.pipeline import verifier_of
+        from opsdlab.run.pipeline import verifier_of
 
         task = build_task(config.task.name, config.task.options, seed=config.seed)
         verifier, thinking, sampling = verifier_of(config, task), config.task.thinking, config.eval.sampling
@@ -216,7 +216,7 @@ def _eval_plan(args) -> dict:
 
 def cmd_eval(args) -> int:
     """Evaluate one model folder: every setting and the problems are checked before the model loads."""
-    from opsdlab.evaluate import evaluate, load_for_eval, one_line, write_eval
+    from opsdlab.evaluation.evaluate import evaluate, load_for_eval, one_line, write_eval
 
     plan = _eval_plan(args)
     print(plan["line"])
@@ -246,8 +246,8 @@ def cmd_config_show(args) -> int:
 def cmd_sft(args) -> int:
     import torch
 
-    from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy
-    from opsdlab.sft import SFTStageConfig, run_sft
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
+    from opsdlab.stages.sft import SFTStageConfig, run_sft
     from opsdlab.tasks import build_task
 
     config = _overrides(SFTStageConfig, args.set + args.overrides, stage="sft")
@@ -283,8 +283,8 @@ def _train_examples(args, count: int):
 
 
 def cmd_rlvr(args) -> int:
-    from opsdlab.models import load_policy
-    from opsdlab.rlvr import RLVRStageConfig, run_rlvr
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
     examples, defaults = _train_examples(args, config.train_problems)
@@ -297,10 +297,10 @@ def cmd_rlvr(args) -> int:
 
 
 def cmd_opsd(args) -> int:
-    from opsdlab.evaluate import SamplingConfig, evaluate, one_line
-    from opsdlab.models import load_policy
-    from opsdlab.opsd import OPSDStageConfig, run_opsd
-    from opsdlab.prompts import CONTROL_CONTEXTS
+    from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, one_line
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
                         stage="opsd")
@@ -342,9 +342,9 @@ def cmd_pipeline(args) -> int:
 
 
 def _run_and_report(config, redo=()) -> int:
-    from opsdlab.pipeline import run_seeds
+    from opsdlab.run.pipeline import run_seeds
     from opsdlab.report import seed_dirs, stage_summary, write_report
-    from opsdlab.runtime import is_main_process
+    from opsdlab.modeling.runtime import is_main_process
 
     run_dir = run_seeds(config, redo)
     if not is_main_process():  # under a multi-process launch the main process writes the report
@@ -368,7 +368,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_study(args) -> int:
-    from opsdlab.study import run_study
+    from opsdlab.run.study import run_study
 
     start = time.time()
     presets = [p for p in args.presets.split(",") if p]
@@ -377,7 +377,7 @@ def cmd_study(args) -> int:
     for preset, result in done.items():
         print(f"{preset}: {result['report']}")
     if args.ladder:
-        from opsdlab.ladder import write_ladder_report
+        from opsdlab.report.ladder import write_ladder_report
 
         print(f"ladder: {write_ladder_report(args.run_dir, presets)}")
     print(f"study wall time: {time.time() - start:.0f}s")
@@ -578,10 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM paths are tested with that build, so the five copies of the warning only add noise.
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
     from opsdlab.config import ConfigError
-    from opsdlab.data import DataError
-    from opsdlab.models import ModelFolderError
-    from opsdlab.runtime import LaunchError
-    from opsdlab.study import StudyError
+    from opsdlab.tasks.data import DataError
+    from opsdlab.modeling.models import ModelFolderError
+    from opsdlab.modeling.runtime import LaunchError
+    from opsdlab.run.study import StudyError
 
     try:
         return args.func(args)

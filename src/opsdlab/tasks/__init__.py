@@ -10,11 +10,11 @@ from __future__ import annotations
 import random
 from dataclasses import fields
 
-from opsdlab.data import ColumnMap, Example, load_examples, parse_column_map
-from opsdlab.prompts import render_prompt
+from opsdlab.tasks.data import ColumnMap, Example, load_examples, parse_column_map
+from opsdlab.tasks.prompts import render_prompt
 from opsdlab.tasks.search import SearchConfig, SearchTask
 from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask
-from opsdlab.templates import completion_for_prompt
+from opsdlab.tasks.templates import completion_for_prompt
 
 
 class FileTask:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from opsdlab.data import Example
-from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt, user_message
-from opsdlab.templates import completion_for_prompt
+from opsdlab.tasks.data import Example
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt, user_message
+from opsdlab.tasks.templates import completion_for_prompt
 
 
 def check_unit_interval(task: str, config, names: tuple[str, ...]) -> None:

@@ -48,7 +48,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from opsdlab.data import DEFAULT_INSTRUCTION, Example
+from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example
 from opsdlab.tasks.rows import check_unit_interval, checked_instruction, context_messages, sft_rows_with_contexts
 
 ORDERS = ("listed", "random")

@@ -35,7 +35,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from opsdlab.data import DEFAULT_INSTRUCTION, Example
+from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example
 from opsdlab.tasks.rows import (check_unit_interval, checked_instruction, context_messages,
                                 sft_rows_with_contexts)
 

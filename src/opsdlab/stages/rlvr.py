@@ -23,18 +23,18 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from opsdlab.checks import CheckSettings, attach_checks, check_settings, train_checked
-from opsdlab.data import Example
-from opsdlab.evaluate import Generation, SamplingConfig, generate, response_length
-from opsdlab.models import end_token_ids
-from opsdlab.progress import RLVR_POSTFIX, train_stage
-from opsdlab.prompts import render_prompt
-from opsdlab.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward, format_reward
-from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, main_decides,
+from opsdlab.stages.checks import CheckSettings, attach_checks, check_settings, train_checked
+from opsdlab.tasks.data import Example
+from opsdlab.evaluation.evaluate import Generation, SamplingConfig, generate, response_length
+from opsdlab.modeling.models import end_token_ids
+from opsdlab.stages.progress import RLVR_POSTFIX, train_stage
+from opsdlab.tasks.prompts import render_prompt
+from opsdlab.loss.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward, format_reward
+from opsdlab.modeling.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, main_decides,
                              per_device_rows, precision_kwargs, process_device, save_trained,
                              warn_if_updates_vanish)
-from opsdlab.verifier import VerifierConfig
-from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
+from opsdlab.tasks.verifier import VerifierConfig
+from opsdlab.evaluation.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
 REWARD_SCALINGS = ("group", "batch", "none")

@@ -23,17 +23,17 @@ from pathlib import Path
 
 import yaml
 
-from opsdlab.evaluate import SamplingConfig, check_backend
-from opsdlab.methods import check_arm, method_of
-from opsdlab.models import DTYPES, TINY_SIZES
-from opsdlab.opsd import OPSDStageConfig
-from opsdlab.rlvr import RLVRStageConfig
-from opsdlab.sft import SFTStageConfig
+from opsdlab.evaluation.evaluate import SamplingConfig, check_backend
+from opsdlab.stages.methods import check_arm, method_of
+from opsdlab.modeling.models import DTYPES, TINY_SIZES
+from opsdlab.stages.opsd import OPSDStageConfig
+from opsdlab.stages.rlvr import RLVRStageConfig
+from opsdlab.stages.sft import SFTStageConfig
 from opsdlab.tasks import OPTIONS, TASKS, check_options
-from opsdlab.vllm_backend import VLLMSettings
+from opsdlab.evaluation.vllm_backend import VLLMSettings
 
 STAGES = ("sft", "rlvr", "opsd")
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parents[1] / "configs"
 
 
 class ConfigError(ValueError):
@@ -521,7 +521,7 @@ def _trl_fields() -> dict:
     """Stage config class -> (TRL config class, the fields passed to it unchanged under the same name)."""
     from trl import GRPOConfig, SFTConfig
 
-    from opsdlab.rlvr import VLLM_FIELDS
+    from opsdlab.stages.rlvr import VLLM_FIELDS
 
     common = ("gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "gradient_checkpointing",
               "save_steps", "logging_steps", "report_to")

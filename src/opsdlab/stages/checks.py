@@ -47,11 +47,11 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
-from opsdlab.data import Example
-from opsdlab.evaluate import SamplingConfig
-from opsdlab.metrics import accuracy_efficiency_score
-from opsdlab.runtime import checkpoint_step, is_main_process, main_decides, read_jsonl
-from opsdlab.verifier import VerifierConfig
+from opsdlab.tasks.data import Example
+from opsdlab.evaluation.evaluate import SamplingConfig
+from opsdlab.evaluation.metrics import accuracy_efficiency_score
+from opsdlab.modeling.runtime import checkpoint_step, is_main_process, main_decides, read_jsonl
+from opsdlab.tasks.verifier import VerifierConfig
 
 CHECKS = "checks.jsonl"
 STOP = "stop.json"
@@ -218,7 +218,7 @@ def evaluate_held_out(model, tokenizer, examples: list[Example], verifier: Verif
                       *, thinking: bool, desc: str) -> dict:
     """The summary of `evaluate` on `examples`, split over the processes of the launch as the pipeline's
     evaluations are (every process gets the merged summary)."""
-    from opsdlab.pipeline import evaluate_sharded  # imported here: the pipeline imports the stages
+    from opsdlab.run.pipeline import evaluate_sharded  # imported here: the pipeline imports the stages
 
     return evaluate_sharded(model, tokenizer, examples, verifier, sampling, thinking=thinking, desc=desc)[1]
 

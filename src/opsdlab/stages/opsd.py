@@ -29,21 +29,21 @@ from trl import GRPOTrainer
 from trl.trainer.utils import pad
 from transformers import TrainerCallback
 
-from opsdlab.checks import CheckSettings, attach_checks, check_settings, train_checked
-from opsdlab.contrastive import ANCHORS, contrastive_head, pack
-from opsdlab.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
-from opsdlab.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
-from opsdlab.gates import GATES, route
-from opsdlab.models import end_token_ids, head_dtype, output_head, save_policy
-from opsdlab.progress import OPSD_POSTFIX, train_stage
-from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
-from opsdlab.rewards import VerifierReward
-from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
+from opsdlab.stages.checks import CheckSettings, attach_checks, check_settings, train_checked
+from opsdlab.loss.contrastive import ANCHORS, contrastive_head, pack
+from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
+from opsdlab.loss.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
+from opsdlab.loss.gates import GATES, route
+from opsdlab.modeling.models import end_token_ids, head_dtype, output_head, save_policy
+from opsdlab.stages.progress import OPSD_POSTFIX, train_stage
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
+from opsdlab.loss.rewards import VerifierReward
+from opsdlab.stages.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
                           concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
-from opsdlab.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish
-from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
-from opsdlab.verifier import VerifierConfig
-from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
+from opsdlab.modeling.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish
+from opsdlab.stages.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
+from opsdlab.tasks.verifier import VerifierConfig
+from opsdlab.evaluation.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
 
 @dataclass(frozen=True)

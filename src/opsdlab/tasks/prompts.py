@@ -17,8 +17,8 @@ from typing import Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from opsdlab.data import DEFAULT_INSTRUCTION, Example  # noqa: F401  (DEFAULT_INSTRUCTION re-exported)
-from opsdlab.templates import check_thinking, strip_bos
+from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example  # noqa: F401  (DEFAULT_INSTRUCTION re-exported)
+from opsdlab.tasks.templates import check_thinking, strip_bos
 
 
 def _solution_context(example: Example, sibling: str | None) -> str:

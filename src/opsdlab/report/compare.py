@@ -24,8 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from opsdlab.metrics import accuracy_at_budget  # noqa: E402
-from opsdlab.runtime import read_jsonl  # noqa: E402
+from opsdlab.evaluation.metrics import accuracy_at_budget  # noqa: E402
+from opsdlab.modeling.runtime import read_jsonl  # noqa: E402
 
 GRID_POINTS = 12
 

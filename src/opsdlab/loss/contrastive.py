@@ -31,7 +31,7 @@ deems impossible cannot receive an unbounded boost. RLCSD's main method uses ``e
 sampled token, squashed by ``tanh`` and clipped, to modulate a GRPO advantage; that form is not a
 distribution and is not implemented here.
 
-Integration with :func:`opsdlab.divergences.chunked_divergence`, unchanged: the teacher side is
+Integration with :func:`opsdlab.loss.divergences.chunked_divergence`, unchanged: the teacher side is
 the packed tensor ``[student.detach() | teacher(c) | teacher(u)]`` (:func:`pack`, hidden states or
 logits, each part ``width`` wide) and the teacher head is :func:`contrastive_head`, which maps a
 packed chunk to the target's log-probabilities. The divergence's "teacher" statistics (entropy,

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from opsdlab.config import ConfigError, PipelineConfig
-from opsdlab.data import LOCAL_FORMATS
+from opsdlab.tasks.data import LOCAL_FORMATS
 
 # What each `report_to` value needs installed (`pip install -e ".[wandb]"` installs wandb).
 TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow",

@@ -29,12 +29,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from opsdlab.data import Example
-from opsdlab.metrics import Sample, find_answer, summarize
-from opsdlab.models import end_token_ids, stop_token_ids, thinking_token_count
-from opsdlab.prompts import TEACHER_CONTEXTS, render_prompt
-from opsdlab.templates import closed_thinking, think_close_text, unclosed_thinking
-from opsdlab.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
+from opsdlab.tasks.data import Example
+from opsdlab.evaluation.metrics import Sample, find_answer, summarize
+from opsdlab.modeling.models import end_token_ids, stop_token_ids, thinking_token_count
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
+from opsdlab.tasks.templates import closed_thinking, think_close_text, unclosed_thinking
+from opsdlab.tasks.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,8 @@ def _strip_after_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
 
 def _load_transformers(model_dir, dtype: str = "float32", trust_remote_code: bool = False, settings=None,
                        seed: int = 0):
-    from opsdlab.models import load_policy
-    from opsdlab.runtime import process_device
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.modeling.runtime import process_device
 
     model, tokenizer = load_policy(model_dir, dtype, trust_remote_code)
     return model.to(process_device()), tokenizer  # under a multi-process launch: this process's device
@@ -138,19 +138,19 @@ def _extend_transformers(model, tokenizer, token_ids: list[list[int]], sampling:
 
 
 def _load_vllm(*args, **kwargs):
-    from opsdlab import vllm_backend
+    from opsdlab.evaluation import vllm_backend
 
     return vllm_backend.load(*args, **kwargs)
 
 
 def _generate_vllm(*args, **kwargs):
-    from opsdlab import vllm_backend
+    from opsdlab.evaluation import vllm_backend
 
     return vllm_backend.generate(*args, **kwargs)
 
 
 def _extend_vllm(*args, **kwargs):
-    from opsdlab import vllm_backend
+    from opsdlab.evaluation import vllm_backend
 
     return vllm_backend.generate_ids(*args, **kwargs)
 
@@ -231,7 +231,7 @@ def load_for_eval(model_dir, backend: str = "transformers", dtype: str = "float3
     `settings` is a `vllm_backend.VLLMSettings` (ignored by the transformers backend).
     """
     if settings is None and backend == "vllm":
-        from opsdlab.vllm_backend import VLLMSettings
+        from opsdlab.evaluation.vllm_backend import VLLMSettings
 
         settings = VLLMSettings()
     return BACKENDS[check_backend(backend)].load(model_dir, dtype, trust_remote_code, settings, seed)

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from opsdlab.checks import CheckSettings
-from opsdlab.opsd import OPSDStageConfig, run_opsd
-from opsdlab.rlvr import VLLM_FIELDS, RLVRStageConfig, run_rlvr
+from opsdlab.stages.checks import CheckSettings
+from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+from opsdlab.stages.rlvr import VLLM_FIELDS, RLVRStageConfig, run_rlvr
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def method_of(arm_overrides: dict, section: OPSDStageConfig, where: str) -> Meth
 def check_arm(arm: OPSDStageConfig, where: str) -> None:
     """What a method needs of an arm's settings, checked before anything runs."""
     if arm.method == "length_rl":
-        from opsdlab.rewards import LENGTH_REWARDS
+        from opsdlab.loss.rewards import LENGTH_REWARDS
 
         if arm.length_reward not in LENGTH_REWARDS:
             raise ValueError(f"{where}: length_reward must be one of {sorted(LENGTH_REWARDS)}, got {arm.length_reward!r}")

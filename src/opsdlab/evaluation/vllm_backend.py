@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from opsdlab.models import end_token_ids
+from opsdlab.modeling.models import end_token_ids
 
 
 def keep_cpu_weights_syncable(args) -> None:
@@ -146,7 +146,7 @@ def load(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool 
          settings: VLLMSettings = VLLMSettings(), seed: int = 0):
     """The engine on `model_dir` (a `vllm.LLM`, or `Replicas` when data_parallel_size > 1) and the
     project's tokenizer of that folder."""
-    from opsdlab.models import load_tokenizer
+    from opsdlab.modeling.models import load_tokenizer
 
     if settings.data_parallel_size > 1:
         engine = Replicas(model_dir, dtype, trust_remote_code, settings, seed)
@@ -291,7 +291,7 @@ def _sample(llm, token_ids: list[list[int]], sampling, seeds: list[int], stop: l
 
 def generate(engine, tokenizer, prompts: list[str], sampling, desc: str = "generate") -> list:
     """k responses per prompt (prompt-major, as `evaluate.evaluate` expects) from vLLM."""
-    from opsdlab.evaluate import Generation
+    from opsdlab.evaluation.evaluate import Generation
 
     token_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     # model.generate stops at the EOS and `evaluate.generate` cuts at the first EOS or pad token.
@@ -309,7 +309,7 @@ def generate_ids(engine, tokenizer, token_ids: list[list[int]], sampling, rows: 
     continues cut responses. Row i draws from the seed of sample `rows[i]` among `max(rows) + 1`
     (`prompt_seeds` of `sampling.seed`), so a row's response does not depend on which other rows
     are continued with it."""
-    from opsdlab.evaluate import Generation
+    from opsdlab.evaluation.evaluate import Generation
 
     one = dataclasses.replace(sampling, k=1)
     stop = sorted(end_token_ids(tokenizer))

@@ -37,7 +37,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from opsdlab.templates import THINK_CLOSE, THINK_OPEN, count_thinking_tokens
+from opsdlab.tasks.templates import THINK_CLOSE, THINK_OPEN, count_thinking_tokens
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"

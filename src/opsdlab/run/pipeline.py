@@ -49,22 +49,22 @@ import numpy
 import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
-from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
-from opsdlab.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
-from opsdlab.metrics import Sample, summarize
-from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
-from opsdlab.methods import METHODS
-from opsdlab.opsd import OPSDStageConfig
-from opsdlab.preflight import check_inputs
-from opsdlab.prompts import CONTROL_CONTEXTS
-from opsdlab.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
+from opsdlab.tasks.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
+from opsdlab.evaluation.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
+from opsdlab.evaluation.metrics import Sample, summarize
+from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
+from opsdlab.stages.methods import METHODS
+from opsdlab.stages.opsd import OPSDStageConfig
+from opsdlab.run.preflight import check_inputs
+from opsdlab.tasks.prompts import CONTROL_CONTEXTS
+from opsdlab.run.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
-from opsdlab.rlvr import RLVRStageConfig, run_rlvr
-from opsdlab.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
+from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
+from opsdlab.modeling.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
                              wait_for_everyone)
-from opsdlab.sft import SFTStageConfig, TeacherProbe, run_sft
+from opsdlab.stages.sft import SFTStageConfig, TeacherProbe, run_sft
 from opsdlab.tasks import build_task
-from opsdlab.verifier import VerifierConfig
+from opsdlab.tasks.verifier import VerifierConfig
 
 def log(run_dir: Path, message: str, **record) -> None:
     """Print `message` and append it to summary.jsonl with the writing process's peak memory so far
@@ -390,7 +390,7 @@ def setting_defaults(config: PipelineConfig) -> dict:
     """Each setting's default (its dataclass's), by dotted key: a record notes which settings hold
     theirs, so that an option added later is no difference while it holds its default."""
     from opsdlab.tasks import OPTIONS
-    from opsdlab.vllm_backend import VLLMSettings
+    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     defaults = {}
     for prefix, section in (("sft", SFTStageConfig()), ("rlvr", RLVRStageConfig()), ("opsd", OPSDStageConfig()),
@@ -792,7 +792,7 @@ def _start_forkserver() -> None:
     """Start the fork server that worker processes come from, with the pipeline already imported in it:
     a worker then starts in milliseconds, not the seconds that importing torch, transformers and TRL take,
     and it forks from a process that never ran a parallel region, so its own thread pool is fresh."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["opsdlab.pipeline"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["opsdlab.run.pipeline"])
     multiprocessing.forkserver.ensure_running()
 
 

@@ -17,12 +17,12 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from opsdlab.data import Example
-from opsdlab.evaluate import SamplingConfig, evaluate
-from opsdlab.progress import SFT_POSTFIX, train_stage
-from opsdlab.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
+from opsdlab.tasks.data import Example
+from opsdlab.evaluation.evaluate import SamplingConfig, evaluate
+from opsdlab.stages.progress import SFT_POSTFIX, train_stage
+from opsdlab.modeling.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
                              per_device_rows, read_jsonl, save_trained, warn_if_updates_vanish)
-from opsdlab.verifier import VerifierConfig
+from opsdlab.tasks.verifier import VerifierConfig
 
 # How rows are drawn into batches: named choice -> the Trainer's `train_sampling_strategy`.
 # `random`: each micro-batch is rows drawn at random, padded to its longest row.

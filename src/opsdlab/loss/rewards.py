@@ -11,8 +11,8 @@ of `LENGTH_REWARDS` turns (correct, length, target length, truncated) into the r
 
 from __future__ import annotations
 
-from opsdlab.templates import is_well_formed
-from opsdlab.verifier import VerifierConfig, grade
+from opsdlab.tasks.templates import is_well_formed
+from opsdlab.tasks.verifier import VerifierConfig, grade
 
 
 class VerifierReward:

@@ -23,7 +23,7 @@ from importlib import metadata
 
 import sympy
 
-from opsdlab.templates import answer_region
+from opsdlab.tasks.templates import answer_region
 
 # ---------------------------------------------------------------------------------------------
 # Extractors

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from opsdlab.runtime import checkpoint_step, is_main_process, resume_point
+from opsdlab.modeling.runtime import checkpoint_step, is_main_process, resume_point
 
 # Postfix name -> logged key, per stage. "loss" is the Trainer's mean training loss since the last
 # log; "reward" and "completions/mean_length" are GRPOTrainer's (mean total reward and mean

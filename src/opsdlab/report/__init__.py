@@ -23,13 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from opsdlab.compare import method_rows, methods_section, seeds_methods_section  # noqa: E402
-from opsdlab.evaluate import read_samples  # noqa: E402
-from opsdlab.metrics import (  # noqa: E402
+from opsdlab.report.compare import method_rows, methods_section, seeds_methods_section  # noqa: E402
+from opsdlab.evaluation.evaluate import read_samples  # noqa: E402
+from opsdlab.evaluation.metrics import (  # noqa: E402
     HESITATION_MARKERS, accuracy_efficiency_score, bootstrap_diff_ci, flips, hesitation_density, mean_ci,
     per_position_mean, top_tokens_by_shift,
 )
-from opsdlab.runtime import read_jsonl  # noqa: E402
+from opsdlab.modeling.runtime import read_jsonl  # noqa: E402
 
 MARKERS = HESITATION_MARKERS + ("let me add them again",)
 STAGE_COLORS = {"base": "tab:gray", "sft": "tab:brown", "rlvr": "black"}
@@ -418,7 +418,7 @@ def token_shifts(run_dir: Path, config: dict, colors: dict, out: Path) -> list[s
 
 
 def _tokenizer(run_dir: Path):
-    from opsdlab.models import load_tokenizer
+    from opsdlab.modeling.models import load_tokenizer
 
     for folder in (run_dir / "rlvr" / "model", run_dir / "sft" / "model", run_dir / "base" / "model"):
         if (folder / "tokenizer_config.json").exists():
@@ -430,7 +430,7 @@ def held_out_problems(run_dir: Path, set_name: str) -> dict:
     """The evaluation set's problems by id (`data.Example`), rebuilt from the run's config the way the
     pipeline built them: evaluations keep only problem ids."""
     from opsdlab.config import load_config
-    from opsdlab.pipeline import eval_sets
+    from opsdlab.run.pipeline import eval_sets
     from opsdlab.tasks import build_task
 
     if not (run_dir / "config.yaml").exists():
@@ -579,7 +579,7 @@ def stage_checks(run_dir: Path) -> dict[str, dict]:
     (`checks.STOP` etc. in its folder), keyed by checkpoint name (`rlvr`, `opsd-all-s0`). `stop` and
     `selection` are None while the stage runs (or when no rule stopped it). Raises a ValueError naming
     the file and line of a check without a field the report reads, or a selection of an unchecked step."""
-    from opsdlab.checks import CHECKS, SELECTION, STOP  # the file names the stages write
+    from opsdlab.stages.checks import CHECKS, SELECTION, STOP  # the file names the stages write
 
     folders = {"rlvr": run_dir / "rlvr", **{f"opsd-{p.name}": p for p in sorted((run_dir / "opsd").glob("*"))
                                              if p.is_dir()}}
