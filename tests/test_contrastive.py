@@ -54,10 +54,10 @@ def test_reference_anchor_hand_values():
     assert got == pytest.approx([2 / 11, 8 / 11, 1 / 11], abs=1e-12)
 
 
-def test_unrelated_floor_hand_values():
+def test_negative_floor_hand_values():
     # floor ln(1/3): log p_u = (ln 1/4, ln 1/4, ln 1/2) -> (ln 1/3, ln 1/3, ln 1/2); contrast
     # ref / floored unrelated = (3/4, 3/2, 1/2); q ∝ (3/8, 3/8, 1/8) -> (3/7, 3/7, 1/7)
-    got = probs(contrast_logits(S, R, U, 1.0, unrelated_floor=math.log(1 / 3)))
+    got = probs(contrast_logits(S, R, U, 1.0, negative_floor=math.log(1 / 3)))
     assert got == pytest.approx([3 / 7, 3 / 7, 1 / 7], abs=1e-12)
 
 
@@ -110,8 +110,8 @@ def test_reference_equal_to_unrelated_gives_zero_loss():
 def test_each_part_is_shift_invariant(anchor):
     s, r, u = random_parts()
     shifts = [torch.randn(5, 1, dtype=torch.float64) * 10 for _ in range(3)]
-    base = contrast_logits(s, r, u, 1.5, anchor=anchor, unrelated_floor=-4.0)
-    shifted = contrast_logits(s + shifts[0], r + shifts[1], u + shifts[2], 1.5, anchor=anchor, unrelated_floor=-4.0)
+    base = contrast_logits(s, r, u, 1.5, anchor=anchor, negative_floor=-4.0)
+    shifted = contrast_logits(s + shifts[0], r + shifts[1], u + shifts[2], 1.5, anchor=anchor, negative_floor=-4.0)
     torch.testing.assert_close(shifted, base)
     assert torch.logsumexp(base, dim=-1).abs().max() < 1e-12  # normalised
 
@@ -152,7 +152,7 @@ def test_chunked_divergence_equals_direct_computation(anchor, floor):
     h_r, h_u = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
     ids = torch.randint(0, v, (n,))
 
-    head = contrastive_head(student_head, teacher_head, d, w, anchor=anchor, unrelated_floor=floor)
+    head = contrastive_head(student_head, teacher_head, d, w, anchor=anchor, negative_floor=floor)
     loss, stats = chunked_divergence(h_s, pack(h_s, h_r, h_u), student_head, head, ids, "reverse_kl", chunk_size=4)
     loss.backward()
     grad_h, grad_w = h_s.grad.clone(), student_head.weight.grad.clone()
@@ -207,7 +207,7 @@ def test_unpack_returns_the_parts():
         ({"weight": float("nan")}, "contrast weight must be a finite number >= 0, got nan"),
         ({"weight": True}, "contrast weight must be a finite number >= 0, got True"),
         ({"anchor": "teacher"}, "contrast anchor must be one of ['student', 'reference'], got 'teacher'"),
-        ({"unrelated_floor": 0.5}, "contrast unrelated_floor must be None or a finite log-probability < 0, got 0.5"),
+        ({"negative_floor": 0.5}, "contrast negative_floor must be None or a finite log-probability < 0, got 0.5"),
         ({"width": 0}, "contrastive width must be a positive int, got 0"),
     ],
 )
@@ -220,7 +220,7 @@ def test_bad_settings_are_named(kwargs, message):
 
 def test_mismatched_shapes_are_named():
     with pytest.raises(ValueError, match=r"pack needs three \[N, D\] tensors of equal shape, got student \(2, 3\), "
-                                         r"teacher_ref \(2, 4\), teacher_unrelated \(2, 3\)"):
+                                         r"teacher_ref \(2, 4\), teacher_negative \(2, 3\)"):
         pack(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3))
     head = contrastive_head(IDENTITY, IDENTITY, 3, 1.0)
     with pytest.raises(ValueError, match=r"last dim 3 \* width = 9, got 8 \(shape \(2, 8\)\)"):
