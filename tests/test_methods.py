@@ -194,3 +194,17 @@ def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_
                 "| forced-b6 (B=6) | budget |"):
         assert row in report
     assert (run_dir / "report" / "budgets_synthetic.png").exists()
+
+
+def test_the_gpu_presets_commented_method_arms_load_and_its_contrast_arm_is_the_rlcsd_plugin():
+    import yaml
+
+    text = (Path(__file__).parents[1] / "src" / "opsdlab" / "configs" / "qwen3-1.7b.yaml").read_text()
+    block = text.split("# Compaction methods side by side")[1].splitlines()[2:]
+    arms = yaml.safe_load("\n".join(line[1:] for line in block if line.startswith("#  ")))
+    config = load_config("qwen3-1.7b", [f"arms={json.dumps(arms)}"])
+    config.check_batches(1)
+    built = arms_of(config)
+    assert [arm.method for arm in built.values()] == ["opsd", "crisp", "contrastive", "length_rl", "budget"]
+    contrast = built["contrast"]
+    assert (contrast.contrast_variant, contrast.rollouts_per_prompt, contrast.gate) == ("rlcsd_plugin", 8, "all")
