@@ -372,3 +372,20 @@ def test_bad_support_settings_are_named(kwargs, message):
     with pytest.raises(ValueError) as err:
         support_head(IDENTITY, IDENTITY, 3, 1.0, **kwargs)
     assert str(err.value) == message
+
+
+def test_the_reference_anchor_spends_no_head_product_on_the_student_part():
+    calls = []
+
+    def student_head(x):
+        calls.append(x.shape)
+        return x
+
+    for head in (contrastive_head(student_head, IDENTITY, 3, 1.0, anchor="reference"),
+                 support_head(student_head, IDENTITY, 3, 1.0, top_k=1)):
+        head(pack(S, R, U))
+    assert calls == []
+    contrastive_head(student_head, IDENTITY, 3, 1.0, anchor="student")(pack(S, R, U))
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="the student anchor needs the student's logits"):
+        contrast_logits(None, R, U, 1.0, anchor="student")

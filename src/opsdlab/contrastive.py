@@ -96,7 +96,7 @@ def _check_support(top_k: int, token_tau: float | None) -> None:
 
 
 def contrast_logits(
-    student: Tensor,
+    student: Tensor | None,
     teacher_ref: Tensor,
     teacher_negative: Tensor,
     weight: float,
@@ -107,15 +107,17 @@ def contrast_logits(
     """Target log-probabilities ``[..., V]`` from the three logit tensors (see the module docstring).
 
     ``student``, ``teacher_ref`` (teacher reading the reference) and ``teacher_negative`` (teacher
-    reading the negative context) are logits, or log-probabilities, of equal shape. The result is
-    detached and computed in at least float32; it is normalised (its ``logsumexp`` over the last
-    dim is 0).
+    reading the negative context) are logits, or log-probabilities, of equal shape; ``student`` may be
+    None under the reference anchor, which does not read it. The result is detached and computed in
+    at least float32; it is normalised (its ``logsumexp`` over the last dim is 0).
     """
     _check_settings(weight, anchor, negative_floor)
-    if not (student.shape == teacher_ref.shape == teacher_negative.shape):
+    if student is None and anchor == "student":
+        raise ValueError("contrast_logits: the student anchor needs the student's logits")
+    if not ((student is None or student.shape == teacher_ref.shape) and teacher_ref.shape == teacher_negative.shape):
         raise ValueError(
             "contrast_logits needs equal shapes, got student "
-            f"{tuple(student.shape)}, teacher_ref {tuple(teacher_ref.shape)}, "
+            f"{None if student is None else tuple(student.shape)}, teacher_ref {tuple(teacher_ref.shape)}, "
             f"teacher_negative {tuple(teacher_negative.shape)}"
         )
     with torch.no_grad():
@@ -146,7 +148,7 @@ def token_weights(logp_ref: Tensor, logp_negative: Tensor, tau: float | None) ->
 
 
 def support_target(
-    student: Tensor,
+    student: Tensor | None,
     teacher_ref: Tensor,
     teacher_negative: Tensor,
     weight: float,
@@ -161,17 +163,19 @@ def support_target(
     The support is the ``top_k`` most probable tokens of ``p_T(.|c)`` (all of them if ``top_k >= V``)
     plus a tail bucket; the three distributions are read on it (:func:`divergences.with_tail`), the
     target is :func:`contrast_logits` of those, and each token's weight is :func:`token_weights` of
-    the two teachers on it. Everything is detached and in at least float32.
+    the two teachers on it. ``student`` may be None under the reference anchor, which does not read
+    it. Everything is detached and in at least float32.
     """
     _check_settings(weight, anchor, negative_floor)
     _check_support(top_k, token_tau)
+    if student is None and anchor == "student":
+        raise ValueError("support_target: the student anchor needs the student's logits")
     with torch.no_grad():
-        logp_s, logp_ref, logp_negative = (F.log_softmax(_upcast(x.detach()), dim=-1)
-                                           for x in (student, teacher_ref, teacher_negative))
+        logp_ref, logp_negative = (F.log_softmax(_upcast(x.detach()), dim=-1) for x in (teacher_ref, teacher_negative))
         support = logp_ref.topk(min(top_k, logp_ref.shape[-1]), dim=-1).indices
         ref_k, negative_k = with_tail(logp_ref, support), with_tail(logp_negative, support)
-        target = contrast_logits(with_tail(logp_s, support), ref_k, negative_k, weight, anchor=anchor,
-                                 negative_floor=negative_floor)
+        student_k = None if student is None else with_tail(F.log_softmax(_upcast(student.detach()), dim=-1), support)
+        target = contrast_logits(student_k, ref_k, negative_k, weight, anchor=anchor, negative_floor=negative_floor)
         return SupportTarget(support, target, token_weights(ref_k, negative_k, token_tau), logp_ref)
 
 
@@ -204,21 +208,23 @@ def unpack(packed: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _packed_head(build: Callable, student_head: Callable[[Tensor], Tensor], teacher_head: Callable[[Tensor], Tensor],
-                 width: int) -> Callable:
+                 width: int, anchor: str) -> Callable:
     """A head for ``chunked_divergence``: a packed chunk's parts through their heads, then ``build``.
 
-    The student part goes through ``student_head`` (the model being trained), the two teacher parts
-    through ``teacher_head`` (the teacher's weights, which may differ); in ``"logits"`` scoring both
-    heads are the identity and ``width`` is the vocabulary size. Everything runs under ``no_grad``:
-    no gradient reaches any part or either head's weights through the target.
+    The student part goes through ``student_head`` (the model being trained) under the student
+    anchor only (the reference anchor does not read it: ``build`` gets None, and no head product is
+    spent on it); the two teacher parts go through ``teacher_head`` (the teacher's weights, which may
+    differ). In ``"logits"`` scoring both heads are the identity and ``width`` is the vocabulary size.
+    Everything runs under ``no_grad``: no gradient reaches any part or either head's weights through
+    the target.
     """
     unpack(torch.empty(0, 3 * width), width)  # validates width now, not at the first chunk
 
     def head(packed_chunk: Tensor):
         student_part, ref_part, negative_part = unpack(packed_chunk, width)
         with torch.no_grad():
-            return build(student_head(student_part.detach()), teacher_head(ref_part.detach()),
-                         teacher_head(negative_part.detach()))
+            student = student_head(student_part.detach()) if anchor == "student" else None
+            return build(student, teacher_head(ref_part.detach()), teacher_head(negative_part.detach()))
 
     return head
 
@@ -236,7 +242,7 @@ def contrastive_head(
     (:func:`contrast_logits`; see :func:`_packed_head` for the parts and heads)."""
     _check_settings(weight, anchor, negative_floor)
     return _packed_head(lambda s, r, u: contrast_logits(s, r, u, weight, anchor=anchor, negative_floor=negative_floor),
-                        student_head, teacher_head, width)
+                        student_head, teacher_head, width, anchor)
 
 
 def support_head(
@@ -256,7 +262,7 @@ def support_head(
     _check_support(top_k, token_tau)
     return _packed_head(lambda s, r, u: support_target(s, r, u, weight, anchor=anchor, negative_floor=negative_floor,
                                                        top_k=top_k, token_tau=token_tau),
-                        student_head, teacher_head, width)
+                        student_head, teacher_head, width, anchor)
 
 
 # --------------------------------------------------------------------------- variants
