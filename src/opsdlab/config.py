@@ -158,16 +158,16 @@ class PipelineConfig:
                 raise ConfigError(located(where, error)) from error
 
     def arm_config(self, arm: ArmSection) -> OPSDStageConfig:
-        """An arm's settings: the `opsd` section, then its method's defaults (`methods.METHODS`), then
-        the arm's own overrides."""
+        """An arm's settings: the `opsd` section, then its method's defaults (`methods.METHODS`; for
+        `contrastive`, also its `contrast_variant`'s), then the arm's own overrides."""
         where = f"arms.{arm.name}"
         try:
             method = method_of(arm.overrides, self.opsd, where)
         except ValueError as error:
             raise ConfigError(str(error)) from error
-        settings = {**dataclasses.asdict(self.opsd), **method.defaults, **arm.overrides}
-        section = _build(OPSDStageConfig, {**dataclasses.asdict(self.opsd), **method.defaults_for(settings),
-                                           **arm.overrides}, where)
+        base = dataclasses.asdict(self.opsd)
+        defaults = method.defaults_for({**base, **method.defaults, **arm.overrides})
+        section = _build(OPSDStageConfig, {**base, **defaults, **arm.overrides}, where)
         try:
             check_arm(section, where)
         except ValueError as error:
