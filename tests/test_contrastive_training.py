@@ -1,12 +1,18 @@
-"""The contrastive method through the real OPSD trainer: the target it distils toward, by hand."""
+"""The contrastive method through the real OPSD trainer: the target it distils toward, by hand, and the
+rlcsd_plugin variant's choice of sibling rollouts."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from opsd_helpers import make_trainer, snapshot
+from opsd_helpers import ScriptedReward, make_trainer, snapshot
+from opsdlab.stages.opsd import _example, incorrect_sibling
+from opsdlab.tasks.prompts import render_prompt
 from test_opsd_cost import ROUTES, fixed_batch, loss_and_gradient, perturbed_trainer
 
 # A contrast prompt per row (left-padded, of its own width): what the teacher reads instead of the reference.
@@ -101,4 +107,104 @@ def test_a_contrastive_arm_trains_with_the_contrast_prompt_of_each_row(tmp_path,
     text = trainer.processing_class.decode(batch["contrast_prompt_ids"][0][batch["contrast_prompt_mask"][0].bool()])
     assert inputs[0]["unrelated_solution"].strip().splitlines()[0] in text
     assert inputs[0]["solution"].strip().splitlines()[0] not in text
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+# --------------------------------------------------------------------------- rlcsd_plugin
+
+
+def on_support(logp, support):
+    """The support's log-probabilities, then the rest of the mass (the tail bucket)."""
+    picked = logp.gather(-1, support)
+    return torch.cat([picked, torch.log1p(-picked.exp().sum(-1, keepdim=True))], dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_the_rlcsd_plugin_loss_is_the_weighted_clipped_divergence_on_the_reference_support(
+        tmp_path, tiny_folder, task, temperature):
+    """Reference: the models' own full logits (/ T); the support is the reference teacher's top 5 tokens
+    plus a tail bucket; q = log_softmax(1.5 c - 0.5 max(w, -5)) there; each kept token's divergence,
+    entries clipped at 0.05, times KL(c || w) / (KL + 1); the mean over kept tokens."""
+    k, clip = 5, 0.05
+    trainer = perturbed_trainer(tmp_path, tiny_folder, task, method="contrastive", contrast_variant="rlcsd_plugin",
+                                contrast_top_k=k, clip_tau=clip, temperature=temperature)
+    batch = with_contrast(fixed_batch())
+    loss, grads = contrast_loss(trainer, batch)
+    expected = []
+    with torch.no_grad():
+        for row, route in enumerate(ROUTES):
+            if route is None:
+                continue
+            n = int(batch["completion_mask"][row].sum())
+            student = row_log_probs(trainer.model, batch, "prompt_ids", row, n, temperature)
+            reference = row_log_probs(trainer.teacher.copy, batch, "teacher_prompt_ids", row, n, temperature)
+            wrong = row_log_probs(trainer.teacher.copy, batch, "contrast_prompt_ids", row, n, temperature)
+            support = reference.topk(k, dim=-1).indices
+            s, c, w = (on_support(x, support) for x in (student, reference, wrong))
+            q = torch.log_softmax(1.5 * c - 0.5 * w.clamp(min=-5.0), dim=-1)
+            entries = s.exp() * (s - q) if route == "reverse_kl" else q.exp() * (q - s)
+            kl = (c.exp() * (c - w)).sum(-1)
+            expected.append(kl / (kl + 1.0) * entries.clamp(max=clip).sum(-1))
+    assert loss.item() == pytest.approx(torch.cat(expected).mean().item(), rel=1e-4)
+    assert max(g.abs().max().item() for g in grads.values()) > 0
+
+
+# Correctness of the 8 rollouts of each step's round (2 prompts x 4 rollouts, in groups of 4): the first
+# group has two correct and two wrong, the second one correct and three wrong.
+ROUND = [True, True, False, False, True, False, False, False]
+# Per rollout, the sibling each teacher reads under the sibling teacher context: the first other correct
+# one, and the first other incorrect one. Rollout 4 has no other correct sibling: no pair, no loss.
+POSITIVE = [1, 0, 0, 0, None, 4, 4, 4]
+NEGATIVE = [2, 2, 3, 2, 5, 6, 5, 5]
+
+
+def test_incorrect_sibling_is_the_first_other_ended_incorrect_rollout_of_the_group():
+    assert [incorrect_sibling(i, ROUND, [False] * 8, 4) for i in range(8)] == NEGATIVE
+    # a truncated rollout is no complete wrong solution; a group with no other incorrect rollout has none
+    truncated = [False, False, True, False, False, False, False, False]
+    assert [incorrect_sibling(i, ROUND, truncated, 4) for i in range(4)] == [3, 3, 3, None]
+    assert incorrect_sibling(0, [False, True], [False, False], 2) is None
+
+
+def test_an_rlcsd_plugin_arm_contrasts_each_rollout_with_an_incorrect_sibling(tmp_path, tiny_folder, task):
+    """Two optimizer steps through the trainer with scripted grading: every rollout's negative prompt shows
+    its incorrect sibling in the reference-solution block, its teacher prompt its correct sibling; the
+    rollout without a correct sibling carries no loss and is counted; the loss is finite, the weights move."""
+    trainer = make_trainer(tmp_path, tiny_folder, task, reward=ScriptedReward(lambda call, n: ROUND[:n]),
+                           method="contrastive", contrast_variant="rlcsd_plugin", teacher_context="sibling",
+                           gate="all", divergence="forward_kl", clip_tau=0.05, rollouts_per_prompt=4)
+    seen = []
+    gated_round = trainer._gated_round
+
+    def recording(inputs):
+        batch = gated_round(inputs)
+        seen.append((inputs, batch))
+        return batch
+
+    trainer._gated_round = recording
+    before = snapshot(trainer.model)
+    trainer.train()
+
+    def prompt_ids(inputs, row, context, sibling):
+        text = render_prompt(trainer.processing_class, _example(inputs[row]), thinking=True, context=context,
+                             sibling=sibling)
+        return trainer._tokenize_prompts([text])[0][0]
+
+    assert len(seen) == 2
+    for inputs, batch in seen:
+        texts = [trainer.processing_class.decode(ids[mask.bool()], skip_special_tokens=True)
+                 for ids, mask in zip(batch["completion_ids"], batch["completion_mask"])]
+        assert batch["route"] == [None if p is None else "forward_kl" for p in POSITIVE]
+        for row in range(8):
+            if POSITIVE[row] is None:
+                continue
+            negative = batch["contrast_prompt_ids"][row][batch["contrast_prompt_mask"][row].bool()].tolist()
+            positive = batch["teacher_prompt_ids"][row][batch["teacher_prompt_mask"][row].bool()].tolist()
+            assert negative == prompt_ids(inputs, row, "sibling", texts[NEGATIVE[row]])
+            assert positive == prompt_ids(inputs, row, "sibling", texts[POSITIVE[row]])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["opsd/loss"] for r in records if "opsd/loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) and x != 0 for x in losses)
+    assert [r["opsd/contrast_unpaired"] for r in records if "opsd/contrast_unpaired" in r] == [1 / 8, 1 / 8]
+    assert all(0 < r["opsd/contrast_token_weight"] < 1 for r in records if "opsd/contrast_token_weight" in r)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())

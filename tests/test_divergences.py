@@ -309,7 +309,7 @@ def test_chunked_matches_naive(name_case, opt_key, chunk_size):
     torch.testing.assert_close(got[0], ref[0], **tol)
     assert got[0].dtype == torch.float32 and got[0].dim() == 0
     assert set(got[1]) == set(ref[1]) == {
-        "loss_N", "student_entropy_N", "teacher_entropy_N", "student_logp_N", "teacher_logp_N"
+        "loss_N", "student_entropy_N", "teacher_entropy_N", "student_logp_N", "teacher_logp_N", "weight_N"
     }
     for key in ref[1]:
         assert got[1][key].shape == (N_TOK,) and not got[1][key].requires_grad

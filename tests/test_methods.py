@@ -1,6 +1,7 @@
 """Compaction methods as a named choice of an arm: settings, validation, the steps a pipeline plans."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,15 +30,50 @@ def test_a_method_sets_its_defaults_and_the_arm_overrides_them():
     assert (own["c"].gate, own["c"].teacher_refresh_steps, own["c"].teacher_context) == ("correct", 7, "concise")
 
 
+def test_the_rlcsd_plugin_variant_sets_the_released_settings_and_the_arm_overrides_them():
+    """`contrast_variant: rlcsd_plugin` on the GPU preset: the RLCSD authors' opsd_ectr configuration (a
+    correct sibling against an incorrect one, every rollout, forward KL clipped at 0.05, top 100 plus a
+    tail, tokens weighted with tau 1, a = 0.5, floor -5), whatever the preset's opsd section says."""
+    group = "prompts_per_step: 4, rollouts_per_prompt: 8, gradient_accumulation_steps: 8"
+    config = load_config("qwen3-1.7b", [f"arms=[{{name: c, method: contrastive, contrast_variant: rlcsd_plugin, {group}}}, "
+                                        f"{{name: o, method: contrastive, contrast_variant: rlcsd_plugin, {group}, "
+                                        "gate: correct, teacher_context: solution}]"])
+    arms = arms_of(config)
+    c = arms["c"]
+    assert (config.opsd.gate, config.opsd.teacher_context, config.opsd.divergence) == ("correct", "solution", "reverse_kl")
+    assert (c.teacher_context, c.gate, c.divergence, c.clip_tau, c.top_k) == ("sibling", "all", "forward_kl", 0.05, None)
+    assert (c.contrast_top_k, c.contrast_token_tau, c.contrast_weight, c.contrast_floor, c.contrast_anchor) == \
+        (100, 1.0, 0.5, -5.0, "reference")
+    assert (c.teacher_weights, c.learning_rate, c.rollouts_per_prompt) == ("frozen", 1e-6, 8)
+    assert (arms["o"].gate, arms["o"].teacher_context, arms["o"].divergence) == ("correct", "solution", "forward_kl")
+    # the default variant is the unrelated-solution contrast, with no defaults of its own
+    plain = arms_of(load_config("tiny", [ARMS]))["contrast"]
+    assert (plain.contrast_variant, plain.teacher_context, plain.divergence) == ("unrelated_solution", "solution",
+                                                                                 "reverse_kl")
+
+
 @pytest.mark.parametrize("arm, message", [
     ("{name: a, method: distill}", "arms.a: method must be one of ['budget', 'contrastive', 'crisp', 'length_rl', 'opsd']"),
     ("{name: a, method: length_rl, rollouts_per_prompt: 1}", "arms.a: method length_rl is group-relative RL"),
     ("{name: a, method: contrastive, contrast_context: solution}", "arms.a: contrast_context must differ"),
+    ("{name: a, method: contrastive, contrast_variant: rlcsd}", "arms.a: contrast_variant must be one of "
+                                                               "['rlcsd_plugin', 'unrelated_solution'], got 'rlcsd'"),
+    ("{name: a, method: contrastive, contrast_variant: rlcsd_plugin, rollouts_per_prompt: 1}",
+     "arms.a: contrast_variant rlcsd_plugin contrasts sibling rollouts of a problem; it needs rollouts_per_prompt >= 2"),
+    ("{name: a, method: contrastive, contrast_variant: rlcsd_plugin, teacher_context: answer}",
+     "arms.a: contrast_variant rlcsd_plugin shows the incorrect sibling in the reference-solution block; "
+     "teacher_context must be one of ['sibling', 'solution'], got 'answer'"),
+    ("{name: a, method: contrastive, contrast_variant: rlcsd_plugin, top_k: 20}", "arms.a: contrast_variant "
+     "rlcsd_plugin brings its own support (contrast_top_k tokens plus a tail); top_k must be null"),
+    ("{name: a, method: contrastive, contrast_variant: rlcsd_plugin, divergence: sampled_reverse_kl}",
+     "arms.a: contrast_variant rlcsd_plugin compares distributions on a support"),
+    ("{name: a, method: contrastive, contrast_top_k: 0}", "arms.a: contrast_top_k must be >= 1, got 0"),
+    ("{name: a, method: contrastive, contrast_token_tau: 0}", "arms.a: contrast_token_tau must be a number > 0 or null"),
     ("{name: a, method: length_rl, length_reward: cosine}", "arms.a: length_reward must be one of"),
     ("{name: a, method: budget, budgets: [0]}", "budgets must be positive token counts"),
 ])
 def test_bad_method_settings_are_errors_naming_the_arm(arm, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("tiny", [f"arms=[{arm}]"])
 
 
@@ -158,3 +194,17 @@ def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_
                 "| forced-b6 (B=6) | budget |"):
         assert row in report
     assert (run_dir / "report" / "budgets_synthetic.png").exists()
+
+
+def test_the_gpu_presets_commented_method_arms_load_and_its_contrast_arm_is_the_rlcsd_plugin():
+    import yaml
+
+    text = (Path(__file__).parents[1] / "src" / "opsdlab" / "configs" / "qwen3-1.7b.yaml").read_text()
+    block = text.split("# Compaction methods side by side")[1].splitlines()[2:]
+    arms = yaml.safe_load("\n".join(line[1:] for line in block if line.startswith("#  ")))
+    config = load_config("qwen3-1.7b", [f"arms={json.dumps(arms)}"])
+    config.check_batches(1)
+    built = arms_of(config)
+    assert [arm.method for arm in built.values()] == ["opsd", "crisp", "contrastive", "length_rl", "budget"]
+    contrast = built["contrast"]
+    assert (contrast.contrast_variant, contrast.rollouts_per_prompt, contrast.gate) == ("rlcsd_plugin", 8, "all")

@@ -158,14 +158,16 @@ class PipelineConfig:
                 raise ConfigError(located(where, error)) from error
 
     def arm_config(self, arm: ArmSection) -> OPSDStageConfig:
-        """An arm's settings: the `opsd` section, then its method's defaults (`methods.METHODS`), then
-        the arm's own overrides."""
+        """An arm's settings: the `opsd` section, then its method's defaults (`methods.METHODS`; for
+        `contrastive`, also its `contrast_variant`'s), then the arm's own overrides."""
         where = f"arms.{arm.name}"
         try:
             method = method_of(arm.overrides, self.opsd, where)
         except ValueError as error:
             raise ConfigError(str(error)) from error
-        section = _build(OPSDStageConfig, {**dataclasses.asdict(self.opsd), **method.defaults, **arm.overrides}, where)
+        base = dataclasses.asdict(self.opsd)
+        defaults = method.defaults_for({**base, **method.defaults, **arm.overrides})
+        section = _build(OPSDStageConfig, {**base, **defaults, **arm.overrides}, where)
         try:
             check_arm(section, where)
         except ValueError as error:
@@ -473,13 +475,22 @@ MEANINGS = {
                               "(methods.METHODS); a method sets defaults that the arm's own keys override",
     "OPSDStageConfig.teacher_refresh_steps": "periodic teacher: optimizer steps between copies of the student "
                                              "into the teacher",
-    "OPSDStageConfig.contrast_context": "contrastive: the teacher prompt whose signal is subtracted (no privileged "
-                                        "information)",
+    "OPSDStageConfig.contrast_variant": "contrastive: which negative and which target (contrastive.VARIANTS): "
+                                        "unrelated_solution (contrast_context, full vocabulary) or rlcsd_plugin "
+                                        "(an incorrect sibling rollout, the RLCSD authors' OPSD plug-in; it sets "
+                                        "teacher_context sibling, gate all, forward_kl, clip_tau 0.05)",
+    "OPSDStageConfig.contrast_context": "contrastive unrelated_solution: the teacher prompt whose signal is "
+                                        "subtracted (no privileged information)",
     "OPSDStageConfig.contrast_weight": "contrastive: the weight w of the contrast (0: plain OPSD with the reference "
                                        "anchor)",
-    "OPSDStageConfig.contrast_anchor": "contrastive: what the contrast tilts: reference (the RLCSD authors' plug-in) "
-                                       "or student",
-    "OPSDStageConfig.contrast_floor": "contrastive: lower bound of the contrast teacher's log-probabilities; null: none",
+    "OPSDStageConfig.contrast_anchor": "contrastive: what the contrast tilts: reference (as the RLCSD authors' "
+                                       "plug-in) or student",
+    "OPSDStageConfig.contrast_floor": "contrastive: lower bound of the negative teacher's log-probabilities; "
+                                      "null: none",
+    "OPSDStageConfig.contrast_top_k": "contrastive rlcsd_plugin: the support, the reference teacher's top k tokens "
+                                      "plus one tail bucket",
+    "OPSDStageConfig.contrast_token_tau": "contrastive rlcsd_plugin: each token's loss is multiplied by "
+                                          "KL(p_c || p_w) / (KL + tau) on the support; null: by 1",
     "OPSDStageConfig.length_reward": "length_rl: the length-aware reward (rewards.LENGTH_REWARDS)",
     "OPSDStageConfig.length_target": "length_rl: the target length in tokens; null: the quantile below of the "
                                      "starting checkpoint's rollout lengths",

@@ -1,54 +1,69 @@
-"""The teacher signal of the ``contrastive`` method: reference minus unrelated reference.
+"""The teacher signal of the ``contrastive`` method: the teacher reading the reference, contrasted
+with the same teacher reading a negative context in the same template.
 
 Plain OPSD distils the student ``p_S(. | x, y_<t)`` toward the teacher ``p_T(. | x, c, y_<t)``
-that reads the reference solution ``c``. Much of the gap ``log p_T(c) - log p_S`` is style that
-*any* privileged prompt induces (a hinted model writes shorter, more direct text), not the task
+that reads a reference ``c``. Much of the gap ``log p_T(c) - log p_S`` is style that *any*
+privileged prompt induces (a hinted model writes shorter, more direct text), not the task
 information ``c`` carries. RLCSD (Pan et al., "Reinforcement Learning with Contrastive On-Policy
-Self-Distillation", arXiv 2606.11709) contrasts the teacher-student gap under the correct
-reference with the gap under a wrong one, read through an identical template::
+Self-Distillation", arXiv 2606.11709) contrasts the teacher under the correct hint with the teacher
+under a wrong one, read through an identical template::
 
-    e_ctr = (log p_T(. | c) - log p_S) - (log p_T(. | u) - log p_S)
-          =  log p_T(. | c) - log p_T(. | u)
+    e_ctr = (log p_T(. | c) - log p_S) - (log p_T(. | w) - log p_S)
+          =  log p_T(. | c) - log p_T(. | w)
 
-so the shared style shift cancels and what ``c`` adds beyond an unrelated reference ``u``
-remains. Purified OPSD (arXiv 2607.02234) subtracts a reference-only teacher for the same reason
-and distils a PMI-shaped target distribution.
+so the shared style shift cancels. RLCSD's own method uses ``e_ctr`` at the sampled token only, as
+a bounded term added to a GRPO advantage, with the negative branch averaged over several incorrect
+sibling rollouts; that form is not implemented here. Its authors also plug the contrast into OPSD's
+dense distillation target (``opsd_ectr`` in their released code), which is what this module builds.
 
-Here the contrast defines a target distribution at every response position, per vocabulary
-entry ``v`` (each part log-softmax normalised first, so a per-row shift of any part's logits
-changes nothing)::
+The target, per response position and vocabulary entry (each part log-softmax normalised first, so
+a per-row shift of any part's logits changes nothing)::
 
-    anchor "student" (default):   log q = log_softmax(log p_S + w * (log p_T(.|c) - log p_T(.|u)))
-    anchor "reference":           log q = log_softmax(log p_T(.|c) + w * (log p_T(.|c) - log p_T(.|u)))
+    anchor "reference" (default):  log q = log_softmax((1 + a) log p_T(.|c) - a max(log p_T(.|w), floor))
+    anchor "student":              log q = log_softmax(log p_S + a (log p_T(.|c) - max(log p_T(.|w), floor)))
 
-With the student anchor, OPSD's signal ``log q - log p_S`` *is* ``w * e_ctr`` (up to the row
-normaliser): at ``w = 0`` or where ``c`` adds nothing beyond ``u`` the target is the student and
-the loss is zero. The reference anchor is the CFG-style guided target of the RLCSD authors'
-"OPSD + contrast" plug-in (``opsd_ectr`` in their released code: ``(1 + a) log p_c - a log p_w``),
-which keeps vanilla OPSD at ``w = 0``. ``unrelated_floor`` clamps ``log p_T(.|u)`` from below
-before subtracting (their ``log_w_floor``, -5 in their configs), so a token the unrelated teacher
-deems impossible cannot receive an unbounded boost. RLCSD's main method uses ``e_ctr`` only at the
-sampled token, squashed by ``tanh`` and clipped, to modulate a GRPO advantage; that form is not a
-distribution and is not implemented here.
+At ``a = 0`` the reference anchor is plain OPSD. With the student anchor, OPSD's signal
+``log q - log p_S`` *is* ``a * e_ctr`` (up to the row normaliser): zero where ``c`` adds nothing
+beyond ``w``. ``floor`` (the released code's ``log_w_floor``) keeps a token the negative teacher
+deems impossible from an unbounded boost.
 
-Integration with :func:`opsdlab.loss.divergences.chunked_divergence`, unchanged: the teacher side is
-the packed tensor ``[student.detach() | teacher(c) | teacher(u)]`` (:func:`pack`, hidden states or
-logits, each part ``width`` wide) and the teacher head is :func:`contrastive_head`, which maps a
-packed chunk to the target's log-probabilities. The divergence's "teacher" statistics (entropy,
-log-prob of the sampled token) are then those of the target ``q``, and ``DivergenceOptions.top_k``
-selects the support by ``q``.
+How the negative context ``w`` is chosen, and on which support the target lives, is the
+``contrast_variant`` (:data:`VARIANTS`):
+
+- ``unrelated_solution``: ``w`` is a teacher context without the reference (``contrast_context``;
+  by default ``unrelated``, another problem's reference solution), the target is on the full
+  vocabulary, every token weighs 1, and the arm's divergence, gate and teacher context apply as in
+  OPSD. This borrows the plug-in's target but not its negative or its support: it is not RLCSD's
+  released method.
+- ``rlcsd_plugin``: the released ``opsd_ectr``. ``w`` is an incorrect sibling rollout of the same
+  problem (the trainer picks it), ``c`` a correct sibling (teacher context ``sibling``) or the
+  reference solution; the target lives on the reference teacher's top ``contrast_top_k`` tokens plus
+  one tail bucket holding the rest of the mass (:func:`divergences.with_tail`); each token's loss
+  is multiplied by ``KL(p_c || p_w) / (KL(p_c || p_w) + tau)`` over that support
+  (:func:`token_weights`), so tokens where the two teachers agree (style) carry little loss.
+
+Integration with :func:`opsdlab.loss.divergences.chunked_divergence`: the teacher side is the packed
+tensor ``[student.detach() | teacher(c) | teacher(w)]`` (:func:`pack`, hidden states or logits,
+each part ``width`` wide) and the teacher head maps a packed chunk to the target: log-probabilities
+``[n, V]`` (:func:`contrastive_head`; the divergence's "teacher" statistics are then those of ``q``)
+or a :class:`~opsdlab.loss.divergences.SupportTarget` (:func:`support_head`; its statistics are those of
+``p_T(.|c)``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ANCHORS", "contrast_logits", "contrastive_head", "pack", "unpack"]
+from opsdlab.loss.divergences import SupportTarget, with_tail
+
+__all__ = ["ANCHORS", "VARIANTS", "Variant", "contrast_logits", "contrastive_head", "pack", "support_head",
+           "support_target", "token_weights", "unpack"]
 
 ANCHORS = ("student", "reference")
 
@@ -58,72 +73,126 @@ def _upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _check_settings(weight: float, anchor: str, unrelated_floor: float | None) -> None:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_settings(weight: float, anchor: str, negative_floor: float | None) -> None:
+    if not _is_number(weight) or weight < 0:
         raise ValueError(f"contrast weight must be a finite number >= 0, got {weight!r}")
     if anchor not in ANCHORS:
         raise ValueError(f"contrast anchor must be one of {list(ANCHORS)}, got {anchor!r}")
-    if unrelated_floor is not None and (
-        isinstance(unrelated_floor, bool)
-        or not isinstance(unrelated_floor, (int, float))
-        or not math.isfinite(unrelated_floor)
-        or unrelated_floor >= 0
-    ):
+    if negative_floor is not None and (not _is_number(negative_floor) or negative_floor >= 0):
         raise ValueError(
-            f"contrast unrelated_floor must be None or a finite log-probability < 0, got {unrelated_floor!r}"
+            f"contrast negative_floor must be None or a finite log-probability < 0, got {negative_floor!r}"
         )
+
+
+def _check_support(top_k: int, token_tau: float | None) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"contrast top_k must be a positive int, got {top_k!r}")
+    if token_tau is not None and (not _is_number(token_tau) or token_tau <= 0):
+        raise ValueError(f"contrast token_tau must be None or a finite number > 0, got {token_tau!r}")
 
 
 def contrast_logits(
-    student: Tensor,
+    student: Tensor | None,
     teacher_ref: Tensor,
-    teacher_unrelated: Tensor,
+    teacher_negative: Tensor,
     weight: float,
     *,
     anchor: str = "student",
-    unrelated_floor: float | None = None,
+    negative_floor: float | None = None,
 ) -> Tensor:
     """Target log-probabilities ``[..., V]`` from the three logit tensors (see the module docstring).
 
-    ``student``, ``teacher_ref`` (teacher reading the reference) and ``teacher_unrelated`` (teacher
-    reading an unrelated/wrong reference) are logits of equal shape. The result is detached and
-    computed in at least float32; it is normalised (its ``logsumexp`` over the last dim is 0).
+    ``student``, ``teacher_ref`` (teacher reading the reference) and ``teacher_negative`` (teacher
+    reading the negative context) are logits, or log-probabilities, of equal shape; ``student`` may be
+    None under the reference anchor, which does not read it. The result is detached and computed in
+    at least float32; it is normalised (its ``logsumexp`` over the last dim is 0).
     """
-    _check_settings(weight, anchor, unrelated_floor)
-    if not (student.shape == teacher_ref.shape == teacher_unrelated.shape):
+    _check_settings(weight, anchor, negative_floor)
+    if student is None and anchor == "student":
+        raise ValueError("contrast_logits: the student anchor needs the student's logits")
+    if not ((student is None or student.shape == teacher_ref.shape) and teacher_ref.shape == teacher_negative.shape):
         raise ValueError(
             "contrast_logits needs equal shapes, got student "
-            f"{tuple(student.shape)}, teacher_ref {tuple(teacher_ref.shape)}, "
-            f"teacher_unrelated {tuple(teacher_unrelated.shape)}"
+            f"{None if student is None else tuple(student.shape)}, teacher_ref {tuple(teacher_ref.shape)}, "
+            f"teacher_negative {tuple(teacher_negative.shape)}"
         )
     with torch.no_grad():
         logp_ref = F.log_softmax(_upcast(teacher_ref.detach()), dim=-1)
-        logp_unrelated = F.log_softmax(_upcast(teacher_unrelated.detach()), dim=-1)
-        if unrelated_floor is not None:
-            logp_unrelated = logp_unrelated.clamp(min=unrelated_floor)
+        logp_negative = F.log_softmax(_upcast(teacher_negative.detach()), dim=-1)
+        if negative_floor is not None:
+            logp_negative = logp_negative.clamp(min=negative_floor)
         if anchor == "student":
             base = F.log_softmax(_upcast(student.detach()), dim=-1)
         else:
             base = logp_ref
         if weight == 0:
             return base
-        return F.log_softmax(base + weight * (logp_ref - logp_unrelated), dim=-1)
+        return F.log_softmax(base + weight * (logp_ref - logp_negative), dim=-1)
 
 
-def pack(student: Tensor, teacher_ref: Tensor, teacher_unrelated: Tensor) -> Tensor:
-    """``[student.detach() | teacher_ref | teacher_unrelated]`` on the last dim, all detached.
+def token_weights(logp_ref: Tensor, logp_negative: Tensor, tau: float | None) -> Tensor:
+    """``KL(p_ref || p_negative) / (KL + tau)`` per row (``[N]``), the KL over the last dim.
+
+    Near 0 where the two teachers agree (a token whose distribution the reference does not change
+    beyond what the negative does), near 1 where they disagree. The KL is floored at 0 (a support
+    whose tail mass was floored may sum to slightly more than 1). ``tau`` None: every weight is 1.
+    """
+    if tau is None:
+        return torch.ones(logp_ref.shape[:-1], dtype=logp_ref.dtype, device=logp_ref.device)
+    kl = (logp_ref.exp() * (logp_ref - logp_negative)).sum(dim=-1).clamp(min=0.0)
+    return kl / (kl + tau)
+
+
+def support_target(
+    student: Tensor | None,
+    teacher_ref: Tensor,
+    teacher_negative: Tensor,
+    weight: float,
+    *,
+    anchor: str = "reference",
+    negative_floor: float | None = None,
+    top_k: int = 100,
+    token_tau: float | None = 1.0,
+) -> SupportTarget:
+    """The ``rlcsd_plugin`` target from the three ``[N, V]`` logit tensors (see the module docstring).
+
+    The support is the ``top_k`` most probable tokens of ``p_T(.|c)`` (all of them if ``top_k >= V``)
+    plus a tail bucket; the three distributions are read on it (:func:`divergences.with_tail`), the
+    target is :func:`contrast_logits` of those, and each token's weight is :func:`token_weights` of
+    the two teachers on it. ``student`` may be None under the reference anchor, which does not read
+    it. Everything is detached and in at least float32.
+    """
+    _check_settings(weight, anchor, negative_floor)
+    _check_support(top_k, token_tau)
+    if student is None and anchor == "student":
+        raise ValueError("support_target: the student anchor needs the student's logits")
+    with torch.no_grad():
+        logp_ref, logp_negative = (F.log_softmax(_upcast(x.detach()), dim=-1) for x in (teacher_ref, teacher_negative))
+        support = logp_ref.topk(min(top_k, logp_ref.shape[-1]), dim=-1).indices
+        ref_k, negative_k = with_tail(logp_ref, support), with_tail(logp_negative, support)
+        student_k = None if student is None else with_tail(F.log_softmax(_upcast(student.detach()), dim=-1), support)
+        target = contrast_logits(student_k, ref_k, negative_k, weight, anchor=anchor, negative_floor=negative_floor)
+        return SupportTarget(support, target, token_weights(ref_k, negative_k, token_tau), logp_ref)
+
+
+def pack(student: Tensor, teacher_ref: Tensor, teacher_negative: Tensor) -> Tensor:
+    """``[student.detach() | teacher_ref | teacher_negative]`` on the last dim, all detached.
 
     The three are the ``[N, D]`` hidden states (or ``[N, V]`` logits) at the same ``N`` response
     positions: the student's from the training forward, the teacher's under the reference prompt
-    and under the unrelated prompt. The result is ``chunked_divergence``'s teacher tensor.
+    and under the negative prompt. The result is ``chunked_divergence``'s teacher tensor.
     """
-    if student.dim() != 2 or not (student.shape == teacher_ref.shape == teacher_unrelated.shape):
+    if student.dim() != 2 or not (student.shape == teacher_ref.shape == teacher_negative.shape):
         raise ValueError(
             "pack needs three [N, D] tensors of equal shape, got student "
             f"{tuple(student.shape)}, teacher_ref {tuple(teacher_ref.shape)}, "
-            f"teacher_unrelated {tuple(teacher_unrelated.shape)}"
+            f"teacher_negative {tuple(teacher_negative.shape)}"
         )
-    return torch.cat([student.detach(), teacher_ref.detach(), teacher_unrelated.detach()], dim=-1)
+    return torch.cat([student.detach(), teacher_ref.detach(), teacher_negative.detach()], dim=-1)
 
 
 def unpack(packed: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,6 +207,28 @@ def unpack(packed: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
     return packed[..., :width], packed[..., width : 2 * width], packed[..., 2 * width :]
 
 
+def _packed_head(build: Callable, student_head: Callable[[Tensor], Tensor], teacher_head: Callable[[Tensor], Tensor],
+                 width: int, anchor: str) -> Callable:
+    """A head for ``chunked_divergence``: a packed chunk's parts through their heads, then ``build``.
+
+    The student part goes through ``student_head`` (the model being trained) under the student
+    anchor only (the reference anchor does not read it: ``build`` gets None, and no head product is
+    spent on it); the two teacher parts go through ``teacher_head`` (the teacher's weights, which may
+    differ). In ``"logits"`` scoring both heads are the identity and ``width`` is the vocabulary size.
+    Everything runs under ``no_grad``: no gradient reaches any part or either head's weights through
+    the target.
+    """
+    unpack(torch.empty(0, 3 * width), width)  # validates width now, not at the first chunk
+
+    def head(packed_chunk: Tensor):
+        student_part, ref_part, negative_part = unpack(packed_chunk, width)
+        with torch.no_grad():
+            student = student_head(student_part.detach()) if anchor == "student" else None
+            return build(student, teacher_head(ref_part.detach()), teacher_head(negative_part.detach()))
+
+    return head
+
+
 def contrastive_head(
     student_head: Callable[[Tensor], Tensor],
     teacher_head: Callable[[Tensor], Tensor],
@@ -145,28 +236,102 @@ def contrastive_head(
     weight: float,
     *,
     anchor: str = "student",
-    unrelated_floor: float | None = None,
+    negative_floor: float | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """A teacher head for ``chunked_divergence``: packed chunk ``[n, 3 * width]`` -> target ``[n, V]``.
+    """A teacher head: packed chunk ``[n, 3 * width]`` -> full-vocabulary target ``[n, V]``
+    (:func:`contrast_logits`; see :func:`_packed_head` for the parts and heads)."""
+    _check_settings(weight, anchor, negative_floor)
+    return _packed_head(lambda s, r, u: contrast_logits(s, r, u, weight, anchor=anchor, negative_floor=negative_floor),
+                        student_head, teacher_head, width, anchor)
 
-    The student part goes through ``student_head`` (the model being trained), the two teacher
-    parts through ``teacher_head`` (the teacher's weights, which may differ); in ``"logits"``
-    scoring both heads are the identity and ``width`` is the vocabulary size. Everything runs under
-    ``no_grad``: no gradient reaches any part or either head's weights through the target.
+
+def support_head(
+    student_head: Callable[[Tensor], Tensor],
+    teacher_head: Callable[[Tensor], Tensor],
+    width: int,
+    weight: float,
+    *,
+    anchor: str = "reference",
+    negative_floor: float | None = None,
+    top_k: int = 100,
+    token_tau: float | None = 1.0,
+) -> Callable[[Tensor], SupportTarget]:
+    """A teacher head: packed chunk ``[n, 3 * width]`` -> :class:`~opsdlab.loss.divergences.SupportTarget`
+    (:func:`support_target`; see :func:`_packed_head` for the parts and heads)."""
+    _check_settings(weight, anchor, negative_floor)
+    _check_support(top_k, token_tau)
+    return _packed_head(lambda s, r, u: support_target(s, r, u, weight, anchor=anchor, negative_floor=negative_floor,
+                                                       top_k=top_k, token_tau=token_tau),
+                        student_head, teacher_head, width, anchor)
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def _check_unrelated_solution(arm) -> None:
+    if arm.contrast_context == arm.teacher_context:
+        raise ValueError(f"contrast_context must differ from teacher_context ({arm.teacher_context!r}), "
+                         "or the contrast is zero")
+
+
+# The teacher contexts that show a solution in the reference-solution block: the incorrect sibling is
+# shown in that same block, so that both teachers read an identical template.
+SOLUTION_CONTEXTS = ("sibling", "solution")
+
+
+def _check_rlcsd_plugin(arm) -> None:
+    if arm.rollouts_per_prompt < 2:
+        raise ValueError("contrast_variant rlcsd_plugin contrasts sibling rollouts of a problem; it needs "
+                         "rollouts_per_prompt >= 2")
+    if arm.teacher_context not in SOLUTION_CONTEXTS:
+        raise ValueError(f"contrast_variant rlcsd_plugin shows the incorrect sibling in the reference-solution "
+                         f"block; teacher_context must be one of {list(SOLUTION_CONTEXTS)}, got {arm.teacher_context!r}")
+    if arm.top_k is not None:
+        raise ValueError("contrast_variant rlcsd_plugin brings its own support (contrast_top_k tokens plus a tail); "
+                         "top_k must be null")
+    if arm.divergence == "sampled_reverse_kl":
+        raise ValueError("contrast_variant rlcsd_plugin compares distributions on a support; divergence "
+                         "sampled_reverse_kl has none")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to build the contrastive teacher signal (`contrast_variant`).
+
+    `negative` names what the subtracted teacher reads (the trainer's `opsd.CONTRAST_NEGATIVES`):
+    "contrast_context" (a teacher context rendered for every row) or "incorrect_sibling". `head`
+    builds the teacher head from the tempered student and teacher heads, the packed width and the
+    arm's settings. `defaults` are arm settings it sets (the arm's own keys override them); `check`
+    raises a ValueError for arm settings it cannot run with.
     """
-    _check_settings(weight, anchor, unrelated_floor)
-    unpack(torch.empty(0, 3 * width), width)  # validates width now, not at the first chunk
 
-    def head(packed_chunk: Tensor) -> Tensor:
-        student_part, ref_part, unrelated_part = unpack(packed_chunk, width)
-        with torch.no_grad():
-            return contrast_logits(
-                student_head(student_part.detach()),
-                teacher_head(ref_part.detach()),
-                teacher_head(unrelated_part.detach()),
-                weight,
-                anchor=anchor,
-                unrelated_floor=unrelated_floor,
-            )
+    summary: str
+    negative: str
+    head: Callable
+    check: Callable
+    defaults: dict = field(default_factory=dict)
 
-    return head
+
+VARIANTS: dict[str, Variant] = {
+    "unrelated_solution": Variant(
+        "the reference teacher against the teacher reading contrast_context (another problem's solution), "
+        "full vocabulary",
+        negative="contrast_context",
+        head=lambda student_head, teacher_head, width, arm: contrastive_head(
+            student_head, teacher_head, width, arm.contrast_weight, anchor=arm.contrast_anchor,
+            negative_floor=arm.contrast_floor),
+        check=_check_unrelated_solution,
+    ),
+    "rlcsd_plugin": Variant(
+        "the RLCSD authors' OPSD plug-in (opsd_ectr): a correct sibling against an incorrect sibling, "
+        "top-k plus tail support, tokens weighted by KL / (KL + tau)",
+        negative="incorrect_sibling",
+        head=lambda student_head, teacher_head, width, arm: support_head(
+            student_head, teacher_head, width, arm.contrast_weight, anchor=arm.contrast_anchor,
+            negative_floor=arm.contrast_floor, top_k=arm.contrast_top_k, token_tau=arm.contrast_token_tau),
+        check=_check_rlcsd_plugin,
+        # The released opsd_ectr configuration: a verified sibling as the correct hint (self_rollout),
+        # every rollout distilled, forward KL (its generalized JSD at beta 0) clipped at 0.05 per entry.
+        defaults={"teacher_context": "sibling", "gate": "all", "divergence": "forward_kl", "clip_tau": 0.05},
+    ),
+}

@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "DIVERGENCES",
     "DivergenceOptions",
+    "SupportTarget",
     "chunked_divergence",
     "forward_kl",
     "jsd",
@@ -60,6 +61,7 @@ __all__ = [
     "sampled_kl_estimate",
     "sampled_reverse_kl",
     "token_entropy",
+    "with_tail",
 ]
 
 
@@ -379,15 +381,77 @@ DIVERGENCES: dict[str, DivergenceFn] = {
 }
 
 
-def _from_log_probs(fn: DivergenceFn, logp_s_NV: Tensor, logp_t_NV: Tensor, ids_N: Tensor,
+# The divergences defined by per-entry terms over a support, each by its core on log-probabilities.
+_CORES = {reverse_kl: _reverse_kl_core, forward_kl: _forward_kl_core, jsd: _jsd_core}
+
+
+# --------------------------------------------------------------------------- #
+# Targets on a per-token support with a tail bucket
+# --------------------------------------------------------------------------- #
+
+# The tail bucket's mass is at least 1 - exp(-1e-7) (about 1e-7), so its log stays finite when the
+# support holds (numerically) all the mass; the OPSD authors' released code uses the same bound.
+_TAIL_LOG_MASS_MAX = -1e-7
+
+
+def with_tail(logp_NV: Tensor, support_NK: Tensor) -> Tensor:
+    """``[N, K + 1]`` log-probabilities: those of the ``K`` support entries, then one tail bucket
+    holding the rest of the mass, ``log(1 - sum_k p_k)``.
+
+    ``logp_NV`` is a normalised log-distribution; gradients flow through the gathered entries and
+    the tail alike (the tail's mass is floored at about 1e-7, where it passes no gradient).
+    """
+    gathered_NK = logp_NV.gather(-1, support_NK)
+    log_mass_N1 = torch.logsumexp(gathered_NK, dim=-1, keepdim=True).clamp(max=_TAIL_LOG_MASS_MAX)
+    return torch.cat([gathered_NK, torch.log(-torch.expm1(log_mass_N1))], dim=-1)
+
+
+@dataclass(frozen=True)
+class SupportTarget:
+    """What a teacher head may return instead of logits: a target that lives on a per-token support.
+
+    Each token's target distribution is over ``K`` vocabulary entries (``support_NK``) and one tail
+    bucket holding the rest of the mass (``log_probs_NK1``, normalised over the ``K + 1``). The student
+    is compared with it on the same ``K + 1`` entries (:func:`with_tail` of its log-probabilities) by
+    the divergence's per-entry terms (``clip_tau`` clips each of them), and each token's loss is
+    multiplied by ``weight_N``. ``teacher_log_probs_NV`` is the full-vocabulary distribution that the
+    statistics report as the teacher's. All of it is detached and already at the sampling temperature
+    (the divergence does not divide it again).
+    """
+
+    support_NK: Tensor
+    log_probs_NK1: Tensor
+    weight_N: Tensor
+    teacher_log_probs_NV: Tensor
+
+    def rows(self, index: Tensor) -> "SupportTarget":
+        return SupportTarget(*(x.index_select(0, index) for x in (self.support_NK, self.log_probs_NK1,
+                                                                   self.weight_N, self.teacher_log_probs_NV)))
+
+
+def _support_loss(fn: DivergenceFn, logp_s_NV: Tensor, target: SupportTarget, options: DivergenceOptions) -> Tensor:
+    """The per-token loss against a :class:`SupportTarget`: ``fn``'s terms on its support, times its weights."""
+    core = _CORES.get(fn)
+    if core is None:
+        raise ValueError(f"a target on a support needs one of the divergences "
+                         f"{sorted(name for name, f in DIVERGENCES.items() if f in _CORES)}")
+    if options.top_k is not None:
+        raise ValueError("a target on a support brings its own support; top_k must be None")
+    return core(with_tail(logp_s_NV, target.support_NK), target.log_probs_NK1, options) * target.weight_N
+
+
+def _from_log_probs(fn: DivergenceFn, logp_s_NV: Tensor, target: "Tensor | SupportTarget", ids_N: Tensor,
                     options: DivergenceOptions) -> Tensor:
-    """``fn`` on full-vocabulary log-probabilities already computed (no second log-softmax)."""
+    """``fn`` on full-vocabulary log-probabilities already computed (no second log-softmax), against
+    the teacher's log-probabilities or a :class:`SupportTarget`."""
+    if isinstance(target, SupportTarget):
+        return _support_loss(fn, logp_s_NV, target, options)
     if fn is sampled_reverse_kl:
-        return _sampled_reverse_kl_core(logp_s_NV, logp_t_NV, ids_N)
-    core = {reverse_kl: _reverse_kl_core, forward_kl: _forward_kl_core, jsd: _jsd_core}.get(fn)
+        return _sampled_reverse_kl_core(logp_s_NV, target, ids_N)
+    core = _CORES.get(fn)
     if core is None:  # any other divergence: log-probabilities are valid logits
-        return fn(logp_s_NV, logp_t_NV, ids_N, options)
-    return core(*_top_k_support(logp_s_NV, logp_t_NV, options), options)
+        return fn(logp_s_NV, target, ids_N, options)
+    return core(*_top_k_support(logp_s_NV, target, options), options)
 
 
 def _lookup(name: str) -> DivergenceFn:
@@ -425,7 +489,7 @@ def token_entropy(logits_NV: Tensor) -> Tensor:
 # Hidden states -> loss, chunked and naive
 # --------------------------------------------------------------------------- #
 
-_STAT_KEYS = ("loss_N", "student_entropy_N", "teacher_entropy_N", "student_logp_N", "teacher_logp_N")
+_STAT_KEYS = ("loss_N", "student_entropy_N", "teacher_entropy_N", "student_logp_N", "teacher_logp_N", "weight_N")
 
 # One chunk's per-name row groups: (divergence fn, row indices within the chunk
 # or None meaning "all rows").
@@ -479,11 +543,12 @@ def _loss_and_stats(
     """Logits, per-token losses and detached stats for one block of rows.
 
     Returns ``(loss_sum, loss_n, student_entropy_n, teacher_entropy_n,
-    student_logp_n, teacher_logp_n)``; only ``loss_sum`` carries grad. Each
+    student_logp_n, teacher_logp_n, weight_n)``; only ``loss_sum`` carries grad. Each
     side's logits are normalized once (one log-softmax) for both the loss and
     the stats. The loss is computed first and the stats last, under
     ``no_grad``: with non-reentrant checkpointing (early stop) the backward
     recomputation then stops after the loss graph and never redoes the stats.
+    The teacher head returns logits, or a :class:`SupportTarget` that is taken as it is.
     """
     s_nV = _upcast(student_head(student_hidden_nD))
     if temperature != 1.0:
@@ -491,21 +556,26 @@ def _loss_and_stats(
     logp_s_nV = F.log_softmax(s_nV, dim=-1)  # its backward keeps only its output, not the logits
     del s_nV
     with torch.no_grad():
-        t_nV = _upcast(teacher_head(teacher_hidden_nD))
-        if temperature != 1.0:
-            t_nV = t_nV / temperature
-        logp_t_nV = F.log_softmax(t_nV, dim=-1)
-        del t_nV
+        target = teacher_head(teacher_hidden_nD)
+        if isinstance(target, SupportTarget):
+            logp_t_nV, weight_n = target.teacher_log_probs_NV, target.weight_N
+        else:
+            t_nV = _upcast(target)
+            if temperature != 1.0:
+                t_nV = t_nV / temperature
+            target = logp_t_nV = F.log_softmax(t_nV, dim=-1)
+            weight_n = logp_s_nV.new_ones(logp_s_nV.shape[0])
+            del t_nV
 
     if len(groups) == 1 and groups[0][1] is None:
-        loss_n = _from_log_probs(groups[0][0], logp_s_nV, logp_t_nV, sampled_ids_n, options)
+        loss_n = _from_log_probs(groups[0][0], logp_s_nV, target, sampled_ids_n, options)
     else:
         loss_n = logp_s_nV.new_zeros(logp_s_nV.shape[0])
         for fn, rows in groups:
             part = _from_log_probs(
                 fn,
                 logp_s_nV.index_select(0, rows),
-                logp_t_nV.index_select(0, rows),
+                target.rows(rows) if isinstance(target, SupportTarget) else target.index_select(0, rows),
                 sampled_ids_n.index_select(0, rows),
                 options,
             )
@@ -516,11 +586,12 @@ def _loss_and_stats(
         ids_n1 = sampled_ids_n.unsqueeze(-1)
         teacher_logp_n = logp_t_nV.gather(-1, ids_n1).squeeze(-1)
         teacher_entropy_n = -_rowdot(logp_t_nV.exp(), logp_t_nV)
-        del logp_t_nV
+        del logp_t_nV, target
         logp_s_nV = logp_s_nV.detach()
         student_logp_n = logp_s_nV.gather(-1, ids_n1).squeeze(-1)
         student_entropy_n = -_rowdot(logp_s_nV.exp(), logp_s_nV)
-    return loss_sum, loss_n.detach(), student_entropy_n, teacher_entropy_n, student_logp_n, teacher_logp_n
+    return (loss_sum, loss_n.detach(), student_entropy_n, teacher_entropy_n, student_logp_n, teacher_logp_n,
+            weight_n.detach())
 
 
 def _check_hidden(
@@ -602,7 +673,9 @@ def chunked_divergence(
         student_head / teacher_head: Map hidden states to logits (e.g. the
             shared ``model.lm_head``). The teacher head runs under
             ``no_grad``, so a shared head's weights get gradient only through
-            the student logits.
+            the student logits. It may return a :class:`SupportTarget`
+            instead of logits: the loss is then taken on its support and
+            weighted per token.
         sampled_ids_N: The response token at each position (``torch.long``).
         names: One divergence name for all tokens, or a list of ``N`` names
             (a "split" arm can use reverse KL on some rows and forward KL on
@@ -636,7 +709,8 @@ def chunked_divergence(
         token count), and detached ``[N]`` tensors ``loss_N``,
         ``student_entropy_N``, ``teacher_entropy_N``, ``student_logp_N`` and
         ``teacher_logp_N`` (full-vocabulary quantities, independent of
-        ``top_k``).
+        ``top_k``), and ``weight_N``, each token's loss weight (1 unless
+        a :class:`SupportTarget` sets it).
 
     Memory, without ``head_params``: each chunk runs under ``torch.utils.checkpoint.checkpoint(...,
     use_reentrant=False)``. The forward keeps only the chunk's inputs (hidden

@@ -9,9 +9,12 @@ evaluated and reported like any other arm:
 - `crisp`: the teacher is the same model told to be concise (no reference solution), reverse KL on
   every rollout, and the teacher re-copied from the student every `teacher_refresh_steps` steps
   (CRISP, arXiv 2603.05433; its published setting refreshes every 50 steps).
-- `contrastive`: OPSD whose teacher signal is contrasted with the teacher reading an unrelated
-  solution (`contrast_context`), so that what any privileged prompt shifts (style) cancels and what
-  the true reference adds remains (RLCSD, arXiv 2606.11709; `contrastive`).
+- `contrastive`: OPSD whose teacher signal is contrasted with the same teacher reading a negative
+  context, so that what any privileged prompt shifts (style) cancels and what the true reference adds
+  remains (`contrastive`). `contrast_variant` says which negative and which target:
+  `unrelated_solution` (default) contrasts with another problem's solution on the full vocabulary;
+  `rlcsd_plugin` is the RLCSD authors' OPSD plug-in (arXiv 2606.11709, `opsd_ectr` in their code):
+  an incorrect sibling rollout, a top-k-plus-tail support, tokens weighted by KL / (KL + tau).
 - `length_rl`: RLVR continued with a length-aware reward (DLER, arXiv 2510.15110: a correct
   response earns its reward only within a target length; batch-wise reward normalisation, the
   higher clip of the run's `rlvr.epsilon_high`, dynamic sampling).
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from opsdlab.stages.checks import CheckSettings
+from opsdlab.loss.contrastive import VARIANTS
 from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
 from opsdlab.stages.rlvr import VLLM_FIELDS, RLVRStageConfig, run_rlvr
 
@@ -42,6 +46,12 @@ class Method:
     train: Callable | None = None
     reference: str = ""
     uses_teacher: bool = True  # it reads the model under a teacher prompt (the pipeline checks that prompt first)
+    # settings -> further defaults that depend on the arm's other settings (contrastive: its variant's)
+    option_defaults: Callable[[dict], dict] | None = None
+
+    def defaults_for(self, settings: dict) -> dict:
+        """The defaults this method sets for an arm whose settings (before them) are `settings`."""
+        return {**self.defaults, **(self.option_defaults(settings) if self.option_defaults else {})}
 
 
 def train_opsd(model, tokenizer, examples, verifier, arm: OPSDStageConfig, stage_dir: Path, *, thinking: bool,
@@ -73,6 +83,13 @@ def train_length_rl(model, tokenizer, examples, verifier, arm: OPSDStageConfig, 
                     length_target=arm.length_target, length_target_quantile=arm.length_target_quantile)
 
 
+def _variant_defaults(settings: dict) -> dict:
+    """A contrastive arm's defaults from its `contrast_variant` (`contrastive.VARIANTS`); none for an unknown
+    name, which the arm's config check then refuses."""
+    variant = VARIANTS.get(settings.get("contrast_variant"))
+    return variant.defaults if variant is not None else {}
+
+
 METHODS: dict[str, Method] = {
     "opsd": Method("on-policy self-distillation toward the model reading the reference", train=train_opsd,
                    reference="Kim & Lee 2026"),
@@ -80,8 +97,10 @@ METHODS: dict[str, Method] = {
                     defaults={"teacher_context": "concise", "divergence": "reverse_kl", "gate": "all",
                               "teacher_weights": "periodic"},
                     train=train_opsd, reference="arXiv 2603.05433"),
-    "contrastive": Method("self-distillation on the teacher's reference signal minus its unrelated-reference signal",
-                          train=train_opsd, reference="arXiv 2606.11709"),
+    "contrastive": Method("self-distillation on the teacher's reference signal minus its signal under a negative "
+                          "context (contrast_variant: another problem's solution, or RLCSD's incorrect sibling)",
+                          train=train_opsd, reference="after arXiv 2606.11709",
+                          option_defaults=_variant_defaults),
     "length_rl": Method("RLVR continued with a truncation length penalty", train=train_length_rl,
                         reference="arXiv 2510.15110", uses_teacher=False),
     "budget": Method("no training: responses cut at a token budget, the answer forced", train=None,
@@ -109,6 +128,8 @@ def check_arm(arm: OPSDStageConfig, where: str) -> None:
             raise ValueError(f"{where}: length_reward must be one of {sorted(LENGTH_REWARDS)}, got {arm.length_reward!r}")
         if arm.rollouts_per_prompt < 2:
             raise ValueError(f"{where}: method length_rl is group-relative RL; it needs rollouts_per_prompt >= 2")
-    if arm.method == "contrastive" and arm.contrast_context == arm.teacher_context:
-        raise ValueError(f"{where}: contrast_context must differ from teacher_context ({arm.teacher_context!r}), "
-                         "or the contrast is zero")
+    if arm.method == "contrastive":
+        try:
+            VARIANTS[arm.contrast_variant].check(arm)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error

@@ -30,9 +30,9 @@ from trl.trainer.utils import pad
 from transformers import TrainerCallback
 
 from opsdlab.stages.checks import CheckSettings, attach_checks, check_settings, train_checked
-from opsdlab.loss.contrastive import ANCHORS, contrastive_head, pack
+from opsdlab.loss.contrastive import ANCHORS, VARIANTS, pack
 from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
-from opsdlab.loss.divergences import DIVERGENCES, DivergenceOptions, chunked_divergence
+from opsdlab.loss.divergences import DIVERGENCES, DivergenceOptions, SupportTarget, chunked_divergence
 from opsdlab.loss.gates import GATES, route
 from opsdlab.modeling.models import end_token_ids, head_dtype, output_head, save_policy
 from opsdlab.stages.progress import OPSD_POSTFIX, train_stage
@@ -71,11 +71,16 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     ema_rate: float = 0.05
     teacher_refresh_steps: int = 50  # teacher_weights "periodic": the teacher is re-copied from the student this often
     # method "contrastive" (`contrastive`): the target contrasts the teacher under `teacher_context` with
-    # the teacher under `contrast_context` (no privileged information); the RLCSD authors' plug-in setting.
-    contrast_context: str = "unrelated"
+    # the same teacher under a negative context; `contrast_variant` (`contrastive.VARIANTS`) says which:
+    # "unrelated_solution" (`contrast_context`, full vocabulary) or "rlcsd_plugin" (an incorrect sibling
+    # rollout, the support and token weights of the RLCSD authors' OPSD plug-in; it sets its own defaults).
+    contrast_variant: str = "unrelated_solution"
+    contrast_context: str = "unrelated"  # unrelated_solution: the negative context (no privileged information)
     contrast_weight: float = 0.5
     contrast_anchor: str = "reference"  # or "student": the target is the student tilted by the contrast
-    contrast_floor: float | None = -5.0  # lower bound of the contrast teacher's log-probabilities; null: none
+    contrast_floor: float | None = -5.0  # lower bound of the negative teacher's log-probabilities; null: none
+    contrast_top_k: int = 100  # rlcsd_plugin: the support, the reference teacher's top k tokens plus a tail bucket
+    contrast_token_tau: float | None = 1.0  # rlcsd_plugin: token loss x KL(p_c || p_w) / (KL + tau); null: x 1
     # method "length_rl": RLVR continued with a length-aware reward (`rewards.LENGTH_REWARDS`); the
     # target length is given, or the length_target_quantile of the starting checkpoint's rollout lengths.
     length_reward: str = "truncation"
@@ -124,6 +129,12 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
             raise ValueError(f"opsd: contrast_anchor must be one of {list(ANCHORS)}, got {self.contrast_anchor!r}")
         if self.contrast_weight < 0:
             raise ValueError(f"opsd: contrast_weight must be >= 0, got {self.contrast_weight}")
+        if self.contrast_variant not in VARIANTS:
+            raise ValueError(f"opsd: contrast_variant must be one of {sorted(VARIANTS)}, got {self.contrast_variant!r}")
+        if self.contrast_top_k < 1:
+            raise ValueError(f"opsd: contrast_top_k must be >= 1, got {self.contrast_top_k}")
+        if self.contrast_token_tau is not None and not 0 < self.contrast_token_tau < float("inf"):
+            raise ValueError(f"opsd: contrast_token_tau must be a number > 0 or null, got {self.contrast_token_tau}")
         if self.teacher_refresh_steps < 1:
             raise ValueError(f"opsd: teacher_refresh_steps must be >= 1, got {self.teacher_refresh_steps}")
         if self.length_target is not None and self.length_target < 1:
@@ -438,13 +449,20 @@ class OPSDTrainer(GRPOTrainer):
             for i, row in enumerate(inputs)
         ]
         device = batch["prompt_ids"].device
+        if self.opsd.method == "contrastive":  # the same teacher reads the negative prompt too
+            negatives = CONTRAST_NEGATIVES[VARIANTS[self.opsd.contrast_variant].negative](
+                self, inputs, correct, truncated, texts)
+            unpaired = [i for i, (r, prompt) in enumerate(zip(routes, negatives)) if r is not None and prompt is None]
+            for i in unpaired:  # no contrast pair: the rollout carries no loss
+                routes[i] = None
+            self._metrics["train" if self.model.training else "eval"]["opsd/contrast_unpaired"].append(
+                len(unpaired) / len(inputs))
+            # A row without a pair is never scored; its own teacher prompt fills its place.
+            contrast = [teacher_prompts[i] if prompt is None else prompt for i, prompt in enumerate(negatives)]
+            batch["contrast_prompt_ids"], batch["contrast_prompt_mask"] = self._prompt_tensors(contrast, device)
         teacher_ids, teacher_mask = self._prompt_tensors(teacher_prompts, device)
         batch.update(teacher_prompt_ids=teacher_ids, teacher_prompt_mask=teacher_mask, route=routes,
                      correct=torch.tensor(correct, device=device), truncated=torch.tensor(truncated, device=device))
-        if self.opsd.method == "contrastive":  # the same teacher reads the contrast prompt too
-            contrast = [render_prompt(self.processing_class, _example(row), thinking=self.teacher_thinking,
-                                      context=self.opsd.contrast_context) for row in inputs]
-            batch["contrast_prompt_ids"], batch["contrast_prompt_mask"] = self._prompt_tensors(contrast, device)
         return batch
 
     def _prompt_tensors(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -540,7 +558,7 @@ class OPSDTrainer(GRPOTrainer):
 
         student_head = self.scoring.head(unwrapped, self.head_dtype)
         teacher_kept = kept(teacher_scores).detach()
-        if contrast:  # the "teacher" is the contrastive target: [student | teacher | contrast teacher] -> log q
+        if contrast:  # the "teacher" is the contrastive target: [student | teacher | negative teacher] -> target
             teacher_kept = pack(kept(student_scores), teacher_kept, kept(contrast_scores))
             teacher_head = self._contrast_head(student_head, teacher_head, student_scores.shape[-1])
         loss_sum, stats = chunked_divergence(
@@ -562,25 +580,35 @@ class OPSDTrainer(GRPOTrainer):
             with torch.no_grad():  # the logged numbers in one read-back
                 logged = torch.stack([loss_sum.detach() / tokens, stats["student_entropy_N"].mean(),
                                       stats["teacher_entropy_N"].mean(),
-                                      (stats["teacher_logp_N"] - stats["student_logp_N"]).mean()]).tolist()
+                                      (stats["teacher_logp_N"] - stats["student_logp_N"]).mean(),
+                                      stats["weight_N"].mean()]).tolist()
             metrics["opsd/loss"].append(logged[0])
             metrics["opsd/kept_tokens"].append(float(tokens))
             metrics["opsd/student_entropy"].append(logged[1])
             metrics["opsd/teacher_entropy"].append(logged[2])
             metrics["opsd/teacher_minus_student_logp"].append(logged[3])
+            if contrast:
+                metrics["opsd/contrast_token_weight"].append(logged[4])
             if mode == "train":
                 self._write_token_stats(completion_ids, mask, stats, names, inputs["correct"][rows])
         return loss
 
     def _contrast_head(self, student_head, teacher_head, width: int):
-        """`contrastive.contrastive_head` at the sampling temperature T: each part's logits are divided
-        by T before the contrast, and the target's log-probabilities multiplied by T, so that the
-        divergence's own division by T leaves the target q itself."""
+        """The contrast variant's teacher head (`contrastive.VARIANTS`) at the sampling temperature T: each
+        part's logits are divided by T before the contrast. A full-vocabulary target's log-probabilities
+        are multiplied by T, so that the divergence's own division by T leaves the target q itself; a
+        `SupportTarget` is taken as it is."""
         t = self.temperature
-        head = contrastive_head(lambda h: student_head(h) / t, lambda h: teacher_head(h) / t, width,
-                                self.opsd.contrast_weight, anchor=self.opsd.contrast_anchor,
-                                unrelated_floor=self.opsd.contrast_floor)
-        return head if t == 1.0 else (lambda packed: head(packed) * t)
+        head = VARIANTS[self.opsd.contrast_variant].head(lambda h: student_head(h) / t, lambda h: teacher_head(h) / t,
+                                                         width, self.opsd)
+        if t == 1.0:
+            return head
+
+        def tempered(packed):
+            target = head(packed)
+            return target if isinstance(target, SupportTarget) else target * t
+
+        return tempered
 
     # -------------------------------------------------------------- optimizer step and checkpoints
     def create_optimizer(self, model=None):
@@ -677,6 +705,47 @@ def _correct_sibling(index: int, correct: list[bool], truncated: list[bool], tex
         if j != index and correct[j] and not truncated[j]:
             return texts[j]
     return None
+
+
+def incorrect_sibling(index: int, correct: list[bool], truncated: list[bool], group: int) -> int | None:
+    """Index of the first other rollout of `index`'s prompt group that is incorrect and ended (not
+    truncated: a complete wrong solution), or None. Groups are `group` consecutive rows."""
+    start = index - index % group
+    for j in range(start, start + group):
+        if j != index and not correct[j] and not truncated[j]:
+            return j
+    return None
+
+
+def _context_negatives(trainer, inputs, correct, truncated, texts) -> list[str]:
+    """`unrelated_solution`: every row's prompt under `contrast_context`."""
+    return [render_prompt(trainer.processing_class, _example(row), thinking=trainer.teacher_thinking,
+                          context=trainer.opsd.contrast_context) for row in inputs]
+
+
+def _sibling_negatives(trainer, inputs, correct, truncated, texts) -> list[str | None]:
+    """`rlcsd_plugin`: every row's prompt showing an incorrect sibling rollout (`incorrect_sibling`) in
+    the reference-solution block, the block its teacher prompt shows the correct one in. None for a row
+    with no contrast pair: no incorrect sibling, or, under the `sibling` teacher context, no correct one
+    (the teacher prompt would fall back to the reference solution)."""
+    group = trainer.num_generations
+    prompts = []
+    for i, row in enumerate(inputs):
+        wrong = incorrect_sibling(i, correct, truncated, group)
+        no_positive = (trainer.opsd.teacher_context == "sibling"
+                       and _correct_sibling(i, correct, truncated, texts, group) is None)
+        prompts.append(None if wrong is None or no_positive else
+                       render_prompt(trainer.processing_class, _example(row), thinking=trainer.teacher_thinking,
+                                     context="sibling", sibling=texts[wrong]))
+    return prompts
+
+
+# What the negative teacher of a contrastive arm reads, per `contrastive.Variant.negative`: one prompt per
+# row of a gated round, or None where the row has no contrast pair (it then carries no loss).
+CONTRAST_NEGATIVES: dict[str, Callable] = {
+    "contrast_context": _context_negatives,
+    "incorrect_sibling": _sibling_negatives,
+}
 
 
 def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDStageConfig, stage_dir: Path, *,
