@@ -457,7 +457,8 @@ def read_samples(path: str | Path) -> list[Sample]:
 def one_line(name: str, summary: dict) -> str:
     """A short human summary of an evaluation."""
     lo, hi = summary["avg_at_k_ci"]
-    forcing = (f"  budget {summary['budget']} ({summary['forced_samples']} of {summary['num_samples']} forced)"
+    source = f"; {summary['budget_from']}" if summary.get("budget_from") else ""
+    forcing = (f"  budget {summary['budget']} ({summary['forced_samples']} of {summary['num_samples']} forced{source})"
                if summary.get("budget") is not None else "")
     return (f"{name}: avg@{summary['samples_per_problem']} {summary['avg_at_k']:.3f} [{lo:.3f}, {hi:.3f}] "
             f"maj {summary['maj_at_k']:.3f}  mean tokens {summary['mean_response_tokens']:.1f}  "
