@@ -341,7 +341,6 @@ def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
         steps.append(Step(name, "check", start, str(start_dir), after=previous,
                           context=context if config.eval.teacher_check else None))
         previous = (name,)
-    start_evals = tuple(step.name for step in steps if step.kind == "evaluate" and step.checkpoint == start)
     for arm in config.arms:
         if METHODS[arms[arm.name].method].train is None:  # budget forcing: evaluations of the start only
             points, reads = budget_points(arms[arm.name]), made_by
@@ -370,7 +369,7 @@ def arm_settings(config: PipelineConfig, name: str) -> OPSDStageConfig:
 def budget_points(arm: OPSDStageConfig) -> list[tuple[str, tuple]]:
     """The evaluations of a `budget` arm, (label, budget) each: its `budgets` in tokens (`b64`), else
     its `budget_quantiles` of the starting checkpoint's sampled response lengths on training problems
-    (`q50`; `budget_lengths`)."""
+    (`q50`; `_measure_budget_lengths`)."""
     if arm.budgets:
         return [(f"b{tokens}", ("tokens", tokens)) for tokens in arm.budgets]
     return [(f"q{round(q * 100)}", ("quantile", q)) for q in arm.budget_quantiles]
@@ -496,7 +495,7 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
         reads, maker = made[step.source or step.checkpoint]
         if step.kind == "lengths":
             settings = {**eval_settings(config, config.task.name, config.eval.sampling, "none", verifier),
-                        "budget.quantile_of": "train", "budget.train_problems": len(lengths_problems_of(config, step))}
+                        "budget.quantile_of": "train", "budget.train_problems": lengths_problems(config, step.arm)}
             outputs.append(Output(budget_lengths_folder(run_dir, step.arm), step.name,
                                   make_record("evaluate", settings, {**(external if reads is None else {}), **data},
                                               defaults),
@@ -734,11 +733,10 @@ def budget_lengths_folder(run_dir: Path, arm: str) -> Path:
     return Path(run_dir) / "budget" / arm
 
 
-def lengths_problems_of(config: PipelineConfig, step: Step, task=None) -> list[Example]:
-    """The training problems whose response lengths set a budget arm's quantile budgets: the first
-    `LENGTH_TARGET_PROBLEMS` of the arm's `train_problems`, as a `length_rl` arm measures its target."""
-    task = task or build_task(config.task.name, config.task.options, seed=config.seed)
-    return task.examples("train", min(LENGTH_TARGET_PROBLEMS, arm_settings(config, step.arm).train_problems))
+def lengths_problems(config: PipelineConfig, arm: str) -> int:
+    """How many training problems set a budget arm's quantile budgets: the first `LENGTH_TARGET_PROBLEMS`
+    of the arm's `train_problems`, as a `length_rl` arm measures its target."""
+    return min(LENGTH_TARGET_PROBLEMS, arm_settings(config, arm).train_problems)
 
 
 def _measure_budget_lengths(run: Run, step: Step) -> None:
@@ -748,7 +746,7 @@ def _measure_budget_lengths(run: Run, step: Step) -> None:
     config, out = run.config, budget_lengths_folder(run.run_dir, step.arm)
     if main_decides(lambda: (out / "summary.json").exists()):
         return
-    examples = lengths_problems_of(config, step, run.task)
+    examples = run.task.examples("train", lengths_problems(config, step.arm))
     model, tokenizer = load_for_eval(step.model_dir, config.eval.backend, config.eval.dtype or config.model.dtype,
                                      config.model.trust_remote_code, config.eval.vllm, config.seed)
     start = time.time()
