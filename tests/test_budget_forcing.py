@@ -21,8 +21,10 @@ from opsdlab.evaluation.evaluate import (
     budget_forced_generate,
     evaluate,
     generate,
+    response_length,
     write_eval,
 )
+from opsdlab.modeling.models import end_token_ids
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.tasks.templates import shipped_template, think_close_text
 from opsdlab.tasks.verifier import VerifierConfig
@@ -32,22 +34,49 @@ EOS = "<|im_end|>"
 CLOSE = ["\n", "</think>", "\n", "\n"]  # the tiny template's think-close text, "\n</think>\n\n"
 CUE = ["The", "▁answer", "▁is", "▁\\boxed{"]
 
-# Round 1 (budget 6) in prompt-major order, k=2 per problem; both gold answers are 12.
+# What the model would write in round 1 (budget 6) in prompt-major order, k=2 per problem; both gold
+# answers are 12. The scripted backends stop each row at the cap they are given, as a model does.
 ROUND_ONE = [
-    ["▁\\boxed{", "12", "}", EOS],                     # ends within the budget: untouched
-    ["<think>", "\n", "20", "▁+", "▁22", "▁="],         # cut inside its think block: closed, then the cue
-    ["1", "12", "▁=", "▁12", "\n", "The"],             # cut, no think block: a line break, then the cue
-    ["▁\\boxed{", "7", "}", EOS],                       # ends, wrong
+    ["▁\\boxed{", "12", "}", EOS],                            # ends within the budget: untouched
+    ["<think>", "\n", "20", "▁+", "▁22", "▁=", "▁42", EOS],      # cut inside its think block: closed, then the cue
+    ["1", "12", "▁=", "▁12", "\n", "The", "▁answer", "▁is"],   # cut, no think block: a line break, then the cue
+    ["▁\\boxed{", "7", "}", EOS],                              # ends, wrong
 ]
 # Round 2 (answer_tokens 4), one row per cut response in order.
 ROUND_TWO = [
-    ["12", "}", EOS],                  # the forced answer, correct
-    ["7", "}", "▁ok", "▁ok"],          # hits the answer cap: truncated, wrong
+    ["12", "}", EOS],                          # the forced answer, correct
+    ["7", "}", "▁ok", "▁ok", "▁ok", "▁ok"],    # goes past the answer cap: truncated, wrong
 ]
 
 
 def ids_of(tokenizer, tokens):
     return tokenizer.convert_tokens_to_ids(tokens)
+
+
+def script_backends(model, tokenizer, monkeypatch, rounds):
+    """Both backends' sampling replaced by `rounds` (one list of rows per generation call, in call
+    order), each row stopped at the call's cap of new tokens; returns the list of (input ids, seeds)
+    each call received."""
+    rounds = [[ids_of(tokenizer, row) for row in rows] for rows in rounds]
+    calls = []
+
+    def capped(cap):
+        return [row[:cap] for row in rounds[len(calls) - 1]]
+
+    def generate(input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
+        calls.append(([row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)], None))
+        rows = capped(max_new_tokens)
+        padded = torch.tensor([row + [pad_token_id] * (max_new_tokens - len(row)) for row in rows])
+        return torch.cat([input_ids, padded], dim=1)
+
+    def sample(llm, token_ids, sampling, seeds, stop):
+        calls.append((token_ids, seeds))
+        return [(row, "stop" if row[-1] == tokenizer.eos_token_id else "length")
+                for row in capped(sampling.max_new_tokens)]
+
+    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(vllm_backend, "_sample", sample)
+    return calls
 
 
 @pytest.fixture
@@ -56,22 +85,7 @@ def scripted(tiny_folder, task, monkeypatch):
     from opsdlab.modeling.models import load_policy
 
     model, tokenizer = load_policy(tiny_folder)
-    rounds = {6: [ids_of(tokenizer, row) for row in ROUND_ONE], 4: [ids_of(tokenizer, row) for row in ROUND_TWO]}
-    calls = []
-
-    def generate(input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
-        rows = rounds[max_new_tokens]
-        calls.append(([row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)], None))
-        padded = torch.tensor([row + [pad_token_id] * (max_new_tokens - len(row)) for row in rows])
-        return torch.cat([input_ids, padded], dim=1)
-
-    def sample(llm, token_ids, sampling, seeds, stop):
-        calls.append((token_ids, seeds))
-        return [(row, "stop" if row[-1] == tokenizer.eos_token_id else "length")
-                for row in rounds[sampling.max_new_tokens]]
-
-    monkeypatch.setattr(model, "generate", generate)
-    monkeypatch.setattr(vllm_backend, "_sample", sample)
+    calls = script_backends(model, tokenizer, monkeypatch, [ROUND_ONE, ROUND_TWO, ROUND_ONE, ROUND_TWO])
     examples = [replace(example, answer="12") for example in task.examples("test", 2)]
     return model, tokenizer, examples, calls
 
@@ -83,7 +97,8 @@ def test_forced_layout_and_summary_by_hand(scripted, backend, tmp_path):
     sampling = SamplingConfig(k=2, max_new_tokens=50, seed=3)
     prompts = [render_prompt(tokenizer, example) for example in examples]
     generations = budget_forced_generate(backend, engine, tokenizer, prompts, sampling, budget=6, answer_tokens=4)
-    one, two = [ids_of(tokenizer, row) for row in ROUND_ONE], [ids_of(tokenizer, row) for row in ROUND_TWO]
+    one = [ids_of(tokenizer, row[:6]) for row in ROUND_ONE]  # what round 1 keeps: at most 6 tokens and the EOS
+    two = [ids_of(tokenizer, row[:4]) for row in ROUND_TWO]
     closed = ids_of(tokenizer, CLOSE + CUE)
     cue = ids_of(tokenizer, ["\n"] + CUE)
     assert [g.token_ids for g in generations] == [one[0], one[1] + closed + two[0], one[2] + cue + two[1], one[3]]
@@ -110,6 +125,36 @@ def test_forced_layout_and_summary_by_hand(scripted, backend, tmp_path):
     # counts (p1 1/2), within 16 samples 0 and 1 (p1 2/2); the truncated one never counts
     assert summary["accuracy_at_budget"] == {"3": 0.25, "9": 0.25, "15": 0.25, "16": 0.5}
     write_eval(tmp_path, samples, summary)
+
+
+# Budget 6, answer_tokens 4, k=1 on 3 problems: responses of B-1, B and B+1 tokens before their EOS.
+AT_THE_BUDGET = [
+    ["▁\\boxed{", "12", "}", "▁ok", "▁ok", EOS],                         # 5 tokens: ends within the budget
+    ["▁\\boxed{", "12", "}", "▁ok", "▁ok", "▁ok", EOS],                  # 6 tokens: exactly the budget, kept
+    ["▁\\boxed{", "12", "}", "▁ok", "▁ok", "▁ok", "▁ok", EOS],           # 7 tokens: cut after the 6th, forced
+]
+# The forced answer: exactly answer_tokens tokens before its EOS, so not truncated.
+ANSWER_AT_ITS_CAP = [["12", "}", "▁ok", "▁ok", EOS]]
+
+
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_a_response_of_exactly_the_budget_is_kept_and_one_token_more_is_forced(tiny_folder, task, monkeypatch,
+                                                                                 backend):
+    from opsdlab.modeling.models import load_policy
+
+    model, tokenizer = load_policy(tiny_folder)
+    calls = script_backends(model, tokenizer, monkeypatch, [AT_THE_BUDGET, ANSWER_AT_ITS_CAP])
+    examples = [replace(example, answer="12") for example in task.examples("test", 3)]
+    samples, summary = evaluate(None if backend == "vllm" else model, tokenizer, examples, EXACT,
+                                SamplingConfig(k=1, temperature=0.0), backend=backend, budget=6, answer_tokens=4)
+    # lengths without the EOS: 5; 6; 6 + ("\n" and the 4-token cue) 5 + 4 = 15
+    assert [(s.response_tokens, s.truncated) for s in samples] == [(5, False), (6, False), (15, False)]
+    assert summary["forced_samples"] == 1
+    # one continuation, of the 7-token response: its prompt, its first 6 tokens, the line break and the cue
+    prompt = tokenizer(render_prompt(tokenizer, examples[2]), add_special_tokens=True)["input_ids"]
+    assert calls[1][0] == [prompt + ids_of(tokenizer, AT_THE_BUDGET[2][:6] + ["\n"] + CUE)]
+    assert samples[1].text == tokenizer.decode(ids_of(tokenizer, AT_THE_BUDGET[1]), skip_special_tokens=True)
+    assert samples[2].text.endswith("ok ok ok\nThe answer is \\boxed{12} ok ok")
 
 
 def test_budgets_choose_the_accuracy_at_budget_points(scripted):
@@ -206,16 +251,18 @@ def test_responses_ending_within_the_budget_are_untouched(tiny, task):
     prompts = [render_prompt(tokenizer, example) for example in task.examples("test", 3)]
     sampling = SamplingConfig(k=4, temperature=1.0, max_new_tokens=100, seed=2)
     budget = 12
+    # room for the budget's tokens and an EOS: a response of at most 12 tokens ends within it
     unforced = generate(model, tokenizer, [p for p in prompts for _ in range(4)],
-                        replace(sampling, max_new_tokens=budget))
+                        replace(sampling, max_new_tokens=budget + 1))
     forced = budget_forced_generate("transformers", model, tokenizer, prompts, sampling, budget, answer_tokens=5)
-    ended = [i for i, g in enumerate(unforced) if not g.truncated]
+    eos = end_token_ids(tokenizer, model)
+    ended = [i for i, g in enumerate(unforced) if response_length(g, eos) <= budget]
     assert ended and len(ended) < len(unforced)  # both kinds are present
-    for before, after in zip(unforced, forced):
-        if before.truncated:
-            assert after.forced is not None and after.token_ids[:budget] == before.token_ids
-        else:
+    for index, (before, after) in enumerate(zip(unforced, forced)):
+        if index in ended:
             assert after == before  # same ids, text and flags; nothing forced
+        else:
+            assert after.forced is not None and after.token_ids[:budget] == before.token_ids[:budget]
 
 
 def test_a_generous_budget_changes_nothing(tiny, task):
@@ -292,3 +339,30 @@ def test_what_is_forced_depends_on_whether_the_reasoning_ended(tiny_folder, resp
     tokenizer = load_tokenizer(tiny_folder)
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     assert forced_text(ids, tokenizer, prompt="") == expected
+
+
+def test_eval_cli_budget_equal_to_the_longest_response_forces_nothing(tiny_folder, tmp_path):
+    """`opsdlab eval --budget B` where B is the longest response's length (EOS not counted): at B and
+    B+1 every response is the unforced one; at B-1 exactly the responses of B tokens are forced."""
+    import json
+
+    from opsdlab.cli import main
+
+    def run(name, *flags):
+        out = tmp_path / name
+        assert main(["eval", "--model", str(tiny_folder), "--problems", "3", "--k", "2", "--temperature", "1.0",
+                     "--seed", "4", "--max-new-tokens", "160", "--out", str(out), *flags]) == 0
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        return samples, json.loads((out / "summary.json").read_text())
+
+    plain, _ = run("plain")
+    assert not any(sample["truncated"] for sample in plain)  # every response ended (the seed is chosen so)
+    longest = max(sample["response_tokens"] for sample in plain)
+    for budget in (longest, longest + 1):
+        samples, summary = run(f"b{budget}", "--budget", str(budget))
+        assert summary["forced_samples"] == 0, budget
+        assert [(s["text"], s["response_tokens"]) for s in samples] == [(s["text"], s["response_tokens"]) for s in plain]
+    samples, summary = run("below", "--budget", str(longest - 1))
+    at_longest = [i for i, sample in enumerate(plain) if sample["response_tokens"] == longest]
+    assert summary["forced_samples"] == len(at_longest)
+    assert all(samples[i]["response_tokens"] > longest for i in at_longest)

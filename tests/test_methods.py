@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,10 @@ def test_the_pipeline_plans_training_for_trained_methods_and_budget_evaluations_
     assert not any(name.startswith("train opsd-forced") for name in steps)
     forced = [step for step in steps.values() if step.kind == "budget"]
     assert [step.checkpoint for step in forced] == ["opsd-forced-q25-s0", "opsd-forced-q50-s0", "opsd-forced-q75-s0"]
-    assert all(step.source == "rlvr" and "eval rlvr" in step.after for step in forced)
+    # the quantile budgets read the start's lengths on training problems, measured once, not its evaluations
+    lengths = steps["lengths forced"]
+    assert (lengths.kind, lengths.source, lengths.after) == ("lengths", "rlvr", ("train rlvr",))
+    assert all(step.source == "rlvr" and step.after == ("train rlvr", "lengths forced") for step in forced)
     assert forced[1].budget == ("quantile", 0.5)
     # the teacher prompts checked first are those of methods that read a teacher: solution (opsd,
     # contrastive) and concise (crisp), not length_rl's or budget's
@@ -108,27 +112,39 @@ def test_each_methods_outputs_record_what_shapes_them(tmp_path):
     assert "rlvr.loss_type" not in outputs["opsd/opsd-s0"].record["settings"]
     forced = outputs["eval/opsd-forced-q50-s0/synthetic"]
     assert forced.record["settings"]["budget.quantile"] == 0.5
-    assert forced.reads == tmp_path / "rlvr" and "eval rlvr" in forced.after
+    assert forced.record["settings"]["budget.quantile_of"] == "train"
+    assert forced.reads == tmp_path / "rlvr" and "lengths forced" in forced.after
+    lengths = outputs["budget/forced"]
+    assert (lengths.step, lengths.kind, lengths.reads, lengths.after) == ("lengths forced", "eval", tmp_path / "rlvr",
+                                                                         ("train rlvr",))
+    assert lengths.record["settings"]["budget.train_problems"] == 64
+    assert lengths.record["settings"]["eval.sampling.k"] == config.eval.sampling.k
 
 
-def test_explicit_budgets_name_their_evaluations_by_tokens():
-    config = load_config("tiny", ["arms=[{name: f, method: budget, budgets: [16, 48]}]"])
+def test_explicit_budgets_name_their_evaluations_by_tokens(tmp_path):
+    config = load_config("tiny", ["arms=[{name: f, method: budget, budgets: [16, 48]}]", f"run_dir={tmp_path}"])
     assert budget_points(arms_of(config)["f"]) == [("b16", ("tokens", 16)), ("b48", ("tokens", 48))]
+    steps = pipeline_steps(config, tmp_path / "base" / "model")
+    assert not any(step.kind == "lengths" for step in steps)  # nothing to measure
 
 
-def test_a_quantile_budget_reads_the_starting_checkpoints_sampled_lengths(tmp_path):
-    folder = tmp_path / "eval" / "rlvr" / "synthetic"
+def test_a_quantile_budget_reads_the_starting_checkpoints_lengths_on_training_problems(tmp_path):
+    from opsdlab.run.pipeline import budget_source
+
+    folder = tmp_path / "budget" / "f"
     folder.mkdir(parents=True)
     folder.joinpath("samples.jsonl").write_text("".join(
-        json.dumps({"problem_id": f"p{n}", "sample_index": 0, "correct": False, "answer": None, "response_tokens": n,
-                    "thinking_tokens": n, "truncated": False}) + "\n" for n in (10, 20, 30, 40, 50)))
+        json.dumps({"problem_id": f"train-{n}", "sample_index": 0, "correct": False, "answer": None,
+                    "response_tokens": n, "thinking_tokens": n, "truncated": False}) + "\n" for n in (10, 20, 30, 40, 50)))
     step = Step("eval opsd-f-q25-s0", "budget", "opsd-f-q25-s0", "m", arm="f", source="rlvr",
                 budget=("quantile", 0.25))
-    assert budget_tokens(tmp_path, step, "synthetic") == 20  # linear quantile of 10..50 at 0.25
-    assert budget_tokens(tmp_path, Step("x", "budget", "x", "m", source="rlvr", budget=("tokens", 33)),
-                         "synthetic") == 33
-    with pytest.raises(ConfigError, match="arms.f: budget_quantiles read the evaluation of rlvr on other"):
-        budget_tokens(tmp_path, step, "other")
+    assert budget_tokens(tmp_path, step) == 20  # linear quantile of 10..50 at 0.25
+    assert budget_source(tmp_path, step) == ("the 0.25 quantile of rlvr's 5 response lengths on 5 training problems "
+                                             "in budget/f")
+    tokens = Step("x", "budget", "x", "m", arm="f", source="rlvr", budget=("tokens", 33))
+    assert budget_tokens(tmp_path, tokens) == 33 and budget_source(tmp_path, tokens) == "given in tokens (budgets)"
+    with pytest.raises(ConfigError, match="arms.g: budget_quantiles read the lengths of rlvr on training problems"):
+        budget_tokens(tmp_path, replace(step, arm="g"))
 
 
 def test_every_method_is_described():
@@ -208,3 +224,39 @@ def test_the_gpu_presets_commented_method_arms_load_and_its_contrast_arm_is_the_
     assert [arm.method for arm in built.values()] == ["opsd", "crisp", "contrastive", "length_rl", "budget"]
     contrast = built["contrast"]
     assert (contrast.contrast_variant, contrast.rollouts_per_prompt, contrast.gate) == ("rlcsd_plugin", 8, "all")
+
+
+def test_a_pipelines_quantile_budget_comes_from_training_problems_not_the_evaluated_ones(tmp_path, capsys):
+    """A budget arm with a quantile budget from the tiny base model: its lengths are measured on training
+    problems (budget/<arm>/), the budget is their quantile, and the evaluation says where it came from."""
+    import numpy
+    import yaml
+
+    from opsdlab.evaluation.evaluate import read_samples
+    from opsdlab.run.pipeline import run_pipeline
+    from opsdlab.tasks import build_task
+    from test_pipeline import TINY_RUN
+
+    run = {**TINY_RUN, "run_dir": str(tmp_path / "run"), "workers": 1, "stages": ["opsd"],
+           "opsd": {**TINY_RUN["opsd"], "train_problems": 6},
+           "eval": {**TINY_RUN["eval"], "greedy": False, "base": False,
+                    "sampling": {**TINY_RUN["eval"]["sampling"], "temperature": 1.0}},
+           "arms": [{"name": "forced", "method": "budget", "budget_quantiles": [0.5]}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(run))
+    config = load_config(path)
+    run_dir = run_pipeline(config)
+    measured = read_samples(run_dir / "budget" / "forced" / "samples.jsonl")
+    task = build_task("synthetic", {}, seed=config.seed)
+    train_ids = [example.id for example in task.examples("train", 6)]
+    evaluated = {example.id for example in task.examples("test", 4)}
+    assert sorted({s.problem_id for s in measured}) == sorted(train_ids) and len(measured) == 6 * 2
+    assert not evaluated & {s.problem_id for s in measured}
+    summary = json.loads((run_dir / "eval" / "opsd-forced-q50-s0" / "synthetic" / "summary.json").read_text())
+    assert summary["budget"] == max(1, round(float(numpy.quantile([s.response_tokens for s in measured], 0.5))))
+    assert summary["budget_from"] == ("the 0.5 quantile of base's 12 response lengths on 6 training problems "
+                                      "in budget/forced")
+    out = capsys.readouterr().out
+    assert f"[budget] forced: budgets q50 {summary['budget']} tokens, quantiles of base's 12 response lengths on 6 " \
+           "training problems" in out
+    assert "forced; the 0.5 quantile of base's 12 response lengths on 6 training problems in budget/forced)" in out

@@ -183,6 +183,75 @@ def test_wrong_answers_rejected(prediction, gold):
     assert not is_correct(boxed(prediction), gold, MATH)
 
 
+# --- scientific notation (Minerva's golds are written `4.5e33`) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold"),
+    [
+        ("4.5 \\times 10^{33}", "4.5e33"),
+        ("4.5e33", "4.5 \\times 10^{33}"),
+        ("4.5 \\times 10^33", "4.5e33"),           # exponent without braces
+        ("4.5\\times10^{33}", "4.5E+33"),
+        ("4.5 \\cdot 10^{33}", "4.5e33"),
+        ("4.5x10^{33}", "4.5e33"),
+        ("4.5 x 10^33", "4.5e33"),
+        ("4.5 × 10^{33}", "4.5e33"),
+        ("4.5*10^33", "4.5e33"),
+        ("-4.5 \\times 10^{33}", "-4.5e33"),       # negative mantissa
+        ("−4.5 \\times 10^{33}", "-4.5e33"),       # written with a minus sign
+        ("4.5 \\times 10^{-3}", "4.5e-3"),         # negative exponent
+        ("4.5 \\times 10^-3", "4.5e-3"),
+        ("4.5x10^{-3}", "0.0045"),
+        ("0.0045", "4.5e-3"),
+        ("4500000000000000000000000000000000", "4.5e33"),
+        ("45 \\times 10^{32}", "4.5e33"),          # another mantissa, the same number
+        ("4.50e33", "4.5e33"),
+        ("1.5 \\times 10^{-30}", "1.5e-30"),
+        ("$4.5 \\times 10^{33}$", "4.5e33"),
+        ("(1 \\times 10^{-3}, 2 \\times 10^{-3})", "(1e-3, 2e-3)"),  # inside an expression: e-notation read as a number
+    ],
+)
+def test_scientific_notation_matches_the_same_number(prediction, gold):
+    assert is_correct(boxed(prediction), gold, MATH)
+    assert math_verify_equal(prediction, gold)  # without the string shortcut
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold"),
+    [
+        ("4.5e32", "4.5e33"),
+        ("4.5 \\times 10^{32}", "4.5e33"),
+        ("4.5 \\times 10^{33}", "-4.5e33"),
+        ("-4.5 \\times 10^{33}", "4.5e33"),
+        ("4.5 \\times 10^{3}", "4.5e-3"),
+        ("4.5 \\times 10^{-33}", "4.5e-34"),
+        ("1.6 \\times 10^{-30}", "1.5e-30"),   # on its own scale math-verify's 6 decimal places would take it
+        ("0.0046", "4.5e-3"),
+        ("4.51e33", "4.5e33"),
+        ("4.5", "4.5e33"),
+        ("1e600", "1e601"),
+        ("1e999999", "1e-999999"),
+    ],
+)
+def test_scientific_notation_rejects_another_number(prediction, gold):
+    assert not is_correct(boxed(prediction), gold, MATH)
+
+
+def test_scientific_number_reads_each_spelling():
+    from decimal import Decimal
+
+    from opsdlab.tasks.verifier import scientific_number
+
+    assert scientific_number("4.5e33") == (Decimal("4.5e33"), 33)
+    assert scientific_number("-4.5 \\times 10^{-3}") == (Decimal("-0.0045"), -3)
+    assert scientific_number("4.5 \\cdot 10^{+2}") == (Decimal("450"), 2)
+    assert scientific_number("4.5x10^7") == (Decimal("4.5e7"), 7)
+    assert scientific_number("0.25") == (Decimal("0.25"), None)
+    assert scientific_number("x10^3") is None and scientific_number("e33") is None
+    assert scientific_number("4.5 \\times 10^{33} \\text{ erg}") is None
+
+
 @pytest.mark.parametrize(
     "hostile",
     ["9^{9^{9^{9}}}", "(10^{10})!", "2^{2^{40}}", "\\prod_{k=1}^{10^{9}} k", "{" * 15 + "1" + "}" * 15],
@@ -234,3 +303,31 @@ def test_a_different_gold_answer_is_rejected(name):
             if is_correct(boxed(p), g, MATH):
                 failures.append(f"{pred_id} answer {p!r} accepted for {gold_id} gold {g!r}")
     assert not failures, f"{name}: wrong answers accepted:\n" + "\n".join(failures)
+
+
+def test_eval_cli_grades_scientific_notation_against_a_minerva_style_gold(tiny_folder, tmp_path, monkeypatch):
+    """`opsdlab eval --data FILE` on golds written `4.5e33`: the right number in any spelling is
+    correct, a wrong power of ten is not (the responses are scripted; everything else is the CLI's)."""
+    from opsdlab.evaluation import evaluate
+    from opsdlab.cli import main
+
+    data = tmp_path / "minerva.jsonl"
+    rows = [("4.5e33", "\\boxed{4.5 \\times 10^{33}}"), ("4.5e33", "\\boxed{4.5 \\times 10^{32}}"),
+            ("-1.2e-5", "\\boxed{-1.2x10^{-5}}"), ("6e23", "\\boxed{6 \\cdot 10^{23}}")]
+    data.write_text("".join(json.dumps({"problem": f"problem {i}", "answer": gold}) + "\n"
+                            for i, (gold, _) in enumerate(rows)))
+
+    def scripted(model, tokenizer, prompts, sampling, desc):
+        texts = [response for (_, response) in rows for _ in range(sampling.k)]
+        return [evaluate.Generation(tokenizer(text, add_special_tokens=False)["input_ids"], text, False)
+                for text in texts]
+
+    monkeypatch.setitem(evaluate.BACKENDS, "transformers",
+                        evaluate.Backend(evaluate.BACKENDS["transformers"].load, scripted,
+                                         evaluate.BACKENDS["transformers"].extend))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tiny_folder), "--data", str(data), "--temperature", "0",
+                 "--out", str(out)]) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [sample["correct"] for sample in samples] == [True, False, True, True]
+    assert json.loads((out / "summary.json").read_text())["verifier"]["compare"] == "math_verify"

@@ -511,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts generated together (default: the run's eval.sampling.batch_size, else 128)")
     p.add_argument("--budget", type=int, default=None,
-                   help="budget forcing: cut each response at N tokens (in place of --max-new-tokens), close its "
-                        "thinking and let the model write the answer in at most 32 more tokens (default: off)")
+                   help="budget forcing: cut each response after N tokens, its EOS not counted (in place of "
+                        "--max-new-tokens), close its thinking and let the model write the answer in at most 32 more "
+                        "tokens (default: off)")
     p.add_argument("--context", default="none",
                    help="prompt role: none (the student's) or a teacher context: solution, answer, sibling, unrelated, "
                         "concise (default: none)")

@@ -496,8 +496,9 @@ MEANINGS = {
                                      "starting checkpoint's rollout lengths",
     "OPSDStageConfig.length_target_quantile": "length_rl: which quantile of the starting lengths is the target",
     "OPSDStageConfig.budgets": "budget: the token budgets evaluated; empty: budget_quantiles of the starting "
-                               "checkpoint's evaluated lengths",
-    "OPSDStageConfig.budget_quantiles": "budget: the quantiles of the starting lengths used as budgets",
+                               "checkpoint's lengths on training problems",
+    "OPSDStageConfig.budget_quantiles": "budget: the quantiles of the starting checkpoint's lengths on 64 training "
+                                        "problems (sampled as the evaluation samples) used as budgets",
     "OPSDStageConfig.budget_answer_tokens": "budget: tokens the model may write after the forced end of thinking",
     "EvalSection.budgets": "the budgets of each summary's accuracy_at_budget; empty: a ladder from the lengths",
     "OPSDStageConfig.gate": "which rollouts are trained on, by outcome: all, correct, incorrect, "

@@ -13,9 +13,10 @@ batches) or `vllm` (`vllm_backend`, vLLM's engine). Both receive the same prompt
 the same `Generation` records, so grading, lengths and the written files do not depend on the backend.
 
 With a token `budget`, responses are budget-forced (s1-style), the compaction baseline that trains
-nothing: each response is cut at `budget` tokens; one that has not ended there gets the chat
-template's think-close text (if its think block is still open) and an answer cue appended, and the
-model writes at most `answer_tokens` more (`budget_forced_generate`).
+nothing: each response is cut at `budget` tokens (not counting its closing EOS, as its reported length
+does not); one that has not ended there gets the chat template's think-close text (if its think
+block is still open) and an answer cue appended, and the model writes at most `answer_tokens` more
+(`budget_forced_generate`).
 """
 
 from __future__ import annotations
@@ -326,21 +327,36 @@ def forced_text(response_ids: list[int], tokenizer, prompt: str, cue: str = ANSW
     return "\n" + cue
 
 
+def within(generation: Generation, cap: int, tokenizer, eos_ids: set[int]) -> Generation:
+    """A response sampled with room for one token more than `cap`, as one capped at `cap` response
+    tokens: kept when it ended within them (its closing EOS not counted, as `response_length`
+    counts), else its first `cap` ids, truncated. A cap on `max_new_tokens` alone would count the
+    EOS, and cut a response of exactly `cap` tokens."""
+    if response_length(generation, eos_ids) <= cap:
+        return generation
+    ids = generation.token_ids[:cap]
+    return Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), True)
+
+
 def budget_forced_generate(backend: str, model, tokenizer, prompts: list[str], sampling: SamplingConfig,
                            budget: int, answer_tokens: int = 32, cue: str = ANSWER_CUE,
                            desc: str = "eval") -> list[Generation]:
     """k budget-forced responses per prompt, prompt-major (as a backend's `generate`).
 
-    Round 1 samples at most `budget` tokens (in place of `sampling.max_new_tokens`, with the same
-    seed: a response that ends within the budget is the one an unforced run with that cap draws, and
-    is kept as it is). A response cut at the budget continues from its own ids: the prompt ids, its
-    round-1 ids and the tokenized `forced_text`, from which round 2 samples at most `answer_tokens`
-    tokens (seed `sampling.seed + 1`). Its ids are round 1, the forced ids and round 2, all counted
-    in its length; it is `truncated` when round 2 also hit its cap.
+    Round 1 samples at most `budget` response tokens, not counting the closing EOS, as reported
+    lengths do not (`within`: `budget` + 1 new tokens in place of `sampling.max_new_tokens`, with
+    the same seed: a response that ends within the budget is the one an unforced run with that cap
+    draws, and is kept as it is). A response still going after `budget` tokens is cut there and
+    continues from its own ids: the prompt ids, its first `budget` ids and the tokenized
+    `forced_text`, from which round 2 samples at most `answer_tokens` tokens, counted the same way
+    (seed `sampling.seed + 1`). Its ids are round 1, the forced ids and round 2, all counted in its
+    length; it is `truncated` when round 2 also hit its cap.
     """
     check_budget(budget, answer_tokens)
     engine = BACKENDS[check_backend(backend)]
-    first = engine.generate(model, tokenizer, prompts, replace(sampling, max_new_tokens=budget), desc)
+    eos_ids = end_token_ids(tokenizer, model)
+    first = [within(generation, budget, tokenizer, eos_ids) for generation in
+             engine.generate(model, tokenizer, prompts, replace(sampling, max_new_tokens=budget + 1), desc)]
     repeated = [p for p in prompts for _ in range(sampling.k)]
     cut = [row for row, generation in enumerate(first) if generation.truncated]
     if not cut:
@@ -351,10 +367,11 @@ def budget_forced_generate(backend: str, model, tokenizer, prompts: list[str], s
                         add_special_tokens=False)["input_ids"] for row in cut]
     second = engine.extend(model, tokenizer,
                            [ids + first[row].token_ids + extra for ids, row, extra in zip(prompt_ids, cut, forced)],
-                           replace(sampling, k=1, max_new_tokens=answer_tokens, seed=sampling.seed + 1), cut,
+                           replace(sampling, k=1, max_new_tokens=answer_tokens + 1, seed=sampling.seed + 1), cut,
                            f"{desc} (forced answers)")
     out = list(first)
     for row, extra, answer in zip(cut, forced, second):
+        answer = within(answer, answer_tokens, tokenizer, eos_ids)
         ids = first[row].token_ids + extra + answer.token_ids
         start = len(first[row].token_ids)
         out[row] = Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), answer.truncated,
@@ -440,7 +457,8 @@ def read_samples(path: str | Path) -> list[Sample]:
 def one_line(name: str, summary: dict) -> str:
     """A short human summary of an evaluation."""
     lo, hi = summary["avg_at_k_ci"]
-    forcing = (f"  budget {summary['budget']} ({summary['forced_samples']} of {summary['num_samples']} forced)"
+    source = f"; {summary['budget_from']}" if summary.get("budget_from") else ""
+    forcing = (f"  budget {summary['budget']} ({summary['forced_samples']} of {summary['num_samples']} forced{source})"
                if summary.get("budget") is not None else "")
     return (f"{name}: avg@{summary['samples_per_problem']} {summary['avg_at_k']:.3f} [{lo:.3f}, {hi:.3f}] "
             f"maj {summary['maj_at_k']:.3f}  mean tokens {summary['mean_response_tokens']:.1f}  "

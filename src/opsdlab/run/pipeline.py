@@ -10,6 +10,8 @@ A run directory holds everything a report needs and is how a run resumes:
     opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl (each arm's
                                 compaction method: `methods.METHODS`; a `budget` arm trains nothing)
     eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
+    budget/<arm>/               a budget arm with quantile budgets: the starting checkpoint's sampled
+                                responses to training problems, whose lengths set its budgets
 
 A finished stage has `model/COMPLETE`; a finished evaluation has `summary.json`. Rerunning skips
 both, and a stage killed midway resumes from its last checkpoint; nothing finished is rewritten.
@@ -59,7 +61,7 @@ from opsdlab.run.preflight import check_inputs
 from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 from opsdlab.run.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
-from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
+from opsdlab.stages.rlvr import LENGTH_TARGET_PROBLEMS, RLVRStageConfig, run_rlvr
 from opsdlab.modeling.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
                              wait_for_everyone)
 from opsdlab.stages.sft import SFTStageConfig, TeacherProbe, run_sft
@@ -143,12 +145,14 @@ def eval_runs(config: PipelineConfig, teacher_context: str | None) -> list[tuple
 
 def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: PipelineConfig, task, sets: dict,
                         teacher_context: str | None = None, announce_skips: bool = True,
-                        outputs: dict | None = None, budgets: dict | None = None, answer_tokens: int = 32) -> dict:
+                        outputs: dict | None = None, budgets: dict | None = None, answer_tokens: int = 32,
+                        notes: dict | None = None) -> dict:
     """Evaluate one checkpoint on every set (sampled, greedy, and the teacher prompt if asked); cached.
 
     Every process takes part (each evaluates its share of the problems); the main process writes
     the files, and every process returns, once they are written, their summaries by set name.
-    `budgets` (set name -> tokens) evaluates under budget forcing (`evaluate`'s `budget`).
+    `budgets` (set name -> tokens) evaluates under budget forcing (`evaluate`'s `budget`); `notes`
+    are added to each summary (a budget's source, `budget_from`).
     """
     verifier = verifier_of(config, task)
     results, model, tokenizer, skipped = {}, None, None, 0
@@ -177,7 +181,7 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
                                                     context=context, desc=f"eval {name}/{set_name}{suffix}",
                                                     **forcing, **shared_budgets(config))
                 if is_main_process():
-                    summary.update(checkpoint=name, dtype=dtype)
+                    summary.update(checkpoint=name, dtype=dtype, **(notes or {}))
                     if out in outputs:
                         write_record(out, outputs[out].expected())
                     write_eval(out, samples, summary)
@@ -281,8 +285,8 @@ class Step:
     context: str | None = None  # the teacher prompt evaluated beside the student's (evaluate, check)
     arm: str | None = None      # opsd: the arm's name and its OPSD seed
     opsd_seed: int = 0
-    source: str | None = None   # budget: the checkpoint it evaluates under budget forcing
-    budget: tuple = ()          # budget: ("tokens", B) or ("quantile", q) of the source's response lengths
+    source: str | None = None   # budget, lengths: the checkpoint it evaluates (under budget forcing) or measures
+    budget: tuple = ()          # budget: ("tokens", B) or ("quantile", q) of the source's lengths on training problems
 
 
 @dataclass(frozen=True)
@@ -337,13 +341,17 @@ def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
         steps.append(Step(name, "check", start, str(start_dir), after=previous,
                           context=context if config.eval.teacher_check else None))
         previous = (name,)
-    start_evals = tuple(step.name for step in steps if step.kind == "evaluate" and step.checkpoint == start)
     for arm in config.arms:
         if METHODS[arms[arm.name].method].train is None:  # budget forcing: evaluations of the start only
-            for label, budget in budget_points(arms[arm.name]):
+            points, reads = budget_points(arms[arm.name]), made_by
+            if any(kind == "quantile" for _, (kind, _) in points):  # measured on training problems first
+                steps.append(Step(f"lengths {arm.name}", "lengths", start, str(start_dir), after=made_by,
+                                  arm=arm.name, source=start))
+                reads = made_by + (f"lengths {arm.name}",)
+            for label, budget in points:
                 name = f"opsd-{arm.name}-{label}-s0"
-                steps.append(Step(f"eval {name}", "budget", name, str(start_dir), after=made_by + start_evals,
-                                  arm=arm.name, source=start, budget=budget))
+                steps.append(Step(f"eval {name}", "budget", name, str(start_dir), after=reads, arm=arm.name,
+                                  source=start, budget=budget))
             continue
         for seed in config.opsd_seeds:
             name = f"opsd-{arm.name}-s{seed}"
@@ -360,7 +368,8 @@ def arm_settings(config: PipelineConfig, name: str) -> OPSDStageConfig:
 
 def budget_points(arm: OPSDStageConfig) -> list[tuple[str, tuple]]:
     """The evaluations of a `budget` arm, (label, budget) each: its `budgets` in tokens (`b64`), else
-    its `budget_quantiles` of the starting checkpoint's own sampled response lengths (`q50`)."""
+    its `budget_quantiles` of the starting checkpoint's sampled response lengths on training problems
+    (`q50`; `_measure_budget_lengths`)."""
     if arm.budgets:
         return [(f"b{tokens}", ("tokens", tokens)) for tokens in arm.budgets]
     return [(f"q{round(q * 100)}", ("quantile", q)) for q in arm.budget_quantiles]
@@ -484,12 +493,22 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
             made[step.checkpoint] = (folder, step.name)
             continue
         reads, maker = made[step.source or step.checkpoint]
-        # A budget evaluation also reads the start's evaluation (its quantile budgets), as its step says.
+        if step.kind == "lengths":
+            settings = {**eval_settings(config, config.task.name, config.eval.sampling, "none", verifier),
+                        "budget.quantile_of": "train", "budget.train_problems": lengths_problems(config, step.arm)}
+            outputs.append(Output(budget_lengths_folder(run_dir, step.arm), step.name,
+                                  make_record("evaluate", settings, {**(external if reads is None else {}), **data},
+                                              defaults),
+                                  after=(maker,) if maker else (), kind="eval", reads=reads))
+            continue
+        # A budget evaluation also reads the measured lengths (its quantile budgets), as its step says.
         after = step.after if step.kind == "budget" else ((maker,) if maker else ())
         forcing = {}
         if step.kind == "budget":
             forcing = {f"budget.{step.budget[0]}": step.budget[1], "arm": step.arm,
                        "opsd.budget_answer_tokens": arm_settings(config, step.arm).budget_answer_tokens}
+            if step.budget[0] == "quantile":
+                forcing["budget.quantile_of"] = "train"
         for name in config.eval.sets:
             for suffix, sampling, context in eval_runs(config, step.context):
                 folder = eval_folder(run_dir, step.checkpoint, f"{set_label(name)}{suffix}")
@@ -592,7 +611,7 @@ def unplanned_outputs(run_dir: Path, outputs: list[Output]) -> list[Path]:
     """Trained arms and evaluations in the run directory that the current config does not make
     (say an arm since removed, or greedy evaluations after eval.greedy=false)."""
     planned = {output.folder for output in outputs}
-    found = [*run_dir.glob("opsd/*"), *run_dir.glob("eval/*/*")]
+    found = [*run_dir.glob("opsd/*"), *run_dir.glob("eval/*/*"), *run_dir.glob("budget/*")]
     return sorted(folder for folder in found if folder.is_dir() and folder not in planned)
 
 
@@ -709,26 +728,77 @@ def _evaluate(run: Run, step: Step) -> None:
                         teacher_context=step.context, announce_skips=step.kind == "evaluate", outputs=run.outputs)
 
 
-def budget_tokens(run_dir: Path, step: Step, set_name: str) -> int:
-    """The token budget of a budget-forcing evaluation on one set: given, or the quantile of the
-    starting checkpoint's sampled response lengths on that set (its evaluation must exist)."""
+def budget_lengths_folder(run_dir: Path, arm: str) -> Path:
+    """Where a budget arm's measured lengths live: budget/<arm>/ (summary.json, samples.jsonl)."""
+    return Path(run_dir) / "budget" / arm
+
+
+def lengths_problems(config: PipelineConfig, arm: str) -> int:
+    """How many training problems set a budget arm's quantile budgets: the first `LENGTH_TARGET_PROBLEMS`
+    of the arm's `train_problems`, as a `length_rl` arm measures its target."""
+    return min(LENGTH_TARGET_PROBLEMS, arm_settings(config, arm).train_problems)
+
+
+def _measure_budget_lengths(run: Run, step: Step) -> None:
+    """A budget arm's lengths: the starting checkpoint sampled as the evaluation samples (eval.sampling)
+    on training problems, written to budget/<arm>/. A budget set on the problems it is then scored on
+    would fit them; training problems are what every other arm learns from."""
+    config, out = run.config, budget_lengths_folder(run.run_dir, step.arm)
+    if main_decides(lambda: (out / "summary.json").exists()):
+        return
+    examples = run.task.examples("train", lengths_problems(config, step.arm))
+    model, tokenizer = load_for_eval(step.model_dir, config.eval.backend, config.eval.dtype or config.model.dtype,
+                                     config.model.trust_remote_code, config.eval.vllm, config.seed)
+    start = time.time()
+    samples, summary = evaluate_sharded(model, tokenizer, examples, run.verifier, config.eval.sampling,
+                                        backend=config.eval.backend, thinking=config.task.thinking,
+                                        desc=f"lengths {step.source} for {step.arm}", **shared_budgets(config))
+    if is_main_process():
+        summary.update(checkpoint=step.source, problems="train")
+        write_record(out, run.outputs[out].expected())
+        write_eval(out, samples, summary)
+        budgets = ", ".join(f"{label} {budget_tokens(run.run_dir, replace(step, budget=point))}"
+                            for label, point in budget_points(arm_settings(config, step.arm)))
+        log(run.run_dir, f"[budget] {step.arm}: budgets {budgets} tokens, quantiles of {step.source}'s "
+                         f"{len(samples)} response lengths on {len(examples)} training problems",
+            kind="eval", checkpoint=step.source, set="train", seconds=round(time.time() - start, 1))
+    wait_for_everyone()
+
+
+def budget_tokens(run_dir: Path, step: Step) -> int:
+    """The token budget of a budget-forcing evaluation: given, or the quantile of the starting
+    checkpoint's sampled response lengths on training problems (`_measure_budget_lengths`), one
+    budget for every evaluation set."""
     kind, value = step.budget
     if kind == "tokens":
         return int(value)
-    samples = eval_folder(run_dir, step.source, set_name) / "samples.jsonl"
+    samples = budget_lengths_folder(run_dir, step.arm) / "samples.jsonl"
     if not samples.exists():
-        raise ConfigError(f"arms.{step.arm}: budget_quantiles read the evaluation of {step.source} on {set_name} "
-                          f"({samples}), which does not exist; give budgets in tokens (budgets=[...]) instead")
+        raise ConfigError(f"arms.{step.arm}: budget_quantiles read the lengths of {step.source} on training problems "
+                          f"({samples}), which were not measured; give budgets in tokens (budgets=[...]) instead")
     lengths = [sample.response_tokens for sample in read_samples(samples)]
     return max(1, round(float(numpy.quantile(lengths, value))))
+
+
+def budget_source(run_dir: Path, step: Step) -> str:
+    """Where a budget evaluation's budget came from, in words, for its summary and log line."""
+    kind, value = step.budget
+    if kind == "tokens":
+        return "given in tokens (budgets)"
+    samples = read_samples(budget_lengths_folder(run_dir, step.arm) / "samples.jsonl")
+    problems = len({sample.problem_id for sample in samples})
+    return (f"the {value} quantile of {step.source}'s {len(samples)} response lengths on {problems} training "
+            f"problems in {budget_lengths_folder(run_dir, step.arm).relative_to(run_dir)}")
 
 
 def _evaluate_budget(run: Run, step: Step) -> None:
     """A `budget` arm's evaluation: its starting checkpoint with each response cut at the budget."""
     arm = arm_settings(run.config, step.arm)
-    budgets = {name: budget_tokens(run.run_dir, step, name) for name in run.sets}
+    budget = budget_tokens(run.run_dir, step)
     evaluate_checkpoint(run.run_dir, step.checkpoint, Path(step.model_dir), run.config, run.task, run.sets,
-                        outputs=run.outputs, budgets=budgets, answer_tokens=arm.budget_answer_tokens)
+                        outputs=run.outputs, budgets={name: budget for name in run.sets},
+                        answer_tokens=arm.budget_answer_tokens,
+                        notes={"budget_from": budget_source(run.run_dir, step)})
 
 
 def _check_teacher(run: Run, step: Step) -> None:
@@ -753,6 +823,7 @@ STEP_KINDS = {
     "evaluate": _evaluate,
     "check": _check_teacher,
     "budget": _evaluate_budget,
+    "lengths": _measure_budget_lengths,
 }
 
 
@@ -803,7 +874,7 @@ def _run_step_in_worker(config: PipelineConfig, step: Step, threads: int) -> Non
 
 # Rough relative cost of each kind of step, for the order in which ready steps start: a training
 # stage takes several times as long as one checkpoint's evaluations on the demo and on real models.
-STEP_COSTS = {"sft": 4, "rlvr": 4, "opsd": 4, "evaluate": 1, "check": 1, "budget": 1}
+STEP_COSTS = {"sft": 4, "rlvr": 4, "opsd": 4, "evaluate": 1, "check": 1, "budget": 1, "lengths": 1}
 
 
 def step_priorities(steps: list[Step]) -> dict:

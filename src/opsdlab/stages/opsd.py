@@ -87,7 +87,8 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     length_target: int | None = None
     length_target_quantile: float = 0.5
     # method "budget": no training; the starting checkpoint evaluated with its response cut at each
-    # budget and the answer forced. Budgets in tokens, or the quantiles of its own evaluated lengths.
+    # budget and the answer forced. Budgets in tokens, or quantiles of its sampled lengths on training
+    # problems (never on the problems it is scored on).
     budgets: tuple = ()
     budget_quantiles: tuple = (0.25, 0.5, 0.75)
     budget_answer_tokens: int = 32

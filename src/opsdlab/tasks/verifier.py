@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal, DecimalException
 from importlib import metadata
 
 import sympy
@@ -249,9 +250,67 @@ def _too_expensive(parsed: list) -> bool:
     return False
 
 
+# Scientific notation: a mantissa times a power of ten, written `4.5e33`, `4.5 \times 10^{33}`,
+# `4.5 \cdot 10^{-3}` or `4.5x10^33` (also with `×`, `·` or `*`, and `−` for a minus). math-verify
+# reads `4.5e33` as 4.5·e·33 (Euler's e) and `4.5x10^{33}` as a product with a variable x.
+_MANTISSA = r"\d+(?:\.\d*)?|\.\d+"
+_NUMBER_WRITTEN = re.compile(
+    rf"(?P<mantissa>[-+]?(?:{_MANTISSA}))\s*"
+    r"(?:[eE](?P<e>[-+]?\d+)|(?:\\times|\\cdot|[x×X·*])\s*10\s*\^\s*(?:\{\s*(?P<braced>[-+]?\d+)\s*\}|(?P<bare>[-+]?\d+)))?")
+_E_NOTATION = re.compile(rf"(?<![\w.])(?P<mantissa>{_MANTISSA})[eE](?P<exponent>[-+]?\d+)(?![\w.])")
+
+
+def scientific_number(answer: str) -> tuple[Decimal, int | None] | None:
+    """A whole answer that is a number: its exact value, and the power of ten it is written with
+    (`4.5e33`, `-4.5 \\times 10^{33}`, `4.5 \\cdot 10^{-3}`, `4.5x10^33`: 33, 33, -3, 33; None for a
+    plain decimal such as `0.0045`). None when the answer is not a number."""
+    match = _NUMBER_WRITTEN.fullmatch(normalize(answer).replace("\u2212", "-"))
+    if match is None:
+        return None
+    written = match.group("e") or match.group("braced") or match.group("bare")
+    value = Decimal(match.group("mantissa"))
+    if written is None:
+        return value, None
+    try:
+        return value.scaleb(int(written)), int(written)
+    except DecimalException:  # beyond Decimal's exponent range: no answer is that large or small
+        return None
+
+
+def _on_one_scale(predicted: str, gold: str) -> tuple[str, str] | None:
+    """Two numbers, at least one in scientific notation, as plain decimals divided by one power of
+    ten (the gold's, else the prediction's): `4.5e33` against `4.5 \\times 10^{33}` is `4.5` against
+    `4.5`, and `4.5e32` against it `0.45`. On the gold's scale math-verify's comparison to 6 decimal
+    places keeps 6 places of the mantissa; on their own scale `1.5e-30` would equal `1.6e-30`.
+    None (compare as written) unless both are numbers, or when a plain form would be too long for
+    the size guards."""
+    a, b = scientific_number(predicted), scientific_number(gold)
+    if a is None or b is None or (a[1] is None and b[1] is None):
+        return None
+    power = b[1] if b[1] is not None else a[1]
+    try:
+        scaled = [value.scaleb(-power) for value, _ in (a, b)]
+    except DecimalException:
+        return None
+    if any(value and abs(value.adjusted()) > MAX_PREDICTION_CHARS for value in scaled):
+        return None
+    return format(scaled[0], "f"), format(scaled[1], "f")
+
+
+def _as_power_of_ten(answer: str) -> str:
+    """Scientific notation in the form math-verify reads as a number: a whole answer such as
+    `4.5x10^33` -> `4.5 \\times 10^{33}`, and each `4.5e-3` in an answer -> `4.5 \\times 10^{-3}`."""
+    whole = scientific_number(answer)
+    if whole is not None and whole[1] is not None:
+        value, power = whole
+        return f"{format(value.scaleb(-power), 'f')} \\times 10^{{{power}}}"
+    return _E_NOTATION.sub(lambda m: f"{m.group('mantissa')} \\times 10^{{{int(m.group('exponent'))}}}", answer)
+
+
 def _prepare(answer: str) -> str:
-    """Spellings math-verify does not read, rewritten to ones it does (`90°` -> `90^\\circ`)."""
-    return answer.replace("°", "^\\circ").replace("\\degree", "^\\circ")
+    """Spellings math-verify does not read, rewritten to ones it does (`90°` -> `90^\\circ`,
+    `4.5e33` -> `4.5 \\times 10^{33}`)."""
+    return _as_power_of_ten(answer.replace("°", "^\\circ").replace("\\degree", "^\\circ"))
 
 
 @functools.lru_cache(maxsize=8192)
@@ -275,6 +334,7 @@ def math_verify_equal(predicted: str, gold: str) -> bool:
     a, b = normalize(predicted), normalize(gold)
     if not a or not b:
         return False
+    a, b = _on_one_scale(a, b) or (a, b)
     if len(a) > MAX_PREDICTION_CHARS or _bracket_depth(a) > MAX_BRACKET_DEPTH:
         return False
     try:
