@@ -20,6 +20,13 @@ evaluated and reported like any other arm:
 
 A method may set defaults of the arm's `opsd` settings (`Method.defaults`): the arm's own overrides
 still win, so `{method: crisp, gate: correct}` is CRISP on correct rollouts only.
+
+What an arm needs of its training data follows from the prompts its teacher reads: `Method.contexts`
+names the arm keys that choose them (`opsd` and `crisp`: teacher_context; `contrastive`: teacher_context
+and contrast_context; `length_rl` and `budget`: none), and `prompts.CONTEXT_READS` what each context
+shows. `solution_keys` is the result: the default `opsd` arm (solution) and `contrastive` (its
+`unrelated` contrast) need a reference solution per problem; `crisp` (concise), `length_rl`, `budget`
+and an `answer`-context arm train on problems and answers alone.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 
 from opsdlab.checks import CheckSettings
 from opsdlab.opsd import OPSDStageConfig, run_opsd
+from opsdlab.prompts import CONTEXT_READS
 from opsdlab.rlvr import VLLM_FIELDS, RLVRStageConfig, run_rlvr
 
 
@@ -41,7 +49,14 @@ class Method:
     defaults: dict = field(default_factory=dict)
     train: Callable | None = None
     reference: str = ""
-    uses_teacher: bool = True  # it reads the model under a teacher prompt (the pipeline checks that prompt first)
+    # The arm keys that name the prompt contexts (`prompts.TEACHER_CONTEXTS`) its teacher reads; what
+    # each context reads of a problem is `prompts.CONTEXT_READS`.
+    contexts: tuple = ("teacher_context",)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether it reads the model under a teacher prompt (the pipeline checks that prompt first)."""
+        return bool(self.contexts)
 
 
 def train_opsd(model, tokenizer, examples, verifier, arm: OPSDStageConfig, stage_dir: Path, *, thinking: bool,
@@ -81,11 +96,11 @@ METHODS: dict[str, Method] = {
                               "teacher_weights": "periodic"},
                     train=train_opsd, reference="arXiv 2603.05433"),
     "contrastive": Method("self-distillation on the teacher's reference signal minus its unrelated-reference signal",
-                          train=train_opsd, reference="arXiv 2606.11709"),
+                          train=train_opsd, reference="arXiv 2606.11709",
+                          contexts=("teacher_context", "contrast_context")),
     "length_rl": Method("RLVR continued with a truncation length penalty", train=train_length_rl,
-                        reference="arXiv 2510.15110", uses_teacher=False),
-    "budget": Method("no training: responses cut at a token budget, the answer forced", train=None,
-                     uses_teacher=False),
+                        reference="arXiv 2510.15110", contexts=()),
+    "budget": Method("no training: responses cut at a token budget, the answer forced", train=None, contexts=()),
 }
 
 
@@ -112,3 +127,10 @@ def check_arm(arm: OPSDStageConfig, where: str) -> None:
     if arm.method == "contrastive" and arm.contrast_context == arm.teacher_context:
         raise ValueError(f"{where}: contrast_context must differ from teacher_context ({arm.teacher_context!r}), "
                          "or the contrast is zero")
+
+
+def solution_keys(arm: OPSDStageConfig) -> list[str]:
+    """The arm's keys (`key=context`) whose teacher prompt reads each training problem's reference
+    solution (`prompts.CONTEXT_READS`); empty when the arm trains on problem + answer data."""
+    return [f"{key}={getattr(arm, key)}" for key in METHODS[arm.method].contexts
+            if CONTEXT_READS[getattr(arm, key)] == "solution"]
