@@ -77,8 +77,9 @@ def test_an_arm_that_reads_solutions_is_refused_before_any_model_loads(tmp_path,
 
 
 def test_the_rlvr_command_trains_on_problems_and_answers(tmp_path, tiny_folder, problems_and_answers):
-    assert main(["rlvr", "--model", str(tiny_folder), "--out", str(tmp_path / "rlvr"), "--data", str(problems_and_answers),
-                 "group_size=2", *(f"{key}={value}" for key, value in SMALL.items())]) == 0
+    assert main(["rlvr", "--model", str(tiny_folder), "--out", str(tmp_path / "rlvr"),
+                 "--data", str(problems_and_answers), "group_size=2",
+                 *(f"{key}={value}" for key, value in SMALL.items())]) == 0
     assert (tmp_path / "rlvr" / "model" / "model.safetensors").exists()
 
 
@@ -125,7 +126,8 @@ def test_a_malformed_row_is_named_before_any_worker_starts(tmp_path, tiny_folder
 def test_a_rerun_after_the_training_data_changed_names_the_change(tmp_path, tiny_folder, problems_and_answers, capsys):
     """A stage that started on one version of the file (its record written, nothing finished) and a
     rerun on another: the refusal names the changed input, not a remade model."""
-    config_file = _config(tmp_path, tiny_folder, problems_and_answers, [{"name": "answer", "teacher_context": "answer"}])
+    arms = [{"name": "answer", "teacher_context": "answer"}]
+    config_file = _config(tmp_path, tiny_folder, problems_and_answers, arms)
     config = load_config(config_file)
     rlvr = next(output for output in pipeline.run_outputs(config) if output.step == "train rlvr")
     write_record(rlvr.folder, rlvr.expected())

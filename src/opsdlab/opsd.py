@@ -148,7 +148,7 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
         if min(self.chunk_size, self.max_steps, self.prompts_per_step, self.gradient_accumulation_steps) < 1:
             raise ValueError("opsd: chunk_size, max_steps, prompts_per_step and gradient_accumulation_steps "
                              "must be >= 1")
-        check_ranges("opsd", self)  # the learning rate, the sampling temperature (both sides' logits are divided by it) ...
+        check_ranges("opsd", self)  # learning rate, temperature (both sides' logits are divided by it) ...
         self.divergence_options()  # validates beta, clip_tau, top_k
         check_vllm_fields("opsd", self)
         check_settings("opsd", self)

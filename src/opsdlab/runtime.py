@@ -240,8 +240,9 @@ def check_ranges(stage: str, config) -> None:
             raise ValueError(f"{stage}: {name} must be {allowed} ({why}), got {value!r}")
     schedule = getattr(config, "lr_scheduler_type", None)
     if schedule is not None and schedule not in LR_SCHEDULERS:
-        raise ValueError(f"{stage}: lr_scheduler_type must be one of {list(LR_SCHEDULERS)} (transformers' others need "
-                         f"an evaluation strategy or scheduler arguments that the stages do not pass), got {schedule!r}")
+        raise ValueError(f"{stage}: lr_scheduler_type must be one of {list(LR_SCHEDULERS)} (transformers' others "
+                         "need an evaluation strategy or scheduler arguments that the stages do not pass), got "
+                         f"{schedule!r}")
 
 
 def resume_point(stage_dir: Path) -> str | None:
