@@ -52,13 +52,13 @@ import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
 from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
-from opsdlab.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
+from opsdlab.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.metrics import Sample, summarize
 from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.methods import METHODS
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.preflight import check_inputs
-from opsdlab.prompts import CONTROL_CONTEXTS
+from opsdlab.prompts import CONTEXT_READS, CONTROL_CONTEXTS
 from opsdlab.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
 from opsdlab.rlvr import LENGTH_TARGET_PROBLEMS, RLVRStageConfig, run_rlvr
