@@ -51,8 +51,8 @@ def _examples_and_verifier(args, split: str, count: int | None = None):
     if args.data == "synthetic":
         task = build_task("synthetic")
         return pair_unrelated(task.examples(split, count or 200)), _verifier(args, task.default_verifier)
-    columns = parse_column_map(args.columns) if args.columns else ColumnMap(solution=None)
-    examples = load_examples(args.data, columns, split=split, limit=count)
+    columns = parse_column_map(args.columns) if args.columns else ColumnMap()
+    examples = load_examples(args.data, columns, split=split, limit=count, optional_solution=True)
     return pair_unrelated(examples), _verifier(args, FileTask.default_verifier)
 
 
@@ -256,6 +256,9 @@ def cmd_sft(args) -> int:
 
         raise ConfigError("sft.probe_every: the SFT teacher probe runs in `opsdlab pipeline` (it grades held-out "
                           "problems from the OPSD teacher's prompt); set sft.probe_every in a pipeline config")
+    from opsdlab.run.preflight import SFT_READER
+
+    _check_stage_inputs(args, config, [SFT_READER])
     if args.data == "synthetic":
         task = build_task("synthetic")
         if args.model == "tiny":
@@ -270,6 +273,21 @@ def cmd_sft(args) -> int:
     out = run_sft(model, tokenizer, rows, config, Path(args.out), seed=args.seed)
     print(f"sft: wrote {out}")
     return 0
+
+
+def _check_stage_inputs(args, config, readers: list[str]) -> None:
+    """What a stage command can check before its model loads: its batch split over the launch's
+    processes, and a training file's rows (`preflight.check_training_data`; `readers` are what reads
+    each problem's reference solution)."""
+    from opsdlab.modeling.runtime import launch_processes
+
+    config.per_device_batch(launch_processes())
+    if args.data == "synthetic":
+        return
+    from opsdlab.tasks.data import ColumnMap, parse_column_map
+    from opsdlab.run.preflight import check_training_data
+
+    check_training_data(args.data, parse_column_map(args.columns) if args.columns else ColumnMap(), "train", readers)
 
 
 def _train_examples(args, count: int):
@@ -287,6 +305,7 @@ def cmd_rlvr(args) -> int:
     from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
+    _check_stage_inputs(args, config, [])  # GRPO reads the answers alone
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
     model, tokenizer = load_policy(args.model, args.dtype)
@@ -298,12 +317,14 @@ def cmd_rlvr(args) -> int:
 
 def cmd_opsd(args) -> int:
     from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, one_line
+    from opsdlab.stages.methods import solution_keys
     from opsdlab.modeling.models import load_policy
     from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
     from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
                         stage="opsd")
+    _check_stage_inputs(args, config, [f"opsd.{key}" for key in solution_keys(config)])
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
     model, tokenizer = load_policy(args.model, args.dtype)

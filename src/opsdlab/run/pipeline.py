@@ -52,13 +52,13 @@ import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
 from opsdlab.tasks.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
-from opsdlab.evaluation.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
+from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.evaluation.metrics import Sample, summarize
 from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.stages.methods import METHODS
 from opsdlab.stages.opsd import OPSDStageConfig
 from opsdlab.run.preflight import check_inputs
-from opsdlab.tasks.prompts import CONTROL_CONTEXTS
+from opsdlab.tasks.prompts import CONTEXT_READS, CONTROL_CONTEXTS
 from opsdlab.run.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
 from opsdlab.stages.rlvr import LENGTH_TARGET_PROBLEMS, RLVRStageConfig, run_rlvr

@@ -1,8 +1,12 @@
-"""Everything a run needs that can be checked before a model loads: folders, files, extras.
+"""Everything a run needs that can be checked before a model loads: folders, files, extras, and the
+training data itself.
 
-A GPU run that fails after loading a model, or after hours of RLVR, for a missing evaluation file or
-an uninstalled tracker wastes the time it ran; `check_inputs` names every missing piece at once,
-each with where to get it, in seconds.
+A GPU run that fails after loading a model, or after hours of RLVR, for a missing evaluation file,
+an uninstalled tracker or a bad row of its training file wastes the time it ran; `check_inputs` names
+every missing piece at once, each with where to get it, in seconds. The training file is read whole
+here (`check_training_data`): a row that cannot be used is named by file, row and field before any
+model loads or worker starts, and a reference solution is asked of every row only where something
+reads it (`solution_readers`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import importlib.util
 from pathlib import Path
 
 from opsdlab.config import ConfigError, PipelineConfig
-from opsdlab.tasks.data import LOCAL_FORMATS
+from opsdlab.tasks.data import LOCAL_FORMATS, ColumnMap, DataError, load_examples, parse_column_map
+from opsdlab.stages.methods import solution_keys
+from opsdlab.tasks.prompts import CONTEXT_READS
 
 # What each `report_to` value needs installed (`pip install -e ".[wandb]"` installs wandb).
 TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow",
@@ -35,8 +41,11 @@ def installed(module: str) -> bool:
 
 
 def check_inputs(config: PipelineConfig) -> None:
-    """Raise one ConfigError listing every missing piece of `config`'s run, or return."""
+    """Raise one ConfigError listing every missing or unusable piece of `config`'s run (one line for
+    one), or return."""
     problems = missing_model(config) + missing_data(config) + missing_extras(config)
+    if len(problems) == 1:
+        raise ConfigError(f"{problems[0]} (nothing was loaded)")
     if problems:
         raise ConfigError(f"{len(problems)} thing(s) this run needs are missing (nothing was loaded):\n  "
                           + "\n  ".join(problems))
@@ -61,10 +70,19 @@ def missing_data(config: PipelineConfig) -> list[str]:
         train = config.task.options.get("train")
         if not train:
             problems.append("task.options.train: the file task needs a training set (a JSONL/parquet file with "
-                            "problem, solution and answer columns, or a Hub dataset name)")
+                            "problem and answer columns, and solution where SFT or a teacher prompt reads it; or a "
+                            "Hub dataset name)")
         elif is_local_name(str(train)) and not Path(train).expanduser().is_file():
-            problems.append(f"task.options.train: {train} not found (rows with problem, solution and answer; map "
-                            "other column names with task.options.columns=problem=question,answer=final)")
+            problems.append(f"task.options.train: {train} not found (rows with problem and answer, and solution "
+                            "where SFT or a teacher prompt reads it; map other column names with "
+                            "task.options.columns=problem=question,answer=final)")
+        else:
+            columns = config.task.options.get("columns")
+            try:
+                check_training_data(str(train), parse_column_map(columns) if columns else ColumnMap(),
+                                    config.task.options.get("split", "train"), solution_readers(config))
+            except DataError as error:
+                problems.append(f"task.options.train: {error}")
     for name in config.eval.sets:
         if name in ("synthetic", config.task.name) or not is_local_name(name):
             continue
@@ -74,6 +92,37 @@ def missing_data(config: PipelineConfig) -> list[str]:
                      if source else "a JSONL/parquet file with problem and answer fields")
             problems.append(f"eval.sets: {name} not found: {where}; pass your paths with eval.sets=[a.jsonl,b.jsonl]")
     return problems
+
+
+SFT_READER = "sft (its targets are the solutions)"
+
+
+def solution_readers(config: PipelineConfig) -> list[str]:
+    """What in `config`'s run reads each training problem's reference solution: SFT (its targets are
+    the solutions) and every OPSD arm whose teacher prompt shows one (`methods.solution_keys`). RLVR
+    reads only the answer."""
+    readers = [SFT_READER] if "sft" in config.stages else []
+    if "opsd" in config.stages:
+        readers += [f"arms.{arm.name}.{key}" for arm in config.arms for key in solution_keys(config.arm_config(arm))]
+    return readers
+
+
+def check_training_data(source: str, columns: ColumnMap, split: str, readers: list[str]) -> None:
+    """Read the training problems before any model loads (or worker starts) and raise a DataError naming
+    the file, row and field of the first unusable one: not parsed, without a problem or an answer, or,
+    when `readers` (what reads them, `solution_readers`) is not empty, without a reference solution."""
+    examples = load_examples(source, columns, split=split, optional_solution=True)
+    if not readers or all(example.solution.strip() for example in examples):
+        return
+    *others, last = [context for context, field in CONTEXT_READS.items() if field != "solution"]
+    why = (f"{', '.join(readers)} read{'s' if len(readers) == 1 else ''} each problem's reference solution; give one "
+           f"in every row, or train without what reads it (RLVR and the teacher contexts {', '.join(others)} and "
+           f"{last} need none)")
+    try:
+        load_examples(source, columns, split=split, require_solution=True)  # raises at the first row without one
+    except DataError as error:
+        raise DataError(f"{error}; {why}") from None
+    raise DataError(f"{source}: some rows have no reference solution; {why}")
 
 
 def missing_extras(config: PipelineConfig) -> list[str]:

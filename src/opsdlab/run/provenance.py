@@ -134,6 +134,10 @@ def write_record(folder: Path, record: dict) -> None:
     (folder / RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
+# The difference of an output whose model input (the stage it starts from or evaluates) was remade.
+REMADE_INPUT = "its input model changed"
+
+
 def differences(stored: dict | None, expected: dict) -> list[str]:
     """What differs between the record an output carries and the one the current config would
     write, one `key: old -> new` item each (settings, then inputs, then the code version).
@@ -231,7 +235,7 @@ def stale_outputs(outputs: list[Output], legacy: dict | None = None) -> tuple[di
         diffs = [] if stored is not None and stored.get("fingerprint") == expected["fingerprint"] else \
             differences(stored, expected)
         if not diffs and stale_steps & set(output.after):
-            diffs = ["its input model changed"]
+            diffs = [REMADE_INPUT]
         if diffs:
             stale[output.folder] = diffs
             stale_steps.add(output.step)
@@ -260,15 +264,16 @@ def describe_stale(run_dir: Path, outputs: list[Output], stale: dict) -> str:
             step = by_folder[folder].step
             if step not in keys[diff]:
                 keys[diff].append(step)
-    direct = [diff for diff in keys if not diff.startswith("its input ")]
+    # A changed setting or user input (an edited data file) is a reason of its own; a changed model
+    # input only follows from a stage that was remade, which its own line names.
+    direct = [diff for diff in keys if diff != REMADE_INPUT]
     summary = "; ".join(direct[:6]) + (f"; and {len(direct) - 6} more" if len(direct) > 6 else "")
     steps = sorted({by_folder[folder].step for folder in stale})
     lines = [f"{run_dir} holds results made with other settings ({summary or 'a model they read was remade'}); nothing was "
              f"changed. Use a new --run-dir, or add --redo changed to redo the {len(steps)} affected step(s)"]
     for diff in direct:
         lines.append(f"  {diff}  (in {', '.join(keys[diff][:4])}{' ...' if len(keys[diff]) > 4 else ''})")
-    downstream = sorted({step for diff, step_list in keys.items() if diff.startswith("its input ")
-                         for step in step_list})
+    downstream = sorted({step for diff, step_list in keys.items() if diff == REMADE_INPUT for step in step_list})
     if downstream:
         lines.append(f"  and what reads them: {', '.join(downstream[:8])}{' ...' if len(downstream) > 8 else ''}")
     return "\n".join(lines)

@@ -23,6 +23,13 @@ evaluated and reported like any other arm:
 
 A method may set defaults of the arm's `opsd` settings (`Method.defaults`): the arm's own overrides
 still win, so `{method: crisp, gate: correct}` is CRISP on correct rollouts only.
+
+What an arm needs of its training data follows from the prompts its teacher reads: `Method.contexts`
+names the arm keys that choose them (`opsd` and `crisp`: teacher_context; `contrastive`: teacher_context
+and contrast_context; `length_rl` and `budget`: none), and `prompts.CONTEXT_READS` what each context
+shows. `solution_keys` is the result: the default `opsd` arm (solution) and `contrastive` (its
+`unrelated` contrast) need a reference solution per problem; `crisp` (concise), `length_rl`, `budget`
+and an `answer`-context arm train on problems and answers alone.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pathlib import Path
 from opsdlab.stages.checks import CheckSettings
 from opsdlab.loss.contrastive import VARIANTS
 from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+from opsdlab.tasks.prompts import CONTEXT_READS
 from opsdlab.stages.rlvr import VLLM_FIELDS, RLVRStageConfig, run_rlvr
 
 
@@ -45,9 +53,16 @@ class Method:
     defaults: dict = field(default_factory=dict)
     train: Callable | None = None
     reference: str = ""
-    uses_teacher: bool = True  # it reads the model under a teacher prompt (the pipeline checks that prompt first)
+    # The arm keys that name the prompt contexts (`prompts.TEACHER_CONTEXTS`) its teacher reads; what
+    # each context reads of a problem is `prompts.CONTEXT_READS`.
+    contexts: tuple = ("teacher_context",)
     # settings -> further defaults that depend on the arm's other settings (contrastive: its variant's)
     option_defaults: Callable[[dict], dict] | None = None
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether it reads the model under a teacher prompt (the pipeline checks that prompt first)."""
+        return bool(self.contexts)
 
     def defaults_for(self, settings: dict) -> dict:
         """The defaults this method sets for an arm whose settings (before them) are `settings`."""
@@ -100,11 +115,10 @@ METHODS: dict[str, Method] = {
     "contrastive": Method("self-distillation on the teacher's reference signal minus its signal under a negative "
                           "context (contrast_variant: another problem's solution, or RLCSD's incorrect sibling)",
                           train=train_opsd, reference="after arXiv 2606.11709",
-                          option_defaults=_variant_defaults),
+                          option_defaults=_variant_defaults, contexts=("teacher_context", "contrast_context")),
     "length_rl": Method("RLVR continued with a truncation length penalty", train=train_length_rl,
-                        reference="arXiv 2510.15110", uses_teacher=False),
-    "budget": Method("no training: responses cut at a token budget, the answer forced", train=None,
-                     uses_teacher=False),
+                        reference="arXiv 2510.15110", contexts=()),
+    "budget": Method("no training: responses cut at a token budget, the answer forced", train=None, contexts=()),
 }
 
 
@@ -133,3 +147,10 @@ def check_arm(arm: OPSDStageConfig, where: str) -> None:
             VARIANTS[arm.contrast_variant].check(arm)
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from error
+
+
+def solution_keys(arm: OPSDStageConfig) -> list[str]:
+    """The arm's keys (`key=context`) whose teacher prompt reads each training problem's reference
+    solution (`prompts.CONTEXT_READS`); empty when the arm trains on problem + answer data."""
+    return [f"{key}={getattr(arm, key)}" for key in METHODS[arm.method].contexts
+            if CONTEXT_READS[getattr(arm, key)] == "solution"]

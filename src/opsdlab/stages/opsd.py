@@ -40,7 +40,7 @@ from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.loss.rewards import VerifierReward
 from opsdlab.stages.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
                           concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
-from opsdlab.modeling.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish
+from opsdlab.modeling.runtime import JsonlMetrics, check_ranges, is_main_process, save_trained, warn_if_updates_vanish
 from opsdlab.stages.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
 from opsdlab.tasks.verifier import VerifierConfig
 from opsdlab.evaluation.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
@@ -155,14 +155,12 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
                              "generation batch against a group of at least 2)")
         if self.lora_r < 0:
             raise ValueError(f"opsd: lora_r must be >= 0, got {self.lora_r}")
-        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
-            raise ValueError(f"opsd: temperature must be a number > 0 (rollouts are sampled and both sides' "
-                             f"logits divided by it), got {self.temperature!r}")
         if self.min_kept_rollouts < 0 or self.refill_max_rounds < 1:
             raise ValueError("opsd: min_kept_rollouts must be >= 0 and refill_max_rounds >= 1")
         if min(self.chunk_size, self.max_steps, self.prompts_per_step, self.gradient_accumulation_steps) < 1:
             raise ValueError("opsd: chunk_size, max_steps, prompts_per_step and gradient_accumulation_steps "
                              "must be >= 1")
+        check_ranges("opsd", self)  # learning rate, temperature (both sides' logits are divided by it) ...
         self.divergence_options()  # validates beta, clip_tau, top_k
         check_vllm_fields("opsd", self)
         check_settings("opsd", self)

@@ -30,8 +30,8 @@ from opsdlab.modeling.models import end_token_ids
 from opsdlab.stages.progress import RLVR_POSTFIX, train_stage
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward, format_reward
-from opsdlab.modeling.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, main_decides,
-                             per_device_rows, precision_kwargs, process_device, save_trained,
+from opsdlab.modeling.runtime import (JsonlMetrics, check_ranges, check_world_size, common_training_args, launch_processes,
+                             main_decides, per_device_rows, precision_kwargs, process_device, save_trained,
                              warn_if_updates_vanish)
 from opsdlab.tasks.verifier import VerifierConfig
 from opsdlab.evaluation.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
@@ -125,6 +125,7 @@ class RLVRStageConfig(VLLMGeneration, CheckSettings):
             raise ValueError("rlvr: prompts_per_step, max_steps and gradient_accumulation_steps must be >= 1")
         if self.dynamic_sampling_max_rounds < 1:
             raise ValueError("rlvr: dynamic_sampling_max_rounds must be >= 1")
+        check_ranges("rlvr", self)
         check_vllm_fields("rlvr", self)
         check_settings("rlvr", self)
 

@@ -20,7 +20,7 @@ from trl import SFTConfig, SFTTrainer
 from opsdlab.tasks.data import Example
 from opsdlab.evaluation.evaluate import SamplingConfig, evaluate
 from opsdlab.stages.progress import SFT_POSTFIX, train_stage
-from opsdlab.modeling.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes,
+from opsdlab.modeling.runtime import (JsonlMetrics, check_ranges, check_world_size, common_training_args, launch_processes,
                              per_device_rows, read_jsonl, save_trained, warn_if_updates_vanish)
 from opsdlab.tasks.verifier import VerifierConfig
 
@@ -73,12 +73,11 @@ class SFTStageConfig:
             raise ValueError(f"sft: batching must be one of {sorted(BATCHING)}, got {self.batching!r}")
         if min(self.rows, self.max_steps, self.batch_size, self.gradient_accumulation_steps) < 1:
             raise ValueError("sft: rows, max_steps, batch_size and gradient_accumulation_steps must be >= 1")
-        if self.learning_rate <= 0:
-            raise ValueError(f"sft: learning_rate must be > 0, got {self.learning_rate}")
         if self.probe_every < 0 or self.probe_problems < 1 or self.probe_k < 1 or self.probe_temperature < 0:
             raise ValueError(f"sft: need probe_every >= 0, probe_problems >= 1, probe_k >= 1 and "
                              f"probe_temperature >= 0, got {self.probe_every}, {self.probe_problems}, "
                              f"{self.probe_k} and {self.probe_temperature}")
+        check_ranges("sft", self)
 
     def per_device_batch(self, num_processes: int) -> int:
         """Rows per device per micro-batch on `num_processes` processes (an error if uneven)."""

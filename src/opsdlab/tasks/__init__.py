@@ -38,7 +38,9 @@ class FileTask:
         if self.train is None:
             raise ValueError("task 'file' needs `train` (a jsonl/parquet path or a datasets name)")
         if self._cache is None:
-            self._cache = load_examples(self.train, self.columns, split=self.split)
+            # Reference solutions are optional: RL and the OPSD contexts that show no solution train on
+            # problems and answers alone (`preflight.check_training_data` names what reads them).
+            self._cache = load_examples(self.train, self.columns, split=self.split, optional_solution=True)
         return self._cache
 
     def examples(self, split: str, count: int | None) -> list[Example]:
