@@ -40,8 +40,9 @@ def test_missing_extras_are_named_with_how_to_install_them(tmp_path, monkeypatch
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "test.jsonl").write_text("")
     config = load_config("qwen3-1.7b", [f"model.init={tmp_path / 'model'}", f"task.options.train={tmp_path / 'train.jsonl'}",
-                                        "eval.sets=[synthetic]", "rlvr.report_to=wandb", "task.name=file"])
+                                        f"eval.sets=[{tmp_path / 'test.jsonl'}]", "rlvr.report_to=wandb", "task.name=file"])
     with pytest.raises(ConfigError) as error:
         check_inputs(config)
     text = str(error.value)
