@@ -714,11 +714,12 @@ def training_problems(config: PipelineConfig, task) -> list[Example]:
 
 
 def all_check_problems(config: PipelineConfig) -> list[Example]:
-    """The held-out problems any stage of the run checks on (`check_problems`; the same first ones for all)."""
+    """The held-out problems any stage of the run checks on: those of the stage that checks on the most
+    (`check_problems` gives every stage the first ones of one list)."""
     stages = [config.rlvr] if "rlvr" in config.stages else []
     stages += [config.arm_config(arm) for arm in config.arms] if "opsd" in config.stages else []
-    checked = [problems for stage in stages if (problems := check_problems(config, stage))]
-    return max(checked, key=len, default=[])
+    checking = [stage for stage in stages if stage.check_every]
+    return check_problems(config, max(checking, key=lambda stage: stage.check_problems)) if checking else []
 
 
 def problem_sets(run: Run) -> dict[str, list[Example]]:
@@ -727,7 +728,7 @@ def problem_sets(run: Run) -> dict[str, list[Example]]:
     train = config.task.options.get("train") if config.task.name == "file" else None
     sets = {f"the training problems{f' ({train})' if train else ''}": training_problems(config, run.task),
             "the check problems": all_check_problems(config)}
-    sets.update({f"evaluation set {name}": examples for name, examples in run.sets.items()})
+    sets.update({f"evaluation set {name}": examples for name, examples in zip(config.eval.sets, run.sets.values())})
     return sets
 
 
