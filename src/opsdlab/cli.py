@@ -521,9 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="k samples per problem: avg@k, pass@k, maj@k, lengths, truncation",
         description="Evaluate a model folder. When --model lies inside a pipeline run directory (or --run-dir is "
-                    "given), that run's task, problems, verifier, thinking, sampling and dtype are the defaults, so "
-                    "the result is the run's own evaluation; flags given override them. Every flag and the problems "
-                    "are checked before the model loads.")
+                    "given), that run's settings about the model (thinking, sampling, dtype, backend) are the "
+                    "defaults; on the run's own sets (its task's held-out split, or a file of its eval.sets) so are "
+                    "its problem count, columns and verifier, so the result is the run's own evaluation, while any "
+                    "other file gets a file's defaults (every row, the math verifier). One line says which setting "
+                    "came from where; flags given override them. Every flag and the problems are checked before the "
+                    "model loads.")
     p.add_argument("--model", required=True,
                    help="Hugging Face model folder (with config.json), e.g. runs/demo/rlvr/model (required)")
     p.add_argument("--run-dir", default=None,
@@ -534,19 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "default options); or a jsonl/json/parquet/csv path or Hub dataset name (default: synthetic)")
     p.add_argument("--columns", default=None,
                    help="column mapping of a data file, e.g. problem=question,answer=final; a file without a solution "
-                        "column is fine unless --context reads solutions (default: the run's eval.columns, else the "
-                        "columns id, problem, solution, answer)")
+                        "column is fine unless --context reads solutions (default: the run's eval.columns for a file "
+                        "of its eval.sets, else the columns id, problem, solution, answer)")
     p.add_argument("--problems", type=int, default=None,
-                   help="evaluate the first N problems (default: the run's eval.problems, else 200 synthetic problems "
-                        "or every row of a file)")
+                   help="evaluate the first N problems (default: the run's eval.problems on its own sets, else 200 "
+                        "held-out problems of a generated task, or every row of any other file)")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="render prompts with thinking on or off (default: the run's task.thinking, else on)")
     p.add_argument("--extract", default=None,
-                   help="answer extraction: last_boxed, first_boxed or last_number (default: the run's verifier, else "
-                        "the task's: last_boxed)")
+                   help="answer extraction: last_boxed, first_boxed or last_number (default: the run's verifier on its "
+                        "own sets, else last_boxed)")
     p.add_argument("--compare", default=None,
-                   help="answer comparison: math_verify or exact (default: the run's verifier, else the task's: exact "
-                        "for synthetic, math_verify for a file)")
+                   help="answer comparison: math_verify or exact (default: the run's verifier on its own sets, else "
+                        "exact for a generated task's held-out problems, math_verify for any other file)")
     p.add_argument("--out", default="eval_out", help="folder for summary.json and samples.jsonl (default: eval_out)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous result in --out (default: off; a result there is an error)")
