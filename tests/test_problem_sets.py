@@ -72,5 +72,7 @@ def test_the_held_out_split_is_distinct_in_every_seed_and_its_first_problems_sta
 
 def test_a_held_out_split_too_small_for_the_count_says_so():
     task = build_task("synthetic", {"min_terms": 2, "max_terms": 2, "max_term": 5})  # 25 problems, ~3 held out
-    with pytest.raises(ValueError, match="could not draw 30 distinct test problems; the problem space is too small"):
+    expected = (r"synthetic task: could not draw 30 distinct test problems; the problem space \(min_terms, max_terms, "
+                r"max_term\) is too small for that many")
+    with pytest.raises(ValueError, match=expected):
         task.examples("test", 30)

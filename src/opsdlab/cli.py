@@ -199,13 +199,12 @@ def _eval_plan(args) -> dict:
                               f"give --data FILE, e.g. one of its evaluation sets: {', '.join(config.eval.sets)}")
         task = build_task(config.task.name, config.task.options, seed=config.seed)
         model_origin, thinking, sampling = "run", config.task.thinking, config.eval.sampling
-        dtype, backend, settings, seed = config.eval.dtype or config.model.dtype, config.eval.backend, config.eval.vllm, \
-            config.seed
-        trust_remote_code = config.model.trust_remote_code
+        dtype, backend, settings = config.eval.dtype or config.model.dtype, config.eval.backend, config.eval.vllm
+        seed, trust_remote_code = config.seed, config.model.trust_remote_code
         run_verifier = verifier_of(config, task)
-        set_settings = f"eval.problems {config.eval.problems}" + (
-            f", eval.columns {config.eval.columns}" if config.eval.columns else "") + \
-            f" and verifier {run_verifier.extract}/{run_verifier.compare}"
+        columns_text = f", eval.columns {config.eval.columns}" if config.eval.columns else ""
+        set_settings = (f"eval.problems {config.eval.problems}{columns_text} and verifier "
+                        f"{run_verifier.extract}/{run_verifier.compare}")
     else:
         generated, task = data == "synthetic", build_task("synthetic")
         model_origin, thinking, sampling = "default", True, SamplingConfig()

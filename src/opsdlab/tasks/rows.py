@@ -26,14 +26,15 @@ def is_test_problem(problem: str) -> bool:
     return int(hashlib.sha256(problem.encode()).hexdigest(), 16) % 10 == 0
 
 
-def draw_split(draw: Callable[[int], Example], split: str, count: int, task: str) -> list[Example]:
+def draw_split(draw: Callable[[int], Example], split: str, count: int, task: str, space: str) -> list[Example]:
     """The first `count` problems of `split` in a seeded stream of draws (`draw(index)`, the index-th
     draw of the split's own stream).
 
     A problem belongs to the held-out split iff `is_test_problem` says so, so no training split holds
     a held-out problem. The held-out split holds each problem once (by `problem_key`; a repeated draw
     is skipped): the evaluated problems are distinct, and the check problems after them in the same
-    stream are others. Training splits keep repeats: they sample the task's distribution.
+    stream are others. Training splits keep repeats: they sample the task's distribution. `task` and
+    `space` (the options that size the problem space) name them in the error when too few problems exist.
     """
     held_out = split == HELD_OUT
     out, seen = [], set()
@@ -50,7 +51,7 @@ def draw_split(draw: Callable[[int], Example], split: str, count: int, task: str
             seen.add(key)
         out.append(example)
     raise ValueError(f"{task} task: could not draw {count} {'distinct ' if held_out else ''}{split} problems; the "
-                     "problem space is too small for that many (make the problems larger, or ask for fewer)")
+                     f"problem space ({space}) is too small for that many: widen it, or ask for fewer")
 
 
 def check_unit_interval(task: str, config, names: tuple[str, ...]) -> None:

@@ -305,7 +305,7 @@ class SearchTask:
             return Example(id=f"{split}-{index}", problem=problem_text(problem), solution=reference_solution(problem),
                            answer=str(problem.answer), instruction=self.config.instruction)
 
-        return draw_split(draw, split, count, "search")
+        return draw_split(draw, split, count, "search", "min_numbers, max_numbers, max_number")
 
     def response(self, example: Example, context: str, thinking: bool, rng: random.Random) -> str:
         """The SFT target for one prompt, ending at the final answer (EOS is added by the trainer)."""

@@ -170,8 +170,8 @@ class SyntheticTask:
         """Problems of one split, from the split's own seeded stream (`rows.draw_split`): the held-out
         split ("test") never shares a problem with a training split and holds each problem once."""
         rng = random.Random(f"{self.seed}-{split}")
-        return draw_split(lambda index: make_problem(rng, self.config, index, split), split, count,
-                          "synthetic (min_terms, max_terms, max_term)")
+        return draw_split(lambda index: make_problem(rng, self.config, index, split), split, count, "synthetic",
+                          "min_terms, max_terms, max_term")
 
     def style(self, context: str) -> TraceStyle:
         c = self.config
