@@ -287,13 +287,15 @@ def test_the_pipeline_grades_held_out_problems_disjoint_from_the_evaluation(tmp_
 
     from opsdlab.cli import main
     from opsdlab.config import load_config
+    from opsdlab.tasks.data import problem_key
     from opsdlab.run.pipeline import check_problems, eval_sets
     from opsdlab.tasks import build_task
 
     config = load_config("tiny", ["eval.problems=6", "opsd.check_every=1", "opsd.check_problems=4"])
     held_out = check_problems(config, config.opsd)
     evaluated = next(iter(eval_sets(config, build_task("synthetic", config.task.options)).values()))
-    assert len(held_out) == 4 and not {e.id for e in held_out} & {e.id for e in evaluated}
+    assert len(held_out) == 4 and not {problem_key(e.problem) for e in held_out} & {problem_key(e.problem)
+                                                                                   for e in evaluated}
     assert check_problems(config, config.rlvr) is None  # checks off
 
     run = {"stages": ["opsd"], "model": {"init": "tiny"}, "workers": 1,

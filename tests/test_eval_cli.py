@@ -39,9 +39,9 @@ def test_eval_of_a_run_checkpoint_reproduces_the_runs_evaluation(small_run, tmp_
         assert ours[key] == runs[key], key
     # Every sample: problem ids (which problems the task's options made), texts, grades and lengths.
     assert _samples(out / "samples.jsonl") == _samples(small_run / "eval" / "sft" / "synthetic" / "samples.jsonl")
-    assert (f"eval: the settings of run {small_run} (its config.yaml): 6 held-out problems of the synthetic task, "
-            "k 2, temperature 0.8, max_new_tokens 24, thinking on, verifier last_boxed/exact, dtype float32"
-            in capsys.readouterr().out)
+    assert (f"eval: 6 held-out problems of the synthetic task; from run {small_run} (its config.yaml): first 6 "
+            "problems, verifier last_boxed/exact, thinking on, k 2, temperature 0.8, top_p 1.0, max_new_tokens 24, "
+            "batch_size 5, seed 3, dtype float32, backend transformers\n" in capsys.readouterr().out)
 
 
 def test_flags_override_the_runs_settings_and_run_dir_names_the_run(small_run, tmp_path):
@@ -200,3 +200,74 @@ def test_every_eval_option_states_its_default():
         # The defaults eval falls back on without a run are SamplingConfig's.
         assert re.search(rf"else {getattr(SamplingConfig(), name)}[;)]", helps[name]), name
     assert all(context in helps["context"] for context in TEACHER_CONTEXTS)
+
+
+def _rows(path: Path, problems: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"problem": p, "answer": str(i)}) + "\n" for i, p in enumerate(problems)))
+    return path
+
+
+def _fake_run(tmp_path, tiny_folder, overrides) -> Path:
+    """A run directory (config.yaml, summary.jsonl) that holds a model folder at rlvr/model."""
+    import shutil
+
+    from opsdlab.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(load_config("tiny", overrides), run / "config.yaml")
+    (run / "summary.jsonl").write_text("")
+    shutil.copytree(tiny_folder, run / "rlvr" / "model")
+    return run
+
+
+RUN_SAMPLING = "eval.sampling={k: 1, temperature: 0.7, max_new_tokens: 3, batch_size: 4, seed: 5}"
+
+
+def test_an_outside_file_gets_every_row_and_the_math_verifier_and_the_line_says_what_came_from_the_run(
+        tiny_folder, tmp_path, capsys):
+    """The run's eval.problems and verifier are its own sets' settings; an outside file is graded in full
+    with the math verifier, while the sampling and the thinking setting (about the model) come from the run."""
+    run = _fake_run(tmp_path, tiny_folder, ["eval.problems=3", RUN_SAMPLING])
+    other = _rows(tmp_path / "other.jsonl", [f"What is {i} + 1?" for i in range(5)])
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(run / "rlvr" / "model"), "--data", str(other), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_problems"] == 5
+    assert summary["verifier"]["compare"] == "math_verify"
+    assert summary["sampling"]["temperature"] == 0.7 and summary["sampling"]["seed"] == 5
+    assert (f"eval: 5 problems of {other}; from run {run} (its config.yaml): thinking on, k 1, temperature 0.7, "
+            "top_p 1.0, max_new_tokens 3, batch_size 4, seed 5, dtype float32, backend transformers; a file's "
+            "defaults, not the run's (eval.problems 3 and verifier last_boxed/exact belong to the run's own sets): "
+            "every row, columns id,problem,solution,answer, verifier last_boxed/math_verify\n") in capsys.readouterr().out
+
+
+def test_the_runs_own_evaluation_file_keeps_the_runs_settings_and_flags_given_win(tiny_folder, tmp_path, capsys,
+                                                                                no_model_load):
+    own = _rows(tmp_path / "own.jsonl", [f"What is {i} + 2?" for i in range(5)])
+    run = _fake_run(tmp_path, tiny_folder, ["eval.problems=3", RUN_SAMPLING, f"eval.sets=[synthetic, {own}]"])
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the plan is made, the line printed
+        main(["eval", "--model", str(run / "rlvr" / "model"), "--data", str(own), "--k", "2", "--out",
+              str(tmp_path / "o")])
+    assert capsys.readouterr().out == (
+        f"eval: 3 problems of {own}; from run {run} (its config.yaml): first 3 problems, columns "
+        "id,problem,solution,answer, verifier last_boxed/exact, thinking on, temperature 0.7, top_p 1.0, "
+        "max_new_tokens 3, batch_size 4, seed 5, dtype float32, backend transformers; given: k 2\n")
+
+
+def test_a_file_task_run_has_no_held_out_split_to_evaluate(tiny_folder, tmp_path, capsys, no_model_load):
+    train = _rows(tmp_path / "train.jsonl", ["What is 1 + 1?", "What is 2 + 2?"])
+    run = _fake_run(tmp_path, tiny_folder, ["task.name=file", f"task.options={{train: {train}}}",
+                                            f"eval.sets=[{tmp_path / 'math500.jsonl'}]"])
+    assert main(["eval", "--model", str(run / "rlvr" / "model"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"opsdlab eval: error: --data synthetic: the run's task 'file' trains on every row of {train} and holds none "
+        f"out; give --data FILE, e.g. one of its evaluation sets: {tmp_path / 'math500.jsonl'}")
+
+
+def test_an_evaluation_file_that_repeats_a_problem_is_refused_naming_both(tiny_folder, tmp_path, capsys, no_model_load):
+    data = _rows(tmp_path / "dup.jsonl", ["What is 1 + 1?", "What is 2 + 2?", "what is  1 + 1? "])
+    assert main(["eval", "--model", str(tiny_folder), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"opsdlab eval: error: {data}: 1 problem(s) repeat an earlier one by text (ids '0' = '2'); an evaluation "
+        "set holds each problem once: remove the repeats")

@@ -40,8 +40,9 @@ def test_missing_extras_are_named_with_how_to_install_them(tmp_path, monkeypatch
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "test.jsonl").write_text("")
     config = load_config("qwen3-1.7b", [f"model.init={tmp_path / 'model'}", f"task.options.train={tmp_path / 'train.jsonl'}",
-                                        "eval.sets=[synthetic]", "rlvr.report_to=wandb", "task.name=file"])
+                                        f"eval.sets=[{tmp_path / 'test.jsonl'}]", "rlvr.report_to=wandb", "task.name=file"])
     with pytest.raises(ConfigError) as error:
         check_inputs(config)
     text = str(error.value)
@@ -65,3 +66,39 @@ def test_the_vllm_generation_backend_is_a_vllm_user_too(monkeypatch):
     monkeypatch.setattr(preflight, "installed", lambda module: False)
     with pytest.raises(ConfigError, match="rlvr.generation_backend: vLLM is not installed"):
         check_inputs(load_config("tiny", ["rlvr.generation_backend=vllm"]))
+
+
+def _problems(path, problems: list[str]):
+    import json
+
+    path.write_text("".join(json.dumps({"problem": p, "solution": "s", "answer": str(i)}) + "\n"
+                            for i, p in enumerate(problems)))
+    return path
+
+
+def test_a_file_task_without_evaluation_files_is_refused(tmp_path, capsys, no_model_loads):
+    """A file task trains on every row of its file: its own split would evaluate on training problems."""
+    train = _problems(tmp_path / "train.jsonl", ["What is 1 + 1?", "What is 2 + 2?"])
+    code = main(["pipeline", "--config", "tiny", "task.name=file", f"task.options={{train: {train}}}",
+                 "--run-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"opsdlab pipeline: error: eval.sets: ['synthetic'] is the task's own held-out split, but task 'file' trains "
+        f"on every row of {train} and holds none out; name evaluation files, e.g. eval.sets=[math500.jsonl, "
+        "aime24.jsonl]")
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_problems_that_are_evaluated_are_refused_before_anything_runs(tmp_path, capsys, no_model_loads):
+    """Problems are compared by their text, with case and spacing normalised, not by id or row."""
+    train = _problems(tmp_path / "train.jsonl", ["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"])
+    test = _problems(tmp_path / "test.jsonl", ["What is 5 + 5?", "what is 3 +  3?", "WHAT IS 1 + 1?"])
+    code = main(["pipeline", "--config", "tiny", "task.name=file", f"task.options={{train: {train}}}",
+                 f"eval.sets=[{test}]", "--run-dir", str(tmp_path / "r")])
+    assert code == 2
+    message = capsys.readouterr().err.splitlines()[0]
+    assert message.startswith(f"opsdlab pipeline: error: 2 problem(s) are both in the training problems ({train}) "
+                              f"and in evaluation set {test} by text (ids ")
+    assert message.endswith("training, check and evaluation problems must differ: remove them from one of the "
+                            "files, or evaluate on other sets")
+    assert not (tmp_path / "r").exists()

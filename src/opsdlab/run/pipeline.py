@@ -51,7 +51,8 @@ import numpy
 import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
-from opsdlab.tasks.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
+from opsdlab.tasks.data import (ColumnMap, Example, check_disjoint, check_distinct, load_examples, pair_unrelated,
+                          parse_column_map)
 from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.evaluation.metrics import Sample, summarize
 from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
@@ -65,7 +66,7 @@ from opsdlab.stages.rlvr import LENGTH_TARGET_PROBLEMS, RLVRStageConfig, run_rlv
 from opsdlab.modeling.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
                              wait_for_everyone)
 from opsdlab.stages.sft import SFTStageConfig, TeacherProbe, run_sft
-from opsdlab.tasks import build_task
+from opsdlab.tasks import HELD_OUT, build_task
 from opsdlab.tasks.verifier import VerifierConfig
 
 def log(run_dir: Path, message: str, **record) -> None:
@@ -111,11 +112,13 @@ def eval_sets(config: PipelineConfig, task) -> dict:
 
 def set_examples(name: str, task, problems: int | None, columns: str | None, generated: bool) -> list[Example]:
     """The first `problems` problems of an evaluation set: `task`'s held-out split (`generated`), or
-    the rows of a file or Hub dataset, whose reference solutions are optional."""
+    the rows of a file or Hub dataset, whose reference solutions are optional. Either holds each
+    problem once: the held-out split by construction, a file's repeated problems are an error
+    naming them (`data.check_distinct`)."""
     if generated:
-        return task.examples("test", problems)
-    return load_examples(name, parse_column_map(columns) if columns else ColumnMap(), split="test", limit=problems,
-                         optional_solution=True)
+        return task.examples(HELD_OUT, problems)
+    return check_distinct(load_examples(name, parse_column_map(columns) if columns else ColumnMap(), split="test",
+                                        limit=problems, optional_solution=True), name)
 
 
 def eval_folder(run_dir: Path, checkpoint: str, folder_name: str) -> Path:
@@ -378,6 +381,12 @@ def budget_points(arm: OPSDStageConfig) -> list[tuple[str, tuple]]:
 # What shapes each kind of output, as records (`provenance`): a rerun compares them with the
 # records already in the run directory.
 
+# How a generated task's held-out problems are drawn, in the record of every output that reads them (an
+# evaluation of the task's split, a stage that checks on it): since each problem is held out once, an
+# output made from a held-out split that could repeat a problem is stale, not silently compared.
+HELD_OUT_RULE = {"task.held_out": "distinct"}
+
+
 def task_settings(config: PipelineConfig) -> dict:
     """The task's settings: which problems and rows a stage or evaluation reads, and how prompts render."""
     return {"task.name": config.task.name, **flatten("task.options", config.task.options),
@@ -437,6 +446,8 @@ def stage_settings(config: PipelineConfig, step: Step, verifier: dict) -> dict:
             settings.update(flatten("rlvr", config.rlvr))
     if section.check_every:  # the held-out check's problems (`check_problems`) follow the evaluation's
         settings.update({"eval.sets": list(config.eval.sets[:1]), "eval.problems": config.eval.problems})
+        if is_task_set(config, config.eval.sets[0]):
+            settings.update(HELD_OUT_RULE)
     return settings
 
 
@@ -458,7 +469,7 @@ def eval_settings(config: PipelineConfig, set_name: str, sampling: SamplingConfi
     if config.eval.budgets:
         settings["eval.budgets"] = list(config.eval.budgets)
     if is_task_set(config, set_name):
-        settings.update(task_settings(config))
+        settings.update({**task_settings(config), **HELD_OUT_RULE})
     else:
         settings["eval.columns"] = config.eval.columns
     return settings
@@ -706,6 +717,49 @@ def check_problems(config: PipelineConfig, stage) -> list[Example] | None:
     return problems
 
 
+def training_problems(config: PipelineConfig, task) -> list[Example]:
+    """Every problem the run's stages train on: the problems of the SFT rows, and the RL problems of
+    RLVR and of the arms (one stream: the largest count holds the others); for a file task, every
+    row of its file."""
+    stages = set(config.stages)
+    if not stages & {"sft", "rlvr", "opsd"}:
+        return []
+    if config.task.name == "file":
+        return task.examples("train", None)
+    counts = [config.rlvr.train_problems] if "rlvr" in stages else []
+    counts += [config.arm_config(arm).train_problems for arm in config.arms] if "opsd" in stages else []
+    return ((task.examples("sft", config.sft.rows) if "sft" in stages else [])
+            + (task.examples("train", max(counts)) if counts else []))
+
+
+def all_check_problems(config: PipelineConfig) -> list[Example]:
+    """The held-out problems any stage of the run checks on: those of the stage that checks on the most
+    (`check_problems` gives every stage the first ones of one list)."""
+    stages = [config.rlvr] if "rlvr" in config.stages else []
+    stages += [config.arm_config(arm) for arm in config.arms] if "opsd" in config.stages else []
+    checking = [stage for stage in stages if stage.check_every]
+    return check_problems(config, max(checking, key=lambda stage: stage.check_problems)) if checking else []
+
+
+def problem_sets(run: Run) -> dict[str, list[Example]]:
+    """The run's problem sets by what they are for: training, check and each evaluation set."""
+    config = run.config
+    train = config.task.options.get("train") if config.task.name == "file" else None
+    sets = {f"the training problems{f' ({train})' if train else ''}": training_problems(config, run.task),
+            "the check problems": all_check_problems(config)}
+    sets.update({f"evaluation set {name}": examples for name, examples in zip(config.eval.sets, run.sets.values())})
+    return sets
+
+
+def check_problem_sets(run: Run) -> None:
+    """A DataError, before anything is written or loaded, if the run would train on a problem it
+    checks or evaluates, or check on one it evaluates (by text, `data.problem_key`). Each evaluation
+    set holds each problem once (`set_examples`)."""
+    sets = problem_sets(run)
+    train, check, *evaluated = sets
+    check_disjoint(sets, [(train, check)] + [(other, name) for other in (train, check) for name in evaluated])
+
+
 def _train_arm(run: Run, step: Step) -> None:
     """Train one arm with its compaction method (`methods.METHODS`) from the starting checkpoint."""
     config = run.config
@@ -840,6 +894,8 @@ def run_pipeline(config: PipelineConfig, redo=()) -> Path:
     """
     processes = launch_processes()
     config.check_batches(processes)  # an uneven batch fails now, not after the stages before it
+    run = open_run(config)
+    check_problem_sets(run)  # shared problems fail now, before the run directory is touched
     run_dir = Path(config.run_dir)
     prepare_run_dir(config, redo)
     workers = config.workers if processes == 1 else 1
@@ -849,7 +905,6 @@ def run_pipeline(config: PipelineConfig, redo=()) -> Path:
         log(run_dir, f"[pipeline] workers: {config.workers} applies to single-process runs; under this launch of "
                      f"{processes} processes every stage splits over them, so the steps run in order", kind="notice")
     torch.manual_seed(config.seed)
-    run = open_run(config)
     steps = pipeline_steps(config, prepare_base(run_dir, config, run.task))
     if workers == 1:
         for step in steps:

@@ -12,6 +12,7 @@ from dataclasses import fields
 
 from opsdlab.tasks.data import ColumnMap, Example, load_examples, parse_column_map
 from opsdlab.tasks.prompts import render_prompt
+from opsdlab.tasks.rows import HELD_OUT
 from opsdlab.tasks.search import SearchConfig, SearchTask
 from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask
 from opsdlab.tasks.templates import completion_for_prompt
@@ -21,7 +22,9 @@ class FileTask:
     """Real math data: local jsonl/json/parquet/csv files or a Hub dataset, with a column mapping.
 
     `train` feeds SFT, RLVR and OPSD; SFT targets are the reference solutions (inside a think
-    block when thinking is on) followed by the boxed answer.
+    block when thinking is on) followed by the boxed answer. Every row is a training problem, so the
+    task has no held-out split: its evaluation and check problems come from other files
+    (`eval.sets`), and asking it for held-out problems is an error rather than its training rows.
     """
 
     name = "file"
@@ -44,6 +47,9 @@ class FileTask:
         return self._cache
 
     def examples(self, split: str, count: int | None) -> list[Example]:
+        """Training problems (any split but the held-out one): the file's rows in a seeded order."""
+        if split == HELD_OUT:
+            raise ValueError(f"{held_out_refusal(self.train)}; evaluate and check on other files (eval.sets)")
         examples = list(self._train_examples())
         random.Random(f"{self.seed}-{split}").shuffle(examples)
         return examples if count is None else examples[:count]
@@ -63,6 +69,11 @@ class FileTask:
             completion = completion_for_prompt(prompt, completion)  # the template may have opened <think>
             rows.append({"prompt": prompt, "completion": completion + tokenizer.eos_token, "context": "none"})
         return rows
+
+
+def held_out_refusal(train: str | None) -> str:
+    """Why a file task has no held-out problems (the caller adds what to give instead)."""
+    return f"task 'file' trains on every row of {train or 'its training file'} and holds none out"
 
 
 def build_task(name: str, options: dict | None = None, seed: int = 0):
@@ -116,5 +127,5 @@ def _file(options: dict, seed: int) -> FileTask:
 
 TASKS = {"synthetic": _synthetic, "search": _search, "file": _file}
 
-__all__ = ["OPTIONS", "TASKS", "build_task", "check_options", "option_names", "Example", "FileTask", "SyntheticTask",
-           "SyntheticConfig", "SearchTask", "SearchConfig"]
+__all__ = ["HELD_OUT", "OPTIONS", "TASKS", "build_task", "check_options", "held_out_refusal", "option_names", "Example",
+           "FileTask", "SyntheticTask", "SyntheticConfig", "SearchTask", "SearchConfig"]

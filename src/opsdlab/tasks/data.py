@@ -5,6 +5,9 @@ the one place where a dataset's column names are mapped (`ColumnMap`) and its ro
 data fails here with a `DataError` that names the file, the row and the field, instead of
 surfacing later as a KeyError inside a trainer. `pair_unrelated` gives every example another
 problem's solution, the privileged block of the `unrelated` teacher control.
+
+Problem sets are known by their text (`problem_key`): an evaluation set holds each problem once
+(`check_distinct`), and a run's training, check and evaluation problems share none (`check_disjoint`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import bisect
 import csv
 import json
 import math
+import re
+import unicodedata
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -304,6 +309,54 @@ def load_examples(
     return examples
 
 
+def problem_key(text: str) -> str:
+    """A problem's text as sets compare it: Unicode-normalised (NFKC), case-folded, every run of white
+    space one space, stripped. Two rows that differ only in spacing or case are the same problem."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def _ids(pairs: list[tuple[Example, Example]]) -> str:
+    """The ids of the first few pairs of examples with one text, e.g. `ids '3' = '17', '8' = '40'`."""
+    shown = ", ".join(f"{a.id!r} = {b.id!r}" for a, b in pairs[:3])
+    return f"ids {shown}" + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
+
+
+def repeats(examples: list[Example]) -> list[tuple[Example, Example]]:
+    """(first, repeat) for every example whose problem text (`problem_key`) an earlier one has."""
+    first: dict[str, Example] = {}
+    found = []
+    for example in examples:
+        key = problem_key(example.problem)
+        if key in first:
+            found.append((first[key], example))
+        else:
+            first[key] = example
+    return found
+
+
+def check_distinct(examples: list[Example], label: str) -> list[Example]:
+    """`examples`, or a DataError naming `label` and the ids of its repeated problems: an evaluation set
+    holds each problem once (a repeat counts twice in every average and narrows every CI)."""
+    found = repeats(examples)
+    if found:
+        raise DataError(f"{label}: {len(found)} problem(s) repeat an earlier one by text ({_ids(found)}); "
+                        "an evaluation set holds each problem once: remove the repeats")
+    return examples
+
+
+def check_disjoint(sets: dict[str, list[Example]], pairs: list[tuple[str, str]]) -> None:
+    """Raise a DataError for the first pair of set names in `pairs` whose sets share a problem by text
+    (`problem_key`), naming both sets and the ids: a run never trains on a problem it checks or
+    evaluates, nor checks on one it evaluates."""
+    for first, second in pairs:
+        keys = {problem_key(example.problem): example for example in sets[second]}
+        shared = [(example, keys[key]) for example in sets[first] if (key := problem_key(example.problem)) in keys]
+        if shared:
+            raise DataError(f"{len(shared)} problem(s) are both in {first} and in {second} by text "
+                            f"({_ids(shared)}); training, check and evaluation problems must differ: remove them "
+                            "from one of the files, or evaluate on other sets")
+
+
 def _solution_lines(example: Example) -> int:
     return len(example.solution.strip().splitlines())
 
@@ -347,5 +400,5 @@ def _partner(index: int, lines: list[int], answers: list[str], by_lines: dict[in
     raise AssertionError("unreachable: pair_unrelated checks for two examples")
 
 
-__all__ = ["ColumnMap", "DataError", "Example", "LOCAL_FORMATS", "load_examples", "pair_unrelated",
-           "parse_column_map"]
+__all__ = ["ColumnMap", "DataError", "Example", "LOCAL_FORMATS", "check_disjoint", "check_distinct", "load_examples",
+           "pair_unrelated", "parse_column_map", "problem_key", "repeats"]

@@ -1,5 +1,6 @@
-"""What every generated task shares: SFT rows with a privileged share, the prompt text of every
-teacher context for the tiny vocabulary, and the check of its probability options.
+"""What every generated task shares: how a split's problems are drawn, SFT rows with a privileged
+share, the prompt text of every teacher context for the tiny vocabulary, and the check of its
+probability options.
 
 A task supplies `response(example, context, thinking, rng)`, the SFT target a solver writes after
 reading the prompt of one role; these functions render the prompts through the one renderer.
@@ -7,12 +8,50 @@ reading the prompt of one role; these functions render the prompts through the o
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable
 
-from opsdlab.tasks.data import Example
+from opsdlab.tasks.data import Example, problem_key
 from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt, user_message
 from opsdlab.tasks.templates import completion_for_prompt
+
+
+# The split that holds a task's held-out problems: evaluation sets and check problems come from it.
+HELD_OUT = "test"
+
+
+def is_test_problem(problem: str) -> bool:
+    """Stable split assignment: about one problem in ten (by a hash of its text) is held out for evaluation."""
+    return int(hashlib.sha256(problem.encode()).hexdigest(), 16) % 10 == 0
+
+
+def draw_split(draw: Callable[[int], Example], split: str, count: int, task: str, space: str) -> list[Example]:
+    """The first `count` problems of `split` in a seeded stream of draws (`draw(index)`, the index-th
+    draw of the split's own stream).
+
+    A problem belongs to the held-out split iff `is_test_problem` says so, so no training split holds
+    a held-out problem. The held-out split holds each problem once (by `problem_key`; a repeated draw
+    is skipped): the evaluated problems are distinct, and the check problems after them in the same
+    stream are others. Training splits keep repeats: they sample the task's distribution. `task` and
+    `space` (the options that size the problem space) name them in the error when too few problems exist.
+    """
+    held_out = split == HELD_OUT
+    out, seen = [], set()
+    for index in range(1000 * count + 1000):
+        if len(out) == count:
+            return out
+        example = draw(index)
+        if is_test_problem(example.problem) != held_out:
+            continue
+        if held_out:
+            key = problem_key(example.problem)
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(example)
+    raise ValueError(f"{task} task: could not draw {count} {'distinct ' if held_out else ''}{split} problems; the "
+                     f"problem space ({space}) is too small for that many: widen it, or ask for fewer")
 
 
 def check_unit_interval(task: str, config, names: tuple[str, ...]) -> None:

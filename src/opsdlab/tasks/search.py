@@ -43,13 +43,13 @@ With thinking off the response is the same search without the think block.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from dataclasses import dataclass
 
 from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example
-from opsdlab.tasks.rows import check_unit_interval, checked_instruction, context_messages, sft_rows_with_contexts
+from opsdlab.tasks.rows import (check_unit_interval, checked_instruction, context_messages, draw_split,
+                                sft_rows_with_contexts)
 
 ORDERS = ("listed", "random")
 CHECKS = ("add", "code")
@@ -284,11 +284,6 @@ def report_behaviour(run_dir: str) -> list[str]:
     return lines
 
 
-def is_test_problem(problem: str) -> bool:
-    """Stable split assignment: about one problem in ten is held out for evaluation."""
-    return int(hashlib.sha256(problem.encode()).hexdigest(), 16) % 10 == 0
-
-
 class SearchTask:
     """Find the listed number with a given code by trying them; exact-match grading."""
 
@@ -301,22 +296,16 @@ class SearchTask:
         self.code = code_table(self.config)
 
     def examples(self, split: str, count: int) -> list[Example]:
-        """Problems of one split, from the split's own seeded stream.
-
-        A problem belongs to the test split iff a stable hash of its text falls in the test bucket
-        (about 1 in 10), so held-out problems never appear in any training split.
-        """
+        """Problems of one split, from the split's own seeded stream (`rows.draw_split`): the held-out
+        split ("test") never shares a problem with a training split and holds each problem once."""
         rng = random.Random(f"search-{self.seed}-{split}")
-        out = []
-        for index in range(1000 * count + 1000):
-            if len(out) == count:
-                return out
+
+        def draw(index: int) -> Example:
             problem = draw_problem(rng, self.config, self.code)
-            text = problem_text(problem)
-            if is_test_problem(text) == (split == "test"):
-                out.append(Example(id=f"{split}-{index}", problem=text, solution=reference_solution(problem),
-                                   answer=str(problem.answer), instruction=self.config.instruction))
-        raise ValueError(f"search task: could not draw {count} {split} problems")
+            return Example(id=f"{split}-{index}", problem=problem_text(problem), solution=reference_solution(problem),
+                           answer=str(problem.answer), instruction=self.config.instruction)
+
+        return draw_split(draw, split, count, "search", "min_numbers, max_numbers, max_number")
 
     def response(self, example: Example, context: str, thinking: bool, rng: random.Random) -> str:
         """The SFT target for one prompt, ending at the final answer (EOS is added by the trainer)."""

@@ -31,12 +31,11 @@ which is the "short answer" regime of the paper's hypothesis.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
 from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example
-from opsdlab.tasks.rows import (check_unit_interval, checked_instruction, context_messages,
+from opsdlab.tasks.rows import (check_unit_interval, checked_instruction, context_messages, draw_split,
                                 sft_rows_with_contexts)
 
 PRIVILEGED_STYLES = ("concise", "same")
@@ -94,11 +93,6 @@ def make_problem(rng: random.Random, config: SyntheticConfig, index: int, split:
     problem = "What is " + " + ".join(str(t) for t in terms) + "?"
     return Example(id=f"{split}-{index}", problem=problem, solution=reference_solution(terms),
                    answer=str(sum(terms)), instruction=config.instruction)
-
-
-def is_test_problem(problem: str) -> bool:
-    """Stable split assignment: about one problem in ten is held out for evaluation."""
-    return int(hashlib.sha256(problem.encode()).hexdigest(), 16) % 10 == 0
 
 
 def terms_of(example: Example) -> list[int]:
@@ -173,22 +167,11 @@ class SyntheticTask:
         self.seed = seed
 
     def examples(self, split: str, count: int) -> list[Example]:
-        """Problems of one split, from the split's own seeded stream.
-
-        A problem belongs to the test split iff a stable hash of its text falls in the test
-        bucket (about 1 in 10), so held-out problems never appear in any training split.
-        """
+        """Problems of one split, from the split's own seeded stream (`rows.draw_split`): the held-out
+        split ("test") never shares a problem with a training split and holds each problem once."""
         rng = random.Random(f"{self.seed}-{split}")
-        out, index = [], 0
-        for _ in range(1000 * count + 1000):
-            if len(out) == count:
-                return out
-            example = make_problem(rng, self.config, index, split)
-            index += 1
-            if is_test_problem(example.problem) == (split == "test"):
-                out.append(example)
-        raise ValueError(f"synthetic task: could not draw {count} {split} problems; the problem space "
-                         "(min_terms, max_terms, max_term) is too small")
+        return draw_split(lambda index: make_problem(rng, self.config, index, split), split, count, "synthetic",
+                          "min_terms, max_terms, max_term")
 
     def style(self, context: str) -> TraceStyle:
         c = self.config
