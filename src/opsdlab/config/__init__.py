@@ -33,7 +33,7 @@ from opsdlab.tasks import OPTIONS, TASKS, check_options, held_out_refusal
 from opsdlab.evaluation.vllm_backend import VLLMSettings
 
 STAGES = ("sft", "rlvr", "opsd")
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parents[1] / "configs"
 
 
 class ConfigError(ValueError):
