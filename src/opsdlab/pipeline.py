@@ -41,6 +41,7 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,10 +53,11 @@ from opsdlab.config import ConfigError, PipelineConfig, dump_config
 from opsdlab.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
 from opsdlab.evaluate import CONTEXT_READS, SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.metrics import Sample, summarize
-from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
+from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, model_folder, save_policy
 from opsdlab.methods import METHODS
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.preflight import check_inputs
+from opsdlab.progress import close_bars
 from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
@@ -229,14 +231,17 @@ def write_config(config: PipelineConfig, run_dir: Path) -> None:
 
 
 def base_dir(config: PipelineConfig) -> Path:
-    """The starting model folder: the tiny default built in the run directory, or the user's folder."""
-    return Path(config.run_dir) / "base" / "model" if config.model.init == "tiny" else Path(config.model.init)
+    """The starting model folder: the tiny default built in the run directory, or the user's folder
+    (a Hub model id: its snapshot in the Hugging Face cache, which the pre-flight check fetched)."""
+    if config.model.init == "tiny":
+        return Path(config.run_dir) / "base" / "model"
+    return model_folder(config.model.init, "model.init", download=False)
 
 
 def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
     """The starting model folder: the tiny default built here (with its record), or the user's folder."""
     if config.model.init != "tiny":
-        return Path(config.model.init)
+        return base_dir(config)
     stage_dir = run_dir / "base"
     if not stage_done(stage_dir):
         message = ""
@@ -796,9 +801,20 @@ def _start_forkserver() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
+# A worker's exit code when a Ctrl-C stopped it (128 + SIGINT, as a shell reports it).
+INTERRUPTED_EXIT = 130
+
+
 def _run_step_in_worker(config: PipelineConfig, step: Step, threads: int) -> None:
-    torch.set_num_threads(threads)
-    STEP_KINDS[step.kind](open_run(config), step)
+    """One step in a worker process. A Ctrl-C reaches every process of the terminal's process group:
+    the worker then exits quietly with INTERRUPTED_EXIT (the main process says what to do), not with
+    a traceback of its own; what it finished is kept and its stage resumes from its last checkpoint."""
+    try:
+        torch.set_num_threads(threads)
+        STEP_KINDS[step.kind](open_run(config), step)
+    except KeyboardInterrupt:
+        close_bars()
+        sys.exit(INTERRUPTED_EXIT)
 
 
 # Rough relative cost of each kind of step, for the order in which ready steps start: a training
@@ -869,6 +885,8 @@ def run_in_workers(config: PipelineConfig, steps: list[Step], workers: int) -> N
                 del running[name]
                 if process.exitcode == 0:
                     finished.add(name)
+                elif process.exitcode == INTERRUPTED_EXIT:  # a Ctrl-C that reached the worker alone
+                    raise KeyboardInterrupt
                 else:
                     failed.append(f"{name} (exit code {process.exitcode})")
     finally:  # interrupted: stop the steps still running (each resumes on the next call)
