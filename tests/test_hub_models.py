@@ -51,6 +51,7 @@ def test_eval_takes_a_hub_model_id_from_the_cache(hub_cache, tmp_path):
                  "--max-new-tokens", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_problems"] == 2 and summary["model"] == "org/tiny"
+    assert summary["model_snapshot"].endswith(f"models--org--tiny/snapshots/{FIRST}")
 
 
 def test_a_hub_id_absent_from_the_cache_offline_is_one_line(hub_cache, tmp_path, capsys, monkeypatch):

@@ -180,7 +180,8 @@ def _check_model_folder(model: Path) -> None:
 
 def _eval_plan(args) -> dict:
     """What `eval` runs: the run's settings (`_eval_run`) with the flags given on top, else the defaults;
-    the problems are loaded and checked against --context. No model is loaded."""
+    the problems are loaded and checked against --context. No model is loaded; a Hub model id is fetched
+    into the Hugging Face cache last, once everything else has passed."""
     import importlib.util
     from dataclasses import replace
 
@@ -264,6 +265,8 @@ def cmd_eval(args) -> int:
                                 budget=args.budget)
     summary.update(model=str(args.model), data=plan["data"], dtype=plan["dtype"],
                    run_dir=str(plan["run_dir"]) if plan["run_dir"] is not None else None)
+    if plan["model_dir"] != Path(args.model):  # a Hub id: the snapshot (its folder names the revision)
+        summary["model_snapshot"] = str(plan["model_dir"])
     write_eval(args.out, samples, summary)
     print(one_line(Path(args.model).name, summary))
     print(f"wrote {Path(args.out) / 'summary.json'} and samples.jsonl")
@@ -531,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the result is the run's own evaluation; flags given override them. Every flag and the problems "
                     "are checked before the model loads.")
     p.add_argument("--model", required=True,
-                   help="Hugging Face model folder (with config.json), e.g. runs/demo/rlvr/model (required)")
+                   help="Hugging Face model folder (with config.json), e.g. runs/demo/rlvr/model, or a Hub model id, "
+                        "e.g. Qwen/Qwen3-1.7B, from the Hugging Face cache (required)")
     p.add_argument("--run-dir", default=None,
                    help="take the default settings from this run directory's config.yaml (default: the run directory "
                         "that holds --model, if any: a folder above it with config.yaml and summary.jsonl)")
@@ -606,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("rlvr", cmd_rlvr, "GRPO/DAPO/Dr.GRPO with the verifier reward"),
                                  ("opsd", cmd_opsd, "outcome-gated on-policy self-distillation")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", required=True, help="HF model folder ('tiny' builds the default, sft only)")
+        p.add_argument("--model", required=True,
+                       help="HF model folder or Hub model id ('tiny' builds the default, sft only)")
         p.add_argument("--out", required=True, help="stage folder; the final model goes to OUT/model")
         _task_args(p)
         p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")

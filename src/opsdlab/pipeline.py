@@ -890,12 +890,27 @@ def run_in_workers(config: PipelineConfig, steps: list[Step], workers: int) -> N
                 else:
                     failed.append(f"{name} (exit code {process.exitcode})")
     finally:  # interrupted: stop the steps still running (each resumes on the next call)
-        for process in running.values():
-            process.terminate()
-            process.join()
+        stop_workers(list(running.values()))
     if failed:
         raise StepError(f"pipeline step {', '.join(failed)} failed; its error is printed above. Finished stages and "
                         "evaluations are kept: rerun the same command to resume")
+
+
+def stop_workers(processes: list, grace_seconds: float = 10.0) -> None:
+    """Stop worker processes: a Ctrl-C reached them too, so each first gets `grace_seconds` to end on
+    its own (closing its progress bar and its resources, `_run_step_in_worker`); any still running
+    then, or all at once after another Ctrl-C, is terminated."""
+    deadline = time.time() + grace_seconds
+    try:
+        for process in processes:
+            process.join(max(0.0, deadline - time.time()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in processes:
+            if process.exitcode is None:
+                process.terminate()
+                process.join()
 
 
 def seed_run_dir(run_dir: str | Path, seed: int) -> Path:
