@@ -43,6 +43,7 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,10 +56,11 @@ from opsdlab.data import (ColumnMap, Example, check_disjoint, check_distinct, lo
                           parse_column_map)
 from opsdlab.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.metrics import Sample, summarize
-from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
+from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, model_folder, save_policy
 from opsdlab.methods import METHODS
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.preflight import check_inputs
+from opsdlab.progress import close_bars
 from opsdlab.prompts import CONTEXT_READS, CONTROL_CONTEXTS
 from opsdlab.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
@@ -236,14 +238,17 @@ def write_config(config: PipelineConfig, run_dir: Path) -> None:
 
 
 def base_dir(config: PipelineConfig) -> Path:
-    """The starting model folder: the tiny default built in the run directory, or the user's folder."""
-    return Path(config.run_dir) / "base" / "model" if config.model.init == "tiny" else Path(config.model.init)
+    """The starting model folder: the tiny default built in the run directory, or the user's folder
+    (a Hub model id: its snapshot in the Hugging Face cache, which the pre-flight check fetched)."""
+    if config.model.init == "tiny":
+        return Path(config.run_dir) / "base" / "model"
+    return model_folder(config.model.init, "model.init", download=False)
 
 
 def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
     """The starting model folder: the tiny default built here (with its record), or the user's folder."""
     if config.model.init != "tiny":
-        return Path(config.model.init)
+        return base_dir(config)
     stage_dir = run_dir / "base"
     if not stage_done(stage_dir):
         message = ""
@@ -922,9 +927,20 @@ def _start_forkserver() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
+# A worker's exit code when a Ctrl-C stopped it (128 + SIGINT, as a shell reports it).
+INTERRUPTED_EXIT = 130
+
+
 def _run_step_in_worker(config: PipelineConfig, step: Step, threads: int) -> None:
-    torch.set_num_threads(threads)
-    STEP_KINDS[step.kind](open_run(config), step)
+    """One step in a worker process. A Ctrl-C reaches every process of the terminal's process group:
+    the worker then exits quietly with INTERRUPTED_EXIT (the main process says what to do), not with
+    a traceback of its own; what it finished is kept and its stage resumes from its last checkpoint."""
+    try:
+        torch.set_num_threads(threads)
+        STEP_KINDS[step.kind](open_run(config), step)
+    except KeyboardInterrupt:
+        close_bars()
+        sys.exit(INTERRUPTED_EXIT)
 
 
 # Rough relative cost of each kind of step, for the order in which ready steps start: a training
@@ -995,15 +1011,32 @@ def run_in_workers(config: PipelineConfig, steps: list[Step], workers: int) -> N
                 del running[name]
                 if process.exitcode == 0:
                     finished.add(name)
+                elif process.exitcode == INTERRUPTED_EXIT:  # a Ctrl-C that reached the worker alone
+                    raise KeyboardInterrupt
                 else:
                     failed.append(f"{name} (exit code {process.exitcode})")
     finally:  # interrupted: stop the steps still running (each resumes on the next call)
-        for process in running.values():
-            process.terminate()
-            process.join()
+        stop_workers(list(running.values()))
     if failed:
         raise StepError(f"pipeline step {', '.join(failed)} failed; its error is printed above. Finished stages and "
                         "evaluations are kept: rerun the same command to resume")
+
+
+def stop_workers(processes: list, grace_seconds: float = 10.0) -> None:
+    """Stop worker processes: a Ctrl-C reached them too, so each first gets `grace_seconds` to end on
+    its own (closing its progress bar and its resources, `_run_step_in_worker`); any still running
+    then, or all at once after another Ctrl-C, is terminated."""
+    deadline = time.time() + grace_seconds
+    try:
+        for process in processes:
+            process.join(max(0.0, deadline - time.time()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in processes:
+            if process.exitcode is None:
+                process.terminate()
+                process.join()
 
 
 def seed_run_dir(run_dir: str | Path, seed: int) -> Path:

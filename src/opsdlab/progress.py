@@ -95,3 +95,10 @@ def train_stage(trainer, stage_dir: Path, label: str, postfix: dict[str, str]):
     if checkpoint is not None and is_main_process():
         print(resume_line(label, checkpoint, trainer.args.max_steps), flush=True)
     return trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def close_bars() -> None:
+    """Close every progress bar still open (a stage's, an evaluation's) where an interrupted command
+    stops: each ends its own line, so the line said next is not drawn over or redrawn upon at exit."""
+    for bar in list(tqdm._instances):
+        bar.close()
