@@ -83,16 +83,33 @@ def test_an_sft_run_logs_to_metrics_jsonl_not_to_stdout(tmp_path, task, tokenize
     assert re.search(rf"sft: 100%.*3/3.*loss={last_loss:.3g}", err)
 
 
-def test_a_resumed_sft_run_says_from_which_checkpoint(tmp_path, task, tokenizer, capsys):
+def test_a_resumed_sft_run_says_from_which_checkpoint(tmp_path, task, tokenizer, capfd, caplog):
     stage = tmp_path / "sft"
     _tiny_sft(task, tokenizer, stage, max_steps=2, save_steps=2)
-    capsys.readouterr()
+    capfd.readouterr()
     _tiny_sft(task, tokenizer, stage, max_steps=3, save_steps=2)
-    out, _ = capsys.readouterr()
+    out, err = capfd.readouterr()
     assert "[sft] resuming from checkpoint-2 (step 2 of 3)" in out.splitlines()
+    # The tied LM head is stored once, with the embedding: its key is not missing from the checkpoint.
+    assert "missing keys" not in out + err + caplog.text
     steps = [json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3]  # the resumed run trained step 3 only
+
+
+def test_a_key_truly_missing_from_a_checkpoint_is_still_warned_about(tmp_path, task, tokenizer, capfd, caplog):
+    from safetensors.torch import load_file, save_file
+
+    stage = tmp_path / "sft"
+    _tiny_sft(task, tokenizer, stage, max_steps=2, save_steps=2)
+    weights = stage / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    capfd.readouterr()
+    _tiny_sft(task, tokenizer, stage, max_steps=3, save_steps=2)
+    out, err = capfd.readouterr()
+    assert "There were missing keys in the checkpoint model loaded: ['model.norm.weight']." in out + err + caplog.text
 
 
 def test_rlvr_and_opsd_bars_show_their_keys(tmp_path, tiny_folder, task, capsys):

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from opsdlab.runtime import checkpoint_step, is_main_process, resume_point
+from opsdlab.runtime import checkpoint_step, is_main_process, resume_point, warn_only_untied_missing_keys
 
 # Postfix name -> logged key, per stage. "loss" is the Trainer's mean training loss since the last
 # log; "reward" and "completions/mean_length" are GRPOTrainer's (mean total reward and mean
@@ -91,6 +91,7 @@ def train_stage(trainer, stage_dir: Path, label: str, postfix: dict[str, str]):
     """Train with a `StageProgress` bar, from the stage's last complete checkpoint if one exists
     (saying so in one line on the main process). Returns the Trainer's TrainOutput."""
     show_stage_progress(trainer, label, postfix)
+    warn_only_untied_missing_keys(trainer)
     checkpoint = resume_point(stage_dir)
     if checkpoint is not None and is_main_process():
         print(resume_line(label, checkpoint, trainer.args.max_steps), flush=True)
