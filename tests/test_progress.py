@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from transformers import TrainerState
 
 from opsdlab.models import build_tiny_model, load_policy
-from opsdlab.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line
+from opsdlab.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line, stage_label, stage_line
 from opsdlab.sft import SFTStageConfig, run_sft
 
 ARGS = SimpleNamespace(disable_tqdm=False)
@@ -46,13 +46,13 @@ def test_the_bar_shows_the_stage_keys_of_each_log_and_prints_nothing_to_stdout(c
 
 
 def test_a_resumed_bar_starts_at_the_checkpoint_step_and_only_the_main_process_draws(capsys):
-    resumed = StageProgress("opsd correct-s0", OPSD_POSTFIX)
+    resumed = StageProgress("opsd correct s0", OPSD_POSTFIX)
     state = TrainerState(max_steps=20, global_step=10, is_world_process_zero=True)
     resumed.on_train_begin(ARGS, state, None)
     assert resumed.bar.n == 10
     resumed.on_train_end(ARGS, state, None)
 
-    other = StageProgress("opsd correct-s0", OPSD_POSTFIX)
+    other = StageProgress("opsd correct s0", OPSD_POSTFIX)
     shown = _drive(other, TrainerState(max_steps=4, is_world_process_zero=False),
                    [(1, {"loss": 0.5, "opsd/kept_fraction": 0.25, "completions/mean_length": 12.0})])
     assert shown == [None] and other.postfix_text() == "loss=0.5, kept=0.25, len=12"
@@ -62,7 +62,16 @@ def test_a_resumed_bar_starts_at_the_checkpoint_step_and_only_the_main_process_d
     out, _ = capsys.readouterr()
     assert out == ""
     assert resume_line("sft", "/runs/x/sft/checkpoints/checkpoint-40", 800) == \
-        "[sft] resuming from checkpoint-40 (step 40 of 800)"
+        "[sft] resumed from checkpoint-40 (step 40 of 800)"
+
+
+def test_every_command_words_a_stage_alike():
+    assert stage_label("sft") == "sft" and stage_label("opsd", "correct", 0) == "opsd correct s0"
+    assert stage_line("opsd correct s0", "started") == "[opsd correct s0] started"
+    assert stage_line("sft", "skipped", "finished with these settings") == "[sft] skipped: finished with these settings"
+    assert stage_line("rlvr", "resumed", "checkpoint-50 (step 50 of 100)") == \
+        "[rlvr] resumed from checkpoint-50 (step 50 of 100)"
+    assert stage_line("opsd all s1", "done", "wrote x in 3s") == "[opsd all s1] done: wrote x in 3s"
 
 
 def _tiny_sft(task, tokenizer, stage_dir, max_steps: int, save_steps: int = 1000):
@@ -89,7 +98,7 @@ def test_a_resumed_sft_run_says_from_which_checkpoint(tmp_path, task, tokenizer,
     capfd.readouterr()
     _tiny_sft(task, tokenizer, stage, max_steps=3, save_steps=2)
     out, err = capfd.readouterr()
-    assert "[sft] resuming from checkpoint-2 (step 2 of 3)" in out.splitlines()
+    assert "[sft] resumed from checkpoint-2 (step 2 of 3)" in out.splitlines()
     # The tied LM head is stored once, with the embedding: its key is not missing from the checkpoint.
     assert "missing keys" not in out + err + caplog.text
     steps = [json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()
@@ -124,8 +133,9 @@ def test_rlvr_and_opsd_bars_show_their_keys(tmp_path, tiny_folder, task, capsys)
     run_rlvr(model, tokenizer, task.examples("train", 4), EXACT, rlvr, tmp_path / "rlvr", thinking=True)
     opsd = OPSDStageConfig(gate="all", max_steps=1, prompts_per_step=2, rollouts_per_prompt=2,
                            max_completion_length=8, logging_steps=1, save_steps=100)
-    run_opsd(model, tokenizer, task.examples("train", 4), EXACT, opsd, tmp_path / "all-s0", thinking=True)
+    run_opsd(model, tokenizer, task.examples("train", 4), EXACT, opsd, tmp_path / "all-s0", thinking=True,
+             label=stage_label("opsd", "all", 0))
     out, err = capsys.readouterr()
     assert "'loss':" not in out
     assert re.search(r"rlvr: 100%.*1/1.*loss=[-0-9.e]+, reward=[0-9.e]+, len=[0-9.e]+", err)
-    assert re.search(r"opsd all-s0: 100%.*1/1.*loss=[-0-9.e]+, kept=1, len=[0-9.e]+", err)
+    assert re.search(r"opsd all s0: 100%.*1/1.*loss=[-0-9.e]+, kept=1, len=[0-9.e]+", err)

@@ -247,6 +247,7 @@ def cmd_sft(args) -> int:
     import torch
 
     from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy
+    from opsdlab.progress import done_line, say_started, stage_label
     from opsdlab.sft import SFTStageConfig, run_sft
     from opsdlab.tasks import build_task
 
@@ -256,6 +257,8 @@ def cmd_sft(args) -> int:
 
         raise ConfigError("sft.probe_every: the SFT teacher probe runs in `opsdlab pipeline` (it grades held-out "
                           "problems from the OPSD teacher's prompt); set sft.probe_every in a pipeline config")
+    label, start = stage_label("sft"), time.time()
+    say_started(Path(args.out), label)
     if args.data == "synthetic":
         task = build_task("synthetic")
         if args.model == "tiny":
@@ -268,7 +271,7 @@ def cmd_sft(args) -> int:
         model, tokenizer = load_policy(args.model, args.dtype)
     rows = task.sft_rows(tokenizer, config.rows, thinking=not args.no_thinking, seed=args.seed)
     out = run_sft(model, tokenizer, rows, config, Path(args.out), seed=args.seed)
-    print(f"sft: wrote {out}")
+    print(done_line(label, out, time.time() - start))
     return 0
 
 
@@ -284,15 +287,18 @@ def _train_examples(args, count: int):
 
 def cmd_rlvr(args) -> int:
     from opsdlab.models import load_policy
+    from opsdlab.progress import done_line, say_started, stage_label
     from opsdlab.rlvr import RLVRStageConfig, run_rlvr
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
+    label, start = stage_label("rlvr"), time.time()
+    say_started(Path(args.out), label)
     model, tokenizer = load_policy(args.model, args.dtype)
     out = run_rlvr(model, tokenizer, examples, verifier, config, Path(args.out), thinking=not args.no_thinking,
                    seed=args.seed)
-    print(f"rlvr: wrote {out}")
+    print(done_line(label, out, time.time() - start))
     return 0
 
 
@@ -300,12 +306,15 @@ def cmd_opsd(args) -> int:
     from opsdlab.evaluate import SamplingConfig, evaluate, one_line
     from opsdlab.models import load_policy
     from opsdlab.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.progress import done_line, say_started, stage_label
     from opsdlab.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
                         stage="opsd")
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
+    label, start = stage_label("opsd", config.gate, args.seed), time.time()
+    say_started(Path(args.out), label)
     model, tokenizer = load_policy(args.model, args.dtype)
     thinking = not args.no_thinking
     if args.teacher_check > 0:
@@ -319,8 +328,9 @@ def cmd_opsd(args) -> int:
         if teacher["avg_at_k"] <= student["avg_at_k"] and config.teacher_context not in CONTROL_CONTEXTS:
             print("WARNING: the teacher prompt is not more accurate than the student prompt; OPSD then has "
                   "nothing to teach beyond style.", file=sys.stderr)
-    out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed)
-    print(f"opsd: wrote {out}")
+    out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed,
+                   label=label)
+    print(done_line(label, out, time.time() - start))
     return 0
 
 
