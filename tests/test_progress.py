@@ -81,6 +81,23 @@ def _tiny_sft(task, tokenizer, stage_dir, max_steps: int, save_steps: int = 1000
                    stage_dir)
 
 
+def test_drawn_as_lines_a_bar_writes_whole_lines_led_by_its_label(monkeypatch, capsys):
+    from opsdlab import progress
+
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)  # a line at every step
+    with progress.progress_drawn_as("lines"):
+        bar = StageProgress("opsd all s0", OPSD_POSTFIX)
+        _drive(bar, TrainerState(max_steps=2, is_world_process_zero=True),
+               [(1, {"loss": 0.5, "opsd/kept_fraction": 0.25, "completions/mean_length": 12.0}), (2, {"loss": 0.25})])
+        bar.on_train_end(ARGS, TrainerState(max_steps=2), None)
+    _, err = capsys.readouterr()
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert all(re.fullmatch(r"\[opsd all s0\] step \d/2, \d\d:\d\d elapsed, .* left(, loss=.*)?", line) for line in lines)
+    assert lines[-1].startswith("[opsd all s0] step 2/2, ") and lines[-1].endswith("loss=0.25, kept=0.25, len=12")
+    assert progress._style[0] is progress.PROGRESS_STYLES["bar"]  # after the block, as before it
+
+
 def test_an_sft_run_logs_to_metrics_jsonl_not_to_stdout(tmp_path, task, tokenizer, capsys):
     _tiny_sft(task, tokenizer, tmp_path / "sft", max_steps=3)
     out, err = capsys.readouterr()

@@ -134,11 +134,10 @@ def test_two_workers_print_whole_lines_each_led_by_its_label(tmp_path):
     assert result.returncode == 0, out
     assert "\r" not in out  # nothing is redrawn in place
     lines = out.splitlines()
-    progress = [line for line in lines if re.search(r"\b(step|batch) \d+/\d+", line)]
-    assert progress and all(re.match(r"\[(sft|eval (base|sft)/synthetic)\] (step|batch) \d+/\d+, ", line)
-                            for line in progress), progress
+    progress = [line for line in lines if re.search(r"\b(step|batch) \d+/\d+", line)]  # steps over 30 s
+    assert all(re.match(r"\[(sft|eval (base|sft)/synthetic)\] (step|batch) \d+/\d+, ", line) for line in progress)
     assert "[sft] started" in lines and any(line.startswith("[sft] done: wrote ") for line in lines)
-    assert re.search(r"^\[sft\] step 2/2, .*loss=", out, re.M)
+    assert any(line.startswith("[eval] base/synthetic: ") for line in lines)
 
 
 def test_a_failed_step_is_named_and_stops_the_run(tmp_path):

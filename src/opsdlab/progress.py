@@ -76,7 +76,7 @@ def say_started(stage_dir: Path, label: str, detail: str = "") -> None:
         print(stage_line(label, "started", detail), flush=True)
 
 
-LINE_INTERVAL = 30.0  # seconds between two lines of one bar drawn as lines
+LINE_INTERVAL = 30.0  # seconds before the first line of a bar drawn as lines, and between two of its lines
 LINE_FORMAT = "[{desc}] {unit} {n_fmt}/{total_fmt}, {elapsed} elapsed, {remaining} left{postfix}"
 
 
@@ -114,10 +114,11 @@ class ProgressStyle:
 PROGRESS_STYLES = {
     # One bar redrawn in place: one process at a terminal.
     "bar": ProgressStyle(lambda: {"dynamic_ncols": True}, redraw_on_log=True, library_bars=True),
-    # Whole lines led by the bar's label, a bar's first and last and at most one per LINE_INTERVAL
-    # seconds between them: several processes at one terminal (the pipeline's workers).
+    # Whole lines led by the bar's label, one per LINE_INTERVAL seconds and a last one, for a bar
+    # that runs longer than that (a shorter step says only that it started and is done): several
+    # processes at one terminal (the pipeline's workers).
     "lines": ProgressStyle(lambda: {"file": WholeLines(), "bar_format": LINE_FORMAT, "mininterval": LINE_INTERVAL,
-                                    "miniters": 1},
+                                    "delay": LINE_INTERVAL, "miniters": 1},
                            redraw_on_log=False, library_bars=False),
 }
 _style = [PROGRESS_STYLES["bar"]]
