@@ -351,6 +351,7 @@ def cmd_sft(args) -> int:
     import torch
 
     from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy
+    from opsdlab.progress import done_line, say_started, stage_label
     from opsdlab.sft import SFTStageConfig, run_sft
     from opsdlab.tasks import build_task
 
@@ -364,6 +365,8 @@ def cmd_sft(args) -> int:
     from opsdlab.preflight import SFT_READER
 
     _check_stage_inputs(args, config, [SFT_READER])
+    label, start = stage_label("sft"), time.time()
+    say_started(Path(args.out), label)
     if args.data == "synthetic":
         task = build_task("synthetic")
         if args.model == "tiny":
@@ -376,7 +379,7 @@ def cmd_sft(args) -> int:
         model, tokenizer = load_policy(_stage_model(args), args.dtype)
     rows = task.sft_rows(tokenizer, config.rows, thinking=not args.no_thinking, seed=args.seed)
     out = run_sft(model, tokenizer, rows, config, Path(args.out), seed=args.seed)
-    print(f"sft: wrote {out}")
+    print(done_line(label, out, time.time() - start))
     return 0
 
 
@@ -407,6 +410,7 @@ def _train_examples(args, count: int):
 
 def cmd_rlvr(args) -> int:
     from opsdlab.models import load_policy
+    from opsdlab.progress import done_line, say_started, stage_label
     from opsdlab.rlvr import RLVRStageConfig, run_rlvr
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
@@ -414,10 +418,12 @@ def cmd_rlvr(args) -> int:
     _check_stage_inputs(args, config, [])  # GRPO reads the answers alone
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
+    label, start = stage_label("rlvr"), time.time()
+    say_started(Path(args.out), label)
     model, tokenizer = load_policy(_stage_model(args), args.dtype)
     out = run_rlvr(model, tokenizer, examples, verifier, config, Path(args.out), thinking=not args.no_thinking,
                    seed=args.seed)
-    print(f"rlvr: wrote {out}")
+    print(done_line(label, out, time.time() - start))
     return 0
 
 
@@ -426,6 +432,7 @@ def cmd_opsd(args) -> int:
     from opsdlab.methods import solution_keys
     from opsdlab.models import load_policy
     from opsdlab.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.progress import done_line, say_started, stage_label
     from opsdlab.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
@@ -434,6 +441,8 @@ def cmd_opsd(args) -> int:
     _check_stage_inputs(args, config, [f"opsd.{key}" for key in solution_keys(config)])
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
+    label, start = stage_label("opsd", config.gate, args.seed), time.time()
+    say_started(Path(args.out), label)
     model, tokenizer = load_policy(_stage_model(args), args.dtype)
     thinking = not args.no_thinking
     if args.teacher_check > 0:
@@ -447,8 +456,9 @@ def cmd_opsd(args) -> int:
         if teacher["avg_at_k"] <= student["avg_at_k"] and config.teacher_context not in CONTROL_CONTEXTS:
             print("WARNING: the teacher prompt is not more accurate than the student prompt; OPSD then has "
                   "nothing to teach beyond style.", file=sys.stderr)
-    out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed)
-    print(f"opsd: wrote {out}")
+    out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed,
+                   label=label)
+    print(done_line(label, out, time.time() - start))
     return 0
 
 

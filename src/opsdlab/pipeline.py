@@ -36,6 +36,7 @@ on a CPU whose results do not depend on the thread count they are identical to t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -60,7 +61,7 @@ from opsdlab.models import build_tiny_model, build_tiny_tokenizer, load_policy, 
 from opsdlab.methods import METHODS
 from opsdlab.opsd import OPSDStageConfig
 from opsdlab.preflight import check_inputs
-from opsdlab.progress import close_bars
+from opsdlab.progress import close_bars, done_line, progress_drawn_as, say_started, stage_label, stage_line
 from opsdlab.prompts import CONTEXT_READS, CONTROL_CONTEXTS
 from opsdlab.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
@@ -258,8 +259,8 @@ def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
             model = build_tiny_model(tokenizer, config.model.size, seed=config.seed)
             save_policy(model, tokenizer, stage_dir / "model")
             params = sum(p.numel() for p in model.parameters())
-            message = (f"[base] built the offline {config.model.size} Qwen3 model: {params / 1e6:.2f}M parameters, "
-                       f"vocabulary {len(tokenizer)}")
+            message = stage_line("base", "done", f"built the offline {config.model.size} Qwen3 model: "
+                                 f"{params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
         finish_stage(run_dir, stage_dir, message, kind="stage", stage="base")
     return stage_dir / "model"
 
@@ -652,33 +653,25 @@ def prepare_run_dir(config: PipelineConfig, redo=()) -> None:
             print(line, flush=True)
 
 
-def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> None:
-    """Call `train()` unless the stage is complete, then mark it complete and log its seconds.
+def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train, detail: str = "") -> None:
+    """Call `train()` unless the stage is complete, then mark it complete and log its seconds; each
+    in the stage commands' words (`progress.stage_line`), under the stage's `label` (`stage_label`).
 
     The stage's record is written before training starts, so a stage killed midway resumes only
     under the settings it started with (`check_run_dir` compares them first).
     """
     if stage_done(stage_dir):
         if is_main_process():
-            print(f"{label} skipped: finished with these settings", flush=True)
+            print(stage_line(label, "skipped", "finished with these settings"), flush=True)
         return
-    if is_main_process():
-        if stage_dir in run.outputs:  # with what it reads: the stage it starts from is finished by now
-            write_record(stage_dir, run.outputs[stage_dir].expected())
-        if not any((stage_dir / "checkpoints").glob("checkpoint-*")):  # else the stage says where it resumes
-            print(f"{label} started", flush=True)
+    if is_main_process() and stage_dir in run.outputs:  # with what it reads: its start is finished by now
+        write_record(stage_dir, run.outputs[stage_dir].expected())
+    say_started(stage_dir, label, detail)
     start = time.time()
     train()
     seconds = time.time() - start
-    finish_stage(run.run_dir, stage_dir, f"{label} done in {seconds:.0f}s, {memory_text()}", kind="stage",
+    finish_stage(run.run_dir, stage_dir, done_line(label, stage_dir / "model", seconds), kind="stage",
                  stage=stage, seconds=round(seconds, 1))
-
-
-def memory_text() -> str:
-    """This process's peak memory so far, for a log line."""
-    peaks = peak_memory_mb()
-    text = f"peak memory {peaks['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in peaks else "peak memory unknown"
-    return text + (f", GPU {peaks['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in peaks else "")
 
 
 def _train_sft(run: Run, step: Step) -> None:
@@ -690,7 +683,7 @@ def _train_sft(run: Run, step: Step) -> None:
         run_sft(model, tokenizer, rows, config.sft, stage_dir, seed=config.seed,
                 callbacks=sft_probe(config, stage_dir, run.sets, run.verifier))
 
-    _train_stage(run, stage_dir, "sft", "[sft]", train)
+    _train_stage(run, stage_dir, "sft", stage_label("sft"), train)
 
 
 def _train_rlvr(run: Run, step: Step) -> None:
@@ -702,7 +695,7 @@ def _train_rlvr(run: Run, step: Step) -> None:
         run_rlvr(model, tokenizer, examples, run.verifier, config.rlvr, stage_dir, thinking=config.task.thinking,
                  seed=config.seed, check_examples=check_problems(config, config.rlvr))
 
-    _train_stage(run, stage_dir, "rlvr", "[rlvr]", train)
+    _train_stage(run, stage_dir, "rlvr", stage_label("rlvr"), train)
 
 
 def check_problems(config: PipelineConfig, stage) -> list[Example] | None:
@@ -770,16 +763,18 @@ def _train_arm(run: Run, step: Step) -> None:
     config = run.config
     stage_dir = run.run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}"
     arm_config = arm_settings(config, step.arm)
+    label = stage_label("opsd", step.arm, step.opsd_seed)
 
     def train():
         examples = run.task.examples("train", arm_config.train_problems)
         model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
         METHODS[arm_config.method].train(model, tokenizer, examples, run.verifier, arm_config, stage_dir,
                                          thinking=config.task.thinking, seed=step.opsd_seed,
-                                         check_examples=check_problems(config, arm_config), rlvr=config.rlvr)
+                                         check_examples=check_problems(config, arm_config), rlvr=config.rlvr,
+                                         label=label)
 
-    method = "" if arm_config.method == "opsd" else f" ({arm_config.method})"
-    _train_stage(run, stage_dir, step.checkpoint, f"[opsd] arm {step.arm}{method} seed {step.opsd_seed}", train)
+    method = "" if arm_config.method == "opsd" else f"method {arm_config.method}"
+    _train_stage(run, stage_dir, step.checkpoint, label, train, detail=method)
 
 
 def _evaluate(run: Run, step: Step) -> None:
@@ -910,12 +905,14 @@ def run_pipeline(config: PipelineConfig, redo=()) -> Path:
         log(run_dir, f"[pipeline] workers: {config.workers} applies to single-process runs; under this launch of "
                      f"{processes} processes every stage splits over them, so the steps run in order", kind="notice")
     torch.manual_seed(config.seed)
-    steps = pipeline_steps(config, prepare_base(run_dir, config, run.task))
-    if workers == 1:
-        for step in steps:
-            STEP_KINDS[step.kind](run, step)
-    else:
-        run_in_workers(config, steps, workers)
+    # With workers, every line of the run is whole, as the workers' are (`_run_step_in_worker`).
+    with progress_drawn_as("lines") if workers > 1 else contextlib.nullcontext():
+        steps = pipeline_steps(config, prepare_base(run_dir, config, run.task))
+        if workers == 1:
+            for step in steps:
+                STEP_KINDS[step.kind](run, step)
+        else:
+            run_in_workers(config, steps, workers)
     return run_dir
 
 
@@ -932,12 +929,14 @@ INTERRUPTED_EXIT = 130
 
 
 def _run_step_in_worker(config: PipelineConfig, step: Step, threads: int) -> None:
-    """One step in a worker process. A Ctrl-C reaches every process of the terminal's process group:
-    the worker then exits quietly with INTERRUPTED_EXIT (the main process says what to do), not with
-    a traceback of its own; what it finished is kept and its stage resumes from its last checkpoint."""
+    """One step in a worker process, its progress as whole lines, since other workers share the terminal.
+    A Ctrl-C reaches every process of the terminal's process group: the worker then exits quietly with
+    INTERRUPTED_EXIT (the main process says what to do), not with a traceback of its own; what it
+    finished is kept and its stage resumes from its last checkpoint."""
     try:
         torch.set_num_threads(threads)
-        STEP_KINDS[step.kind](open_run(config), step)
+        with progress_drawn_as("lines"):
+            STEP_KINDS[step.kind](open_run(config), step)
     except KeyboardInterrupt:
         close_bars()
         sys.exit(INTERRUPTED_EXIT)
