@@ -1,6 +1,7 @@
 """The command line: help for every subcommand, eval on a real benchmark file, clear errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,12 @@ def test_stage_commands_chain_through_model_folders(tmp_path, capsys):
     assert "teacher prompt (solution)" in captured.out
     assert "WARNING" in captured.err  # an untrained model's teacher prompt is no better than its student prompt
     assert (opsd / "model" / "model.safetensors").exists()
+    # Each stage in the pipeline's words, under the pipeline's labels (an OPSD run: its gate and seed).
+    lines = captured.out.splitlines()
+    for label, folder in (("sft", sft), ("rlvr", rlvr), ("opsd all s0", opsd)):
+        assert f"[{label}] started" in lines
+        assert any(line.startswith(f"[{label}] done: wrote {folder / 'model'} in ") for line in lines), label
+    assert re.search(r"opsd all s0: 100%.*1/1", captured.err)  # its bar, under the same label
 
 
 def test_stage_commands_load_the_weights_in_the_dtype_asked(tmp_path, tiny_folder):

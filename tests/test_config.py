@@ -116,3 +116,30 @@ def test_the_one_gpu_preset_splits_its_batches_for_one_process():
         arm_config = config.arm_config(arm)
         assert (arm_config.prompts_per_step, arm_config.rollouts_per_prompt, arm_config.learning_rate) == (32, 1, 1e-6)
         assert arm_config.per_device_batch(1) == 4
+
+
+def test_the_cpu_recipe_for_ones_own_model_is_the_preset_and_three_overrides(tmp_path, tiny_folder, monkeypatch):
+    """`opsdlab pipeline --config cpu-own-model model.init=DIR task.options.train=train.jsonl
+    "eval.sets=[test.jsonl]"` (README, docs/configuration.md): those three are all it lacks, and it needs no extra."""
+    import json
+
+    from opsdlab.run import preflight
+
+    monkeypatch.setattr(preflight, "installed", lambda module: False)  # no vLLM, no tracker
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        preflight.check_inputs(load_config("cpu-own-model"))
+    assert "3 thing(s)" in str(error.value) and "model.init: model" in str(error.value)
+    assert "task.options.train: train.jsonl" in str(error.value) and "eval.sets: test.jsonl" in str(error.value)
+    row = {"problem": "What is 2+3?", "solution": "2+3=5.", "answer": "5"}
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+    config = load_config("cpu-own-model", [f"model.init={tiny_folder}", "task.options.train=train.jsonl",
+                                           "eval.sets=[test.jsonl]"])
+    preflight.check_inputs(config)
+    config.check_batches(1)
+    assert config.stages == ("sft", "rlvr", "opsd") and [arm.name for arm in config.arms] == ["all", "correct", "incorrect"]
+    assert (config.task.name, config.model.dtype, config.eval.backend, config.workers) == ("file", "float32", "transformers", 1)
+    assert not config.rlvr.use_vllm and not config.opsd.use_vllm
+    # a pretrained model's learning rates, not the tiny preset's from-scratch ones
+    assert (config.sft.learning_rate, config.rlvr.learning_rate, config.opsd.learning_rate) == (1e-5, 1e-6, 1e-6)

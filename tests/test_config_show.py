@@ -32,7 +32,7 @@ def test_config_show_lists_every_key_with_value_default_and_meaning(capsys):
                                       "meaning": "optimizer steps of the stage"}
     assert shown["seeds"]["value"] == "[0, 1]" and shown["seeds"]["mark"] == "*"
     # A trailing source comment, a comment block above a field, TRL's help for a field passed to it unchanged.
-    assert shown["model.init"]["meaning"] == '"tiny": build the offline default; otherwise a Hugging Face model folder'
+    assert shown["model.init"]["meaning"] == '"tiny": build the offline default; otherwise a Hugging Face model folder or Hub id'
     assert shown["workers"]["meaning"].startswith("Processes that run independent steps side by side")
     assert shown["rlvr.beta"]["meaning"] == "KL coefficient."
     # The task's options are its own option fields, with the task config's defaults.

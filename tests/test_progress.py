@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from transformers import TrainerState
 
 from opsdlab.modeling.models import build_tiny_model, load_policy
-from opsdlab.stages.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line
+from opsdlab.stages.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line, stage_label, stage_line
 from opsdlab.stages.sft import SFTStageConfig, run_sft
 
 ARGS = SimpleNamespace(disable_tqdm=False)
@@ -46,13 +46,13 @@ def test_the_bar_shows_the_stage_keys_of_each_log_and_prints_nothing_to_stdout(c
 
 
 def test_a_resumed_bar_starts_at_the_checkpoint_step_and_only_the_main_process_draws(capsys):
-    resumed = StageProgress("opsd correct-s0", OPSD_POSTFIX)
+    resumed = StageProgress("opsd correct s0", OPSD_POSTFIX)
     state = TrainerState(max_steps=20, global_step=10, is_world_process_zero=True)
     resumed.on_train_begin(ARGS, state, None)
     assert resumed.bar.n == 10
     resumed.on_train_end(ARGS, state, None)
 
-    other = StageProgress("opsd correct-s0", OPSD_POSTFIX)
+    other = StageProgress("opsd correct s0", OPSD_POSTFIX)
     shown = _drive(other, TrainerState(max_steps=4, is_world_process_zero=False),
                    [(1, {"loss": 0.5, "opsd/kept_fraction": 0.25, "completions/mean_length": 12.0})])
     assert shown == [None] and other.postfix_text() == "loss=0.5, kept=0.25, len=12"
@@ -62,7 +62,16 @@ def test_a_resumed_bar_starts_at_the_checkpoint_step_and_only_the_main_process_d
     out, _ = capsys.readouterr()
     assert out == ""
     assert resume_line("sft", "/runs/x/sft/checkpoints/checkpoint-40", 800) == \
-        "[sft] resuming from checkpoint-40 (step 40 of 800)"
+        "[sft] resumed from checkpoint-40 (step 40 of 800)"
+
+
+def test_every_command_words_a_stage_alike():
+    assert stage_label("sft") == "sft" and stage_label("opsd", "correct", 0) == "opsd correct s0"
+    assert stage_line("opsd correct s0", "started") == "[opsd correct s0] started"
+    assert stage_line("sft", "skipped", "finished with these settings") == "[sft] skipped: finished with these settings"
+    assert stage_line("rlvr", "resumed", "checkpoint-50 (step 50 of 100)") == \
+        "[rlvr] resumed from checkpoint-50 (step 50 of 100)"
+    assert stage_line("opsd all s1", "done", "wrote x in 3s") == "[opsd all s1] done: wrote x in 3s"
 
 
 def _tiny_sft(task, tokenizer, stage_dir, max_steps: int, save_steps: int = 1000):
@@ -70,6 +79,23 @@ def _tiny_sft(task, tokenizer, stage_dir, max_steps: int, save_steps: int = 1000
                             max_length=128)
     return run_sft(build_tiny_model(tokenizer, seed=0), tokenizer, task.sft_rows(tokenizer, config.rows), config,
                    stage_dir)
+
+
+def test_drawn_as_lines_a_bar_writes_whole_lines_led_by_its_label(monkeypatch, capsys):
+    from opsdlab.stages import progress
+
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)  # a line at every step
+    with progress.progress_drawn_as("lines"):
+        bar = StageProgress("opsd all s0", OPSD_POSTFIX)
+        _drive(bar, TrainerState(max_steps=2, is_world_process_zero=True),
+               [(1, {"loss": 0.5, "opsd/kept_fraction": 0.25, "completions/mean_length": 12.0}), (2, {"loss": 0.25})])
+        bar.on_train_end(ARGS, TrainerState(max_steps=2), None)
+    _, err = capsys.readouterr()
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert all(re.fullmatch(r"\[opsd all s0\] step \d/2, \d\d:\d\d elapsed, .* left(, loss=.*)?", line) for line in lines)
+    assert lines[-1].startswith("[opsd all s0] step 2/2, ") and lines[-1].endswith("loss=0.25, kept=0.25, len=12")
+    assert progress._style[0] is progress.PROGRESS_STYLES["bar"]  # after the block, as before it
 
 
 def test_an_sft_run_logs_to_metrics_jsonl_not_to_stdout(tmp_path, task, tokenizer, capsys):
@@ -83,16 +109,33 @@ def test_an_sft_run_logs_to_metrics_jsonl_not_to_stdout(tmp_path, task, tokenize
     assert re.search(rf"sft: 100%.*3/3.*loss={last_loss:.3g}", err)
 
 
-def test_a_resumed_sft_run_says_from_which_checkpoint(tmp_path, task, tokenizer, capsys):
+def test_a_resumed_sft_run_says_from_which_checkpoint(tmp_path, task, tokenizer, capfd, caplog):
     stage = tmp_path / "sft"
     _tiny_sft(task, tokenizer, stage, max_steps=2, save_steps=2)
-    capsys.readouterr()
+    capfd.readouterr()
     _tiny_sft(task, tokenizer, stage, max_steps=3, save_steps=2)
-    out, _ = capsys.readouterr()
-    assert "[sft] resuming from checkpoint-2 (step 2 of 3)" in out.splitlines()
+    out, err = capfd.readouterr()
+    assert "[sft] resumed from checkpoint-2 (step 2 of 3)" in out.splitlines()
+    # The tied LM head is stored once, with the embedding: its key is not missing from the checkpoint.
+    assert "missing keys" not in out + err + caplog.text
     steps = [json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3]  # the resumed run trained step 3 only
+
+
+def test_a_key_truly_missing_from_a_checkpoint_is_still_warned_about(tmp_path, task, tokenizer, capfd, caplog):
+    from safetensors.torch import load_file, save_file
+
+    stage = tmp_path / "sft"
+    _tiny_sft(task, tokenizer, stage, max_steps=2, save_steps=2)
+    weights = stage / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    capfd.readouterr()
+    _tiny_sft(task, tokenizer, stage, max_steps=3, save_steps=2)
+    out, err = capfd.readouterr()
+    assert "There were missing keys in the checkpoint model loaded: ['model.norm.weight']." in out + err + caplog.text
 
 
 def test_rlvr_and_opsd_bars_show_their_keys(tmp_path, tiny_folder, task, capsys):
@@ -107,8 +150,9 @@ def test_rlvr_and_opsd_bars_show_their_keys(tmp_path, tiny_folder, task, capsys)
     run_rlvr(model, tokenizer, task.examples("train", 4), EXACT, rlvr, tmp_path / "rlvr", thinking=True)
     opsd = OPSDStageConfig(gate="all", max_steps=1, prompts_per_step=2, rollouts_per_prompt=2,
                            max_completion_length=8, logging_steps=1, save_steps=100)
-    run_opsd(model, tokenizer, task.examples("train", 4), EXACT, opsd, tmp_path / "all-s0", thinking=True)
+    run_opsd(model, tokenizer, task.examples("train", 4), EXACT, opsd, tmp_path / "all-s0", thinking=True,
+             label=stage_label("opsd", "all", 0))
     out, err = capsys.readouterr()
     assert "'loss':" not in out
     assert re.search(r"rlvr: 100%.*1/1.*loss=[-0-9.e]+, reward=[0-9.e]+, len=[0-9.e]+", err)
-    assert re.search(r"opsd all-s0: 100%.*1/1.*loss=[-0-9.e]+, kept=1, len=[0-9.e]+", err)
+    assert re.search(r"opsd all s0: 100%.*1/1.*loss=[-0-9.e]+, kept=1, len=[0-9.e]+", err)

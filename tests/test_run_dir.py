@@ -68,7 +68,7 @@ def test_a_rerun_with_the_same_settings_skips_everything_and_says_so(run, capsys
     before = _digests(run_dir, skip=("summary.jsonl", "config.yaml"))  # config.yaml names the copy's run_dir
     assert main(["pipeline", "--config", str(config), "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "[sft] skipped" in out and "[rlvr] skipped" in out and "[opsd] arm all seed 0 skipped" in out
+    assert "[sft] skipped" in out and "[rlvr] skipped" in out and "[opsd all s0] skipped" in out
     assert "[eval] opsd-all-s0: skipped" in out
     assert _digests(run_dir, skip=("summary.jsonl", "config.yaml")) == before
 

@@ -3,6 +3,8 @@ which start when, and a 2-worker run that writes what the single-process run wri
 
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +119,25 @@ def test_two_workers_write_what_one_process_writes(tmp_path):
     assert sorted(r["stage"] for r in records if r.get("kind") == "stage") == ["base", "opsd-all-s0", "opsd-correct-s0",
                                                                               "rlvr", "sft"]
     assert all(r["seconds"] >= 0 for r in records if r.get("kind") in ("eval", "stage") and r.get("stage") != "base")
+
+
+def test_two_workers_print_whole_lines_each_led_by_its_label(tmp_path):
+    """The base evaluation runs beside SFT: neither redraws a bar over the other or runs into its lines."""
+    config = {"sft": {"rows": 16, "max_steps": 2, "batch_size": 8, "save_steps": 100, "logging_steps": 1},
+              "stages": ["sft"], "workers": 2, "run_dir": str(tmp_path / "run"),
+              "eval": {"problems": 2, "sampling": {"k": 1, "max_new_tokens": 8}, "greedy": False, "base": True,
+                       "teacher_check": False}}
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "opsdlab.cli", "pipeline", "--config", str(tmp_path / "config.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert "\r" not in out  # nothing is redrawn in place
+    lines = out.splitlines()
+    progress = [line for line in lines if re.search(r"\b(step|batch) \d+/\d+", line)]  # steps over 30 s
+    assert all(re.match(r"\[(sft|eval (base|sft)/synthetic)\] (step|batch) \d+/\d+, ", line) for line in progress)
+    assert "[sft] started" in lines and any(line.startswith("[sft] done: wrote ") for line in lines)
+    assert any(line.startswith("[eval] base/synthetic: ") for line in lines)
 
 
 def test_a_failed_step_is_named_and_stops_the_run(tmp_path):

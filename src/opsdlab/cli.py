@@ -1,8 +1,9 @@
-"""The `opsdlab` command: demo, pipeline, report, and one subcommand per stage.
+"""The `opsdlab` command: demo, pipeline, study, eval, report, config, and the stages sft, rlvr, opsd.
 
-Every stage subcommand reads an HF model folder and writes one (`OUT/model`), so stages can be run
-one by one on a user's own checkpoints; `pipeline` chains them from a config file and `demo` is
-that pipeline on the tiny offline default.
+Every stage subcommand reads an HF model folder (or a Hub model id) and writes one (`OUT/model`), so
+stages can be run one by one on a user's own checkpoints; `pipeline` chains them from a config file
+and `demo` is that pipeline on the tiny offline default. Every folder a command writes is checked
+writable before any model loads, and a Ctrl-C ends with one line saying how to resume.
 """
 
 from __future__ import annotations
@@ -17,6 +18,29 @@ from pathlib import Path
 from opsdlab import __version__
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # = models.DTYPES, kept here so --help stays light
+
+# What a Ctrl-C leaves, by command: training commands keep their checkpoints and finished outputs.
+RESUME = "rerun the same command to resume from the last checkpoint"
+INTERRUPTED = {"eval": "nothing was written; rerun the same command to evaluate again",
+               "report": "rerun the same command to write the report",
+               "config": "nothing was written"}
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """A parser whose positional KEY=VALUE overrides may stand anywhere among its flags
+    (`opsdlab demo a=1 --run-dir X b=2`): argparse's intermixed parsing, which a subcommand's
+    parser uses when the top-level parser hands it its arguments."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_intermixing", False) or any(
+                action.nargs == argparse.PARSER for action in self._get_positional_actions()):
+            return super().parse_known_args(args, namespace)  # one pass of the intermixed parse, or a command group
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +115,10 @@ def _eval_run(args):
     holds `--model` (`evaluate.run_dir_of`), else (None, None)."""
     from opsdlab.config import ConfigError, load_config
     from opsdlab.evaluation.evaluate import run_dir_of
+    from opsdlab.modeling.models import is_hub_model_id
 
-    run_dir = Path(args.run_dir) if args.run_dir is not None else run_dir_of(args.model)
+    run_dir = Path(args.run_dir) if args.run_dir is not None else (
+        None if is_hub_model_id(args.model) else run_dir_of(args.model))
     if run_dir is None:
         return None, None
     if not (run_dir / "config.yaml").is_file():
@@ -110,7 +136,8 @@ def _eval_run(args):
 def _check_eval_flags(args) -> None:
     """Every flag that can be checked without data or model, each error naming its flag."""
     from opsdlab.config import ConfigError
-    from opsdlab.modeling.models import ModelFolderError
+    from opsdlab.modeling.models import is_hub_model_id
+    from opsdlab.run.preflight import check_writable
     from opsdlab.tasks.prompts import TEACHER_CONTEXTS
     from opsdlab.tasks.verifier import COMPARATORS, EXTRACTORS
 
@@ -134,14 +161,21 @@ def _check_eval_flags(args) -> None:
     for flag, value, choices in (("--extract", args.extract, EXTRACTORS), ("--compare", args.compare, COMPARATORS)):
         if value is not None and value not in choices:
             raise ConfigError(f"{flag} {value!r}: choose one of {sorted(choices)}")
-    model = Path(args.model)
+    if (Path(args.out) / "summary.json").exists() and not args.overwrite:
+        raise ConfigError(f"--out {args.out} holds a previous result (summary.json); give another --out, or "
+                          "--overwrite to replace it")
+    check_writable(args.out, "--out")
+    if not is_hub_model_id(args.model):  # a Hub id is fetched last (`_eval_plan`), once all else is checked
+        _check_model_folder(Path(args.model))
+
+
+def _check_model_folder(model: Path) -> None:
+    from opsdlab.modeling.models import ModelFolderError
+
     if not model.is_dir():
         raise ModelFolderError(f"--model {model}: model folder does not exist")
     if not (model / "config.json").is_file():
         raise ModelFolderError(f"--model {model}: model folder has no config.json; is it a Hugging Face model folder?")
-    if (Path(args.out) / "summary.json").exists() and not args.overwrite:
-        raise ConfigError(f"--out {args.out} holds a previous result (summary.json); give another --out, or "
-                          "--overwrite to replace it")
 
 
 def _is_run_set(config, data: str) -> bool:
@@ -176,7 +210,8 @@ def _eval_plan(args) -> dict:
     the defaults. Settings about the problems (how many, the columns, the verifier) come from the run
     only for its own sets (`_is_run_set`); any other file gets a file's defaults: every row, the
     default columns and the math verifier. Flags given override either. The problems are loaded and
-    checked against --context.
+    checked against --context. No model is loaded; a Hub model id is fetched
+    into the Hugging Face cache last, once everything else has passed.
     """
     import importlib.util
     from dataclasses import replace
@@ -184,6 +219,7 @@ def _eval_plan(args) -> dict:
     from opsdlab.config import ConfigError
     from opsdlab.tasks.data import pair_unrelated
     from opsdlab.evaluation.evaluate import SamplingConfig, check_backend_installed, check_context
+    from opsdlab.modeling.models import model_folder
     from opsdlab.run.pipeline import is_task_set, set_examples, verifier_of
     from opsdlab.tasks import FileTask, build_task, held_out_refusal
     from opsdlab.tasks.verifier import VerifierConfig
@@ -259,9 +295,11 @@ def _eval_plan(args) -> dict:
         seed = args.seed
     source = f"held-out problems of the {task.name} task" if generated else f"problems of {data}"
     line = _eval_line(f"{len(examples)} {source}", items, run_dir, set_settings)
+    model_dir = model_folder(args.model, "--model")  # a Hub id: its snapshot in the cache (downloaded if online)
+    _check_model_folder(model_dir)
     return dict(examples=examples, verifier=verifier, sampling=sampling, thinking=thinking, data=data,
                 dtype=args.dtype or dtype, backend=backend, settings=settings, seed=seed,
-                trust_remote_code=trust_remote_code, run_dir=run_dir, line=line)
+                trust_remote_code=trust_remote_code, run_dir=run_dir, model_dir=model_dir, line=line)
 
 
 def cmd_eval(args) -> int:
@@ -270,13 +308,15 @@ def cmd_eval(args) -> int:
 
     plan = _eval_plan(args)
     print(plan["line"])
-    model, tokenizer = load_for_eval(args.model, plan["backend"], plan["dtype"], plan["trust_remote_code"],
+    model, tokenizer = load_for_eval(plan["model_dir"], plan["backend"], plan["dtype"], plan["trust_remote_code"],
                                      settings=plan["settings"], seed=plan["seed"])
     samples, summary = evaluate(model, tokenizer, plan["examples"], plan["verifier"], plan["sampling"],
                                 thinking=plan["thinking"], context=args.context, backend=plan["backend"],
                                 budget=args.budget)
     summary.update(model=str(args.model), data=plan["data"], dtype=plan["dtype"],
                    run_dir=str(plan["run_dir"]) if plan["run_dir"] is not None else None)
+    if plan["model_dir"] != Path(args.model):  # a Hub id: the snapshot (its folder names the revision)
+        summary["model_snapshot"] = str(plan["model_dir"])
     write_eval(args.out, samples, summary)
     print(one_line(Path(args.model).name, summary))
     print(f"wrote {Path(args.out) / 'summary.json'} and samples.jsonl")
@@ -293,10 +333,25 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def _stage_model(args) -> Path:
+    """A stage command's starting model folder, once its --out is known writable: --model itself, or the
+    snapshot of a Hub model id in the Hugging Face cache (downloaded if online)."""
+    from opsdlab.modeling.models import model_folder
+
+    return model_folder(args.model, "--model")
+
+
+def _check_out(args) -> None:
+    from opsdlab.run.preflight import check_writable
+
+    check_writable(args.out, "--out")
+
+
 def cmd_sft(args) -> int:
     import torch
 
     from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
+    from opsdlab.stages.progress import done_line, say_started, stage_label
     from opsdlab.stages.sft import SFTStageConfig, run_sft
     from opsdlab.tasks import build_task
 
@@ -306,22 +361,25 @@ def cmd_sft(args) -> int:
 
         raise ConfigError("sft.probe_every: the SFT teacher probe runs in `opsdlab pipeline` (it grades held-out "
                           "problems from the OPSD teacher's prompt); set sft.probe_every in a pipeline config")
+    _check_out(args)
     from opsdlab.run.preflight import SFT_READER
 
     _check_stage_inputs(args, config, [SFT_READER])
+    label, start = stage_label("sft"), time.time()
+    say_started(Path(args.out), label)
     if args.data == "synthetic":
         task = build_task("synthetic")
         if args.model == "tiny":
             tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
             model = build_tiny_model(tokenizer).to(getattr(torch, args.dtype))
         else:
-            model, tokenizer = load_policy(args.model, args.dtype)
+            model, tokenizer = load_policy(_stage_model(args), args.dtype)
     else:
         task = build_task("file", {"train": args.data, "columns": args.columns})
-        model, tokenizer = load_policy(args.model, args.dtype)
+        model, tokenizer = load_policy(_stage_model(args), args.dtype)
     rows = task.sft_rows(tokenizer, config.rows, thinking=not args.no_thinking, seed=args.seed)
     out = run_sft(model, tokenizer, rows, config, Path(args.out), seed=args.seed)
-    print(f"sft: wrote {out}")
+    print(done_line(label, out, time.time() - start))
     return 0
 
 
@@ -352,16 +410,20 @@ def _train_examples(args, count: int):
 
 def cmd_rlvr(args) -> int:
     from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.progress import done_line, say_started, stage_label
     from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
+    _check_out(args)
     _check_stage_inputs(args, config, [])  # GRPO reads the answers alone
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
-    model, tokenizer = load_policy(args.model, args.dtype)
+    label, start = stage_label("rlvr"), time.time()
+    say_started(Path(args.out), label)
+    model, tokenizer = load_policy(_stage_model(args), args.dtype)
     out = run_rlvr(model, tokenizer, examples, verifier, config, Path(args.out), thinking=not args.no_thinking,
                    seed=args.seed)
-    print(f"rlvr: wrote {out}")
+    print(done_line(label, out, time.time() - start))
     return 0
 
 
@@ -370,14 +432,18 @@ def cmd_opsd(args) -> int:
     from opsdlab.stages.methods import solution_keys
     from opsdlab.modeling.models import load_policy
     from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.stages.progress import done_line, say_started, stage_label
     from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
                         stage="opsd")
+    _check_out(args)
     _check_stage_inputs(args, config, [f"opsd.{key}" for key in solution_keys(config)])
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
-    model, tokenizer = load_policy(args.model, args.dtype)
+    label, start = stage_label("opsd", config.gate, args.seed), time.time()
+    say_started(Path(args.out), label)
+    model, tokenizer = load_policy(_stage_model(args), args.dtype)
     thinking = not args.no_thinking
     if args.teacher_check > 0:
         held_out, _ = _examples_and_verifier(args, "test", args.teacher_check)
@@ -390,8 +456,9 @@ def cmd_opsd(args) -> int:
         if teacher["avg_at_k"] <= student["avg_at_k"] and config.teacher_context not in CONTROL_CONTEXTS:
             print("WARNING: the teacher prompt is not more accurate than the student prompt; OPSD then has "
                   "nothing to teach beyond style.", file=sys.stderr)
-    out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed)
-    print(f"opsd: wrote {out}")
+    out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed,
+                   label=label)
+    print(done_line(label, out, time.time() - start))
     return 0
 
 
@@ -414,9 +481,11 @@ def cmd_pipeline(args) -> int:
 
 def _run_and_report(config, redo=()) -> int:
     from opsdlab.run.pipeline import run_seeds
+    from opsdlab.run.preflight import check_writable
     from opsdlab.report import seed_dirs, stage_summary, write_report
     from opsdlab.modeling.runtime import is_main_process
 
+    check_writable(config.run_dir, "run_dir")
     run_dir = run_seeds(config, redo)
     if not is_main_process():  # under a multi-process launch the main process writes the report
         return 0
@@ -439,8 +508,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_study(args) -> int:
+    from opsdlab.run.preflight import check_writable
     from opsdlab.run.study import run_study
 
+    check_writable(args.run_dir, "--run-dir")
     start = time.time()
     presets = [p for p in args.presets.split(",") if p]
     done = run_study(args.run_dir, presets, args.seeds, args.overrides, jobs=args.jobs, redo=args.redo,
@@ -502,20 +573,19 @@ def _run_args(parser: argparse.ArgumentParser, run_dir_default: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opsdlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"opsdlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
 
-    p = sub.add_parser("demo", help="the whole pipeline on the tiny offline default, then the report")
+    p = sub.add_parser("demo", help="the tiny preset's pipeline, offline, then the report")
     _run_args(p, "runs/demo (the tiny preset's)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("pipeline", help="SFT -> RLVR -> OPSD arms from a config file, then the report")
+    p = sub.add_parser("pipeline", help="SFT -> RLVR -> OPSD arms of a config, then the report")
     p.add_argument("--config", required=True,
                    help="YAML file or a shipped preset: tiny, tiny-nothink, tiny-search, qwen3-8b, qwen3-1.7b")
     _run_args(p, "the config's run_dir")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("study", help="every task preset x pipeline seeds x OPSD arms and controls, "
-                                     "one report over seeds per task")
+    p = sub.add_parser("study", help="every preset x seed x arm and control, then reports")
     p.add_argument("--presets", default="tiny,tiny-search", help="comma-separated config presets or files, one per task "
                                                      "(default: tiny,tiny-search)")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated pipeline seeds (default: 0,1,2)")
@@ -539,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
-        "eval", help="k samples per problem: avg@k, pass@k, maj@k, lengths, truncation",
+        "eval", help="a model's avg@k, pass@k, maj@k, lengths, truncation",
         description="Evaluate a model folder. When --model lies inside a pipeline run directory (or --run-dir is "
                     "given), that run's settings about the model (thinking, sampling, dtype, backend) are the "
                     "defaults; on the run's own sets (its task's held-out split, or a file of its eval.sets) so are "
@@ -548,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "came from where; flags given override them. Every flag and the problems are checked before the "
                     "model loads.")
     p.add_argument("--model", required=True,
-                   help="Hugging Face model folder (with config.json), e.g. runs/demo/rlvr/model (required)")
+                   help="Hugging Face model folder (with config.json), e.g. runs/demo/rlvr/model, or a Hub model id, "
+                        "e.g. Qwen/Qwen3-1.7B, from the Hugging Face cache (required)")
     p.add_argument("--run-dir", default=None,
                    help="take the default settings from this run directory's config.yaml (default: the run directory "
                         "that holds --model, if any: a folder above it with config.yaml and summary.jsonl)")
@@ -624,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("rlvr", cmd_rlvr, "GRPO/DAPO/Dr.GRPO with the verifier reward"),
                                  ("opsd", cmd_opsd, "outcome-gated on-policy self-distillation")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", required=True, help="HF model folder ('tiny' builds the default, sft only)")
+        p.add_argument("--model", required=True,
+                       help="HF model folder or Hub model id ('tiny' builds the default, sft only)")
         p.add_argument("--out", required=True, help="stage folder; the final model goes to OUT/model")
         _task_args(p)
         p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
@@ -647,8 +719,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a Ctrl-C ends it with one line saying what it left and exit status 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run_command(args)
+    except KeyboardInterrupt:
+        if os.environ.get("OPSDLAB_DEBUG"):
+            raise
+        from opsdlab.stages.progress import close_bars
+
+        close_bars()
+        print(f"opsdlab {args.command}: interrupted; {INTERRUPTED.get(args.command, RESUME)}", file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+def _run_command(args) -> int:
+    """The command's function; a known error is one line (the traceback with OPSDLAB_DEBUG=1)."""
     # TRL warns on import that the CPU build of vLLM is newer than the versions it lists; the
     # vLLM paths are tested with that build, so the five copies of the warning only add noise.
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")

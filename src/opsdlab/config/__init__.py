@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSection:
-    init: str = "tiny"  # "tiny": build the offline default; otherwise a Hugging Face model folder
+    init: str = "tiny"  # "tiny": build the offline default; otherwise a Hugging Face model folder or Hub id
     size: str = "tiny"  # the offline model's size, one of models.TINY_SIZES (used when init is "tiny")
     dtype: str = "float32"  # one of models.DTYPES; bfloat16 on GPUs
     trust_remote_code: bool = False

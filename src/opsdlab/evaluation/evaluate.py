@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from opsdlab.tasks.data import Example
 from opsdlab.evaluation.metrics import Sample, find_answer, summarize
 from opsdlab.modeling.models import end_token_ids, stop_token_ids, thinking_token_count
+from opsdlab.stages.progress import progress_bar
 from opsdlab.tasks.prompts import CONTEXT_READS, TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks.templates import closed_thinking, think_close_text, unclosed_thinking
 from opsdlab.tasks.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
@@ -97,7 +97,7 @@ def generate_ids(model, tokenizer, token_ids: list[list[int]], sampling: Samplin
         if sampling.temperature > 0 else dict(do_sample=False)
     )
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(token_ids), sampling.batch_size), desc=desc, leave=False, unit="batch"):
+    for start in progress_bar(range(0, len(token_ids), sampling.batch_size), desc=desc, leave=False, unit="batch"):
         batch = tokenizer.pad({"input_ids": token_ids[start:start + sampling.batch_size]}, padding=True,
                               return_tensors="pt").to(device)
         output = model.generate(

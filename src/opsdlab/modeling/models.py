@@ -8,13 +8,15 @@ per-call `enable_thinking` switch like Qwen3's. Other families' tiny models (Lla
 Gemma 3) and tokenizers (their special tokens and chat templates) are built the same way for the
 tests. `output_head(model)` maps hidden states to logits as the model's forward does (Gemma's
 soft-capping included). Weights are read from safetensors only, and remote code stays off unless
-asked for.
+asked for. Wherever a model folder is given, a Hugging Face Hub model id names one too
+(`model_folder`: its snapshot in the Hugging Face cache).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,49 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 class ModelFolderError(ValueError):
     """A model folder that cannot be used, with what is wrong and how to fix it."""
+
+
+# A Hub model id: `org/name`, as `hf download` and `from_pretrained` take it.
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# Weight formats no stage reads (weights are read from safetensors only): not downloaded with a Hub model.
+UNREAD_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "original/*")
+
+
+def is_hub_model_id(name: str | Path) -> bool:
+    """Whether `name` names a Hugging Face Hub model rather than a local folder: it has the form
+    `org/name` and no such path exists here (a local folder of that name wins, as in transformers)."""
+    return HUB_MODEL_ID.fullmatch(str(name)) is not None and not Path(name).expanduser().exists()
+
+
+def model_folder(name: str | Path, what: str = "model", download: bool = True) -> Path:
+    """The local folder of a model given as a folder or as a Hub model id (`Qwen/Qwen3-1.7B`).
+
+    A folder is returned as it is (checked where it is read). A Hub id is resolved through the
+    Hugging Face cache (HF_HUB_CACHE) with `snapshot_download`: downloaded, or brought up to date,
+    when online and `download`; read from the cache alone with HF_HUB_OFFLINE=1 or without
+    `download`. The snapshot folder it returns is what every stage loads and what a run's records
+    fingerprint, so a new revision of the model counts as a changed input. An id that is neither in
+    the cache nor (online) on the Hub is a ModelFolderError naming `what` (the option it came from).
+    """
+    if not is_hub_model_id(name):
+        return Path(name).expanduser()
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name), local_files_only=not download, ignore_patterns=list(UNREAD_WEIGHTS)))
+    except LocalEntryNotFoundError as error:
+        why = ("its snapshot there is incomplete" if isinstance(error, IncompleteSnapshotError) else
+               "HF_HUB_OFFLINE=1 forbids downloading it" if constants.is_offline_mode() else
+               "it is not downloaded" if not download else "the Hub could not be reached")
+        raise ModelFolderError(
+            f"{what}: {name} is neither a model folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}): "
+            f"{why}; download it with `hf download {name}` (online), or give a model folder") from None
+    except (HfHubHTTPError, HFValidationError) as error:  # no such model, a gated one, a malformed id
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFolderError(
+            f"{what}: {name} is neither a model folder nor a model on the Hugging Face Hub ({detail}); check the "
+            "id, or log in (`hf auth login`) for a gated model") from None
 
 
 @dataclass(frozen=True)

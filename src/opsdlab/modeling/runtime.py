@@ -270,6 +270,33 @@ def _last_complete_checkpoint(stage_dir: Path) -> str | None:
     return None
 
 
+def untied_missing_keys(model, missing: list[str]) -> list[str]:
+    """The keys of `missing` that no tied weight of `model` accounts for.
+
+    A model with tied embeddings holds its LM head and its input embedding as one tensor, which a
+    checkpoint stores once, under the embedding's name: loading it reports the head's key
+    (`lm_head.weight`) missing, although the head was loaded with the embedding.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return [key for key in missing if key not in tied]
+
+
+def warn_only_untied_missing_keys(trainer) -> None:
+    """Make the Trainer's checkpoint loads (a resume, a held-out check's selection) warn only about
+    missing keys that no tied weight accounts for (`untied_missing_keys`).
+
+    transformers' `Trainer._issue_warnings_after_load` excuses only the model's `_keys_to_ignore_on_save`,
+    which models with tied embeddings leave unset, so every resume warned `missing keys ['lm_head.weight']`.
+    Any other missing key is still warned about, by the Trainer's own warning.
+    """
+    issue = trainer._issue_warnings_after_load
+
+    def issue_untied(load_result):
+        issue(load_result._replace(missing_keys=untied_missing_keys(trainer.model, load_result.missing_keys)))
+
+    trainer._issue_warnings_after_load = issue_untied
+
+
 def checkpoint_step(folder: Path) -> int:
     """The step of a `checkpoint-N` folder (-1 for a name without one)."""
     suffix = folder.name.rsplit("-", 1)[-1]

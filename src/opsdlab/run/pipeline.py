@@ -36,6 +36,7 @@ on a CPU whose results do not depend on the thread count they are identical to t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -43,6 +44,7 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,10 +57,11 @@ from opsdlab.tasks.data import (ColumnMap, Example, check_disjoint, check_distin
                           parse_column_map)
 from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.evaluation.metrics import Sample, summarize
-from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
+from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, model_folder, save_policy
 from opsdlab.stages.methods import METHODS
 from opsdlab.stages.opsd import OPSDStageConfig
 from opsdlab.run.preflight import check_inputs
+from opsdlab.stages.progress import close_bars, done_line, progress_drawn_as, say_started, stage_label, stage_line
 from opsdlab.tasks.prompts import CONTEXT_READS, CONTROL_CONTEXTS
 from opsdlab.run.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
@@ -236,14 +239,17 @@ def write_config(config: PipelineConfig, run_dir: Path) -> None:
 
 
 def base_dir(config: PipelineConfig) -> Path:
-    """The starting model folder: the tiny default built in the run directory, or the user's folder."""
-    return Path(config.run_dir) / "base" / "model" if config.model.init == "tiny" else Path(config.model.init)
+    """The starting model folder: the tiny default built in the run directory, or the user's folder
+    (a Hub model id: its snapshot in the Hugging Face cache, which the pre-flight check fetched)."""
+    if config.model.init == "tiny":
+        return Path(config.run_dir) / "base" / "model"
+    return model_folder(config.model.init, "model.init", download=False)
 
 
 def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
     """The starting model folder: the tiny default built here (with its record), or the user's folder."""
     if config.model.init != "tiny":
-        return Path(config.model.init)
+        return base_dir(config)
     stage_dir = run_dir / "base"
     if not stage_done(stage_dir):
         message = ""
@@ -253,8 +259,8 @@ def prepare_base(run_dir: Path, config: PipelineConfig, task) -> Path:
             model = build_tiny_model(tokenizer, config.model.size, seed=config.seed)
             save_policy(model, tokenizer, stage_dir / "model")
             params = sum(p.numel() for p in model.parameters())
-            message = (f"[base] built the offline {config.model.size} Qwen3 model: {params / 1e6:.2f}M parameters, "
-                       f"vocabulary {len(tokenizer)}")
+            message = stage_line("base", "done", f"built the offline {config.model.size} Qwen3 model: "
+                                 f"{params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
         finish_stage(run_dir, stage_dir, message, kind="stage", stage="base")
     return stage_dir / "model"
 
@@ -647,33 +653,25 @@ def prepare_run_dir(config: PipelineConfig, redo=()) -> None:
             print(line, flush=True)
 
 
-def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> None:
-    """Call `train()` unless the stage is complete, then mark it complete and log its seconds.
+def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train, detail: str = "") -> None:
+    """Call `train()` unless the stage is complete, then mark it complete and log its seconds; each
+    in the stage commands' words (`progress.stage_line`), under the stage's `label` (`stage_label`).
 
     The stage's record is written before training starts, so a stage killed midway resumes only
     under the settings it started with (`check_run_dir` compares them first).
     """
     if stage_done(stage_dir):
         if is_main_process():
-            print(f"{label} skipped: finished with these settings", flush=True)
+            print(stage_line(label, "skipped", "finished with these settings"), flush=True)
         return
-    if is_main_process():
-        if stage_dir in run.outputs:  # with what it reads: the stage it starts from is finished by now
-            write_record(stage_dir, run.outputs[stage_dir].expected())
-        if not any((stage_dir / "checkpoints").glob("checkpoint-*")):  # else the stage says where it resumes
-            print(f"{label} started", flush=True)
+    if is_main_process() and stage_dir in run.outputs:  # with what it reads: its start is finished by now
+        write_record(stage_dir, run.outputs[stage_dir].expected())
+    say_started(stage_dir, label, detail)
     start = time.time()
     train()
     seconds = time.time() - start
-    finish_stage(run.run_dir, stage_dir, f"{label} done in {seconds:.0f}s, {memory_text()}", kind="stage",
+    finish_stage(run.run_dir, stage_dir, done_line(label, stage_dir / "model", seconds), kind="stage",
                  stage=stage, seconds=round(seconds, 1))
-
-
-def memory_text() -> str:
-    """This process's peak memory so far, for a log line."""
-    peaks = peak_memory_mb()
-    text = f"peak memory {peaks['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in peaks else "peak memory unknown"
-    return text + (f", GPU {peaks['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in peaks else "")
 
 
 def _train_sft(run: Run, step: Step) -> None:
@@ -685,7 +683,7 @@ def _train_sft(run: Run, step: Step) -> None:
         run_sft(model, tokenizer, rows, config.sft, stage_dir, seed=config.seed,
                 callbacks=sft_probe(config, stage_dir, run.sets, run.verifier))
 
-    _train_stage(run, stage_dir, "sft", "[sft]", train)
+    _train_stage(run, stage_dir, "sft", stage_label("sft"), train)
 
 
 def _train_rlvr(run: Run, step: Step) -> None:
@@ -697,7 +695,7 @@ def _train_rlvr(run: Run, step: Step) -> None:
         run_rlvr(model, tokenizer, examples, run.verifier, config.rlvr, stage_dir, thinking=config.task.thinking,
                  seed=config.seed, check_examples=check_problems(config, config.rlvr))
 
-    _train_stage(run, stage_dir, "rlvr", "[rlvr]", train)
+    _train_stage(run, stage_dir, "rlvr", stage_label("rlvr"), train)
 
 
 def check_problems(config: PipelineConfig, stage) -> list[Example] | None:
@@ -765,16 +763,18 @@ def _train_arm(run: Run, step: Step) -> None:
     config = run.config
     stage_dir = run.run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}"
     arm_config = arm_settings(config, step.arm)
+    label = stage_label("opsd", step.arm, step.opsd_seed)
 
     def train():
         examples = run.task.examples("train", arm_config.train_problems)
         model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
         METHODS[arm_config.method].train(model, tokenizer, examples, run.verifier, arm_config, stage_dir,
                                          thinking=config.task.thinking, seed=step.opsd_seed,
-                                         check_examples=check_problems(config, arm_config), rlvr=config.rlvr)
+                                         check_examples=check_problems(config, arm_config), rlvr=config.rlvr,
+                                         label=label)
 
-    method = "" if arm_config.method == "opsd" else f" ({arm_config.method})"
-    _train_stage(run, stage_dir, step.checkpoint, f"[opsd] arm {step.arm}{method} seed {step.opsd_seed}", train)
+    method = "" if arm_config.method == "opsd" else f"method {arm_config.method}"
+    _train_stage(run, stage_dir, step.checkpoint, label, train, detail=method)
 
 
 def _evaluate(run: Run, step: Step) -> None:
@@ -905,12 +905,14 @@ def run_pipeline(config: PipelineConfig, redo=()) -> Path:
         log(run_dir, f"[pipeline] workers: {config.workers} applies to single-process runs; under this launch of "
                      f"{processes} processes every stage splits over them, so the steps run in order", kind="notice")
     torch.manual_seed(config.seed)
-    steps = pipeline_steps(config, prepare_base(run_dir, config, run.task))
-    if workers == 1:
-        for step in steps:
-            STEP_KINDS[step.kind](run, step)
-    else:
-        run_in_workers(config, steps, workers)
+    # With workers, every line of the run is whole, as the workers' are (`_run_step_in_worker`).
+    with progress_drawn_as("lines") if workers > 1 else contextlib.nullcontext():
+        steps = pipeline_steps(config, prepare_base(run_dir, config, run.task))
+        if workers == 1:
+            for step in steps:
+                STEP_KINDS[step.kind](run, step)
+        else:
+            run_in_workers(config, steps, workers)
     return run_dir
 
 
@@ -922,9 +924,22 @@ def _start_forkserver() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
+# A worker's exit code when a Ctrl-C stopped it (128 + SIGINT, as a shell reports it).
+INTERRUPTED_EXIT = 130
+
+
 def _run_step_in_worker(config: PipelineConfig, step: Step, threads: int) -> None:
-    torch.set_num_threads(threads)
-    STEP_KINDS[step.kind](open_run(config), step)
+    """One step in a worker process, its progress as whole lines, since other workers share the terminal.
+    A Ctrl-C reaches every process of the terminal's process group: the worker then exits quietly with
+    INTERRUPTED_EXIT (the main process says what to do), not with a traceback of its own; what it
+    finished is kept and its stage resumes from its last checkpoint."""
+    try:
+        torch.set_num_threads(threads)
+        with progress_drawn_as("lines"):
+            STEP_KINDS[step.kind](open_run(config), step)
+    except KeyboardInterrupt:
+        close_bars()
+        sys.exit(INTERRUPTED_EXIT)
 
 
 # Rough relative cost of each kind of step, for the order in which ready steps start: a training
@@ -995,15 +1010,32 @@ def run_in_workers(config: PipelineConfig, steps: list[Step], workers: int) -> N
                 del running[name]
                 if process.exitcode == 0:
                     finished.add(name)
+                elif process.exitcode == INTERRUPTED_EXIT:  # a Ctrl-C that reached the worker alone
+                    raise KeyboardInterrupt
                 else:
                     failed.append(f"{name} (exit code {process.exitcode})")
     finally:  # interrupted: stop the steps still running (each resumes on the next call)
-        for process in running.values():
-            process.terminate()
-            process.join()
+        stop_workers(list(running.values()))
     if failed:
         raise StepError(f"pipeline step {', '.join(failed)} failed; its error is printed above. Finished stages and "
                         "evaluations are kept: rerun the same command to resume")
+
+
+def stop_workers(processes: list, grace_seconds: float = 10.0) -> None:
+    """Stop worker processes: a Ctrl-C reached them too, so each first gets `grace_seconds` to end on
+    its own (closing its progress bar and its resources, `_run_step_in_worker`); any still running
+    then, or all at once after another Ctrl-C, is terminated."""
+    deadline = time.time() + grace_seconds
+    try:
+        for process in processes:
+            process.join(max(0.0, deadline - time.time()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in processes:
+            if process.exitcode is None:
+                process.terminate()
+                process.join()
 
 
 def seed_run_dir(run_dir: str | Path, seed: int) -> Path:

@@ -12,6 +12,8 @@ reads it (`solution_readers`).
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 from opsdlab.config import ConfigError, PipelineConfig
@@ -40,6 +42,25 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def check_writable(folder: str | Path, what: str) -> None:
+    """Raise a one-line ConfigError naming `what` unless the folder a command will make or fill can
+    be written, so that an unwritable output is refused before any model loads, not after the work.
+
+    Tried, not read from permission bits (which root passes everywhere): a folder is made and removed
+    in the deepest part of the path that exists. A file on the path, a read-only or virtual file
+    system (/proc) or missing permission fails it; nothing is left behind.
+    """
+    target = Path(folder).expanduser().absolute()
+    existing = next(path for path in (target, *target.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {folder}: cannot write there, {existing} is a file; give a folder you can write")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".opsdlab-write-check-", dir=existing))
+    except OSError as error:
+        raise ConfigError(f"{what} {folder}: cannot create folders in {existing} ({error.strerror or error}); "
+                          "give a folder you can write") from None
+
+
 def check_inputs(config: PipelineConfig) -> None:
     """Raise one ConfigError listing every missing or unusable piece of `config`'s run (one line for
     one), or return."""
@@ -52,12 +73,20 @@ def check_inputs(config: PipelineConfig) -> None:
 
 
 def missing_model(config: PipelineConfig) -> list[str]:
+    """The starting model: a folder, or a Hub model id fetched into the Hugging Face cache now
+    (`models.model_folder`), so that every later step reads it from the cache."""
     if config.model.init == "tiny":
         return []
-    folder = Path(config.model.init).expanduser()
+    from opsdlab.modeling.models import ModelFolderError, model_folder
+
+    try:
+        folder = model_folder(config.model.init, "model.init")
+    except ModelFolderError as error:
+        return [str(error)]
     if not folder.is_dir():
         return [f"model.init: {config.model.init} is not a folder; give a Hugging Face model folder "
-                "(config.json, a tokenizer with a chat template, safetensors weights)"]
+                "(config.json, a tokenizer with a chat template, safetensors weights) or a Hub model id "
+                "(Qwen/Qwen3-1.7B)"]
     if not (folder / "config.json").is_file():
         return [f"model.init: {folder} has no config.json; give a Hugging Face model folder"]
     return []

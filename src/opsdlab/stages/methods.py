@@ -70,9 +70,9 @@ class Method:
 
 
 def train_opsd(model, tokenizer, examples, verifier, arm: OPSDStageConfig, stage_dir: Path, *, thinking: bool,
-               seed: int, check_examples, rlvr: RLVRStageConfig) -> Path:
+               seed: int, check_examples, rlvr: RLVRStageConfig, label: str = "opsd") -> Path:
     return run_opsd(model, tokenizer, examples, verifier, arm, stage_dir, thinking=thinking, seed=seed,
-                    check_examples=check_examples)
+                    check_examples=check_examples, label=label)
 
 
 # The arm settings a length-aware RL run takes over from the arm (its budget, optimizer and
@@ -92,10 +92,11 @@ def length_rl_config(arm: OPSDStageConfig, rlvr: RLVRStageConfig) -> RLVRStageCo
 
 
 def train_length_rl(model, tokenizer, examples, verifier, arm: OPSDStageConfig, stage_dir: Path, *, thinking: bool,
-                    seed: int, check_examples, rlvr: RLVRStageConfig) -> Path:
+                    seed: int, check_examples, rlvr: RLVRStageConfig, label: str = "opsd") -> Path:
     return run_rlvr(model, tokenizer, examples, verifier, length_rl_config(arm, rlvr), stage_dir, thinking=thinking,
                     seed=seed, check_examples=check_examples, length_reward=arm.length_reward,
-                    length_target=arm.length_target, length_target_quantile=arm.length_target_quantile)
+                    length_target=arm.length_target, length_target_quantile=arm.length_target_quantile,
+                    label=label)
 
 
 def _variant_defaults(settings: dict) -> dict:

@@ -748,11 +748,11 @@ CONTRAST_NEGATIVES: dict[str, Callable] = {
 
 
 def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDStageConfig, stage_dir: Path, *,
-             thinking: bool, seed: int = 0, check_examples: list[Example] | None = None) -> Path:
+             thinking: bool, seed: int = 0, check_examples: list[Example] | None = None, label: str = "opsd") -> Path:
     """Distil on gated rollouts of `examples`, resume from a checkpoint if any, save to stage_dir/model.
 
-    Logged numbers go to stage_dir/metrics.jsonl; the terminal shows a bar labelled "opsd" and the
-    stage folder's name (the pipeline's `<arm>-s<seed>`) with loss, kept fraction and completion length.
+    Logged numbers go to stage_dir/metrics.jsonl; the terminal shows a bar labelled `label` (the
+    pipeline's `opsd <arm> s<seed>`, `progress.stage_label`) with loss, kept fraction and completion length.
     With `config.check_every > 0`, `check_examples` (held-out problems) are graded during training, a
     stopping rule may end it, and model/ holds the checkpoint the selection rule picks (`checks`).
     """
@@ -775,7 +775,6 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
             token_stats_path=stage_dir / "token_stats.jsonl",
         ))
         warn_if_updates_vanish(trainer, "opsd")
-        label = "opsd" if stage_dir.name == "opsd" else f"opsd {stage_dir.name}"  # the pipeline's <arm>-s<seed>
         check = attach_checks(trainer, config, stage_dir, check_examples, verifier, thinking=thinking, stage="opsd",
                               label=label)
         train_checked(trainer, check, lambda: train_stage(trainer, stage_dir, label, OPSD_POSTFIX))

@@ -474,11 +474,12 @@ class RLVRTrainer(GRPOTrainer):
 def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRStageConfig, stage_dir: Path,
              *, thinking: bool, seed: int = 0, check_examples: list[Example] | None = None,
              length_reward: str | None = None, length_target: int | None = None,
-             length_target_quantile: float = 0.5) -> Path:
+             length_target_quantile: float = 0.5, label: str = "rlvr") -> Path:
     """Train with GRPO on `examples`, resume from a checkpoint if one exists, save to stage_dir/model.
 
-    Logged numbers go to stage_dir/metrics.jsonl; the terminal shows an "rlvr" bar with loss, mean
-    reward and mean completion length. With `config.check_every > 0`, `check_examples` (held-out
+    Logged numbers go to stage_dir/metrics.jsonl; the terminal shows a bar labelled `label` (`rlvr`, or
+    the pipeline's `opsd <arm> s<seed>` for a `length_rl` arm) with loss, mean reward and mean
+    completion length. With `config.check_every > 0`, `check_examples` (held-out
     problems) are graded during training, a stopping rule may end it, and model/ holds the checkpoint
     the selection rule picks (`checks`).
 
@@ -513,6 +514,6 @@ def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRS
         ))
         warn_if_updates_vanish(trainer, "rlvr")
         check = attach_checks(trainer, config, stage_dir, check_examples, verifier, thinking=thinking, stage="rlvr",
-                              label="rlvr")
-        train_checked(trainer, check, lambda: train_stage(trainer, stage_dir, "rlvr", RLVR_POSTFIX))
+                              label=label)
+        train_checked(trainer, check, lambda: train_stage(trainer, stage_dir, label, RLVR_POSTFIX))
         return save_trained(trainer, stage_dir / "model")
