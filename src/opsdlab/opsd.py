@@ -41,7 +41,8 @@ from opsdlab.rewards import VerifierReward
 from opsdlab.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
                           concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
 from opsdlab.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish
-from opsdlab.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
+from opsdlab.teacher import (TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state,
+                             student_adapter_saved_alone)
 from opsdlab.verifier import VerifierConfig
 from opsdlab.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
@@ -630,6 +631,12 @@ class OPSDTrainer(GRPOTrainer):
             folder.mkdir(parents=True, exist_ok=True)
             save_teacher_state(self.teacher, self.accelerator.unwrap_model(self.model), folder)
         super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Every checkpoint (and checks' start folder) holds the student's adapter alone; see
+        # `student_adapter_saved_alone` for why a teacher adapter beside it would not be resumed from.
+        with student_adapter_saved_alone(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
+            super()._save(output_dir, state_dict)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
