@@ -60,8 +60,8 @@ from opsdlab.prompts import CONTROL_CONTEXTS
 from opsdlab.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
 from opsdlab.rlvr import RLVRStageConfig, run_rlvr
-from opsdlab.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
-                             wait_for_everyone)
+from opsdlab.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, read_updates,
+                             shard_and_gather, skipped_note, trained_nothing, wait_for_everyone)
 from opsdlab.sft import SFTStageConfig, TeacherProbe, run_sft
 from opsdlab.tasks import build_task
 from opsdlab.verifier import VerifierConfig
@@ -618,7 +618,8 @@ def prepare_run_dir(config: PipelineConfig, redo=()) -> None:
 
 
 def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> None:
-    """Call `train()` unless the stage is complete, then mark it complete and log its seconds.
+    """Call `train()` unless the stage is complete, then mark it complete and log its seconds, with a
+    warning when some of its optimizer steps were skipped (`runtime.skipped_note`).
 
     The stage's record is written before training starts, so a stage killed midway resumes only
     under the settings it started with (`check_run_dir` compares them first).
@@ -635,8 +636,12 @@ def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train) -> No
     start = time.time()
     train()
     seconds = time.time() - start
-    finish_stage(run.run_dir, stage_dir, f"{label} done in {seconds:.0f}s, {memory_text()}", kind="stage",
-                 stage=stage, seconds=round(seconds, 1))
+    message, record = f"{label} done in {seconds:.0f}s, {memory_text()}", {}
+    updates = main_decides(lambda: read_updates(stage_dir))
+    if note := skipped_note(updates):  # an OPSD stage whose gate kept nothing in some steps
+        message += f". WARNING: {note}" + (", so its model is the one it started from" * trained_nothing(updates))
+        record = {"warning": note}
+    finish_stage(run.run_dir, stage_dir, message, kind="stage", stage=stage, seconds=round(seconds, 1), **record)
 
 
 def memory_text() -> str:
