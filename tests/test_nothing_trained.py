@@ -81,3 +81,20 @@ def test_skipped_steps_before_a_resume_are_counted(tmp_path, tiny_folder, task):
     resumed = trainer()
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoints" / "checkpoint-2"))
     assert resumed.state.global_step == 3 and resumed.skipped_steps == 1
+
+
+def test_a_stage_that_skipped_some_steps_says_how_many(tmp_path, tiny_folder, capsys, monkeypatch):
+    """Only the first step's rollouts are graded correct: the second step is skipped, and the stage
+    command still writes the model but warns with the count."""
+    from opsdlab import opsd
+
+    class FirstStepCorrect(ScriptedReward):
+        def __init__(self, verifier, eos_token_ids):
+            super().__init__(lambda call, n: [call == 1] * n, eos_token_ids)
+
+    monkeypatch.setattr(opsd, "VerifierReward", FirstStepCorrect)
+    out = tmp_path / "opsd"
+    assert main(["opsd", "--model", str(tiny_folder), "--out", str(out), *NOTHING]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: opsd: 1 of 2 optimizer steps skipped (the correct gate kept no rollout in them)" in captured.err
+    assert "opsd: wrote" in captured.out

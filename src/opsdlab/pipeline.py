@@ -564,15 +564,16 @@ STEADY_SCHEDULES = ("constant", "constant_with_warmup")
 def longer_run(stored: dict | None, expected: dict) -> tuple[str, bool, str] | None:
     """For a trained stage whose record differs from the current one only in a larger `<stage>.max_steps`:
     that difference, whether the longer run continues the stage (`STEADY_SCHEDULES`), and why; else None."""
-    if stored is None or expected["kind"] not in ("sft", "rlvr", "opsd"):
-        return None
-    key = f"{expected['kind']}.max_steps"
-    diffs = differences(stored, expected)
-    old, new = stored["settings"].get(key), expected["settings"].get(key)
-    if len(diffs) != 1 or not diffs[0].startswith(f"{key}: ") or not (isinstance(old, int) and isinstance(new, int)
-                                                                       and new > old):
-        return None
     section = expected["kind"]
+    if stored is None or section not in ("sft", "rlvr", "opsd"):
+        return None
+    key = f"{section}.max_steps"
+    diffs = differences(stored, expected)
+    if len(diffs) != 1 or not diffs[0].startswith(f"{key}: "):
+        return None
+    old, new = stored["settings"].get(key), expected["settings"].get(key)
+    if not (isinstance(old, int) and isinstance(new, int) and new > old):
+        return None
     schedule = expected["settings"].get(f"{section}.lr_scheduler_type")
     if schedule not in STEADY_SCHEDULES:
         return diffs[0], False, (f"--redo changed retrains it from the start: its {schedule} learning rate decays over "
