@@ -7,7 +7,8 @@ A run directory holds everything a report needs and is how a run resumes:
     base/model/                 the starting model (built here for the tiny default)
     sft/ rlvr/                  model/ (final HF folder), checkpoints/, metrics.jsonl
     sft/probe.jsonl             with sft.probe_every: student and teacher accuracy per probed step
-    opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl (each arm's
+    opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl, updates.json
+                                (its steps, and those skipped: `runtime.skipped_note`) (each arm's
                                 compaction method: `methods.METHODS`; a `budget` arm trains nothing)
     eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
 
