@@ -280,3 +280,70 @@ def test_frozen_and_live_arms_with_one_seed_draw_the_same_first_rollouts(tmp_pat
         trainer._gated_round = recording
         trainer.train()
     assert rollouts["frozen"] and rollouts["frozen"] == rollouts["live"]
+
+
+# ------------------------------------------------------------------ LoRA: resume and selection with a teacher adapter
+def _adapter(model, name="default") -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{name}." in n}
+
+
+@pytest.mark.parametrize("kind", ["ema", "periodic"])
+def test_a_resumed_lora_arm_with_a_teacher_adapter_equals_an_uninterrupted_one(tmp_path, tiny_folder, task, kind):
+    """The checkpoint holds the student's adapter alone: the Trainer's loader, which loads only the
+    subfolders when a checkpoint has any, restores the student (the teacher comes from its own file)."""
+    def run(stage_dir, stop_at=None):
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop_at is not None and state.global_step >= stop_at:
+                    control.should_training_stop = True
+
+        return make_trainer(stage_dir, tiny_folder, task, teacher_weights=kind, ema_rate=0.3, teacher_refresh_steps=3,
+                            lora_r=4, lora_alpha=8, learning_rate=5e-2, max_steps=4, save_steps=2,
+                            callbacks=[Stop()])
+
+    straight = run(tmp_path / "straight")
+    straight.train()
+    run(tmp_path / "resumed", stop_at=2).train()
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
+    resumed = run(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    student, teacher = "default", {"ema": "opsd_ema", "periodic": "opsd_periodic"}[kind]
+    for name in (student, teacher):
+        expected, got = _adapter(straight.model, name), _adapter(resumed.model, name)
+        assert got and got.keys() == expected.keys()
+        assert all(torch.equal(got[n], expected[n]) for n in got), f"the {name} adapter differs after resuming"
+
+
+def test_a_lora_ema_arm_saves_the_selected_checkpoints_student_as_model(tmp_path, tiny_folder, task, monkeypatch):
+    """With checks, model/ is the student of the checkpoint selection.json names, merged into the base."""
+    import json
+
+    from peft import PeftModel
+
+    from opsdlab.stages.checks import HeldOutCheck
+    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+
+    from opsd_helpers import EXACT
+
+    script = {0: (0.5, 100), 1: (0.5, 40), 2: (0.5, 60), 3: (0.5, 80)}
+    monkeypatch.setattr(HeldOutCheck, "measure", lambda self, model, tokenizer, step: {
+        "avg_at_k": script[step][0], "avg_at_k_ci": [0.45, 0.55], "mean_response_tokens": script[step][1],
+        "truncation_rate": 0.0})
+    config = OPSDStageConfig(gate="all", teacher_weights="ema", ema_rate=0.3, lora_r=4, lora_alpha=8,
+                             learning_rate=5e-2, max_steps=3, prompts_per_step=2, rollouts_per_prompt=2,
+                             max_completion_length=8, save_steps=100, logging_steps=1, check_every=1,
+                             select="shortest_within_tolerance")
+    model, tokenizer = load_policy(tiny_folder)
+    stage = tmp_path / "opsd"
+    out = run_opsd(model, tokenizer, task.examples("train", 8), EXACT, config, stage, thinking=True,
+                   check_examples=task.examples("test", 4))
+    selection = json.loads((stage / "selection.json").read_text())
+    assert selection["checkpoint"] == "checkpoints/checkpoint-1"
+
+    def merged(checkpoint):
+        return PeftModel.from_pretrained(load_model(tiny_folder), str(stage / "checkpoints" / checkpoint)).merge_and_unload()
+
+    saved = logits_of(load_model(out))
+    assert torch.allclose(saved, logits_of(merged("checkpoint-1")), atol=1e-6)
+    assert not torch.allclose(saved, logits_of(merged("checkpoint-3")), atol=1e-4)

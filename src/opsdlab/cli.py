@@ -458,8 +458,23 @@ def cmd_opsd(args) -> int:
                   "nothing to teach beyond style.", file=sys.stderr)
     out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed,
                    label=label)
+    _check_updates(Path(args.out), "opsd")
     print(done_line(label, out, time.time() - start))
     return 0
+
+
+def _check_updates(stage_dir: Path, stage: str) -> None:
+    """A stage that trained nothing is an error (its model/ is its starting model); one that skipped
+    some steps says how many."""
+    from opsdlab.modeling.runtime import NothingTrained, read_updates, skipped_note, trained_nothing
+
+    record = read_updates(stage_dir)
+    if trained_nothing(record):
+        raise NothingTrained(f"{skipped_note(record)}; {stage_dir / 'model'} holds the weights it started from. "
+                             "Choose a gate that keeps this model's rollouts (e.g. --gate all) or a model that solves "
+                             "some of the problems")
+    if note := skipped_note(record):
+        print(f"WARNING: {stage}: {note}", file=sys.stderr)
 
 
 def _run_settings(args) -> list[str]:

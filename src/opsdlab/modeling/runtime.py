@@ -329,6 +329,44 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+# In a stage folder: how many optimizer steps the stage took and how many it skipped (an OPSD step
+# whose gate kept no rollout updates nothing), written when it finishes.
+UPDATES = "updates.json"
+
+
+class NothingTrained(ValueError):
+    """A stage whose every optimizer step was skipped: its settings train nothing on this model."""
+
+
+def write_updates(stage_dir: Path, steps: int, skipped: int, why: str) -> None:
+    """Record a stage's optimizer steps and skipped steps (`why`: what made a step skip), main process only."""
+    if is_main_process():
+        record = {"steps": steps, "skipped_steps": skipped, "skipped_why": why}
+        (Path(stage_dir) / UPDATES).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def read_updates(stage_dir: Path) -> dict | None:
+    """A stage's `write_updates` record; None when it wrote none (a stage that skips no step)."""
+    try:
+        return json.loads((Path(stage_dir) / UPDATES).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def trained_nothing(record: dict | None) -> bool:
+    return record is not None and record["steps"] > 0 and record["skipped_steps"] >= record["steps"]
+
+
+def skipped_note(record: dict | None) -> str | None:
+    """One line on a stage's skipped steps; None when every step updated the weights."""
+    if record is None or not record["skipped_steps"]:
+        return None
+    steps, skipped, why = record["steps"], record["skipped_steps"], record["skipped_why"]
+    if trained_nothing(record):
+        return f"trained nothing: {'all ' * (steps > 1)}{steps} optimizer step{'s' * (steps > 1)} skipped ({why})"
+    return f"{skipped} of {steps} optimizer steps skipped ({why})"
+
+
 def save_trained(trainer, folder: str | Path) -> Path:
     """Save a stage's trained model (weights, config, generation config, tokenizer) once, to `folder`.
 

@@ -29,7 +29,7 @@ from opsdlab.evaluation.metrics import (  # noqa: E402
     HESITATION_MARKERS, accuracy_efficiency_score, bootstrap_diff_ci, flips, hesitation_density, mean_ci,
     per_position_mean, top_tokens_by_shift,
 )
-from opsdlab.modeling.runtime import read_jsonl  # noqa: E402
+from opsdlab.modeling.runtime import read_jsonl, read_updates, skipped_note  # noqa: E402
 
 MARKERS = HESITATION_MARKERS + ("let me add them again",)
 STAGE_COLORS = {"base": "tab:gray", "sft": "tab:brown", "rlvr": "black"}
@@ -58,6 +58,22 @@ def opsd_seed_of(checkpoint: str) -> int:
 def reference_of(names: list[str]) -> str | None:
     """The checkpoint OPSD arms are compared with: their starting point, RLVR (else SFT)."""
     return "rlvr" if "rlvr" in names else ("sft" if "sft" in names else None)
+
+
+def stage_folder(run_dir: Path, checkpoint: str) -> Path:
+    """The stage folder that trained a checkpoint: `sft/`, `rlvr/`, `opsd/<arm>-s<seed>/`."""
+    return run_dir / "opsd" / checkpoint.removeprefix("opsd-") if checkpoint.startswith("opsd-") else run_dir / checkpoint
+
+
+def training_warning(run_dir: Path, checkpoint: str) -> str | None:
+    """What a checkpoint's stage skipped (an OPSD arm whose gate kept no rollout in some steps), or None."""
+    return skipped_note(read_updates(stage_folder(run_dir, checkpoint)))
+
+
+def training_warnings(run_dirs: dict) -> list[str]:
+    """One Findings line per checkpoint whose stage skipped steps, `run_dirs` labelled (a seed's "seed 0 ")."""
+    return [f"- **WARNING**: {label}`{name}`: {note}" for label, run_dir in run_dirs.items()
+            for name in checkpoint_order(run_dir) if (note := training_warning(run_dir, name))]
 
 
 def is_main_set(folder_name: str) -> bool:
@@ -183,8 +199,9 @@ def results_table(run_dir: Path, names: list[str], set_name: str, k) -> list[str
         teacher = [load_eval(run_dir, name, p.name)
                    for p in sorted((run_dir / "eval" / name).glob(f"{set_name}-teacher-*"))]
         teacher_text = ", ".join(f"{t['context']}: {t['avg_at_k']:.3f}" for t in teacher if t) or "–"
+        mark = " (**WARNING**: see Findings)" if training_warning(run_dir, name) else ""
         lines.append(
-            f"| {name} | {s['avg_at_k']:.3f} [{s['avg_at_k_ci'][0]:.3f}, {s['avg_at_k_ci'][1]:.3f}] | "
+            f"| {name}{mark} | {s['avg_at_k']:.3f} [{s['avg_at_k_ci'][0]:.3f}, {s['avg_at_k_ci'][1]:.3f}] | "
             f"{s['pass_at_k']:.3f} | {s['maj_at_k']:.3f} | {_fmt(greedy and greedy['avg_at_k'])} | "
             f"{s['mean_response_tokens']:.1f} | {s['median_response_tokens']:.0f} | {s['mean_thinking_tokens']:.1f} | "
             f"{s['truncation_rate']:.1%} | {teacher_text} |")
@@ -489,6 +506,8 @@ def stage_summary(run_dir: Path) -> list[str]:
             for teacher in sorted(folder.glob(f"{set_name}-teacher-*")):
                 t = load_eval(run_dir, name, teacher.name)
                 line += f"  teacher prompt ({t['context']}) {t['avg_at_k']:.3f}"
+            if note := training_warning(run_dir, name):
+                line += f"  WARNING: {note}"
             lines.append(line)
     return lines
 
@@ -997,7 +1016,7 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
     references = {reference_of(checkpoint_order(d)) for d in seeds.values()} - {None}
     reference = " / ".join(sorted(references)) or "–"
     n_seeds = f"{len(seeds)} pipeline seed{'s' if len(seeds) != 1 else ''}"
-    found, sections = [], []
+    found, sections = training_warnings({f"seed {seed} ": d for seed, d in seeds.items()}), []
     for set_name in set_names:
         advantages = teacher_advantages(seeds, set_name)
         stages = stage_changes(seeds, set_name)
@@ -1109,7 +1128,7 @@ def write_report(run_dir: str | Path) -> Path:
     set_names = sorted({p.name for n in names for p in (run_dir / "eval" / n).iterdir() if is_main_set(p.name)})
     first = (load_eval(run_dir, names[0], set_names[0]) or {}) if names and set_names else {}
 
-    found, sections = [], []
+    found, sections = training_warnings({"": run_dir}), []
     for set_name in set_names:
         k = k_of([run_dir], set_name)
         changes = run_changes(run_dir, set_name)

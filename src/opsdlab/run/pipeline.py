@@ -7,7 +7,8 @@ A run directory holds everything a report needs and is how a run resumes:
     base/model/                 the starting model (built here for the tiny default)
     sft/ rlvr/                  model/ (final HF folder), checkpoints/, metrics.jsonl
     sft/probe.jsonl             with sft.probe_every: student and teacher accuracy per probed step
-    opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl (each arm's
+    opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl, updates.json
+                                (its steps, and those skipped: `runtime.skipped_note`) (each arm's
                                 compaction method: `methods.METHODS`; a `budget` arm trains nothing)
     eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
     budget/<arm>/               a budget arm with quantile budgets: the starting checkpoint's sampled
@@ -63,11 +64,11 @@ from opsdlab.stages.opsd import OPSDStageConfig
 from opsdlab.run.preflight import check_inputs
 from opsdlab.stages.progress import close_bars, done_line, progress_drawn_as, say_started, stage_label, stage_line
 from opsdlab.tasks.prompts import CONTEXT_READS, CONTROL_CONTEXTS
-from opsdlab.run.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
-                                path_fingerprint, read_record, stale_outputs, write_record)
+from opsdlab.run.provenance import (COMPLETE, Output, describe_stale, dependants, differences, flatten, make_record,
+                                new_stamp, path_fingerprint, read_record, stale_outputs, write_record)
 from opsdlab.stages.rlvr import LENGTH_TARGET_PROBLEMS, RLVRStageConfig, run_rlvr
-from opsdlab.modeling.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
-                             wait_for_everyone)
+from opsdlab.modeling.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, read_updates,
+                             shard_and_gather, skipped_note, trained_nothing, wait_for_everyone)
 from opsdlab.stages.sft import SFTStageConfig, TeacherProbe, run_sft
 from opsdlab.tasks import HELD_OUT, build_task
 from opsdlab.tasks.verifier import VerifierConfig
@@ -410,6 +411,15 @@ def data_inputs(config: PipelineConfig) -> dict:
     return {"train_data": path_fingerprint(train)} if config.task.name == "file" and train else {}
 
 
+def sets_inputs(config: PipelineConfig, settings: dict) -> dict:
+    """The content of the evaluation sets a stage's settings name (`eval.sets`: its held-out checks or the
+    SFT probe read them): a task's own split by its name, a file by its fingerprint."""
+    if "eval.sets" not in settings:
+        return {}
+    return {"eval_sets": [name if is_task_set(config, name) else path_fingerprint(name)
+                          for name in settings["eval.sets"]]}
+
+
 def setting_defaults(config: PipelineConfig) -> dict:
     """Each setting's default (its dataclass's), by dotted key: a record notes which settings hold
     theirs, so that an option added later is no difference while it holds its default."""
@@ -502,8 +512,9 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
         if step.kind in ("sft", "rlvr", "opsd"):
             source = "base" if step.kind == "sft" or not step.after else step.after[0].split(" ", 1)[1]
             reads, maker = made[source]
-            inputs = {**(external if reads is None else {}), **data}
-            record = make_record(step.kind, stage_settings(config, step, verifier), inputs, defaults)
+            settings = stage_settings(config, step, verifier)
+            inputs = {**(external if reads is None else {}), **data, **sets_inputs(config, settings)}
+            record = make_record(step.kind, settings, inputs, defaults)
             folder = run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}" if step.kind == "opsd" else run_dir / step.kind
             outputs.append(Output(folder, step.name, record, after=step.after or ((maker,) if maker else ()),
                                   reads=reads))
@@ -533,7 +544,8 @@ def run_outputs(config: PipelineConfig) -> list[Output]:
                     continue
                 seen.add(folder)
                 settings = {**eval_settings(config, name, sampling, context, verifier), **forcing}
-                inputs = {**(external if reads is None else {}), **set_inputs[name]}
+                inputs = {**(external if reads is None else {}), **set_inputs[name],
+                          **(data if is_task_set(config, name) else {})}  # a task's own split reads its data
                 record = make_record("evaluate", settings, inputs, defaults)
                 outputs.append(Output(folder, step.name, record, after=after, kind="eval", reads=reads))
     return outputs
@@ -580,11 +592,44 @@ def legacy_records(config: PipelineConfig, outputs: list[Output]) -> dict | None
     return {output.folder: output.record for output in run_outputs(previous)}
 
 
+# A trained stage whose only difference is a larger max_steps is continued from its last checkpoint
+# when its learning rate does not depend on max_steps (transformers' schedule names); under any other
+# schedule the longer run's rates differ from the first step on, and the stage is retrained.
+STEADY_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def longer_run(stored: dict | None, expected: dict) -> tuple[str, bool, str] | None:
+    """For a trained stage whose record differs from the current one only in a larger `<stage>.max_steps`:
+    that difference, whether the longer run continues the stage (`STEADY_SCHEDULES`), and why; else None."""
+    section = expected["kind"]
+    if stored is None or section not in ("sft", "rlvr", "opsd"):
+        return None
+    key = f"{section}.max_steps"
+    diffs = differences(stored, expected)
+    if len(diffs) != 1 or not diffs[0].startswith(f"{key}: "):
+        return None
+    old, new = stored["settings"].get(key), expected["settings"].get(key)
+    if not (isinstance(old, int) and isinstance(new, int) and new > old):
+        return None
+    schedule = expected["settings"].get(f"{section}.lr_scheduler_type")
+    if schedule not in STEADY_SCHEDULES:
+        return diffs[0], False, (f"--redo changed retrains it from the start: its {schedule} learning rate decays over "
+                                 "max_steps, so a longer run is not the shorter one continued")
+    if schedule == "constant_with_warmup" and expected["settings"].get(f"{section}.warmup_ratio"):
+        return diffs[0], False, (f"--redo changed retrains it from the start: its warmup is {section}.warmup_ratio x "
+                                 "max_steps, so a longer run is not the shorter one continued")
+    return diffs[0], True, (f"--redo changed continues it from its last checkpoint: its {schedule} learning rate "
+                            "does not depend on max_steps")
+
+
 def _differing(config: PipelineConfig, redo) -> tuple[list[Output], dict, list, set, dict]:
-    """The run's outputs; those made with other settings; those to adopt; the steps `redo` names;
-    and the differing outputs `redo` does not cover."""
+    """The run's outputs; those made with other settings (a larger max_steps said with what a redo does);
+    those to adopt; the steps `redo` names; and the differing outputs `redo` does not cover."""
     outputs = run_outputs(config)
     stale, adopt = stale_outputs(outputs, legacy_records(config, outputs))
+    for output in outputs:
+        if output.folder in stale and (longer := longer_run(read_record(output.folder), output.expected())):
+            stale[output.folder] = [f"{longer[0]} ({longer[2]})"]
     chosen = redo_steps(outputs, redo, stale)
     step_of = {output.folder: output.step for output in outputs}
     remaining = {folder: diffs for folder, diffs in stale.items() if step_of[folder] not in chosen}
@@ -597,19 +642,26 @@ def check_run_dir(config: PipelineConfig, redo=()) -> list[tuple[str, str]]:
     to the screen.
 
     Outputs whose record matches are kept. Outputs named by `redo` (and what reads them) are
-    removed, to be made again. If any other output was made with other settings, raise a
-    ConfigError naming them, having changed nothing.
+    removed, to be made again; but a stage that `--redo changed` redoes for a larger max_steps alone,
+    with a learning rate that does not depend on it, keeps its checkpoints and continues from the last
+    (`continued`), unless a stage it reads is redone or `redo` names it. If any other output was made
+    with other settings, raise a ConfigError naming them, having changed nothing.
     """
     outputs, stale, adopt, chosen, remaining = _differing(config, redo)
     if remaining:
         raise ConfigError(describe_stale(Path(config.run_dir), outputs, remaining))
+    named = redo_steps(outputs, [target for target in redo if target != "changed"], stale)
     lines = []
     for output in outputs:
         if output.step in chosen and output.exists():
+            folder = output.folder.relative_to(config.run_dir)
+            if output.step not in named and not chosen & set(output.after) and (longer := continued(output)):
+                shutil.rmtree(output.folder / "model", ignore_errors=True)  # its checkpoints stay
+                lines.append(("redo", f"[redo] {folder}: {output.step} continues from its last checkpoint ({longer})"))
+                continue
             why = "; ".join(stale.get(output.folder, [])[:3]) or "asked with --redo"
             shutil.rmtree(output.folder)
-            lines.append(("redo", f"[redo] removed {output.folder.relative_to(config.run_dir)} to redo "
-                                  f"{output.step} ({why})"))
+            lines.append(("redo", f"[redo] removed {folder} to redo {output.step} ({why})"))
     for output in adopt:
         write_record(output.folder, output.expected())
     extra = unplanned_outputs(Path(config.run_dir), outputs)
@@ -622,6 +674,16 @@ def check_run_dir(config: PipelineConfig, redo=()) -> list[tuple[str, str]]:
         lines.append(("notice", f"[pipeline] recorded the settings of {len(adopt)} earlier output(s) from "
                                 "config.yaml (they were made before outputs carried their settings)"))
     return lines
+
+
+def continued(output: Output) -> str | None:
+    """The difference (`max_steps: old -> new`) for which a stage made with other settings is continued
+    rather than redone (`longer_run`): a larger max_steps alone, a learning rate that does not depend
+    on it, and a checkpoint to resume from; None otherwise."""
+    longer = longer_run(read_record(output.folder), output.expected())
+    if longer and longer[1] and any((output.folder / "checkpoints").glob("checkpoint-*")):
+        return longer[0]
+    return None
 
 
 def unplanned_outputs(run_dir: Path, outputs: list[Output]) -> list[Path]:
@@ -654,8 +716,9 @@ def prepare_run_dir(config: PipelineConfig, redo=()) -> None:
 
 
 def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train, detail: str = "") -> None:
-    """Call `train()` unless the stage is complete, then mark it complete and log its seconds; each
-    in the stage commands' words (`progress.stage_line`), under the stage's `label` (`stage_label`).
+    """Call `train()` unless the stage is complete, then mark it complete and log its seconds, with a
+    warning when some of its optimizer steps were skipped (`runtime.skipped_note`); each in the stage
+    commands' words (`progress.stage_line`), under the stage's `label` (`stage_label`).
 
     The stage's record is written before training starts, so a stage killed midway resumes only
     under the settings it started with (`check_run_dir` compares them first).
@@ -670,8 +733,12 @@ def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train, detai
     start = time.time()
     train()
     seconds = time.time() - start
-    finish_stage(run.run_dir, stage_dir, done_line(label, stage_dir / "model", seconds), kind="stage",
-                 stage=stage, seconds=round(seconds, 1))
+    message, record = done_line(label, stage_dir / "model", seconds), {}
+    updates = main_decides(lambda: read_updates(stage_dir))
+    if note := skipped_note(updates):  # an OPSD stage whose gate kept nothing in some steps
+        message += f". WARNING: {note}" + (", so its model is the one it started from" * trained_nothing(updates))
+        record = {"warning": note}
+    finish_stage(run.run_dir, stage_dir, message, kind="stage", stage=stage, seconds=round(seconds, 1), **record)
 
 
 def _train_sft(run: Run, step: Step) -> None:

@@ -36,6 +36,11 @@ CODE_VERSIONS = {"base": 1, "sft": 1, "rlvr": 1, "opsd": 1, "evaluate": 1}
 # rerun turn tracking on without redoing anything.
 NOT_SHAPING = frozenset({"report_to"})
 
+# Settings that name where data lives, each with the input that fingerprints what it holds. Data is
+# known by its content: the same data under another path is no difference, and a record written
+# before the content was recorded is judged by the path it names.
+PATH_SETTINGS = {"task.options.train": "train_data", "eval.sets": "eval_sets"}
+
 
 def plain(value):
     """JSON-ready form of config values: tuples as lists, dataclasses as dicts."""
@@ -144,22 +149,29 @@ def differences(stored: dict | None, expected: dict) -> list[str]:
 
     A key on one side only is a difference unless the record lacks it because the option did not
     exist when the record was written and the other side holds it at its default, or (an option
-    since removed) the stored record held it at its default.
+    since removed) the stored record held it at its default. A path that names data
+    (`PATH_SETTINGS`) is compared by the content fingerprint beside it where both records hold one.
     """
     if stored is None:
         return ["(no record of the settings that made it)"]
     diffs = []
     old, new = stored.get("settings", {}), expected["settings"]
+    old_inputs, new_inputs = stored.get("inputs", {}), expected["inputs"]
     old_default, new_default = set(stored.get("at_default", [])), set(expected.get("at_default", []))
     for key in sorted(set(old) | set(new)):
+        content = PATH_SETTINGS.get(key)
+        if content in old_inputs and content in new_inputs:
+            continue  # the same path or another: the content input decides
         if key in old and key in new:
             if old[key] != new[key]:
                 diffs.append(f"{key}: {_show(old, key)} -> {_show(new, key)}")
         elif not (key in new_default or key in old_default):
             diffs.append(f"{key}: {_show(old, key)} -> {_show(new, key)}")
-    old_inputs, new_inputs = stored.get("inputs", {}), expected["inputs"]
+    paths = {content: key for key, content in PATH_SETTINGS.items()}
     for key in sorted(set(old_inputs) | set(new_inputs)):
         if old_inputs.get(key) != new_inputs.get(key):
+            if key not in old_inputs and key in paths and old.get(paths[key]) == new.get(paths[key]):
+                continue  # recorded before the content was: the path it names is the same
             diffs.append(f"its input {key} changed")
     if stored.get("code_version") != expected["code_version"]:
         diffs.append(f"code version of {expected['kind']}: {stored.get('code_version')} -> {expected['code_version']}")

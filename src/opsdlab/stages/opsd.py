@@ -40,8 +40,10 @@ from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.loss.rewards import VerifierReward
 from opsdlab.stages.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
                           concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
-from opsdlab.modeling.runtime import JsonlMetrics, check_ranges, is_main_process, save_trained, warn_if_updates_vanish
-from opsdlab.stages.teacher import TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state
+from opsdlab.modeling.runtime import (JsonlMetrics, check_ranges, is_main_process, save_trained, warn_if_updates_vanish,
+                             write_updates)
+from opsdlab.stages.teacher import (TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state,
+                             student_adapter_saved_alone)
 from opsdlab.tasks.verifier import VerifierConfig
 from opsdlab.evaluation.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
@@ -375,6 +377,10 @@ def loss_normalizer(step_tokens: float, num_processes: int, accumulation_steps: 
     return normalizer
 
 
+# In every checkpoint: the optimizer steps skipped so far, so that a resumed stage counts them all.
+SKIPPED_STEPS_FILE = "opsd_skipped_steps.json"
+
+
 class _TeacherUpdate(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
@@ -656,12 +662,22 @@ class OPSDTrainer(GRPOTrainer):
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             save_teacher_state(self.teacher, self.accelerator.unwrap_model(self.model), folder)
+            (folder / SKIPPED_STEPS_FILE).write_text(json.dumps({"skipped_steps": self.skipped_steps}) + "\n")
         super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Every checkpoint (and checks' start folder) holds the student's adapter alone; see
+        # `student_adapter_saved_alone` for why a teacher adapter beside it would not be resumed from.
+        with student_adapter_saved_alone(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
+            super()._save(output_dir, state_dict)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             load_teacher_state(self.teacher, self.accelerator.unwrap_model(self.model), checkpoint)
+            skipped = Path(checkpoint) / SKIPPED_STEPS_FILE
+            if skipped.is_file():  # (checkpoints written before it was kept have none: counted from here)
+                self.skipped_steps = json.loads(skipped.read_text())["skipped_steps"]
 
     def _write_token_stats(self, completion_ids, mask, stats, names, correct) -> None:
         """Per-token numbers of a few rollouts: the report ranks tokens and draws KL by position."""
@@ -755,6 +771,8 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
     pipeline's `opsd <arm> s<seed>`, `progress.stage_label`) with loss, kept fraction and completion length.
     With `config.check_every > 0`, `check_examples` (held-out problems) are graded during training, a
     stopping rule may end it, and model/ holds the checkpoint the selection rule picks (`checks`).
+    stage_dir/updates.json counts its optimizer steps and those skipped because the gate kept no rollout
+    (`runtime.skipped_note`): a stage that skipped them all has trained nothing.
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -778,6 +796,9 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
         check = attach_checks(trainer, config, stage_dir, check_examples, verifier, thinking=thinking, stage="opsd",
                               label=label)
         train_checked(trainer, check, lambda: train_stage(trainer, stage_dir, label, OPSD_POSTFIX))
+        if trainer.state.global_step:  # (0: a stage its stopping rule ended before, not trained now)
+            write_updates(stage_dir, trainer.state.global_step, trainer.skipped_steps,
+                          f"the {config.gate} gate kept no rollout in them")
         if not config.lora_r:
             return save_trained(trainer, stage_dir / "model")
         # A plain HF folder that vLLM serves directly; the adapter stays in checkpoints/.

@@ -210,14 +210,36 @@ def resume_line(label: str, checkpoint: str | Path, max_steps: int) -> str:
     return stage_line(label, "resumed", f"{Path(checkpoint).name} (step {step} of {max_steps})")
 
 
+class _Finished(Exception):
+    """Raised by `_StopBeforeFirstStep`: the resumed run is at max_steps already."""
+
+
+class _StopBeforeFirstStep(TrainerCallback):
+    """Ends `train()` as its first step begins, the checkpoint being loaded by then."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        raise _Finished
+
+
 def train_stage(trainer, stage_dir: Path, label: str, postfix: dict[str, str]):
     """Train with a `StageProgress` bar, from the stage's last complete checkpoint if one exists
-    (saying so in one line on the main process). Returns the Trainer's TrainOutput."""
-    show_stage_progress(trainer, label, postfix)
+    (saying so in one line on the main process). Returns the Trainer's TrainOutput, or None when that
+    checkpoint is at max_steps already (`finished_from`)."""
+    progress = show_stage_progress(trainer, label, postfix)
     warn_only_untied_missing_keys(trainer)
     checkpoint = resume_point(stage_dir)
+    max_steps = trainer.args.max_steps
+    step = None if checkpoint is None else checkpoint_step(Path(checkpoint))
+    if step is not None and step > max_steps:
+        raise ValueError(f"{label}: {Path(checkpoint).parent.parent} holds {Path(checkpoint).name}, past max_steps "
+                         f"{max_steps}; give another output folder, or max_steps >= {step} to continue it")
+    if step is not None and step == max_steps:
+        if is_main_process():
+            print(stage_line(label, "skipped", f"{Path(checkpoint).name} is the last step ({step} of {max_steps}): "
+                                               "nothing to train"), flush=True)
+        return finished_from(trainer, checkpoint, progress)
     if checkpoint is not None and is_main_process():
-        print(resume_line(label, checkpoint, trainer.args.max_steps), flush=True)
+        print(resume_line(label, checkpoint, max_steps), flush=True)
     return trainer.train(resume_from_checkpoint=checkpoint)
 
 
@@ -226,3 +248,24 @@ def close_bars() -> None:
     stops: each ends its own line, so the line said next is not drawn over or redrawn upon at exit."""
     for bar in list(tqdm._instances):
         bar.close()
+
+
+def finished_from(trainer, checkpoint: str, progress: StageProgress | None = None) -> None:
+    """Put a finished run's state into `trainer` from its checkpoint at max_steps, training nothing.
+
+    The Trainer's loop tests for the end of training only after a step, so resuming from a checkpoint
+    at max_steps would train one step past it (and every rerun one more). The Trainer still does the
+    loading, as for any resume, under every launch it supports (weights, optimizer, scheduler, the
+    state and the callbacks' restoring on train begin); the run is ended as its first step begins.
+    """
+    stop = _StopBeforeFirstStep()
+    trainer.add_callback(stop)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except _Finished:
+        pass
+    finally:
+        trainer.remove_callback(stop)
+        if progress is not None:
+            progress.on_train_end(trainer.args, trainer.state, trainer.control)
+    return None

@@ -32,13 +32,16 @@ under its own name (as TRL's "ref" adapter); the EMA and periodic teachers are a
 like the full-weight ones. All teachers run without gradients.
 
 The EMA and periodic teachers' state (their weights, and the periodic teacher's step count) goes
-into every checkpoint, so a resumed run has the teacher of an uninterrupted one.
+into every checkpoint, so a resumed run has the teacher of an uninterrupted one. With PEFT a
+checkpoint holds the student's adapter alone (`student_adapter_saved_alone`), which is what the
+Trainer's loader restores on resume and when held-out checks select a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import functools
 from pathlib import Path
 
 import torch
@@ -343,6 +346,28 @@ def save_teacher_state(teacher, student, folder: str | Path) -> None:
 
     metadata = {"steps": str(teacher.steps)} if isinstance(teacher, PeriodicTeacher) else None
     save_file(teacher.state_dict(student), str(Path(folder) / name), metadata=metadata)
+
+
+@contextlib.contextmanager
+def student_adapter_saved_alone(model):
+    """Inside, a PEFT model's `save_pretrained` writes the student's (active) adapter alone.
+
+    PEFT saves every adapter, each other than "default" in a subfolder named after it, and the Trainer's
+    checkpoint loader, when a checkpoint has such subfolders, loads those only and never the adapter
+    at the folder's root: a resumed run, and the checkpoint that held-out checks select, would keep the
+    student's starting adapter beside a restored teacher. The teacher's adapter need not be in the
+    checkpoint: the EMA and periodic teachers' state has its own file (`save_teacher_state`), and the
+    frozen copy of a pretrained adapter is rebuilt from the stage's starting weights.
+    """
+    if not is_peft_model(model) or len(model.peft_config) < 2:
+        yield
+        return
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model,
+                                              selected_adapters=[model.active_adapter])
+    try:
+        yield
+    finally:
+        del model.save_pretrained
 
 
 def load_teacher_state(teacher, student, folder: str | Path) -> None:
