@@ -1,8 +1,8 @@
 """Efficient-reasoning metrics: accuracy within token budgets and tokens spent after the first correct answer.
 
-Hand-computed values on tiny inputs for the pure functions in `opsdlab.evaluation.metrics`, the token index that
-`evaluate` records for each correct sample (`evaluate.answer_token`), and `evaluate` itself on scripted
-responses through both backends' code paths and on the tiny model.
+Hand-computed values on tiny inputs for the pure functions in `opsdlab.evaluation.metrics.efficiency`,
+the token index that `evaluate` records for each correct sample (`evaluate.answer_token`), and
+`evaluate` itself on scripted responses through both backends' code paths and on the tiny model.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import torch
 
 from opsdlab.evaluation import vllm_backend
 from opsdlab.evaluation.evaluate import SamplingConfig, _first_true, answer_token, evaluate, read_samples, write_eval
-from opsdlab.evaluation.metrics import (
-    Sample,
-    accuracy_at_budget,
-    budget_ladder,
-    find_answer,
-    summarize,
-    tokens_after_first_correct,
-)
+from opsdlab.evaluation.metrics.efficiency import (accuracy_at_budget, budget_ladder, find_answer,
+                                                   tokens_after_first_correct)
+from opsdlab.evaluation.metrics.samples import Sample
+from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.tasks.verifier import VerifierConfig
 
 

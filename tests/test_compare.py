@@ -4,7 +4,7 @@ import json
 
 from opsdlab.report.compare import (arm_and_method, arm_methods, budget_curves, budget_grid, pareto_front, plane_points,
                              training_cost)
-from opsdlab.evaluation.metrics import Sample
+from opsdlab.evaluation.metrics.samples import Sample
 
 
 def test_the_pareto_front_keeps_what_nothing_beats_on_both_accuracy_and_length():

@@ -1,5 +1,5 @@
 """Tests for opsdlab.loss.contrastive: hand-computed targets, supports and token weights on V = 2-3,
-invariants, and the packed heads through divergences.chunked_divergence against a direct computation."""
+invariants, and the packed heads through chunked.chunked_divergence against a direct computation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 
 from opsdlab.loss.contrastive import (contrast_logits, contrastive_head, pack, support_head, support_target, token_weights,
                                  unpack)
-from opsdlab.loss.divergences import DivergenceOptions, chunked_divergence, naive_divergence, with_tail
+from opsdlab.loss.chunked import chunked_divergence, naive_divergence
+from opsdlab.loss.divergences import DivergenceOptions
+from opsdlab.loss.targets import with_tail
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""Tests for opsdlab.loss.divergences: hand-computed values, gradients, chunked == naive."""
+"""Tests for opsdlab.loss.divergences and opsdlab.loss.chunked: hand-computed values, gradients, chunked == naive."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
+from opsdlab.loss.chunked import chunked_divergence, naive_divergence
 from opsdlab.loss.divergences import (
     DIVERGENCES,
     DivergenceOptions,
-    chunked_divergence,
-    naive_divergence,
     per_token_divergence,
     reverse_kl,
     sampled_kl_estimate,

@@ -11,7 +11,8 @@ from opsdlab import cli
 from opsdlab.config import load_config, to_dict
 from opsdlab.evaluation.evaluate import write_eval
 from opsdlab.report.ladder import LADDER_PRESETS, ladder_points, rung_changes, write_ladder_report
-from opsdlab.evaluation.metrics import Sample, summarize
+from opsdlab.evaluation.metrics.samples import Sample
+from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.run.study import STUDY_ARM_SETS, study_config
 
 PROBLEMS = 4

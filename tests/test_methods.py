@@ -164,7 +164,7 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
 def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
     from opsdlab.run import pipeline
     from opsdlab.evaluation.evaluate import SamplingConfig
-    from opsdlab.evaluation.metrics import Sample
+    from opsdlab.evaluation.metrics.samples import Sample
 
     def fake_evaluate(model, tokenizer, share, verifier, sampling, **kwargs):
         samples = [Sample(problem_id=p, sample_index=0, correct=True, answer="1", response_tokens=10 * (i + 1),

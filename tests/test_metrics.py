@@ -1,4 +1,5 @@
-"""Tests for opsdlab.evaluation.metrics against hand-computed values on hand-built samples."""
+"""Tests for opsdlab.evaluation.metrics (summary, bootstrap, comparison, diagnostics) against hand-computed
+values on hand-built samples."""
 
 from __future__ import annotations
 
@@ -7,20 +8,12 @@ import math
 
 import pytest
 
-from opsdlab.evaluation.metrics import (
-    HESITATION_MARKERS,
-    Sample,
-    bootstrap_diff_ci,
-    flips,
-    hesitation_density,
-    length_change,
-    mean_ci,
-    pass_at_k,
-    per_position_mean,
-    per_problem_accuracy,
-    summarize,
-    top_tokens_by_shift,
-)
+from opsdlab.evaluation.metrics.bootstrap import mean_ci
+from opsdlab.evaluation.metrics.comparison import bootstrap_diff_ci, flips, length_change
+from opsdlab.evaluation.metrics.diagnostics import (HESITATION_MARKERS, hesitation_density, per_position_mean,
+                                                    top_tokens_by_shift)
+from opsdlab.evaluation.metrics.samples import Sample
+from opsdlab.evaluation.metrics.summary import pass_at_k, per_problem_accuracy, summarize
 
 
 def S(pid, idx, correct, answer=None, resp=100, think=50, trunc=False, text=""):
@@ -414,7 +407,7 @@ def test_top_tokens_by_shift_errors():
 
 
 def test_accuracy_efficiency_score_hand_computed():
-    from opsdlab.evaluation.metrics import accuracy_efficiency_score as aes
+    from opsdlab.evaluation.metrics.comparison import accuracy_efficiency_score as aes
 
     # 20% shorter, accuracy 0.50 -> 0.55 (+10% relative): 0.2 + 3 * 0.1 = 0.5
     assert aes(0.50, 0.55, 100, 80) == pytest.approx(0.5)

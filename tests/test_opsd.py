@@ -333,7 +333,7 @@ def test_the_loss_applies_the_models_final_logit_softcapping(tmp_path, task, mon
 
 def _scored_loss(scoring: str, student, teacher, student_ids, teacher_ids, completion, mask):
     """The OPSD loss of one batch under one `SCORINGS` entry (all positions attended)."""
-    from opsdlab.loss.divergences import chunked_divergence
+    from opsdlab.loss.chunked import chunked_divergence
 
     way, width = SCORINGS[scoring], completion.shape[1]
     student_scores = way.scores(student, student_ids, torch.ones_like(student_ids),

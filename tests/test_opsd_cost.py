@@ -231,7 +231,8 @@ def _count_ops(run, names) -> dict:
 def test_each_side_is_normalized_once_per_chunk(divergence):
     """One log-softmax per side and chunk gives the loss and the logged stats; the backward recomputes
     only the student's (the teacher side is no-grad)."""
-    from opsdlab.loss.divergences import DivergenceOptions, chunked_divergence
+    from opsdlab.loss.chunked import chunked_divergence
+    from opsdlab.loss.divergences import DivergenceOptions
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)
@@ -314,7 +315,7 @@ def _head_products(run, weight_shape) -> int:
 def test_the_head_gradient_taken_in_the_forward_saves_the_recomputation(divergence):
     """With the head's parameters named, each chunk runs the head four times (student logits, teacher
     logits, the two gradient products) instead of six, and gives the same loss and gradients."""
-    from opsdlab.loss.divergences import chunked_divergence
+    from opsdlab.loss.chunked import chunked_divergence
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)

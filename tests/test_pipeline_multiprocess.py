@@ -21,7 +21,7 @@ import yaml
 
 from opsdlab.config import load_config
 from opsdlab.evaluation.evaluate import evaluate, read_samples
-from opsdlab.evaluation.metrics import summarize
+from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.modeling.models import load_model, load_policy
 from opsdlab.run.pipeline import eval_sets, evaluate_sharded, verifier_of
 from opsdlab.tasks import build_task

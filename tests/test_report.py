@@ -7,7 +7,8 @@ import yaml
 
 from opsdlab.config import dump_config, load_config
 from opsdlab.evaluation.evaluate import write_eval
-from opsdlab.evaluation.metrics import Sample, summarize
+from opsdlab.evaluation.metrics.samples import Sample
+from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.report import palette, readable_token, write_report
 from opsdlab.tasks import build_task
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from opsdlab.loss.divergences import chunked_divergence
+from opsdlab.loss.chunked import chunked_divergence
 from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer
 from opsdlab.stages.opsd import SCORINGS, response_positions
 from opsdlab.tasks import build_task

@@ -1,4 +1,4 @@
 """The evaluation layer: sampling and grading responses (`evaluate`, with the transformers and vLLM
 backends behind one interface, `vllm_backend`) and the metrics computed from graded samples
-(`metrics`). Imports only lower layers.
+(`metrics`, one module per concept). Imports only lower layers.
 """

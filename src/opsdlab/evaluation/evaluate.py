@@ -30,7 +30,9 @@ from typing import Callable
 import torch
 
 from opsdlab.tasks.data import Example
-from opsdlab.evaluation.metrics import Sample, find_answer, summarize
+from opsdlab.evaluation.metrics.efficiency import find_answer
+from opsdlab.evaluation.metrics.samples import Sample
+from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.modeling.models import end_token_ids, stop_token_ids, thinking_token_count
 from opsdlab.stages.progress import progress_bar
 from opsdlab.tasks.prompts import CONTEXT_READS, TEACHER_CONTEXTS, render_prompt
@@ -243,7 +245,7 @@ def answer_token(token_ids: list[int], tokenizer, answer: str) -> int | None:
 
     The response text is `token_ids` decoded as responses are (special tokens skipped); the first
     whole appearance of the gold answer (`verifier.normalize`d) in it is found by
-    `metrics.find_answer`, and the token is the one whose decoded prefix first covers the end of
+    `metrics.efficiency.find_answer`, and the token is the one whose decoded prefix first covers the end of
     that appearance. Prefixes of the generated ids are decoded rather than the text re-tokenized,
     because sampled ids need not be the tokenization the tokenizer would choose for the same text.
     Pass the ids without the closing EOS, so the index counts response tokens.
@@ -394,7 +396,7 @@ def evaluate(
     With `budget`, responses are budget-forced (`budget_forced_generate`) and the summary records
     `budget`, `answer_tokens` and `forced_samples` (how many responses were cut and forced).
     `budgets` are the token budgets of the summary's `accuracy_at_budget` (None: a ladder from the
-    evaluated lengths, `metrics.budget_ladder`).
+    evaluated lengths, `metrics.efficiency.budget_ladder`).
     """
     check_budget(budget, answer_tokens)
     prompts = [render_prompt(tokenizer, ex, thinking=thinking, context=context) for ex in examples]

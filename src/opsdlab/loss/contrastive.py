@@ -38,15 +38,15 @@ How the negative context ``w`` is chosen, and on which support the target lives,
 - ``rlcsd_plugin``: the released ``opsd_ectr``. ``w`` is an incorrect sibling rollout of the same
   problem (the trainer picks it), ``c`` a correct sibling (teacher context ``sibling``) or the
   reference solution; the target lives on the reference teacher's top ``contrast_top_k`` tokens plus
-  one tail bucket holding the rest of the mass (:func:`divergences.with_tail`); each token's loss
+  one tail bucket holding the rest of the mass (:func:`targets.with_tail`); each token's loss
   is multiplied by ``KL(p_c || p_w) / (KL(p_c || p_w) + tau)`` over that support
   (:func:`token_weights`), so tokens where the two teachers agree (style) carry little loss.
 
-Integration with :func:`opsdlab.loss.divergences.chunked_divergence`: the teacher side is the packed
+Integration with :func:`opsdlab.loss.chunked.chunked_divergence`: the teacher side is the packed
 tensor ``[student.detach() | teacher(c) | teacher(w)]`` (:func:`pack`, hidden states or logits,
 each part ``width`` wide) and the teacher head maps a packed chunk to the target: log-probabilities
 ``[n, V]`` (:func:`contrastive_head`; the divergence's "teacher" statistics are then those of ``q``)
-or a :class:`~opsdlab.loss.divergences.SupportTarget` (:func:`support_head`; its statistics are those of
+or a :class:`~opsdlab.loss.targets.SupportTarget` (:func:`support_head`; its statistics are those of
 ``p_T(.|c)``).
 """
 
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from opsdlab.loss.divergences import SupportTarget, with_tail
+from opsdlab.loss.targets import SupportTarget, with_tail
 
 __all__ = ["ANCHORS", "VARIANTS", "Variant", "contrast_logits", "contrastive_head", "pack", "support_head",
            "support_target", "token_weights", "unpack"]
@@ -161,7 +161,7 @@ def support_target(
     """The ``rlcsd_plugin`` target from the three ``[N, V]`` logit tensors (see the module docstring).
 
     The support is the ``top_k`` most probable tokens of ``p_T(.|c)`` (all of them if ``top_k >= V``)
-    plus a tail bucket; the three distributions are read on it (:func:`divergences.with_tail`), the
+    plus a tail bucket; the three distributions are read on it (:func:`targets.with_tail`), the
     target is :func:`contrast_logits` of those, and each token's weight is :func:`token_weights` of
     the two teachers on it. ``student`` may be None under the reference anchor, which does not read
     it. Everything is detached and in at least float32.
@@ -256,7 +256,7 @@ def support_head(
     top_k: int = 100,
     token_tau: float | None = 1.0,
 ) -> Callable[[Tensor], SupportTarget]:
-    """A teacher head: packed chunk ``[n, 3 * width]`` -> :class:`~opsdlab.loss.divergences.SupportTarget`
+    """A teacher head: packed chunk ``[n, 3 * width]`` -> :class:`~opsdlab.loss.targets.SupportTarget`
     (:func:`support_target`; see :func:`_packed_head` for the parts and heads)."""
     _check_settings(weight, anchor, negative_floor)
     _check_support(top_k, token_tau)

@@ -25,9 +25,10 @@ import yaml  # noqa: E402
 
 from opsdlab.report.compare import method_rows, methods_section, seeds_methods_section  # noqa: E402
 from opsdlab.evaluation.evaluate import read_samples  # noqa: E402
-from opsdlab.evaluation.metrics import (  # noqa: E402
-    HESITATION_MARKERS, accuracy_efficiency_score, bootstrap_diff_ci, flips, hesitation_density, mean_ci,
-    per_position_mean, top_tokens_by_shift,
+from opsdlab.evaluation.metrics.bootstrap import mean_ci  # noqa: E402
+from opsdlab.evaluation.metrics.comparison import accuracy_efficiency_score, bootstrap_diff_ci, flips  # noqa: E402
+from opsdlab.evaluation.metrics.diagnostics import (  # noqa: E402
+    HESITATION_MARKERS, hesitation_density, per_position_mean, top_tokens_by_shift,
 )
 from opsdlab.modeling.runtime import read_jsonl, read_updates, skipped_note  # noqa: E402
 

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from opsdlab.evaluation.metrics import accuracy_at_budget  # noqa: E402
+from opsdlab.evaluation.metrics.efficiency import accuracy_at_budget  # noqa: E402
 from opsdlab.modeling.runtime import read_jsonl  # noqa: E402
 
 GRID_POINTS = 12

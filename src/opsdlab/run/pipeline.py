@@ -57,7 +57,8 @@ from opsdlab.config import ConfigError, PipelineConfig, dump_config
 from opsdlab.tasks.data import (ColumnMap, Example, check_disjoint, check_distinct, load_examples, pair_unrelated,
                           parse_column_map)
 from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
-from opsdlab.evaluation.metrics import Sample, summarize
+from opsdlab.evaluation.metrics.samples import Sample
+from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, model_folder, save_policy
 from opsdlab.stages.methods import METHODS
 from opsdlab.stages.opsd import OPSDStageConfig

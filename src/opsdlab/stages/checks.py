@@ -49,7 +49,7 @@ from transformers import TrainerCallback
 
 from opsdlab.tasks.data import Example
 from opsdlab.evaluation.evaluate import SamplingConfig
-from opsdlab.evaluation.metrics import accuracy_efficiency_score
+from opsdlab.evaluation.metrics.comparison import accuracy_efficiency_score
 from opsdlab.modeling.runtime import checkpoint_step, is_main_process, main_decides, read_jsonl
 from opsdlab.tasks.verifier import VerifierConfig
 
@@ -185,8 +185,9 @@ def shortest_within_tolerance(records: list[dict], config: CheckSettings) -> Cho
 
 
 def best_aes(records: list[dict], config: CheckSettings) -> Choice:
-    """The check with the highest accuracy-efficiency score against the start (`metrics.accuracy_efficiency_score`:
-    relative length saved, plus 3x a relative accuracy gain or minus 5x a loss); ties: the earliest.
+    """The check with the highest accuracy-efficiency score against the start
+    (`metrics.comparison.accuracy_efficiency_score`: relative length saved, plus 3x a relative accuracy
+    gain or minus 5x a loss); ties: the earliest.
 
     With a start of accuracy 0 (or length 0) the relative changes are undefined; the rule then ranks
     by accuracy and then by length, the order AES takes as the start's accuracy goes to 0.

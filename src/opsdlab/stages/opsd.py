@@ -32,7 +32,9 @@ from transformers import TrainerCallback
 from opsdlab.stages.checks import CheckSettings, attach_checks, check_settings, train_checked
 from opsdlab.loss.contrastive import ANCHORS, VARIANTS, pack
 from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
-from opsdlab.loss.divergences import DIVERGENCES, DivergenceOptions, SupportTarget, chunked_divergence
+from opsdlab.loss.chunked import chunked_divergence
+from opsdlab.loss.divergences import DIVERGENCES, DivergenceOptions
+from opsdlab.loss.targets import SupportTarget
 from opsdlab.loss.gates import GATES, route
 from opsdlab.modeling.models import end_token_ids, head_dtype, output_head, save_policy
 from opsdlab.stages.progress import OPSD_POSTFIX, train_stage
