@@ -8,7 +8,9 @@ import yaml
 from opsdlab.config import dump_config, load_config
 from opsdlab.evaluation.evaluate import write_eval
 from opsdlab.evaluation.metrics import Sample, summarize
-from opsdlab.report import palette, readable_token, write_report
+from opsdlab.report import write_report
+from opsdlab.report.figures import palette
+from opsdlab.report.token_shifts import readable_token
 from opsdlab.tasks import build_task
 
 PROBLEMS, K = 4, 2
