@@ -9,7 +9,9 @@ from opsdlab.config import dump_config, load_config
 from opsdlab.evaluation.evaluate import write_eval
 from opsdlab.evaluation.metrics.samples import Sample
 from opsdlab.evaluation.metrics.summary import summarize
-from opsdlab.report import palette, readable_token, write_report
+from opsdlab.report import write_report
+from opsdlab.report.figures import palette
+from opsdlab.report.token_shifts import readable_token
 from opsdlab.tasks import build_task
 
 PROBLEMS, K = 4, 2

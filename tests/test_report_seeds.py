@@ -9,9 +9,11 @@ import yaml
 from opsdlab.evaluation.evaluate import write_eval
 from opsdlab.evaluation.metrics.samples import Sample
 from opsdlab.evaluation.metrics.summary import summarize
-from opsdlab.report import (against_all_arm, arm_teacher_context, consistent_sign, lead_and_change, run_config,
-                            seed_changes, seed_dirs, spread, stage_changes, teacher_advantages, teacher_stage_changes,
-                            write_report)
+from opsdlab.report import write_report
+from opsdlab.report.changes import (against_all_arm, arm_teacher_context, consistent_sign, lead_and_change, seed_changes,
+                                    stage_changes, teacher_advantages, teacher_stage_changes)
+from opsdlab.report.rundir import run_config, seed_dirs
+from opsdlab.report.tables import spread
 
 PROBLEMS = 4
 

@@ -205,7 +205,7 @@ def test_the_teacher_probe_refuses_sharded_weights(tmp_path):
 
 
 def test_the_report_tables_the_teacher_probe(tmp_path):
-    from opsdlab.report import probe_seed_table, probe_table
+    from opsdlab.report.probe import probe_seed_table, probe_table
 
     (tmp_path / "sft").mkdir()
     records = [{"step": 50, "context": "none", "accuracy": 0.25, "problems": 100},  # written before k was

@@ -21,10 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as ticker  # noqa: E402
 
-from opsdlab.report import (  # noqa: E402
-    POINT_MARKERS, arm_of, checkpoint_order, holds_in_every_seed, is_main_set, opsd_seed_of, palette, run_config,
-    seed_changes, seed_dirs,
-)
+from opsdlab.report.changes import holds_in_every_seed, seed_changes  # noqa: E402
+from opsdlab.report.figures import POINT_MARKERS, palette  # noqa: E402
+from opsdlab.report.rundir import arm_of, checkpoint_order, is_main_set, opsd_seed_of, run_config, seed_dirs  # noqa: E402
 
 LADDER_PRESETS = ("ladder-1-nothink", "ladder-2-short", "ladder-3-medium", "ladder-4-long")
 # How a sign that holds in every seed reads, per quantity (0: not a finding).
