@@ -85,7 +85,7 @@ def main() -> None:
 
     from opsdlab.config import load_config
     from opsdlab.modeling.models import load_policy
-    from opsdlab.run.pipeline import prepare_base
+    from opsdlab.run.train_steps import prepare_base
     from opsdlab.tasks import build_task
 
     chosen = list(VARIANTS.items())

@@ -288,7 +288,7 @@ def test_the_pipeline_grades_held_out_problems_disjoint_from_the_evaluation(tmp_
     from opsdlab.cli import main
     from opsdlab.config import load_config
     from opsdlab.tasks.data import problem_key
-    from opsdlab.run.pipeline import check_problems, eval_sets
+    from opsdlab.run.problems import check_problems, eval_sets
     from opsdlab.tasks import build_task
 
     config = load_config("tiny", ["eval.problems=6", "opsd.check_every=1", "opsd.check_problems=4"])

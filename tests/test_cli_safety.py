@@ -101,13 +101,13 @@ def _interrupted_step(*args, **kwargs):
 def test_a_worker_stopped_by_ctrl_c_exits_quietly(tmp_path, capfd, monkeypatch):
     """A Ctrl-C reaches the pipeline's worker processes too: each exits with 130 and no traceback of
     its own, and the main process, told so, stops as after its own Ctrl-C."""
-    from opsdlab.run import pipeline
+    from opsdlab.run import plan, steps, workers
     from opsdlab.config import load_config
 
-    monkeypatch.setitem(pipeline.STEP_KINDS, "evaluate", _interrupted_step)
+    monkeypatch.setitem(steps.STEP_KINDS, "evaluate", _interrupted_step)
     config = load_config("tiny", [f"run_dir={tmp_path}"])
-    step = pipeline.Step("eval base", "evaluate", "base", str(tmp_path / "base" / "model"))
-    worker = multiprocessing.get_context("fork").Process(target=pipeline._run_step_in_worker, args=(config, step, 1))
+    step = plan.Step("eval base", "evaluate", "base", str(tmp_path / "base" / "model"))
+    worker = multiprocessing.get_context("fork").Process(target=workers._run_step_in_worker, args=(config, step, 1))
     worker.start()
     worker.join()
     assert worker.exitcode == 130
@@ -115,7 +115,7 @@ def test_a_worker_stopped_by_ctrl_c_exits_quietly(tmp_path, capfd, monkeypatch):
     fork = multiprocessing.get_context("fork")  # the forkserver's workers would not see the patched step
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: fork)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_in_workers(config, [step], workers=2)
+        workers.run_in_workers(config, [step], workers=2)
 
 
 class Taken(Exception):

@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from opsdlab.run import pipeline
+from opsdlab.run import budget_steps, eval_steps, train_steps
 from opsdlab.cli import main
 from opsdlab.config import ConfigError, load_config
 from opsdlab.stages.opsd import OPSDStageConfig
@@ -22,8 +22,9 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    for name in ("load_policy", "build_tiny_model", "load_for_eval"):
-        monkeypatch.setattr(pipeline, name, refuse)
+    for module, name in ((train_steps, "load_policy"), (train_steps, "build_tiny_model"),
+                         (eval_steps, "load_for_eval"), (budget_steps, "load_for_eval")):
+        monkeypatch.setattr(module, name, refuse)
 
 
 def test_a_negative_learning_rate_stops_the_demo_at_once(tmp_path, capsys, no_model_loads):

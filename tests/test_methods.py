@@ -9,7 +9,9 @@ import pytest
 
 from opsdlab.config import ConfigError, load_config
 from opsdlab.stages.methods import METHODS, length_rl_config
-from opsdlab.run.pipeline import Step, budget_points, budget_tokens, pipeline_steps, run_outputs
+from opsdlab.run.budget_steps import budget_tokens
+from opsdlab.run.outputs import run_outputs
+from opsdlab.run.plan import Step, budget_points, pipeline_steps
 
 ARMS = ("arms=[{name: opsd, gate: correct}, {name: crisp, method: crisp}, {name: dler, method: length_rl}, "
         "{name: contrast, method: contrastive}, {name: forced, method: budget}]")
@@ -129,7 +131,7 @@ def test_explicit_budgets_name_their_evaluations_by_tokens(tmp_path):
 
 
 def test_a_quantile_budget_reads_the_starting_checkpoints_lengths_on_training_problems(tmp_path):
-    from opsdlab.run.pipeline import budget_source
+    from opsdlab.run.budget_steps import budget_source
 
     folder = tmp_path / "budget" / "f"
     folder.mkdir(parents=True)
@@ -162,7 +164,7 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
 
 
 def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
-    from opsdlab.run import pipeline
+    from opsdlab.run import eval_steps
     from opsdlab.evaluation.evaluate import SamplingConfig
     from opsdlab.evaluation.metrics.samples import Sample
 
@@ -171,10 +173,10 @@ def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkey
                           thinking_tokens=0, truncated=False) for i, p in enumerate(share)]
         return samples, {"forced_samples": len(share), "budget": kwargs["budget"]}
 
-    monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
-    monkeypatch.setattr(pipeline, "shard_and_gather", lambda items, work: [work(items[:2], 0), work(items[2:], 1)])
-    _, summary = pipeline.evaluate_sharded(None, None, ["a", "b", "c"], None, SamplingConfig(k=1), budget=25,
-                                           budgets=[15])
+    monkeypatch.setattr(eval_steps, "evaluate", fake_evaluate)
+    monkeypatch.setattr(eval_steps, "shard_and_gather", lambda items, work: [work(items[:2], 0), work(items[2:], 1)])
+    _, summary = eval_steps.evaluate_sharded(None, None, ["a", "b", "c"], None, SamplingConfig(k=1), budget=25,
+                                             budgets=[15])
     assert summary["forced_samples"] == 2 + 1 and summary["budget"] == 25
     assert summary["accuracy_at_budget"] == {"15": 2 / 3}  # a (10) and c (10) within 15, b (20) not
 

@@ -105,15 +105,15 @@ def test_resume_point_skips_and_removes_a_checkpoint_killed_while_saving(tmp_pat
 def test_checkpoints_are_evaluated_in_eval_dtype_else_the_training_dtype(tmp_path, tiny_folder, task, loaded_dtypes):
     """`eval.dtype` (e.g. bfloat16 for a model trained from float32 weights) sets the evaluated weights'
     dtype, which summary.json records; left unset it is `model.dtype`."""
-    from opsdlab.run import pipeline
+    from opsdlab.run import eval_steps, problems
     from opsdlab.config import load_config
 
-    loaded = loaded_dtypes(pipeline)
+    loaded = loaded_dtypes(eval_steps)
     small = ["eval.problems=2", "eval.greedy=false", "eval.sampling={k: 1, max_new_tokens: 4}"]
     for run, overrides in (("bf16", ["eval.dtype=bfloat16"]), ("default", [])):
         config = load_config("tiny", [f"run_dir={tmp_path / run}", *small, *overrides])
-        sets = pipeline.eval_sets(config, task)
-        pipeline.evaluate_checkpoint(tmp_path / run, "start", tiny_folder, config, task, sets)
+        sets = problems.eval_sets(config, task)
+        eval_steps.evaluate_checkpoint(tmp_path / run, "start", tiny_folder, config, task, sets)
         summary = json.loads(next((tmp_path / run / "eval" / "start").glob("*/summary.json")).read_text())
         assert summary["dtype"] == ("bfloat16" if overrides else "float32")
     assert loaded == [torch.bfloat16, torch.float32]
@@ -123,15 +123,15 @@ def test_an_evaluation_file_without_solutions_skips_the_teacher_prompt_that_read
                                                                                       capsys):
     """Evaluation sets may lack reference solutions: the student prompt is evaluated, and a teacher
     prompt that would show an empty reference is skipped with one line instead."""
-    from opsdlab.run import pipeline
+    from opsdlab.run import eval_steps, problems
     from opsdlab.config import load_config
 
     data = tmp_path / "answers-only.jsonl"
     data.write_text('{"problem": "What is 2+3?", "answer": "5"}\n{"problem": "What is 4+4?", "answer": "8"}\n')
     config = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"eval.sets=[{data}]", "eval.problems=2",
                                   "eval.greedy=false", "eval.sampling={k: 1, max_new_tokens: 4}"])
-    sets = pipeline.eval_sets(config, task)
-    pipeline.evaluate_checkpoint(tmp_path / "run", "start", tiny_folder, config, task, sets, teacher_context="solution")
+    sets = problems.eval_sets(config, task)
+    eval_steps.evaluate_checkpoint(tmp_path / "run", "start", tiny_folder, config, task, sets, teacher_context="solution")
     assert (tmp_path / "run" / "eval" / "start" / "answers-only" / "summary.json").exists()
     assert not (tmp_path / "run" / "eval" / "start" / "answers-only-teacher-solution").exists()
     assert "the teacher prompt (solution) reads each problem's solution" in capsys.readouterr().out

@@ -12,13 +12,14 @@ from opsdlab.run.preflight import check_inputs
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if the pipeline loads or builds a model."""
-    import opsdlab.run.pipeline as pipeline
+    from opsdlab.run import budget_steps, eval_steps, train_steps
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    for name in ("load_policy", "build_tiny_model", "load_for_eval"):
-        monkeypatch.setattr(pipeline, name, refuse)
+    for module, name in ((train_steps, "load_policy"), (train_steps, "build_tiny_model"),
+                         (eval_steps, "load_for_eval"), (budget_steps, "load_for_eval")):
+        monkeypatch.setattr(module, name, refuse)
 
 
 def test_the_gpu_preset_names_every_missing_piece_before_loading_a_model(tmp_path, monkeypatch, capsys,

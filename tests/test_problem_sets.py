@@ -9,7 +9,8 @@ import pytest
 
 from opsdlab.config import PRESET_DIR, load_config
 from opsdlab.tasks.data import problem_key
-from opsdlab.run.pipeline import check_problem_sets, check_problems, eval_sets, open_run
+from opsdlab.run.problems import check_problem_sets, check_problems, eval_sets
+from opsdlab.run.steps import open_run
 from opsdlab.tasks import build_task
 
 PRESETS = sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))

@@ -12,7 +12,8 @@ import yaml
 
 from opsdlab.cli import main
 from opsdlab.config import load_config
-from opsdlab.run.pipeline import check_run_dir, run_outputs
+from opsdlab.run.outputs import run_outputs
+from opsdlab.run.rundir import check_run_dir
 from opsdlab.run.provenance import differences, make_record
 
 SMALL_RUN = {

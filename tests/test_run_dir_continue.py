@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from opsdlab.cli import main
 from opsdlab.config import load_config
-from opsdlab.run.pipeline import check_run_dir
+from opsdlab.run.rundir import check_run_dir
 
 
 def _rows(count: int, start: int = 0) -> str:

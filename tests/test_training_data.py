@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from opsdlab.run import pipeline
+from opsdlab.run import budget_steps, eval_steps, outputs, train_steps
 from opsdlab.cli import main
 from opsdlab.config import load_config
 from opsdlab.stages.methods import METHODS
@@ -41,8 +41,9 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the training data was checked")
 
-    for name in ("load_policy", "build_tiny_model", "load_for_eval"):
-        monkeypatch.setattr(pipeline, name, refuse)
+    for module, name in ((train_steps, "load_policy"), (train_steps, "build_tiny_model"),
+                         (eval_steps, "load_for_eval"), (budget_steps, "load_for_eval")):
+        monkeypatch.setattr(module, name, refuse)
 
 
 def _config(tmp_path, model, data, arms, eval_set=None, **extra) -> str:
@@ -139,7 +140,7 @@ def test_a_rerun_after_the_training_data_changed_names_the_change(tmp_path, tiny
     arms = [{"name": "answer", "teacher_context": "answer"}]
     config_file = _config(tmp_path, tiny_folder, problems_and_answers, arms, eval_set=held_out)
     config = load_config(config_file)
-    rlvr = next(output for output in pipeline.run_outputs(config) if output.step == "train rlvr")
+    rlvr = next(output for output in outputs.run_outputs(config) if output.step == "train rlvr")
     write_record(rlvr.folder, rlvr.expected())
     with problems_and_answers.open("a") as handle:
         handle.write(json.dumps({"problem": "What is 2 + 2?", "answer": "4"}) + "\n")

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.run.pipeline import Step, StepError, pipeline_steps, run_pipeline, step_priorities, steps_to_start
+from opsdlab.run.pipeline import run_pipeline
+from opsdlab.run.plan import Step, pipeline_steps
+from opsdlab.run.workers import StepError, step_priorities, steps_to_start
 from test_pipeline import TINY_RUN
 
 TINY_OVERRIDES = [f"{key}={json.dumps(value)}" for key, value in TINY_RUN.items()]
@@ -157,12 +159,12 @@ def test_workers_must_be_a_positive_number(tmp_path):
 
 
 def test_under_a_multi_process_launch_the_steps_run_in_order(tmp_path, monkeypatch):
-    from opsdlab.run import pipeline
+    from opsdlab.run import pipeline, steps
 
     started = []
     monkeypatch.setattr(pipeline, "launch_processes", lambda: 2)
     monkeypatch.setattr(pipeline, "run_in_workers", lambda *args: started.append("workers"))
-    monkeypatch.setitem(pipeline.STEP_KINDS, "evaluate", lambda run, step: started.append(step.name))
+    monkeypatch.setitem(steps.STEP_KINDS, "evaluate", lambda run, step: started.append(step.name))
     run_pipeline(load_config("tiny", [f"run_dir={tmp_path}", "stages=[]", "eval.base=true", "workers=2"]))
     assert started == ["eval base"]
     assert "applies to single-process runs" in (tmp_path / "summary.jsonl").read_text()

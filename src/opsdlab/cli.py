@@ -181,7 +181,7 @@ def _check_model_folder(model: Path) -> None:
 def _is_run_set(config, data: str) -> bool:
     """Whether `data` names one of the run's own evaluation sets: its task's held-out split, or a file of
     its eval.sets (the same name, or the same file)."""
-    from opsdlab.run.pipeline import is_task_set
+    from opsdlab.run.problems import is_task_set
 
     def same_file(name: str) -> bool:
         path, other = Path(name).expanduser(), Path(data).expanduser()
@@ -220,7 +220,7 @@ def _eval_plan(args) -> dict:
     from opsdlab.tasks.data import pair_unrelated
     from opsdlab.evaluation.evaluate import SamplingConfig, check_backend_installed, check_context
     from opsdlab.modeling.models import model_folder
-    from opsdlab.run.pipeline import is_task_set, set_examples, verifier_of
+    from opsdlab.run.problems import is_task_set, set_examples, verifier_of
     from opsdlab.tasks import FileTask, build_task, held_out_refusal
     from opsdlab.tasks.verifier import VerifierConfig
     from opsdlab.evaluation.vllm_backend import VLLMSettings

@@ -125,7 +125,7 @@ class PipelineConfig:
     opsd_seeds: tuple = (0,)
     eval: EvalSection = EvalSection()
     # Processes that run independent steps side by side (the SFT evaluation beside RLVR, the OPSD
-    # arms beside each other; `pipeline.run_in_workers`); 1: every step in this process, in order.
+    # arms beside each other; `workers.run_in_workers`); 1: every step in this process, in order.
     workers: int = 1
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ def held_out_problems(run_dir: Path, set_name: str) -> dict:
     pipeline built them: evaluations keep only problem ids."""
     # imported here: the pipeline loads the training stages (TRL), which only this part of a report needs
     from opsdlab.config import load_config
-    from opsdlab.run.pipeline import eval_sets
+    from opsdlab.run.problems import eval_sets
     from opsdlab.tasks import build_task
 
     if not (run_dir / "config.yaml").exists():

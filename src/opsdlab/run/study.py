@@ -23,8 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.run.pipeline import check_seed_dirs, run_seeds, seed_config, write_config
+from opsdlab.run.pipeline import run_seeds
 from opsdlab.run.preflight import check_inputs
+from opsdlab.run.rundir import check_seed_dirs, seed_config, write_config
 from opsdlab.report import write_report
 
 STUDY_PRESETS = ("tiny", "tiny-search")

@@ -219,7 +219,7 @@ def evaluate_held_out(model, tokenizer, examples: list[Example], verifier: Verif
                       *, thinking: bool, desc: str) -> dict:
     """The summary of `evaluate` on `examples`, split over the processes of the launch as the pipeline's
     evaluations are (every process gets the merged summary)."""
-    from opsdlab.run.pipeline import evaluate_sharded  # imported here: the pipeline imports the stages
+    from opsdlab.run.eval_steps import evaluate_sharded  # imported here: the pipeline imports the stages
 
     return evaluate_sharded(model, tokenizer, examples, verifier, sampling, thinking=thinking, desc=desc)[1]
 
