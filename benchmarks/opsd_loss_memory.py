@@ -69,7 +69,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     """Child process: allocate inputs, run the loss, report memory and time."""
     import torch
 
-    from opsdlab.loss.divergences import DivergenceOptions, chunked_divergence, naive_divergence
+    from opsdlab.config.divergence import DivergenceOptions
+    from opsdlab.loss.divergences import chunked_divergence, naive_divergence
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from opsdlab.evaluation import vllm_backend
-from opsdlab.evaluation.evaluate import SamplingConfig, _first_true, answer_token, evaluate, read_samples, write_eval
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import _first_true, answer_token, evaluate, read_samples, write_eval
 from opsdlab.evaluation.metrics import (
     Sample,
     accuracy_at_budget,

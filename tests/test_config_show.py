@@ -65,12 +65,9 @@ def test_a_key_without_a_comment_or_entry_has_no_meaning():
 
 
 def test_meanings_name_fields_that_exist():
-    from opsdlab.evaluation.evaluate import SamplingConfig
-    from opsdlab.stages.opsd import OPSDStageConfig
-    from opsdlab.stages.rlvr import RLVRStageConfig
-    from opsdlab.stages.sft import SFTStageConfig
+    from opsdlab.config.sections import SamplingConfig, VLLMSettings
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
     from opsdlab.config import EvalSection, ModelSection, TaskSection
-    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     classes = {cls.__name__: cls for cls in (PipelineConfig, ModelSection, TaskSection, EvalSection, SamplingConfig,
                                              VLLMSettings, SFTStageConfig, RLVRStageConfig, OPSDStageConfig)}

@@ -10,7 +10,8 @@ import torch
 
 from opsdlab.loss.contrastive import (contrast_logits, contrastive_head, pack, support_head, support_target, token_weights,
                                  unpack)
-from opsdlab.loss.divergences import DivergenceOptions, chunked_divergence, naive_divergence, with_tail
+from opsdlab.config.divergence import DivergenceOptions
+from opsdlab.loss.divergences import chunked_divergence, naive_divergence, with_tail
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,17 +7,9 @@ import math
 import pytest
 import torch
 
-from opsdlab.loss.divergences import (
-    DIVERGENCES,
-    DivergenceOptions,
-    chunked_divergence,
-    naive_divergence,
-    per_token_divergence,
-    reverse_kl,
-    sampled_kl_estimate,
-    sampled_reverse_kl,
-    token_entropy,
-)
+from opsdlab.config.divergence import DivergenceOptions
+from opsdlab.loss.divergences import (DIVERGENCES, chunked_divergence, naive_divergence, per_token_divergence,
+                                      reverse_kl, sampled_kl_estimate, sampled_reverse_kl, token_entropy)
 
 FULL_VOCAB = ("reverse_kl", "forward_kl", "jsd")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.stages.methods import METHODS, length_rl_config
+from opsdlab.config.methods import METHODS
+from opsdlab.stages.methods import TRAINING, length_rl_config
 from opsdlab.run.pipeline import Step, budget_points, budget_tokens, pipeline_steps, run_outputs
 
 ARMS = ("arms=[{name: opsd, gate: correct}, {name: crisp, method: crisp}, {name: dler, method: length_rl}, "
@@ -149,7 +150,7 @@ def test_a_quantile_budget_reads_the_starting_checkpoints_lengths_on_training_pr
 
 def test_every_method_is_described():
     assert all(method.summary for method in METHODS.values())
-    assert {name for name, method in METHODS.items() if method.train is None} == {"budget"}
+    assert {name for name in METHODS if TRAINING[name] is None} == {"budget"}
 
 
 def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
@@ -163,7 +164,7 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
 
 def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
     from opsdlab.run import pipeline
-    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.config.sections import SamplingConfig
     from opsdlab.evaluation.metrics import Sample
 
     def fake_evaluate(model, tokenizer, share, verifier, sampling, **kwargs):

@@ -169,7 +169,7 @@ def test_shares_merge_into_a_single_process_evaluation(tiny_folder, task, monkey
     (simulated in one; with fewer problems than processes a share is empty): the merged samples are a
     single process's problems and sample indices in its order, and the summary is over all of them."""
     from opsdlab.run import pipeline
-    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.config.sections import SamplingConfig
     from opsdlab.tasks.verifier import VerifierConfig
 
     seeds = []

@@ -8,7 +8,8 @@ from transformers import TrainerState
 
 from opsdlab.modeling.models import build_tiny_model, load_policy
 from opsdlab.stages.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line
-from opsdlab.stages.sft import SFTStageConfig, run_sft
+from opsdlab.config.stages import SFTStageConfig
+from opsdlab.stages.sft import run_sft
 
 ARGS = SimpleNamespace(disable_tqdm=False)
 
@@ -98,8 +99,9 @@ def test_a_resumed_sft_run_says_from_which_checkpoint(tmp_path, task, tokenizer,
 def test_rlvr_and_opsd_bars_show_their_keys(tmp_path, tiny_folder, task, capsys):
     from opsd_helpers import EXACT
 
-    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
-    from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig
+    from opsdlab.stages.opsd import run_opsd
+    from opsdlab.stages.rlvr import run_rlvr
 
     model, tokenizer = load_policy(tiny_folder)
     rlvr = RLVRStageConfig(max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=8, logging_steps=1,

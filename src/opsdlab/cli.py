@@ -152,11 +152,11 @@ def _eval_plan(args) -> dict:
 
     from opsdlab.config import ConfigError
     from opsdlab.tasks.data import pair_unrelated
-    from opsdlab.evaluation.evaluate import SamplingConfig, check_backend_installed, check_context
+    from opsdlab.config.sections import SamplingConfig, VLLMSettings
+    from opsdlab.evaluation.evaluate import check_backend_installed, check_context
     from opsdlab.run.pipeline import set_examples
     from opsdlab.tasks import FileTask, build_task
     from opsdlab.tasks.verifier import VerifierConfig
-    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     _check_eval_flags(args)
     run_dir, config = _eval_run(args)
@@ -316,8 +316,9 @@ def cmd_rlvr(args) -> int:
 
 
 def cmd_opsd(args) -> int:
-    from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, one_line
-    from opsdlab.stages.methods import solution_keys
+    from opsdlab.config.sections import SamplingConfig
+    from opsdlab.evaluation.evaluate import evaluate, one_line
+    from opsdlab.config.methods import solution_keys
     from opsdlab.modeling.models import load_policy
     from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
     from opsdlab.tasks.prompts import CONTROL_CONTEXTS

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import yaml
 
 from opsdlab.config.sections import PipelineConfig, TaskSection
-from opsdlab.stages.opsd import OPSDStageConfig
-from opsdlab.stages.rlvr import RLVRStageConfig
-from opsdlab.stages.sft import SFTStageConfig
+from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
 from opsdlab.tasks import OPTIONS
 
 
@@ -219,7 +217,7 @@ def _trl_fields() -> dict:
     """Stage config class -> (TRL config class, the fields passed to it unchanged under the same name)."""
     from trl import GRPOConfig, SFTConfig
 
-    from opsdlab.stages.rlvr import VLLM_FIELDS
+    from opsdlab.config.stages import VLLM_FIELDS
 
     common = ("gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "gradient_checkpointing",
               "save_steps", "logging_steps", "report_to")

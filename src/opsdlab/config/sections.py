@@ -10,16 +10,67 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from opsdlab.config.choices import STAGES
+from opsdlab.config.choices import BACKENDS, DTYPES, STAGES, TINY_SIZES
+from opsdlab.config.methods import check_arm, method_of
+from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
 from opsdlab.config.values import ConfigError, build, check_value, located
-from opsdlab.evaluation.evaluate import SamplingConfig, check_backend
-from opsdlab.stages.methods import check_arm, method_of
-from opsdlab.modeling.models import DTYPES, TINY_SIZES
-from opsdlab.stages.opsd import OPSDStageConfig
-from opsdlab.stages.rlvr import RLVRStageConfig
-from opsdlab.stages.sft import SFTStageConfig
 from opsdlab.tasks import OPTIONS, TASKS, check_options
-from opsdlab.evaluation.vllm_backend import VLLMSettings
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled. temperature 0 means greedy (then k must be 1)."""
+
+    k: int = 4
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 192
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"sampling: k must be >= 1, got {self.k}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling: temperature must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.k != 1:
+            raise ValueError("sampling: greedy decoding (temperature 0) gives identical samples; use k=1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("sampling: max_new_tokens and batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """How the vLLM engine of an evaluation is built (`eval.vllm` in the pipeline config).
+
+    tensor_parallel_size shards one model over that many GPUs; data_parallel_size runs that many
+    engine replicas (`Replicas`), each in its own process on its own GPUs and share of the prompts.
+    gpu_memory_utilization is the fraction of device memory vLLM takes for weights and KV cache; on
+    CPU it is a fraction of the NUMA node's RAM, of which this process's resident memory is
+    subtracted (`VLLM_CPU_KVCACHE_SPACE=<GiB>` sets the KV cache directly), so keep it small there. enforce_eager None means eager on CPU (no compilation) and CUDA graphs on GPU.
+    max_model_len None takes the model's context length. in_process runs vLLM's engine and model
+    in this process instead of spawning an engine process and a worker: it starts faster (the
+    spawned processes each import vLLM and torch again), which is what a CPU or a test wants; the
+    default keeps vLLM's own layout, which overlaps scheduling with the GPU's work.
+    """
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool | None = None
+    max_model_len: int | None = None
+    in_process: bool = False
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ValueError("vllm: tensor_parallel_size and data_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.data_parallel_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"vllm: max_model_len must be >= 1, got {self.max_model_len}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +129,8 @@ class EvalSection:
     budgets: tuple = ()
 
     def __post_init__(self):
-        check_backend(self.backend)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
         if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.budgets):
             raise ConfigError(f"eval.budgets: expected positive token counts, got {list(self.budgets)}")
         if self.dtype is not None and self.dtype not in DTYPES:

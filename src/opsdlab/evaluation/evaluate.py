@@ -33,33 +33,11 @@ from tqdm.auto import tqdm
 from opsdlab.tasks.data import Example
 from opsdlab.evaluation.metrics import Sample, find_answer, summarize
 from opsdlab.modeling.models import end_token_ids, stop_token_ids, thinking_token_count
-from opsdlab.tasks.prompts import CONTEXT_READS, TEACHER_CONTEXTS, render_prompt
+from opsdlab.config.choices import CONTEXT_READS
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks.templates import closed_thinking, think_close_text, unclosed_thinking
 from opsdlab.tasks.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How responses are sampled. temperature 0 means greedy (then k must be 1)."""
-
-    k: int = 4
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 192
-    batch_size: int = 128
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"sampling: k must be >= 1, got {self.k}")
-        if self.temperature < 0:
-            raise ValueError(f"sampling: temperature must be >= 0, got {self.temperature}")
-        if self.temperature == 0 and self.k != 1:
-            raise ValueError("sampling: greedy decoding (temperature 0) gives identical samples; use k=1")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("sampling: max_new_tokens and batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -223,10 +201,10 @@ def load_for_eval(model_dir, backend: str = "transformers", dtype: str = "float3
                   settings=None, seed: int = 0):
     """The engine (a transformers model on the device, or a vllm.LLM) and tokenizer of one folder.
 
-    `settings` is a `vllm_backend.VLLMSettings` (ignored by the transformers backend).
+    `settings` is a `config.sections.VLLMSettings` (ignored by the transformers backend).
     """
     if settings is None and backend == "vllm":
-        from opsdlab.evaluation.vllm_backend import VLLMSettings
+        from opsdlab.config.sections import VLLMSettings
 
         settings = VLLMSettings()
     return BACKENDS[check_backend(backend)].load(model_dir, dtype, trust_remote_code, settings, seed)

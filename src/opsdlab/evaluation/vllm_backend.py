@@ -18,11 +18,11 @@ import dataclasses
 import multiprocessing
 import os
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from opsdlab.config.sections import VLLMSettings
 from opsdlab.modeling.models import end_token_ids
 
 
@@ -108,38 +108,6 @@ def _keeping_default_process_group(keep: bool):
         yield
     finally:
         torch.distributed.destroy_process_group = destroy
-
-
-@dataclass(frozen=True)
-class VLLMSettings:
-    """How the vLLM engine of an evaluation is built (`eval.vllm` in the pipeline config).
-
-    tensor_parallel_size shards one model over that many GPUs; data_parallel_size runs that many
-    engine replicas (`Replicas`), each in its own process on its own GPUs and share of the prompts.
-    gpu_memory_utilization is the fraction of device memory vLLM takes for weights and KV cache; on
-    CPU it is a fraction of the NUMA node's RAM, of which this process's resident memory is
-    subtracted (`VLLM_CPU_KVCACHE_SPACE=<GiB>` sets the KV cache directly), so keep it small there. enforce_eager None means eager on CPU (no compilation) and CUDA graphs on GPU.
-    max_model_len None takes the model's context length. in_process runs vLLM's engine and model
-    in this process instead of spawning an engine process and a worker: it starts faster (the
-    spawned processes each import vLLM and torch again), which is what a CPU or a test wants; the
-    default keeps vLLM's own layout, which overlaps scheduling with the GPU's work.
-    """
-
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    enforce_eager: bool | None = None
-    max_model_len: int | None = None
-    in_process: bool = False
-
-    def __post_init__(self):
-        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
-            raise ValueError("vllm: tensor_parallel_size and data_parallel_size must be >= 1, got "
-                             f"{self.tensor_parallel_size} and {self.data_parallel_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"vllm: max_model_len must be >= 1, got {self.max_model_len}")
 
 
 def load(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False,

@@ -8,7 +8,7 @@ A run directory holds everything a report needs and is how a run resumes:
     sft/ rlvr/                  model/ (final HF folder), checkpoints/, metrics.jsonl
     sft/probe.jsonl             with sft.probe_every: student and teacher accuracy per probed step
     opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl (each arm's
-                                compaction method: `methods.METHODS`; a `budget` arm trains nothing)
+                                compaction method: `config.methods.METHODS`; a `budget` arm trains nothing)
     eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
     budget/<arm>/               a budget arm with quantile budgets: the starting checkpoint's sampled
                                 responses to training problems, whose lengths set its budgets
@@ -51,14 +51,17 @@ import numpy
 import torch
 
 from opsdlab.config import ConfigError, PipelineConfig, dump_config
+from opsdlab.config.choices import CONTEXT_READS
+from opsdlab.config.methods import METHODS
 from opsdlab.tasks.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
-from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, read_samples, write_eval
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import evaluate, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.evaluation.metrics import Sample, summarize
 from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
-from opsdlab.stages.methods import METHODS
+from opsdlab.stages.methods import TRAINING
 from opsdlab.stages.opsd import OPSDStageConfig
 from opsdlab.run.preflight import check_inputs
-from opsdlab.tasks.prompts import CONTEXT_READS, CONTROL_CONTEXTS
+from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 from opsdlab.run.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
 from opsdlab.stages.rlvr import LENGTH_TARGET_PROBLEMS, RLVRStageConfig, run_rlvr
@@ -342,7 +345,7 @@ def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
                           context=context if config.eval.teacher_check else None))
         previous = (name,)
     for arm in config.arms:
-        if METHODS[arms[arm.name].method].train is None:  # budget forcing: evaluations of the start only
+        if TRAINING[arms[arm.name].method] is None:  # budget forcing: evaluations of the start only
             points, reads = budget_points(arms[arm.name]), made_by
             if any(kind == "quantile" for _, (kind, _) in points):  # measured on training problems first
                 steps.append(Step(f"lengths {arm.name}", "lengths", start, str(start_dir), after=made_by,
@@ -399,7 +402,7 @@ def setting_defaults(config: PipelineConfig) -> dict:
     """Each setting's default (its dataclass's), by dotted key: a record notes which settings hold
     theirs, so that an option added later is no difference while it holds its default."""
     from opsdlab.tasks import OPTIONS
-    from opsdlab.evaluation.vllm_backend import VLLMSettings
+    from opsdlab.config.sections import VLLMSettings
 
     defaults = {}
     for prefix, section in (("sft", SFTStageConfig()), ("rlvr", RLVRStageConfig()), ("opsd", OPSDStageConfig()),
@@ -707,7 +710,7 @@ def check_problems(config: PipelineConfig, stage) -> list[Example] | None:
 
 
 def _train_arm(run: Run, step: Step) -> None:
-    """Train one arm with its compaction method (`methods.METHODS`) from the starting checkpoint."""
+    """Train one arm with its compaction method (`stages.methods.TRAINING`) from the starting checkpoint."""
     config = run.config
     stage_dir = run.run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}"
     arm_config = arm_settings(config, step.arm)
@@ -715,7 +718,7 @@ def _train_arm(run: Run, step: Step) -> None:
     def train():
         examples = run.task.examples("train", arm_config.train_problems)
         model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
-        METHODS[arm_config.method].train(model, tokenizer, examples, run.verifier, arm_config, stage_dir,
+        TRAINING[arm_config.method](model, tokenizer, examples, run.verifier, arm_config, stage_dir,
                                          thinking=config.task.thinking, seed=step.opsd_seed,
                                          check_examples=check_problems(config, arm_config), rlvr=config.rlvr)
 

@@ -15,9 +15,9 @@ import importlib.util
 from pathlib import Path
 
 from opsdlab.config import ConfigError, PipelineConfig
+from opsdlab.config.choices import CONTEXT_READS
+from opsdlab.config.methods import solution_keys
 from opsdlab.tasks.data import LOCAL_FORMATS, ColumnMap, DataError, load_examples, parse_column_map
-from opsdlab.stages.methods import solution_keys
-from opsdlab.tasks.prompts import CONTEXT_READS
 
 # What each `report_to` value needs installed (`pip install -e ".[wandb]"` installs wandb).
 TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow",
