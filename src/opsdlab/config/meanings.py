@@ -20,7 +20,7 @@ import yaml
 
 from opsdlab.config.sections import PipelineConfig, TaskSection
 from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
-from opsdlab.tasks import OPTIONS
+from opsdlab.config.tasks import OPTIONS
 
 
 @dataclass(frozen=True)
@@ -207,9 +207,6 @@ MEANINGS = {
     "OPSDStageConfig.lora_target_modules": "modules that get LoRA adapters (with lora_r > 0)",
     "OPSDStageConfig.train_problems": "training problems drawn from the task",
     "OPSDStageConfig.refill_max_rounds": "generation rounds a step may take to keep min_kept_rollouts rollouts",
-    "FileTask.train": "the problems: a jsonl/json/parquet/csv path or a Hugging Face datasets name",
-    "FileTask.columns": "column mapping, e.g. problem=question,solution=explanation,answer=final",
-    "FileTask.split": "the split of a Hub dataset",
 }
 
 
@@ -269,12 +266,6 @@ def _describe(section, default, prefix: str) -> list[KeyInfo]:
 
 def _task_options(task: TaskSection, key: str) -> list[KeyInfo]:
     spec = OPTIONS[task.name]
-    if isinstance(spec, tuple):  # the file task: keyword arguments of FileTask
-        from opsdlab.tasks import FileTask
-
-        defaults = inspect.signature(FileTask).parameters
-        return [KeyInfo(f"{key}.{name}", task.options.get(name, defaults[name].default), defaults[name].default,
-                        MEANINGS.get(f"FileTask.{name}")) for name in spec]
     return [KeyInfo(f"{key}.{f.name}", task.options.get(f.name, f.default), f.default, field_meaning(spec, f.name))
             for f in dataclasses.fields(spec)]
 

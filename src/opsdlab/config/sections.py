@@ -14,7 +14,7 @@ from opsdlab.config.choices import BACKENDS, DTYPES, STAGES, TINY_SIZES
 from opsdlab.config.methods import check_arm, method_of
 from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
 from opsdlab.config.values import ConfigError, build, check_value, located
-from opsdlab.tasks import OPTIONS, TASKS, check_options
+from opsdlab.config.tasks import OPTIONS, check_options
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,11 @@ class TaskSection:
     verifier: dict = field(default_factory=dict)  # empty: the task's default (extract, compare)
 
     def __post_init__(self):
-        if self.name not in TASKS:
-            raise ConfigError(f"task.name: unknown task {self.name!r}; choose one of {sorted(TASKS)}")
+        if self.name not in OPTIONS:
+            raise ConfigError(f"task.name: unknown task {self.name!r}; choose one of {sorted(OPTIONS)}")
         # Each given option is checked against the task's own option type (None passes: a task may
         # read a YAML null as "none"), then the task's config checks the values.
-        hints = typing.get_type_hints(OPTIONS[self.name]) if not isinstance(OPTIONS[self.name], tuple) else {}
+        hints = typing.get_type_hints(OPTIONS[self.name])
         options = {key: value if value is None or key not in hints else check_value(value, hints[key],
                                                                                     f"task.options.{key}")
                    for key, value in self.options.items()}

@@ -36,7 +36,6 @@ on a CPU whose results do not depend on the thread count they are identical to t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -401,16 +400,15 @@ def data_inputs(config: PipelineConfig) -> dict:
 def setting_defaults(config: PipelineConfig) -> dict:
     """Each setting's default (its dataclass's), by dotted key: a record notes which settings hold
     theirs, so that an option added later is no difference while it holds its default."""
-    from opsdlab.tasks import OPTIONS
     from opsdlab.config.sections import VLLMSettings
+    from opsdlab.config.tasks import OPTIONS
 
     defaults = {}
     for prefix, section in (("sft", SFTStageConfig()), ("rlvr", RLVRStageConfig()), ("opsd", OPSDStageConfig()),
                             ("eval.sampling", SamplingConfig()), ("eval.vllm", VLLMSettings())):
         defaults.update(flatten(prefix, section))
-    spec = OPTIONS.get(config.task.name)
-    if dataclasses.is_dataclass(spec):
-        defaults.update(flatten("task.options", spec()))
+    if config.task.name != "file":  # the file task's options count as given (as in the records written so far)
+        defaults.update(flatten("task.options", OPTIONS[config.task.name]()))
     return defaults
 
 

@@ -1,5 +1,5 @@
-"""What every generated task shares: SFT rows with a privileged share, the prompt text of every
-teacher context for the tiny vocabulary, and the check of its probability options.
+"""What every generated task shares: SFT rows with a privileged share and the prompt text of every
+teacher context for the tiny vocabulary (the checks of their options: `config.tasks`).
 
 A task supplies `response(example, context, thinking, rng)`, the SFT target a solver writes after
 reading the prompt of one role; these functions render the prompts through the one renderer.
@@ -13,23 +13,6 @@ from collections.abc import Callable
 from opsdlab.tasks.data import Example
 from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt, user_message
 from opsdlab.tasks.templates import completion_for_prompt
-
-
-def check_unit_interval(task: str, config, names: tuple[str, ...]) -> None:
-    """Raise a ValueError naming the task and the field if any of `config`'s `names` is outside [0, 1]."""
-    for name in names:
-        value = getattr(config, name)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{task} task: {name} must be in [0, 1], got {value}")
-
-
-def checked_instruction(task: str, config) -> None:
-    """Normalise `config.instruction`: None (an empty value in YAML or on the command line) means no
-    instruction; anything but text is an error naming the task."""
-    if config.instruction is None:
-        object.__setattr__(config, "instruction", "")
-    elif not isinstance(config.instruction, str):
-        raise ValueError(f"{task} task: instruction must be text (\"\" for none), got {config.instruction!r}")
 
 
 def sft_rows_with_contexts(examples: list[Example], tokenizer, response: Callable, *, thinking: bool,
