@@ -76,6 +76,24 @@ def test_meanings_name_fields_that_exist():
         assert name in {f.name for f in dataclasses.fields(classes[owner])}, entry
 
 
+def test_the_trl_help_config_show_keeps_is_the_installed_trls():
+    """`config show` imports no TRL: the help it shows for a field passed to TRL unchanged is kept in
+    `meanings.TRL_HELP`, which must be the first sentence of the installed TRL's own help."""
+    import trl
+
+    from opsdlab.config import stages
+    from opsdlab.config.meanings import TRL_FIELDS, TRL_HELP, _first_sentence
+
+    for stage, (trl_name, passed) in TRL_FIELDS.items():
+        assert set(passed) <= {f.name for f in dataclasses.fields(getattr(stages, stage))}, stage
+        helps = {f.name: f.metadata.get("help") for f in dataclasses.fields(getattr(trl, trl_name))}
+        for name in passed:
+            if name in helps:  # not generation_backend, which is this project's own
+                assert TRL_HELP[trl_name].get(name) == _first_sentence(helps[name]), f"{stage}.{name}"
+    assert all(set(kept) <= {name for trl_name, passed in TRL_FIELDS.values() if trl_name == owner for name in passed}
+               for owner, kept in TRL_HELP.items())
+
+
 def test_config_show_options_state_their_defaults():
     config_parser = build_parser()._subparsers._group_actions[0].choices["config"]
     show = config_parser._subparsers._group_actions[0].choices["show"]

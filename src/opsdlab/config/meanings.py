@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import yaml
 
 from opsdlab.config.sections import PipelineConfig, TaskSection
-from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
+from opsdlab.config.stages import VLLM_FIELDS
 from opsdlab.config.tasks import OPTIONS
 
 
@@ -210,21 +210,63 @@ MEANINGS = {
 }
 
 
-def _trl_fields() -> dict:
-    """Stage config class -> (TRL config class, the fields passed to it unchanged under the same name)."""
-    from trl import GRPOConfig, SFTConfig
-
-    from opsdlab.config.stages import VLLM_FIELDS
-
-    common = ("gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "gradient_checkpointing",
-              "save_steps", "logging_steps", "report_to")
-    return {
-        SFTStageConfig: (SFTConfig, (*common, "weight_decay", "max_length")),
-        RLVRStageConfig: (GRPOConfig, (*common, "warmup_steps", "loss_type", "scale_rewards", "epsilon",
+# Fields a stage passes to its TRL config unchanged under the same name: stage config -> (TRL config
+# class, fields). `config show` gives such a field with no comment or `MEANINGS` entry the first
+# sentence of TRL's help for it (`TRL_HELP`), kept here so that showing a config does not import TRL;
+# a test compares it with the help of the TRL installed.
+_COMMON = ("gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "gradient_checkpointing", "save_steps",
+           "logging_steps", "report_to")
+TRL_FIELDS = {
+    "SFTStageConfig": ("SFTConfig", (*_COMMON, "weight_decay", "max_length")),
+    "RLVRStageConfig": ("GRPOConfig", (*_COMMON, "warmup_steps", "loss_type", "scale_rewards", "epsilon",
                                        "epsilon_high", "beta", "mask_truncated_completions", "max_completion_length",
                                        "temperature", "top_p", "num_iterations", *VLLM_FIELDS)),
-        OPSDStageConfig: (GRPOConfig, (*common, "max_completion_length", "temperature", *VLLM_FIELDS)),
-    }
+    "OPSDStageConfig": ("GRPOConfig", (*_COMMON, "max_completion_length", "temperature", *VLLM_FIELDS)),
+}
+TRL_HELP = {
+    "SFTConfig": {
+        "gradient_accumulation_steps": "Number of update steps to accumulate gradients before performing a "
+                                       "backward/update pass.",
+        "learning_rate": "The initial learning rate for AdamW.",
+        "lr_scheduler_type": "The learning rate scheduler type to use.",
+        "gradient_checkpointing": "Enable gradient checkpointing to trade compute for memory.",
+        "save_steps": "Save checkpoint every X updates steps.",
+        "logging_steps": "Log every X updates steps.",
+        "report_to": "The list of integrations to report the results and logs to.",
+        "weight_decay": "Weight decay coefficient applied by the optimizer.",
+        "max_length": "Maximum length of the tokenized sequence.",
+    },
+    "GRPOConfig": {
+        "gradient_accumulation_steps": "Number of update steps to accumulate gradients before performing a "
+                                       "backward/update pass.",
+        "learning_rate": "The initial learning rate for AdamW.",
+        "lr_scheduler_type": "The learning rate scheduler type to use.",
+        "gradient_checkpointing": "Enable gradient checkpointing to trade compute for memory.",
+        "save_steps": "Save checkpoint every X updates steps.",
+        "logging_steps": "Log every X updates steps.",
+        "report_to": "The list of integrations to report the results and logs to.",
+        "warmup_steps": "Number of steps for a linear warmup from 0 to `learning_rate`.",
+        "loss_type": "Specifies the loss formulation to use.",
+        "scale_rewards": "Specifies the scaling strategy for rewards.",
+        "epsilon": "Epsilon value for clipping.",
+        "epsilon_high": "Upper-bound epsilon value for clipping.",
+        "beta": "KL coefficient.",
+        "mask_truncated_completions": "When enabled, truncated completions are excluded from the loss calculation, "
+                                      "preventing them from being incorrectly penalized and introducing noise during "
+                                      "training.",
+        "max_completion_length": "Maximum length of the generated completion.",
+        "temperature": "Temperature for sampling.",
+        "top_p": "Float that controls the cumulative probability of the top tokens to consider.",
+        "num_iterations": "Number of iterations per batch (denoted as μ in the algorithm).",
+        "use_vllm": "Whether to use vLLM for generating completions.",
+        "vllm_mode": "Mode to use for vLLM integration when `use_vllm` is set to `True`.",
+        "vllm_gpu_memory_utilization": "Control the GPU memory utilization for vLLM.",
+        "vllm_tensor_parallel_size": "Control the tensor parallel size for vLLM.",
+        "vllm_max_model_length": "Context window for vLLM.",
+        "vllm_enable_sleep_mode": "Enable vLLM sleep mode to offload weights/cache during the optimizer step.",
+        "vllm_server_base_url": "Base URL for the vLLM server (e.g., 'http://localhost:8000').",
+    },
+}
 
 
 def field_meaning(cls, name: str) -> str | None:
@@ -236,11 +278,8 @@ def field_meaning(cls, name: str) -> str | None:
     for klass in cls.__mro__:
         if f"{klass.__name__}.{name}" in MEANINGS:
             return MEANINGS[f"{klass.__name__}.{name}"]
-    trl_class, passed = _trl_fields().get(cls, (None, ()))
-    if name in passed:
-        help_text = {f.name: f for f in dataclasses.fields(trl_class)}[name].metadata.get("help")
-        return _first_sentence(help_text) if help_text else None
-    return None
+    trl_class, passed = TRL_FIELDS.get(cls.__name__, (None, ()))
+    return TRL_HELP[trl_class].get(name) if name in passed else None
 
 
 def describe_config(config: PipelineConfig) -> list[KeyInfo]:
