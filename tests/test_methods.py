@@ -163,8 +163,8 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
 
 
 def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
-    from opsdlab.run import pipeline
     from opsdlab.config.sections import SamplingConfig
+    from opsdlab.evaluation import evaluate as evaluation
     from opsdlab.evaluation.metrics import Sample
 
     def fake_evaluate(model, tokenizer, share, verifier, sampling, **kwargs):
@@ -172,10 +172,10 @@ def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkey
                           thinking_tokens=0, truncated=False) for i, p in enumerate(share)]
         return samples, {"forced_samples": len(share), "budget": kwargs["budget"]}
 
-    monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
-    monkeypatch.setattr(pipeline, "shard_and_gather", lambda items, work: [work(items[:2], 0), work(items[2:], 1)])
-    _, summary = pipeline.evaluate_sharded(None, None, ["a", "b", "c"], None, SamplingConfig(k=1), budget=25,
-                                           budgets=[15])
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluation, "shard_and_gather", lambda items, work: [work(items[:2], 0), work(items[2:], 1)])
+    _, summary = evaluation.evaluate_sharded(None, None, ["a", "b", "c"], None, SamplingConfig(k=1), budget=25,
+                                             budgets=[15])
     assert summary["forced_samples"] == 2 + 1 and summary["budget"] == 25
     assert summary["accuracy_at_budget"] == {"15": 2 / 3}  # a (10) and c (10) within 15, b (20) not
 

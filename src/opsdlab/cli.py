@@ -247,7 +247,8 @@ def cmd_sft(args) -> int:
     import torch
 
     from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
-    from opsdlab.stages.sft import SFTStageConfig, run_sft
+    from opsdlab.config.stages import SFTStageConfig
+    from opsdlab.stages.sft import run_sft
     from opsdlab.tasks import build_task
 
     config = _overrides(SFTStageConfig, args.set + args.overrides, stage="sft")
@@ -302,7 +303,8 @@ def _train_examples(args, count: int):
 
 def cmd_rlvr(args) -> int:
     from opsdlab.modeling.models import load_policy
-    from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
+    from opsdlab.config.stages import RLVRStageConfig
+    from opsdlab.stages.rlvr import run_rlvr
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
     _check_stage_inputs(args, config, [])  # GRPO reads the answers alone
@@ -320,7 +322,8 @@ def cmd_opsd(args) -> int:
     from opsdlab.evaluation.evaluate import evaluate, one_line
     from opsdlab.config.methods import solution_keys
     from opsdlab.modeling.models import load_policy
-    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.config.stages import OPSDStageConfig
+    from opsdlab.stages.opsd import run_opsd
     from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
@@ -390,12 +393,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_study(args) -> int:
+    from opsdlab.report import write_report
     from opsdlab.run.study import run_study
 
     start = time.time()
     presets = [p for p in args.presets.split(",") if p]
     done = run_study(args.run_dir, presets, args.seeds, args.overrides, jobs=args.jobs, redo=args.redo,
-                     arms=args.arms)
+                     arms=args.arms, write_report=write_report)
     for preset, result in done.items():
         print(f"{preset}: {result['report']}")
     if args.ladder:

@@ -10,7 +10,8 @@ opens the think block itself gives the same count as one that leaves it to the m
 
 Responses come from a named backend (`BACKENDS`): `transformers` (`model.generate`, in left-padded
 batches) or `vllm` (`vllm_backend`, vLLM's engine). Both receive the same prompt token ids and return
-the same `Generation` records, so grading, lengths and the written files do not depend on the backend.
+the same `Generation` records (`backend`), so grading, lengths and the written files do not depend on
+the backend. `evaluate_sharded` splits the problems over the processes of a launch.
 
 With a token `budget`, responses are budget-forced (s1-style), the compaction baseline that trains
 nothing: each response is cut at `budget` tokens (not counting its closing EOS, as its reported length
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,23 +34,13 @@ from tqdm.auto import tqdm
 from opsdlab.tasks.data import Example
 from opsdlab.evaluation.metrics import Sample, find_answer, summarize
 from opsdlab.modeling.models import end_token_ids, stop_token_ids, thinking_token_count
+from opsdlab.modeling.runtime import shard_and_gather
 from opsdlab.config.choices import CONTEXT_READS
 from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.backend import Backend, Generation
 from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks.templates import closed_thinking, think_close_text, unclosed_thinking
 from opsdlab.tasks.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One response: its ids (with the closing EOS, if it ended), their text, and whether it hit the
-    length cap. `forced` is, for a budget-forced response, the [start, end) slice of `token_ids` that
-    holds the forced text (think-close and answer cue); None otherwise."""
-
-    token_ids: list[int]
-    text: str
-    truncated: bool
-    forced: tuple[int, int] | None = None
 
 
 @torch.no_grad()
@@ -132,22 +123,6 @@ def _extend_vllm(*args, **kwargs):
     from opsdlab.evaluation import vllm_backend
 
     return vllm_backend.generate_ids(*args, **kwargs)
-
-
-@dataclass(frozen=True)
-class Backend:
-    """How an evaluation gets its responses.
-
-    load(model_dir, dtype, trust_remote_code, settings, seed) -> (engine, tokenizer);
-    generate(engine, tokenizer, prompts, sampling, desc) -> k Generations per prompt, prompt-major;
-    extend(engine, tokenizer, token_ids, sampling, rows, desc) -> one Generation per row of prompt ids
-    (`sampling.k` is ignored), where `rows` numbers each row among the evaluation's samples (vLLM seeds
-    each row by it). Budget forcing continues cut responses with `extend`.
-    """
-
-    load: Callable
-    generate: Callable
-    extend: Callable
 
 
 BACKENDS = {
@@ -407,6 +382,31 @@ def evaluate(
         summary.update(budget=budget, answer_tokens=answer_tokens,
                        forced_samples=sum(generation.forced is not None for generation in generations))
     return samples, summary
+
+
+def evaluate_sharded(model, tokenizer, examples: list[Example], verifier, sampling: SamplingConfig, **kwargs
+                     ) -> tuple[list[Sample], dict]:
+    """`evaluate` with the problems split over the processes of the launch; the merged result on every process.
+
+    Each process evaluates a contiguous share of the problems (all k samples of a problem stay in
+    one share), so the merged samples hold the same problems and sample indices in the same order
+    as a single process writes, and the summary's metrics are computed over all of them; its other
+    fields (verifier, sampling, prompt role) are the first share's. Share i samples with seed
+    `sampling.seed + i`, so shares do not reuse one random stream. With more than one process the
+    sampled *texts* differ from a single-process run: the generator's random draws depend on which
+    rows are batched together, and a share batches other rows. On one process this is `evaluate`.
+    """
+    def work(share: list[Example], index: int):
+        return evaluate(model, tokenizer, share, verifier, replace(sampling, seed=sampling.seed + index), **kwargs)
+
+    shards = [shard for shard in shard_and_gather(examples, work) if shard is not None]
+    if len(shards) == 1:
+        return shards[0]
+    samples = [sample for shard_samples, _ in shards for sample in shard_samples]
+    merged = {**shards[0][1], **summarize(samples, k=sampling.k, budgets=kwargs.get("budgets"))}
+    if "forced_samples" in merged:  # budget forcing: every share's count
+        merged["forced_samples"] = sum(summary["forced_samples"] for _, summary in shards)
+    return samples, merged
 
 
 def write_eval(out_dir: str | Path, samples: list[Sample], summary: dict) -> None:

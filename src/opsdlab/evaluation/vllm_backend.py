@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from opsdlab.config.sections import VLLMSettings
+from opsdlab.evaluation.backend import Generation
 from opsdlab.modeling.models import end_token_ids
 
 
@@ -259,8 +260,6 @@ def _sample(llm, token_ids: list[list[int]], sampling, seeds: list[int], stop: l
 
 def generate(engine, tokenizer, prompts: list[str], sampling, desc: str = "generate") -> list:
     """k responses per prompt (prompt-major, as `evaluate.evaluate` expects) from vLLM."""
-    from opsdlab.evaluation.evaluate import Generation
-
     token_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     # model.generate stops at the EOS and `evaluate.generate` cuts at the first EOS or pad token.
     stop = sorted(end_token_ids(tokenizer))
@@ -277,8 +276,6 @@ def generate_ids(engine, tokenizer, token_ids: list[list[int]], sampling, rows: 
     continues cut responses. Row i draws from the seed of sample `rows[i]` among `max(rows) + 1`
     (`prompt_seeds` of `sampling.seed`), so a row's response does not depend on which other rows
     are continued with it."""
-    from opsdlab.evaluation.evaluate import Generation
-
     one = dataclasses.replace(sampling, k=1)
     stop = sorted(end_token_ids(tokenizer))
     every = prompt_seeds(sampling.seed, max(rows) + 1) if rows else []

@@ -18,7 +18,7 @@ both, and a stage killed midway resumes from its last checkpoint; nothing finish
 
 Under a multi-process launch (`accelerate launch`, torchrun) every process runs this function:
 every process trains each stage (the Trainer splits the batch), and each evaluates a share of the
-problems (`evaluate_sharded`). The main process alone builds the base model and writes the run
+problems (`evaluate.evaluate_sharded`). The main process alone builds the base model and writes the run
 directory's files; whether a stage or evaluation is finished is decided on the main process and
 shared (`runtime.main_decides`), so every process skips the same work. A process group is started
 only under such a launch; a plain `python` run stays a single process.
@@ -54,19 +54,17 @@ from opsdlab.config.choices import CONTEXT_READS
 from opsdlab.config.methods import METHODS
 from opsdlab.tasks.data import ColumnMap, Example, load_examples, pair_unrelated, parse_column_map
 from opsdlab.config.sections import SamplingConfig
-from opsdlab.evaluation.evaluate import evaluate, load_for_eval, one_line, read_samples, write_eval
-from opsdlab.evaluation.metrics import Sample, summarize
+from opsdlab.evaluation.evaluate import evaluate_sharded, load_for_eval, one_line, read_samples, write_eval
 from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
 from opsdlab.stages.methods import TRAINING
-from opsdlab.stages.opsd import OPSDStageConfig
+from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
 from opsdlab.run.preflight import check_inputs
 from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 from opsdlab.run.provenance import (COMPLETE, Output, describe_stale, dependants, flatten, make_record, new_stamp,
                                 path_fingerprint, read_record, stale_outputs, write_record)
-from opsdlab.stages.rlvr import LENGTH_TARGET_PROBLEMS, RLVRStageConfig, run_rlvr
-from opsdlab.modeling.runtime import (is_main_process, launch_processes, main_decides, peak_memory_mb, shard_and_gather,
-                             wait_for_everyone)
-from opsdlab.stages.sft import SFTStageConfig, TeacherProbe, run_sft
+from opsdlab.stages.rlvr import LENGTH_TARGET_PROBLEMS, run_rlvr
+from opsdlab.modeling.runtime import is_main_process, launch_processes, main_decides, peak_memory_mb, wait_for_everyone
+from opsdlab.stages.sft import TeacherProbe, run_sft
 from opsdlab.tasks import build_task
 from opsdlab.tasks.verifier import VerifierConfig
 
@@ -199,31 +197,6 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
 def shared_budgets(config: PipelineConfig) -> dict:
     """`evaluate`'s budgets argument when the config sets eval.budgets (else each set's own ladder)."""
     return {"budgets": list(config.eval.budgets)} if config.eval.budgets else {}
-
-
-def evaluate_sharded(model, tokenizer, examples: list[Example], verifier, sampling: SamplingConfig, **kwargs
-                     ) -> tuple[list[Sample], dict]:
-    """`evaluate` with the problems split over the processes of the launch; the merged result on every process.
-
-    Each process evaluates a contiguous share of the problems (all k samples of a problem stay in
-    one share), so the merged samples hold the same problems and sample indices in the same order
-    as a single process writes, and the summary's metrics are computed over all of them; its other
-    fields (verifier, sampling, prompt role) are the first share's. Share i samples with seed
-    `sampling.seed + i`, so shares do not reuse one random stream. With more than one process the
-    sampled *texts* differ from a single-process run: the generator's random draws depend on which
-    rows are batched together, and a share batches other rows. On one process this is `evaluate`.
-    """
-    def work(share: list[Example], index: int):
-        return evaluate(model, tokenizer, share, verifier, replace(sampling, seed=sampling.seed + index), **kwargs)
-
-    shards = [shard for shard in shard_and_gather(examples, work) if shard is not None]
-    if len(shards) == 1:
-        return shards[0]
-    samples = [sample for shard_samples, _ in shards for sample in shard_samples]
-    merged = {**shards[0][1], **summarize(samples, k=sampling.k, budgets=kwargs.get("budgets"))}
-    if "forced_samples" in merged:  # budget forcing: every share's count
-        merged["forced_samples"] = sum(summary["forced_samples"] for _, summary in shards)
-    return samples, merged
 
 
 def write_config(config: PipelineConfig, run_dir: Path) -> None:

@@ -28,7 +28,7 @@ never holds two lines for one step. A stage that a rule stopped is not trained f
 it goes straight to the selection.
 
 Under several processes (DDP, DeepSpeed ZeRO-1/2) every process checks its share of the problems
-with its own whole copy of the weights, as the pipeline's evaluations do (`pipeline.evaluate_sharded`),
+with its own whole copy of the weights, as the pipeline's evaluations do (`evaluate.evaluate_sharded`),
 and every process receives the merged result, so all take the same stop and selection decisions
 without another exchange. Weights sharded over processes (FSDP, ZeRO-3) are refused.
 """
@@ -50,6 +50,7 @@ from transformers import TrainerCallback
 from opsdlab.config.stages import CheckSettings
 from opsdlab.tasks.data import Example
 from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import evaluate_sharded
 from opsdlab.evaluation.metrics import accuracy_efficiency_score
 from opsdlab.modeling.runtime import checkpoint_step, is_main_process, main_decides, read_jsonl
 from opsdlab.tasks.verifier import VerifierConfig
@@ -175,8 +176,6 @@ def evaluate_held_out(model, tokenizer, examples: list[Example], verifier: Verif
                       *, thinking: bool, desc: str) -> dict:
     """The summary of `evaluate` on `examples`, split over the processes of the launch as the pipeline's
     evaluations are (every process gets the merged summary)."""
-    from opsdlab.run.pipeline import evaluate_sharded  # imported here: the pipeline imports the stages
-
     return evaluate_sharded(model, tokenizer, examples, verifier, sampling, thinking=thinking, desc=desc)[1]
 
 
