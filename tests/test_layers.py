@@ -4,9 +4,16 @@ Every `opsdlab` import in `src/` (module level or deferred inside a function: a 
 a cycle but keeps it) must point to the same layer or a lower one, and the module graph must have no
 cycle. The layer of a module is the first folder under `opsdlab/` (or the module's own name at the
 top), ranked by `LAYERS`.
+
+The config layer is pure data: loading, checking and showing a config, and the command line's
+answer to a bad value, import none of torch, transformers, TRL or vLLM (checked in a fresh interpreter).
 """
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +113,57 @@ def test_the_cycle_finder_finds_a_cycle_and_an_upward_import_is_seen():
     assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle_in({"a": {"b"}, "b": set()}) is None
     assert layer_of("opsdlab.run.pipeline") > layer_of("opsdlab.stages.checks")
+
+
+HEAVY = ("torch", "transformers", "trl", "vllm")
+
+
+def run_fresh(code: str, cwd: Path) -> tuple[str, list[str]]:
+    """Run `code` in a fresh interpreter on this checkout's sources; its last printed line, and which
+    of the `HEAVY` packages it imported."""
+    script = (f"{code}\nimport json, sys\n"
+              f"print(json.dumps(sorted({{name.split('.')[0] for name in sys.modules}} & {set(HEAVY)!r})))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    *out, heavy = result.stdout.splitlines()
+    return (out[-1] if out else ""), json.loads(heavy)
+
+
+def test_loading_checking_and_showing_a_config_import_no_training_stack(tmp_path):
+    code = """
+from opsdlab.config import ConfigError, describe_config, format_keys, load_config
+try:
+    load_config("tiny", ["opsd.max_steps=abc"])
+except ConfigError as error:
+    print(error)
+assert len(format_keys(describe_config(load_config("qwen3-1.7b")))) > 100
+"""
+    said, heavy = run_fresh(code, tmp_path)
+    assert said == "opsd.max_steps: expected an integer, got 'abc' (str)"
+    assert heavy == []
+
+
+@pytest.mark.parametrize("argv, exit_code", [
+    (["pipeline", "--config", "tiny", "opsd.max_steps=abc"], 2),
+    (["demo", "opsd.learning_rate=-1"], 2),
+    (["config", "show", "qwen3-1.7b"], 0),
+    (["--help"], 0),
+    (["sft", "--model", "tiny", "--out", "out", "--set", "learning_rate=abc"], 2),
+])
+def test_the_command_line_answers_a_bad_value_help_and_config_show_without_the_training_stack(tmp_path, argv,
+                                                                                              exit_code):
+    code = f"""
+import contextlib, io
+from opsdlab.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    try:
+        code = main({argv!r})
+    except SystemExit as stop:
+        code = stop.code
+print(code)
+"""
+    said, heavy = run_fresh(code, tmp_path)
+    assert said == str(exit_code)
+    assert heavy == []

@@ -3,6 +3,9 @@
 Every stage subcommand reads an HF model folder and writes one (`OUT/model`), so stages can be run
 one by one on a user's own checkpoints; `pipeline` chains them from a config file and `demo` is
 that pipeline on the tiny offline default.
+
+A command checks its arguments and config with the config layer alone and imports the training
+stack (torch, transformers, TRL, vLLM) only once they are valid: a typo is reported at once.
 """
 
 from __future__ import annotations
@@ -15,8 +18,18 @@ import warnings
 from pathlib import Path
 
 from opsdlab import __version__
+from opsdlab.config.choices import DTYPES as WEIGHT_DTYPES
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # = models.DTYPES, kept here so --help stays light
+# Errors a command reports in one line (with ValueError, which ConfigError, DataError and
+# ModelFolderError are), by module and name: a module not imported yet cannot have raised its own,
+# so matching one never imports the training stack.
+USER_ERRORS = (("opsdlab.modeling.runtime", "LaunchError"), ("opsdlab.run.study", "StudyError"))
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is a mistake in the input that one line explains (`USER_ERRORS`), not a bug."""
+    kinds = [ValueError] + [getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules]
+    return isinstance(error, tuple(kinds))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -244,20 +257,19 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    import torch
-
-    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
+    from opsdlab.config import ConfigError
     from opsdlab.config.stages import SFTStageConfig
-    from opsdlab.stages.sft import run_sft
-    from opsdlab.tasks import build_task
 
     config = _overrides(SFTStageConfig, args.set + args.overrides, stage="sft")
     if config.probe_every:
-        from opsdlab.config import ConfigError
-
         raise ConfigError("sft.probe_every: the SFT teacher probe runs in `opsdlab pipeline` (it grades held-out "
                           "problems from the OPSD teacher's prompt); set sft.probe_every in a pipeline config")
+    import torch
+
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
     from opsdlab.run.preflight import SFT_READER
+    from opsdlab.stages.sft import run_sft
+    from opsdlab.tasks import build_task
 
     _check_stage_inputs(args, config, [SFT_READER])
     if args.data == "synthetic":
@@ -302,11 +314,12 @@ def _train_examples(args, count: int):
 
 
 def cmd_rlvr(args) -> int:
-    from opsdlab.modeling.models import load_policy
     from opsdlab.config.stages import RLVRStageConfig
-    from opsdlab.stages.rlvr import run_rlvr
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.rlvr import run_rlvr
+
     _check_stage_inputs(args, config, [])  # GRPO reads the answers alone
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
@@ -318,16 +331,17 @@ def cmd_rlvr(args) -> int:
 
 
 def cmd_opsd(args) -> int:
-    from opsdlab.config.sections import SamplingConfig
-    from opsdlab.evaluation.evaluate import evaluate, one_line
     from opsdlab.config.methods import solution_keys
-    from opsdlab.modeling.models import load_policy
+    from opsdlab.config.sections import SamplingConfig
     from opsdlab.config.stages import OPSDStageConfig
-    from opsdlab.stages.opsd import run_opsd
-    from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 
     config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
                         stage="opsd")
+    from opsdlab.evaluation.evaluate import evaluate, one_line
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.opsd import run_opsd
+    from opsdlab.tasks.prompts import CONTROL_CONTEXTS
+
     _check_stage_inputs(args, config, [f"opsd.{key}" for key in solution_keys(config)])
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
@@ -604,16 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     # TRL warns on import that the CPU build of vLLM is newer than the versions it lists; the
     # vLLM paths are tested with that build, so the five copies of the warning only add noise.
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
-    from opsdlab.config import ConfigError
-    from opsdlab.tasks.data import DataError
-    from opsdlab.modeling.models import ModelFolderError
-    from opsdlab.modeling.runtime import LaunchError
-    from opsdlab.run.study import StudyError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelFolderError, LaunchError, StudyError, ValueError) as error:
-        if os.environ.get("OPSDLAB_DEBUG"):
+    except Exception as error:
+        if not is_user_error(error) or os.environ.get("OPSDLAB_DEBUG"):
             raise
         message = str(error)
         if message.startswith(f"{args.command}: "):  # a stage's own label: already said by the prefix
