@@ -99,7 +99,7 @@ SFT_READER = "sft (its targets are the solutions)"
 
 def solution_readers(config: PipelineConfig) -> list[str]:
     """What in `config`'s run reads each training problem's reference solution: SFT (its targets are
-    the solutions) and every OPSD arm whose teacher prompt shows one (`methods.solution_keys`). RLVR
+    the solutions) and every OPSD arm whose teacher prompt shows one (`config.methods.solution_keys`). RLVR
     reads only the answer."""
     readers = [SFT_READER] if "sft" in config.stages else []
     if "opsd" in config.stages:
