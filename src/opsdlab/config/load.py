@@ -74,4 +74,3 @@ def to_dict(config: PipelineConfig) -> dict:
 
 def dump_config(config: PipelineConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-

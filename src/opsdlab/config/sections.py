@@ -217,4 +217,3 @@ def _arm(value, where: str) -> ArmSection:
         raise ConfigError(f"{where}: each arm is a mapping with a `name` and OPSD overrides, got {value!r}")
     overrides = {k: v for k, v in value.items() if k != "name"}
     return ArmSection(name=str(value["name"]), overrides=overrides)
-
