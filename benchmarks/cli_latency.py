@@ -23,6 +23,7 @@ from pathlib import Path
 
 COMMANDS = {
     "pipeline_bad_value": ["pipeline", "--config", "tiny", "opsd.max_steps=abc"],
+    "demo_bad_value": ["demo", "opsd.learning_rate=-1"],
     "config_show": ["config", "show", "qwen3-1.7b"],
     "help": ["--help"],
 }

@@ -59,7 +59,8 @@ def tiny_model(folder: Path) -> Path:
 
 def measure(backend: str, model_dir: Path, examples, sampling, dtype: str, settings=None) -> dict:
     """Load `backend`, warm it up, and time one evaluation of `examples`."""
-    from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, load_for_eval
+    from opsdlab.config.sections import SamplingConfig
+    from opsdlab.evaluation.evaluate import evaluate, load_for_eval
     from opsdlab.tasks.verifier import VerifierConfig
 
     verifier = VerifierConfig(compare="exact")
@@ -107,8 +108,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_throughput_cpu.json"))
     args = parser.parse_args()
 
-    from opsdlab.evaluation.evaluate import SamplingConfig
-    from opsdlab.evaluation.vllm_backend import VLLMSettings
+    from opsdlab.config.sections import SamplingConfig, VLLMSettings
 
     sampling = SamplingConfig(k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size)

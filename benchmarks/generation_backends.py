@@ -3,7 +3,7 @@
     python benchmarks/generation_backends.py [--model DIR] [--prompts 16] [--max-completion-length 64]
         [--rounds 3] [--out benchmarks/results/generation_backends_cpu.json]
 
-Builds one RLVR trainer per generation backend (`rlvr.GENERATION_BACKENDS`: "transformers" and
+Builds one RLVR trainer per generation backend (`config.choices.GENERATION_BACKENDS`: "transformers" and
 "paged"; `grpo_args` sets GRPOConfig's switches) on the same model weights, and times the trainer's
 own rollout generation (`GRPOTrainer._generate_single_turn`) on the same prompt token ids, the
 stage's sampling settings. One warm-up call per backend, then `--rounds` measured rounds, the two
@@ -42,7 +42,8 @@ def main() -> None:
 
     from eval_throughput import machine, tiny_model
     from opsdlab.modeling.models import load_policy
-    from opsdlab.stages.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, rl_dataset
+    from opsdlab.config.stages import RLVRStageConfig
+    from opsdlab.stages.rlvr import RLVRTrainer, grpo_args, rl_dataset
     from opsdlab.tasks import build_task
 
     info = machine()

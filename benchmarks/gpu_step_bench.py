@@ -64,8 +64,7 @@ def build_model(folder: Path, tiny: bool) -> Path:
 
 def stage_config(stage: str, args):
     """The OPSD or RLVR (GRPO) stage config of one measurement: same batch, same generation."""
-    from opsdlab.stages.opsd import OPSDStageConfig
-    from opsdlab.stages.rlvr import RLVRStageConfig
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig
 
     common = dict(max_steps=args.steps, prompts_per_step=args.prompts, max_completion_length=args.completion,
                   gradient_accumulation_steps=args.accumulation, gradient_checkpointing=not args.tiny,
@@ -191,8 +190,7 @@ def main() -> int:
         if args.child == "eval":
             from eval_throughput import run
 
-            from opsdlab.evaluation.evaluate import SamplingConfig
-            from opsdlab.evaluation.vllm_backend import VLLMSettings
+            from opsdlab.config.sections import SamplingConfig, VLLMSettings
 
             sampling = SamplingConfig(k=4, temperature=0.6, max_new_tokens=args.completion, batch_size=64)
             dtype = "float32" if args.tiny else "bfloat16"

@@ -69,8 +69,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     """Child process: allocate inputs, run the loss, report memory and time."""
     import torch
 
+    from opsdlab.config.divergence import DivergenceOptions
     from opsdlab.loss.chunked import chunked_divergence, naive_divergence
-    from opsdlab.loss.divergences import DivergenceOptions
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -146,9 +146,10 @@ def build_trainers(model, tokenizer, examples, settings: Settings, work: Path, t
     """The project's OPSD and GRPO trainers on `model`, each with one optimizer step per generation batch."""
     from transformers.trainer_utils import SaveStrategy
 
-    from opsdlab.stages.opsd import OPSDStageConfig, OPSDTrainer, opsd_args, opsd_dataset
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig
+    from opsdlab.stages.opsd import OPSDTrainer, opsd_args, opsd_dataset
     from opsdlab.loss.rewards import VerifierReward
-    from opsdlab.stages.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, rl_dataset
+    from opsdlab.stages.rlvr import RLVRTrainer, grpo_args, rl_dataset
     from opsdlab.tasks.verifier import VerifierConfig
 
     common = dict(max_steps=total_steps, prompts_per_step=settings.prompts,

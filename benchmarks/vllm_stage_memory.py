@@ -51,8 +51,9 @@ def main() -> None:
     import opsdlab.stages.opsd
     import opsdlab.stages.rlvr
     from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy, save_policy
-    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
-    from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig
+    from opsdlab.stages.opsd import run_opsd
+    from opsdlab.stages.rlvr import run_rlvr
     from opsdlab.tasks import build_task
     from opsdlab.tasks.verifier import VerifierConfig
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from opsdlab.modeling.models import load_policy
-from opsdlab.stages.opsd import OPSDStageConfig, OPSDTrainer, opsd_args, opsd_dataset
+from opsdlab.config.stages import OPSDStageConfig
+from opsdlab.stages.opsd import OPSDTrainer, opsd_args, opsd_dataset, peft_config
 from opsdlab.loss.rewards import VerifierReward
 from opsdlab.modeling.runtime import JsonlMetrics
 from opsdlab.tasks.verifier import VerifierConfig
@@ -48,7 +49,7 @@ def make_trainer(stage_dir, folder, task, *, model=None, reward=None, callbacks=
         train_dataset=opsd_dataset(task.examples("train", problems), tokenizer, True),
         processing_class=tokenizer,
         callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl"), *callbacks],
-        peft_config=config.peft_config(),
+        peft_config=peft_config(config),
         opsd=config,
         student_thinking=True,
     )

@@ -15,15 +15,9 @@ import pytest
 import torch
 
 from opsdlab.evaluation import vllm_backend
-from opsdlab.evaluation.evaluate import (
-    ANSWER_CUE,
-    SamplingConfig,
-    budget_forced_generate,
-    evaluate,
-    generate,
-    response_length,
-    write_eval,
-)
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import (ANSWER_CUE, budget_forced_generate, evaluate, generate, response_length,
+                                         write_eval)
 from opsdlab.modeling.models import end_token_ids
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.tasks.templates import shipped_template, think_close_text

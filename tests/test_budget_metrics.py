@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from opsdlab.evaluation import vllm_backend
-from opsdlab.evaluation.evaluate import SamplingConfig, _first_true, answer_token, evaluate, read_samples, write_eval
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import _first_true, answer_token, evaluate, read_samples, write_eval
 from opsdlab.evaluation.metrics.efficiency import (accuracy_at_budget, budget_ladder, find_answer,
                                                    tokens_after_first_correct)
 from opsdlab.evaluation.metrics.samples import Sample

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from opsdlab.stages import checks
-from opsdlab.stages.checks import (SELECT_RULES, STOP_RULES, CheckSettings, HeldOutCheck, best_aes,
-                            shortest_within_tolerance)
+from opsdlab.config.stages import CheckSettings, OPSDStageConfig, RLVRStageConfig
+from opsdlab.stages.checks import SELECT_RULES, STOP_RULES, HeldOutCheck, best_aes, shortest_within_tolerance
 from opsdlab.modeling.models import load_policy
-from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
-from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
+from opsdlab.stages.opsd import run_opsd
+from opsdlab.stages.rlvr import run_rlvr
 
 from opsd_helpers import EXACT
 

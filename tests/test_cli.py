@@ -83,7 +83,7 @@ def test_pipeline_override_of_the_wrong_type_is_exact(capsys):
 
 def test_stage_options_take_yaml_numbers_without_a_dot(tmp_path):
     from opsdlab.cli import _overrides
-    from opsdlab.stages.opsd import OPSDStageConfig
+    from opsdlab.config.stages import OPSDStageConfig
 
     config = _overrides(OPSDStageConfig, ["learning_rate=1e-6", "clip_tau=null"], {"gate": "all"})
     assert config.learning_rate == 1e-6 and config.clip_tau is None and config.gate == "all"

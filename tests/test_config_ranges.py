@@ -10,9 +10,7 @@ import pytest
 from opsdlab.run import budget_steps, eval_steps, train_steps
 from opsdlab.cli import main
 from opsdlab.config import ConfigError, load_config
-from opsdlab.stages.opsd import OPSDStageConfig
-from opsdlab.stages.rlvr import RLVRStageConfig
-from opsdlab.stages.sft import SFTStageConfig
+from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
 
 STAGES = {"sft": SFTStageConfig, "rlvr": RLVRStageConfig, "opsd": OPSDStageConfig}
 
@@ -111,7 +109,7 @@ def test_every_schedule_the_configs_accept_builds_in_transformers(tmp_path, sche
     import torch
     from transformers import get_scheduler
 
-    from opsdlab.modeling.runtime import LR_SCHEDULERS
+    from opsdlab.config.ranges import LR_SCHEDULERS
     from opsdlab.stages.sft import sft_args
 
     assert schedule in LR_SCHEDULERS

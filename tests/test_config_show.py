@@ -65,21 +65,33 @@ def test_a_key_without_a_comment_or_entry_has_no_meaning():
 
 
 def test_meanings_name_fields_that_exist():
-    from opsdlab.evaluation.evaluate import SamplingConfig
-    from opsdlab.stages.opsd import OPSDStageConfig
-    from opsdlab.stages.rlvr import RLVRStageConfig
-    from opsdlab.stages.sft import SFTStageConfig
+    from opsdlab.config.sections import SamplingConfig, VLLMSettings
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
     from opsdlab.config import EvalSection, ModelSection, TaskSection
-    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     classes = {cls.__name__: cls for cls in (PipelineConfig, ModelSection, TaskSection, EvalSection, SamplingConfig,
                                              VLLMSettings, SFTStageConfig, RLVRStageConfig, OPSDStageConfig)}
     for entry in MEANINGS:
         owner, name = entry.split(".")
-        if owner == "FileTask":
-            assert name in ("train", "columns", "split")
-        else:
-            assert name in {f.name for f in dataclasses.fields(classes[owner])}, entry
+        assert name in {f.name for f in dataclasses.fields(classes[owner])}, entry
+
+
+def test_the_trl_help_config_show_keeps_is_the_installed_trls():
+    """`config show` imports no TRL: the help it shows for a field passed to TRL unchanged is kept in
+    `meanings.TRL_HELP`, which must be the first sentence of the installed TRL's own help."""
+    import trl
+
+    from opsdlab.config import stages
+    from opsdlab.config.meanings import TRL_FIELDS, TRL_HELP, _first_sentence
+
+    for stage, (trl_name, passed) in TRL_FIELDS.items():
+        assert set(passed) <= {f.name for f in dataclasses.fields(getattr(stages, stage))}, stage
+        helps = {f.name: f.metadata.get("help") for f in dataclasses.fields(getattr(trl, trl_name))}
+        for name in passed:
+            if name in helps:  # not generation_backend, which is this project's own
+                assert TRL_HELP[trl_name].get(name) == _first_sentence(helps[name]), f"{stage}.{name}"
+    assert all(set(kept) <= {name for trl_name, passed in TRL_FIELDS.values() if trl_name == owner for name in passed}
+               for owner, kept in TRL_HELP.items())
 
 
 def test_config_show_options_state_their_defaults():

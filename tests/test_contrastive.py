@@ -10,8 +10,8 @@ import torch
 
 from opsdlab.loss.contrastive import (contrast_logits, contrastive_head, pack, support_head, support_target, token_weights,
                                  unpack)
+from opsdlab.config.divergence import DivergenceOptions
 from opsdlab.loss.chunked import chunked_divergence, naive_divergence
-from opsdlab.loss.divergences import DivergenceOptions
 from opsdlab.loss.targets import with_tail
 
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from opsdlab.config.divergence import DivergenceOptions
 from opsdlab.loss.chunked import chunked_divergence, naive_divergence
 from opsdlab.loss.divergences import (
     DIVERGENCES,
-    DivergenceOptions,
     per_token_divergence,
     reverse_kl,
     sampled_kl_estimate,

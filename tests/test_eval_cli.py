@@ -187,7 +187,7 @@ def test_greedy_without_k_takes_one_sample(tiny_folder, tmp_path):
 
 
 def test_every_eval_option_states_its_default():
-    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.config.sections import SamplingConfig
     from opsdlab.tasks.prompts import TEACHER_CONTEXTS
 
     parser = build_parser()

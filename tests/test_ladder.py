@@ -62,7 +62,7 @@ def findings_of(text: str) -> str:
 
 
 def test_the_rungs_differ_only_in_problem_size_thinking_and_response_caps():
-    from opsdlab.tasks.synthetic import SyntheticConfig
+    from opsdlab.config.tasks import SyntheticConfig
 
     base = to_dict(load_config("ladder-2-short"))
     free = {("task", "thinking"), ("task", "options", "min_terms"), ("task", "options", "max_terms"),

@@ -6,11 +6,13 @@ import pytest
 
 from opsdlab.loss import rewards
 from opsdlab.stages import rlvr
-from opsdlab.evaluation.evaluate import SamplingConfig, generate, response_length
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import generate, response_length
 from opsdlab.modeling.models import end_token_ids, load_policy
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward
-from opsdlab.stages.rlvr import RLVRStageConfig, decide_length_target, quantile_length, run_rlvr
+from opsdlab.config.stages import RLVRStageConfig
+from opsdlab.stages.rlvr import decide_length_target, quantile_length, run_rlvr
 from opsdlab.modeling.runtime import read_jsonl
 from opsdlab.tasks.verifier import VerifierConfig
 

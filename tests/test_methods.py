@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from opsdlab.config import ConfigError, load_config
-from opsdlab.stages.methods import METHODS, length_rl_config
+from opsdlab.config.methods import METHODS
+from opsdlab.stages.methods import TRAINING, length_rl_config
 from opsdlab.run.budget_steps import budget_tokens
 from opsdlab.run.outputs import run_outputs
 from opsdlab.run.plan import Step, budget_points, pipeline_steps
@@ -151,7 +152,7 @@ def test_a_quantile_budget_reads_the_starting_checkpoints_lengths_on_training_pr
 
 def test_every_method_is_described():
     assert all(method.summary for method in METHODS.values())
-    assert {name for name, method in METHODS.items() if method.train is None} == {"budget"}
+    assert {name for name in METHODS if TRAINING[name] is None} == {"budget"}
 
 
 def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
@@ -164,8 +165,8 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
 
 
 def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
-    from opsdlab.run import eval_steps
-    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.config.sections import SamplingConfig
+    from opsdlab.evaluation import evaluate as evaluation
     from opsdlab.evaluation.metrics.samples import Sample
 
     def fake_evaluate(model, tokenizer, share, verifier, sampling, **kwargs):
@@ -173,9 +174,9 @@ def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkey
                           thinking_tokens=0, truncated=False) for i, p in enumerate(share)]
         return samples, {"forced_samples": len(share), "budget": kwargs["budget"]}
 
-    monkeypatch.setattr(eval_steps, "evaluate", fake_evaluate)
-    monkeypatch.setattr(eval_steps, "shard_and_gather", lambda items, work: [work(items[:2], 0), work(items[2:], 1)])
-    _, summary = eval_steps.evaluate_sharded(None, None, ["a", "b", "c"], None, SamplingConfig(k=1), budget=25,
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluation, "shard_and_gather", lambda items, work: [work(items[:2], 0), work(items[2:], 1)])
+    _, summary = evaluation.evaluate_sharded(None, None, ["a", "b", "c"], None, SamplingConfig(k=1), budget=25,
                                              budgets=[15])
     assert summary["forced_samples"] == 2 + 1 and summary["budget"] == 25
     assert summary["accuracy_at_budget"] == {"15": 2 / 3}  # a (10) and c (10) within 15, b (20) not

@@ -116,8 +116,10 @@ def _turn_end_model(tokenizer, turn_end: int):
 
 
 def test_generation_and_grading_end_responses_at_the_generation_config_eos(tokenizer, task):
-    from opsdlab.evaluation.evaluate import SamplingConfig, evaluate
-    from opsdlab.stages.rlvr import RLVRStageConfig, reward_functions
+    from opsdlab.config.sections import SamplingConfig
+    from opsdlab.evaluation.evaluate import evaluate
+    from opsdlab.config.stages import RLVRStageConfig
+    from opsdlab.stages.rlvr import reward_functions
     from opsdlab.tasks.verifier import VerifierConfig
 
     turn_end = tokenizer.convert_tokens_to_ids("<|im_start|>")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from opsdlab.modeling.models import load_policy
-from opsdlab.stages.opsd import (SCORINGS, OPSDStageConfig, check_alignment, final_hidden, loss_normalizer, response_positions,
-                          scoring_for,
-                          run_opsd)
+from opsdlab.config.stages import OPSDStageConfig
+from opsdlab.stages.opsd import (SCORINGS, check_alignment, final_hidden, loss_normalizer, response_positions,
+                                 scoring_for, run_opsd)
 
 from opsd_helpers import EXACT, ScriptedReward, make_trainer, record_teacher_prompts, snapshot
 
@@ -156,8 +156,7 @@ def test_one_rollout_per_prompt_trains_on_distinct_prompts(tmp_path, tiny_folder
 
 def test_batch_sizes_count_one_optimizer_step_over_all_processes():
     """prompts_per_step and the SFT batch size are per optimizer step, over processes and accumulation steps."""
-    from opsdlab.stages.rlvr import RLVRStageConfig
-    from opsdlab.stages.sft import SFTStageConfig
+    from opsdlab.config.stages import RLVRStageConfig, SFTStageConfig
 
     assert OPSDStageConfig(prompts_per_step=32, rollouts_per_prompt=1).per_device_batch(8) == 4
     assert OPSDStageConfig(prompts_per_step=32, rollouts_per_prompt=4,

@@ -95,7 +95,8 @@ def test_vllm_rollouts_run_no_student_forward_for_importance_sampling(tmp_path, 
     """With vLLM rollouts TRL scores every generation batch again with the student (no grad) for its
     importance-sampling correction of the policy-gradient loss; the distillation loss never reads it,
     so an OPSD generation batch runs no forward pass before the loss."""
-    from opsdlab.stages.opsd import OPSDStageConfig, opsd_args
+    from opsdlab.config.stages import OPSDStageConfig
+    from opsdlab.stages.opsd import opsd_args
 
     config = OPSDStageConfig(use_vllm=True, vllm_mode="server", prompts_per_step=2, rollouts_per_prompt=2)
     assert opsd_args(config, tmp_path / "args", 0, num_processes=1).vllm_importance_sampling_correction is False
@@ -231,8 +232,8 @@ def _count_ops(run, names) -> dict:
 def test_each_side_is_normalized_once_per_chunk(divergence):
     """One log-softmax per side and chunk gives the loss and the logged stats; the backward recomputes
     only the student's (the teacher side is no-grad)."""
+    from opsdlab.config.divergence import DivergenceOptions
     from opsdlab.loss.chunked import chunked_divergence
-    from opsdlab.loss.divergences import DivergenceOptions
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)

@@ -23,7 +23,7 @@ from opsdlab.config import load_config
 from opsdlab.evaluation.evaluate import evaluate, read_samples
 from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.modeling.models import load_model, load_policy
-from opsdlab.run.eval_steps import evaluate_sharded
+from opsdlab.evaluation.evaluate import evaluate_sharded
 from opsdlab.run.problems import eval_sets, verifier_of
 from opsdlab.tasks import build_task
 from launch_helpers import free_port, run_with_deadline
@@ -169,8 +169,8 @@ def test_shares_merge_into_a_single_process_evaluation(tiny_folder, task, monkey
     """`evaluate_sharded` with the problems split as accelerate splits them over several processes
     (simulated in one; with fewer problems than processes a share is empty): the merged samples are a
     single process's problems and sample indices in its order, and the summary is over all of them."""
-    from opsdlab.run import eval_steps
-    from opsdlab.evaluation.evaluate import SamplingConfig
+    from opsdlab.config.sections import SamplingConfig
+    from opsdlab.evaluation import evaluate as evaluation
     from opsdlab.tasks.verifier import VerifierConfig
 
     seeds = []
@@ -184,12 +184,12 @@ def test_shares_merge_into_a_single_process_evaluation(tiny_folder, task, monkey
             start = end
         return results
 
-    monkeypatch.setattr(eval_steps, "shard_and_gather", split_like_accelerate)
+    monkeypatch.setattr(evaluation, "shard_and_gather", split_like_accelerate)
     def recording(*args, **kwargs):
         seeds.append(args[4].seed)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(eval_steps, "evaluate", recording)
+    monkeypatch.setattr(evaluation, "evaluate", recording)
     model, tokenizer = load_policy(tiny_folder)
     examples = task.examples("test", problems)
     sampling, verifier = SamplingConfig(k=3, max_new_tokens=6, seed=5), VerifierConfig(**task.default_verifier)

@@ -7,8 +7,10 @@ from types import SimpleNamespace
 from transformers import TrainerState
 
 from opsdlab.modeling.models import build_tiny_model, load_policy
-from opsdlab.stages.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line, stage_label, stage_line
-from opsdlab.stages.sft import SFTStageConfig, run_sft
+from opsdlab.config.stages import SFTStageConfig
+from opsdlab.modeling.console import stage_label, stage_line
+from opsdlab.stages.progress import OPSD_POSTFIX, RLVR_POSTFIX, StageProgress, resume_line
+from opsdlab.stages.sft import run_sft
 
 ARGS = SimpleNamespace(disable_tqdm=False)
 
@@ -82,10 +84,10 @@ def _tiny_sft(task, tokenizer, stage_dir, max_steps: int, save_steps: int = 1000
 
 
 def test_drawn_as_lines_a_bar_writes_whole_lines_led_by_its_label(monkeypatch, capsys):
-    from opsdlab.stages import progress
+    from opsdlab.modeling import console
 
-    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)  # a line at every step
-    with progress.progress_drawn_as("lines"):
+    monkeypatch.setattr(console, "LINE_INTERVAL", 0.0)  # a line at every step
+    with console.progress_drawn_as("lines"):
         bar = StageProgress("opsd all s0", OPSD_POSTFIX)
         _drive(bar, TrainerState(max_steps=2, is_world_process_zero=True),
                [(1, {"loss": 0.5, "opsd/kept_fraction": 0.25, "completions/mean_length": 12.0}), (2, {"loss": 0.25})])
@@ -95,7 +97,7 @@ def test_drawn_as_lines_a_bar_writes_whole_lines_led_by_its_label(monkeypatch, c
     lines = err.splitlines()
     assert all(re.fullmatch(r"\[opsd all s0\] step \d/2, \d\d:\d\d elapsed, .* left(, loss=.*)?", line) for line in lines)
     assert lines[-1].startswith("[opsd all s0] step 2/2, ") and lines[-1].endswith("loss=0.25, kept=0.25, len=12")
-    assert progress._style[0] is progress.PROGRESS_STYLES["bar"]  # after the block, as before it
+    assert console._style[0] is console.PROGRESS_STYLES["bar"]  # after the block, as before it
 
 
 def test_an_sft_run_logs_to_metrics_jsonl_not_to_stdout(tmp_path, task, tokenizer, capsys):
@@ -141,8 +143,9 @@ def test_a_key_truly_missing_from_a_checkpoint_is_still_warned_about(tmp_path, t
 def test_rlvr_and_opsd_bars_show_their_keys(tmp_path, tiny_folder, task, capsys):
     from opsd_helpers import EXACT
 
-    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
-    from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig
+    from opsdlab.stages.opsd import run_opsd
+    from opsdlab.stages.rlvr import run_rlvr
 
     model, tokenizer = load_policy(tiny_folder)
     rlvr = RLVRStageConfig(max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=8, logging_steps=1,

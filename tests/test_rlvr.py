@@ -58,8 +58,9 @@ def test_select_and_concat_pad_prompts_left_and_completions_right():
 
 
 def test_generation_backend_reaches_grpo_config(tmp_path):
-    from opsdlab.stages.opsd import OPSDStageConfig, opsd_args
-    from opsdlab.stages.rlvr import RLVRStageConfig, grpo_args
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig
+    from opsdlab.stages.opsd import opsd_args
+    from opsdlab.stages.rlvr import grpo_args
 
     small = dict(prompts_per_step=4, group_size=2, max_completion_length=8)
     plain = grpo_args(RLVRStageConfig(**small), tmp_path, 0, num_processes=1)
@@ -79,7 +80,7 @@ def test_generation_backend_reaches_grpo_config(tmp_path):
 
 
 def test_generation_backend_is_checked():
-    from opsdlab.stages.rlvr import RLVRStageConfig
+    from opsdlab.config.stages import RLVRStageConfig
 
     with pytest.raises(ValueError, match=r"rlvr: generation_backend must be one of "
                                          r"\('transformers', 'paged', 'vllm'\), got 'sglang'"):

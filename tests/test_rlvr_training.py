@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from opsdlab.modeling.models import load_policy
-from opsdlab.stages.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, informative_groups, rl_dataset, run_rlvr
+from opsdlab.config.stages import RLVRStageConfig
+from opsdlab.stages.rlvr import RLVRTrainer, grpo_args, informative_groups, rl_dataset, run_rlvr
 from opsdlab.tasks.verifier import VerifierConfig
 
 SMALL = dict(max_steps=2, prompts_per_step=4, group_size=2, max_completion_length=8, learning_rate=1e-3,

@@ -9,9 +9,9 @@ import pytest
 from opsdlab.tasks.data import pair_unrelated
 from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks import build_task
-from opsdlab.tasks.search import (CONTEXT_MIX, EXHAUSTED_TEXT, GIVE_UP_TEXT, SearchConfig, SearchProblem,
-                                  SearchTask, behaviour, code_table, final_line, parse_problem, search_trace,
-                                  trace_stats)
+from opsdlab.config.tasks import SearchConfig
+from opsdlab.tasks.search import (CONTEXT_MIX, EXHAUSTED_TEXT, GIVE_UP_TEXT, SearchProblem, SearchTask, behaviour,
+                                  code_table, final_line, parse_problem, search_trace, trace_stats)
 from opsdlab.tasks.verifier import VerifierConfig, is_correct
 
 VERIFIER = VerifierConfig(**SearchTask.default_verifier)

@@ -4,9 +4,11 @@ import json
 
 import torch
 
-from opsdlab.evaluation.evaluate import SamplingConfig, evaluate
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import evaluate
 from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
-from opsdlab.stages.sft import SFTStageConfig, run_sft
+from opsdlab.config.stages import SFTStageConfig
+from opsdlab.stages.sft import run_sft
 from opsdlab.tasks import build_task
 from opsdlab.tasks.verifier import VerifierConfig
 

@@ -6,7 +6,8 @@ import pytest
 from opsdlab.tasks.data import pair_unrelated
 from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks import build_task
-from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask, TraceStyle, terms_of, thinking_trace
+from opsdlab.config.tasks import SyntheticConfig
+from opsdlab.tasks.synthetic import SyntheticTask, TraceStyle, terms_of, thinking_trace
 
 
 def test_examples_are_seeded_and_splits_disjoint():

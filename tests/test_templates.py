@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from opsdlab.tasks import templates
-from opsdlab.evaluation.evaluate import Generation, SamplingConfig, evaluate, generate
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import Generation, evaluate, generate
 from opsdlab.modeling.models import (build_tiny_model, build_tiny_tokenizer, check_output_head, load_policy, output_head,
                             save_policy, thinking_token_count)
 from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt, user_message
@@ -341,7 +342,8 @@ def test_eval_with_thinking_off_on_a_template_that_cannot_is_a_clear_error(tmp_p
 @pytest.mark.parametrize("family", FAMILIES)
 def test_opsd_steps_on_each_family_from_folder_to_folder(family, tmp_path, task):
     """HF folder in, OPSD (the alignment check runs on every batch), HF folder out, per family."""
-    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+    from opsdlab.config.stages import OPSDStageConfig
+    from opsdlab.stages.opsd import run_opsd
 
     tokenizer = family_tokenizer(family)
     architecture = FAMILIES[family][1]

@@ -10,7 +10,7 @@ import yaml
 from opsdlab.run import budget_steps, eval_steps, outputs, train_steps
 from opsdlab.cli import main
 from opsdlab.config import load_config
-from opsdlab.stages.methods import METHODS
+from opsdlab.config.methods import METHODS
 from opsdlab.run.provenance import write_record
 
 SMALL = {"max_steps": 1, "prompts_per_step": 2, "max_completion_length": 8, "train_problems": 8,
@@ -105,7 +105,8 @@ def test_the_opsd_command_says_which_context_reads_the_missing_solutions(tmp_pat
 
 def test_each_method_names_what_its_teacher_reads():
     from opsdlab.run.preflight import solution_readers
-    from opsdlab.tasks.prompts import CONTEXT_READS, TEACHER_CONTEXTS
+    from opsdlab.config.choices import CONTEXT_READS
+    from opsdlab.tasks.prompts import TEACHER_CONTEXTS
 
     assert set(CONTEXT_READS) == set(TEACHER_CONTEXTS)
     arms = [{"name": name, "method": name} for name in METHODS]

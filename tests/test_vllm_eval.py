@@ -10,11 +10,12 @@ from dataclasses import replace
 
 import pytest
 
-from opsdlab.evaluation.evaluate import BACKENDS, SamplingConfig, budget_forced_generate, evaluate, load_for_eval, write_eval
+from opsdlab.config.sections import SamplingConfig, VLLMSettings
+from opsdlab.evaluation.evaluate import BACKENDS, budget_forced_generate, evaluate, load_for_eval, write_eval
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.tasks.templates import shipped_template
 from opsdlab.tasks.verifier import VerifierConfig
-from opsdlab.evaluation.vllm_backend import VLLMSettings, prompt_seeds, shutdown
+from opsdlab.evaluation.vllm_backend import prompt_seeds, shutdown
 
 # On CPU, vLLM's KV budget is gpu_memory_utilization x node RAM minus this process's resident memory,
 # which a test process fills; a fixed 1 GiB does not depend on it.

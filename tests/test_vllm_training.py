@@ -12,8 +12,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from opsdlab.stages.opsd import OPSDStageConfig
-from opsdlab.stages.rlvr import RLVRStageConfig
+from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig
 
 from launch_helpers import free_port
 from opsd_helpers import make_trainer, snapshot

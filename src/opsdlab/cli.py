@@ -4,6 +4,9 @@ Every stage subcommand reads an HF model folder (or a Hub model id) and writes o
 stages can be run one by one on a user's own checkpoints; `pipeline` chains them from a config file
 and `demo` is that pipeline on the tiny offline default. Every folder a command writes is checked
 writable before any model loads, and a Ctrl-C ends with one line saying how to resume.
+
+A command checks its arguments and config with the config layer alone and imports the training
+stack (torch, transformers, TRL, vLLM) only once they are valid: a typo is reported at once.
 """
 
 from __future__ import annotations
@@ -16,8 +19,18 @@ import warnings
 from pathlib import Path
 
 from opsdlab import __version__
+from opsdlab.config.choices import DTYPES as WEIGHT_DTYPES
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # = models.DTYPES, kept here so --help stays light
+# Errors a command reports in one line (with ValueError, which ConfigError, DataError and
+# ModelFolderError are), by module and name: a module not imported yet cannot have raised its own,
+# so matching one never imports the training stack.
+USER_ERRORS = (("opsdlab.modeling.runtime", "LaunchError"), ("opsdlab.run.study", "StudyError"))
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is a mistake in the input that one line explains (`USER_ERRORS`), not a bug."""
+    kinds = [ValueError] + [getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules]
+    return isinstance(error, tuple(kinds))
 
 # What a Ctrl-C leaves, by command: training commands keep their checkpoints and finished outputs.
 RESUME = "rerun the same command to resume from the last checkpoint"
@@ -218,12 +231,13 @@ def _eval_plan(args) -> dict:
 
     from opsdlab.config import ConfigError
     from opsdlab.tasks.data import pair_unrelated
-    from opsdlab.evaluation.evaluate import SamplingConfig, check_backend_installed, check_context
+    from opsdlab.config.sections import SamplingConfig, VLLMSettings
+    from opsdlab.config.tasks import held_out_refusal
+    from opsdlab.evaluation.evaluate import check_backend_installed, check_context
     from opsdlab.modeling.models import model_folder
     from opsdlab.run.problems import is_task_set, set_examples, verifier_of
-    from opsdlab.tasks import FileTask, build_task, held_out_refusal
+    from opsdlab.tasks import FileTask, build_task
     from opsdlab.tasks.verifier import VerifierConfig
-    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     _check_eval_flags(args)
     run_dir, config = _eval_run(args)
@@ -348,21 +362,21 @@ def _check_out(args) -> None:
 
 
 def cmd_sft(args) -> int:
-    import torch
-
-    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
-    from opsdlab.stages.progress import done_line, say_started, stage_label
-    from opsdlab.stages.sft import SFTStageConfig, run_sft
-    from opsdlab.tasks import build_task
+    from opsdlab.config import ConfigError
+    from opsdlab.config.stages import SFTStageConfig
 
     config = _overrides(SFTStageConfig, args.set + args.overrides, stage="sft")
     if config.probe_every:
-        from opsdlab.config import ConfigError
-
         raise ConfigError("sft.probe_every: the SFT teacher probe runs in `opsdlab pipeline` (it grades held-out "
                           "problems from the OPSD teacher's prompt); set sft.probe_every in a pipeline config")
     _check_out(args)
+    import torch
+
+    from opsdlab.modeling.console import done_line, say_started, stage_label
+    from opsdlab.modeling.models import build_tiny_model, build_tiny_tokenizer, load_policy
     from opsdlab.run.preflight import SFT_READER
+    from opsdlab.stages.sft import run_sft
+    from opsdlab.tasks import build_task
 
     _check_stage_inputs(args, config, [SFT_READER])
     label, start = stage_label("sft"), time.time()
@@ -409,12 +423,14 @@ def _train_examples(args, count: int):
 
 
 def cmd_rlvr(args) -> int:
-    from opsdlab.modeling.models import load_policy
-    from opsdlab.stages.progress import done_line, say_started, stage_label
-    from opsdlab.stages.rlvr import RLVRStageConfig, run_rlvr
+    from opsdlab.config.stages import RLVRStageConfig
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
     _check_out(args)
+    from opsdlab.modeling.console import done_line, say_started, stage_label
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.rlvr import run_rlvr
+
     _check_stage_inputs(args, config, [])  # GRPO reads the answers alone
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
@@ -428,16 +444,19 @@ def cmd_rlvr(args) -> int:
 
 
 def cmd_opsd(args) -> int:
-    from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, one_line
-    from opsdlab.stages.methods import solution_keys
-    from opsdlab.modeling.models import load_policy
-    from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
-    from opsdlab.stages.progress import done_line, say_started, stage_label
-    from opsdlab.tasks.prompts import CONTROL_CONTEXTS
+    from opsdlab.config.methods import solution_keys
+    from opsdlab.config.sections import SamplingConfig
+    from opsdlab.config.stages import OPSDStageConfig
 
     config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
                         stage="opsd")
     _check_out(args)
+    from opsdlab.evaluation.evaluate import evaluate, one_line
+    from opsdlab.modeling.console import done_line, say_started, stage_label
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.opsd import run_opsd
+    from opsdlab.tasks.prompts import CONTROL_CONTEXTS
+
     _check_stage_inputs(args, config, [f"opsd.{key}" for key in solution_keys(config)])
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
@@ -523,6 +542,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_study(args) -> int:
+    from opsdlab.report import write_report
     from opsdlab.run.preflight import check_writable
     from opsdlab.run.study import run_study
 
@@ -530,7 +550,7 @@ def cmd_study(args) -> int:
     start = time.time()
     presets = [p for p in args.presets.split(",") if p]
     done = run_study(args.run_dir, presets, args.seeds, args.overrides, jobs=args.jobs, redo=args.redo,
-                     arms=args.arms)
+                     arms=args.arms, write_report=write_report)
     for preset, result in done.items():
         print(f"{preset}: {result['report']}")
     if args.ladder:
@@ -742,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("OPSDLAB_DEBUG"):
             raise
-        from opsdlab.stages.progress import close_bars
+        from opsdlab.modeling.console import close_bars
 
         close_bars()
         print(f"opsdlab {args.command}: interrupted; {INTERRUPTED.get(args.command, RESUME)}", file=sys.stderr)
@@ -754,16 +774,10 @@ def _run_command(args) -> int:
     # TRL warns on import that the CPU build of vLLM is newer than the versions it lists; the
     # vLLM paths are tested with that build, so the five copies of the warning only add noise.
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
-    from opsdlab.config import ConfigError
-    from opsdlab.tasks.data import DataError
-    from opsdlab.modeling.models import ModelFolderError
-    from opsdlab.modeling.runtime import LaunchError
-    from opsdlab.run.study import StudyError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelFolderError, LaunchError, StudyError, ValueError) as error:
-        if os.environ.get("OPSDLAB_DEBUG"):
+    except Exception as error:
+        if not is_user_error(error) or os.environ.get("OPSDLAB_DEBUG"):
             raise
         message = str(error)
         if message.startswith(f"{args.command}: "):  # a stage's own label: already said by the prefix

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opsd_helpers import ScriptedReward, make_trainer  # noqa: E402
 from opsdlab.modeling.models import load_policy  # noqa: E402
-from opsdlab.stages.rlvr import RLVRStageConfig, RLVRTrainer, grpo_args, rl_dataset  # noqa: E402
+from opsdlab.config.stages import RLVRStageConfig  # noqa: E402
+from opsdlab.stages.rlvr import RLVRTrainer, grpo_args, rl_dataset  # noqa: E402
 from opsdlab.tasks import build_task  # noqa: E402
 
 RANK = int(os.environ.get("RANK", 0))
@@ -62,7 +63,8 @@ def main(mode: str, folder: str, out: str) -> None:
         trainer._generate_and_score_completions = recording
     elif mode == "opsd-checks":
         # Held-out checks split over the ranks, a stop/selection decision every rank must share.
-        from opsdlab.stages.opsd import OPSDStageConfig, run_opsd
+        from opsdlab.config.stages import OPSDStageConfig
+        from opsdlab.stages.opsd import run_opsd
         from opsdlab.tasks.verifier import VerifierConfig
 
         config = OPSDStageConfig(max_steps=3, prompts_per_step=4, rollouts_per_prompt=2, max_completion_length=8,

@@ -10,7 +10,8 @@ opens the think block itself gives the same count as one that leaves it to the m
 
 Responses come from a named backend (`BACKENDS`): `transformers` (`model.generate`, in left-padded
 batches) or `vllm` (`vllm_backend`, vLLM's engine). Both receive the same prompt token ids and return
-the same `Generation` records, so grading, lengths and the written files do not depend on the backend.
+the same `Generation` records (`backend`), so grading, lengths and the written files do not depend on
+the backend. `evaluate_sharded` splits the problems over the processes of a launch.
 
 With a token `budget`, responses are budget-forced (s1-style), the compaction baseline that trains
 nothing: each response is cut at `budget` tokens (not counting its closing EOS, as its reported length
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,46 +35,14 @@ from opsdlab.evaluation.metrics.efficiency import find_answer
 from opsdlab.evaluation.metrics.samples import Sample
 from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.modeling.models import end_token_ids, stop_token_ids, thinking_token_count
-from opsdlab.stages.progress import progress_bar
-from opsdlab.tasks.prompts import CONTEXT_READS, TEACHER_CONTEXTS, render_prompt
+from opsdlab.modeling.console import progress_bar
+from opsdlab.modeling.runtime import shard_and_gather
+from opsdlab.config.choices import CONTEXT_READS
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.backend import Backend, Generation
+from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
 from opsdlab.tasks.templates import closed_thinking, think_close_text, unclosed_thinking
 from opsdlab.tasks.verifier import VerifierConfig, describe, extract_answer, is_correct, normalize
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How responses are sampled. temperature 0 means greedy (then k must be 1)."""
-
-    k: int = 4
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 192
-    batch_size: int = 128
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"sampling: k must be >= 1, got {self.k}")
-        if self.temperature < 0:
-            raise ValueError(f"sampling: temperature must be >= 0, got {self.temperature}")
-        if self.temperature == 0 and self.k != 1:
-            raise ValueError("sampling: greedy decoding (temperature 0) gives identical samples; use k=1")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("sampling: max_new_tokens and batch_size must be >= 1")
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One response: its ids (with the closing EOS, if it ended), their text, and whether it hit the
-    length cap. `forced` is, for a budget-forced response, the [start, end) slice of `token_ids` that
-    holds the forced text (think-close and answer cue); None otherwise."""
-
-    token_ids: list[int]
-    text: str
-    truncated: bool
-    forced: tuple[int, int] | None = None
 
 
 @torch.no_grad()
@@ -158,22 +127,6 @@ def _extend_vllm(*args, **kwargs):
     return vllm_backend.generate_ids(*args, **kwargs)
 
 
-@dataclass(frozen=True)
-class Backend:
-    """How an evaluation gets its responses.
-
-    load(model_dir, dtype, trust_remote_code, settings, seed) -> (engine, tokenizer);
-    generate(engine, tokenizer, prompts, sampling, desc) -> k Generations per prompt, prompt-major;
-    extend(engine, tokenizer, token_ids, sampling, rows, desc) -> one Generation per row of prompt ids
-    (`sampling.k` is ignored), where `rows` numbers each row among the evaluation's samples (vLLM seeds
-    each row by it). Budget forcing continues cut responses with `extend`.
-    """
-
-    load: Callable
-    generate: Callable
-    extend: Callable
-
-
 BACKENDS = {
     "transformers": Backend(_load_transformers, _generate_transformers, _extend_transformers),
     "vllm": Backend(_load_vllm, _generate_vllm, _extend_vllm),
@@ -225,10 +178,10 @@ def load_for_eval(model_dir, backend: str = "transformers", dtype: str = "float3
                   settings=None, seed: int = 0):
     """The engine (a transformers model on the device, or a vllm.LLM) and tokenizer of one folder.
 
-    `settings` is a `vllm_backend.VLLMSettings` (ignored by the transformers backend).
+    `settings` is a `config.sections.VLLMSettings` (ignored by the transformers backend).
     """
     if settings is None and backend == "vllm":
-        from opsdlab.evaluation.vllm_backend import VLLMSettings
+        from opsdlab.config.sections import VLLMSettings
 
         settings = VLLMSettings()
     return BACKENDS[check_backend(backend)].load(model_dir, dtype, trust_remote_code, settings, seed)
@@ -431,6 +384,31 @@ def evaluate(
         summary.update(budget=budget, answer_tokens=answer_tokens,
                        forced_samples=sum(generation.forced is not None for generation in generations))
     return samples, summary
+
+
+def evaluate_sharded(model, tokenizer, examples: list[Example], verifier, sampling: SamplingConfig, **kwargs
+                     ) -> tuple[list[Sample], dict]:
+    """`evaluate` with the problems split over the processes of the launch; the merged result on every process.
+
+    Each process evaluates a contiguous share of the problems (all k samples of a problem stay in
+    one share), so the merged samples hold the same problems and sample indices in the same order
+    as a single process writes, and the summary's metrics are computed over all of them; its other
+    fields (verifier, sampling, prompt role) are the first share's. Share i samples with seed
+    `sampling.seed + i`, so shares do not reuse one random stream. With more than one process the
+    sampled *texts* differ from a single-process run: the generator's random draws depend on which
+    rows are batched together, and a share batches other rows. On one process this is `evaluate`.
+    """
+    def work(share: list[Example], index: int):
+        return evaluate(model, tokenizer, share, verifier, replace(sampling, seed=sampling.seed + index), **kwargs)
+
+    shards = [shard for shard in shard_and_gather(examples, work) if shard is not None]
+    if len(shards) == 1:
+        return shards[0]
+    samples = [sample for shard_samples, _ in shards for sample in shard_samples]
+    merged = {**shards[0][1], **summarize(samples, k=sampling.k, budgets=kwargs.get("budgets"))}
+    if "forced_samples" in merged:  # budget forcing: every share's count
+        merged["forced_samples"] = sum(summary["forced_samples"] for _, summary in shards)
+    return samples, merged
 
 
 def write_eval(out_dir: str | Path, samples: list[Sample], summary: dict) -> None:

@@ -18,11 +18,12 @@ import dataclasses
 import multiprocessing
 import os
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from opsdlab.config.sections import VLLMSettings
+from opsdlab.evaluation.backend import Generation
 from opsdlab.modeling.models import end_token_ids
 
 
@@ -108,38 +109,6 @@ def _keeping_default_process_group(keep: bool):
         yield
     finally:
         torch.distributed.destroy_process_group = destroy
-
-
-@dataclass(frozen=True)
-class VLLMSettings:
-    """How the vLLM engine of an evaluation is built (`eval.vllm` in the pipeline config).
-
-    tensor_parallel_size shards one model over that many GPUs; data_parallel_size runs that many
-    engine replicas (`Replicas`), each in its own process on its own GPUs and share of the prompts.
-    gpu_memory_utilization is the fraction of device memory vLLM takes for weights and KV cache; on
-    CPU it is a fraction of the NUMA node's RAM, of which this process's resident memory is
-    subtracted (`VLLM_CPU_KVCACHE_SPACE=<GiB>` sets the KV cache directly), so keep it small there. enforce_eager None means eager on CPU (no compilation) and CUDA graphs on GPU.
-    max_model_len None takes the model's context length. in_process runs vLLM's engine and model
-    in this process instead of spawning an engine process and a worker: it starts faster (the
-    spawned processes each import vLLM and torch again), which is what a CPU or a test wants; the
-    default keeps vLLM's own layout, which overlaps scheduling with the GPU's work.
-    """
-
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    enforce_eager: bool | None = None
-    max_model_len: int | None = None
-    in_process: bool = False
-
-    def __post_init__(self):
-        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
-            raise ValueError("vllm: tensor_parallel_size and data_parallel_size must be >= 1, got "
-                             f"{self.tensor_parallel_size} and {self.data_parallel_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm: gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"vllm: max_model_len must be >= 1, got {self.max_model_len}")
 
 
 def load(model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
@@ -291,8 +260,6 @@ def _sample(llm, token_ids: list[list[int]], sampling, seeds: list[int], stop: l
 
 def generate(engine, tokenizer, prompts: list[str], sampling, desc: str = "generate") -> list:
     """k responses per prompt (prompt-major, as `evaluate.evaluate` expects) from vLLM."""
-    from opsdlab.evaluation.evaluate import Generation
-
     token_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     # model.generate stops at the EOS and `evaluate.generate` cuts at the first EOS or pad token.
     stop = sorted(end_token_ids(tokenizer))
@@ -309,8 +276,6 @@ def generate_ids(engine, tokenizer, token_ids: list[list[int]], sampling, rows: 
     continues cut responses. Row i draws from the seed of sample `rows[i]` among `max(rows) + 1`
     (`prompt_seeds` of `sampling.seed`), so a row's response does not depend on which other rows
     are continued with it."""
-    from opsdlab.evaluation.evaluate import Generation
-
     one = dataclasses.replace(sampling, k=1)
     stop = sorted(end_token_ids(tokenizer))
     every = prompt_seeds(sampling.seed, max(rows) + 1) if rows else []

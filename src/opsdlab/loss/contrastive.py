@@ -53,20 +53,18 @@ or a :class:`~opsdlab.loss.targets.SupportTarget` (:func:`support_head`; its sta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from opsdlab.config.choices import ANCHORS
 from opsdlab.loss.targets import SupportTarget, with_tail
 
 __all__ = ["ANCHORS", "VARIANTS", "Variant", "contrast_logits", "contrastive_head", "pack", "support_head",
            "support_target", "token_weights", "unpack"]
-
-ANCHORS = ("student", "reference")
-
 
 def _upcast(x: Tensor) -> Tensor:
     """At least float32 before any softmax (bf16/fp16 -> fp32; fp64 kept), as the divergences do."""
@@ -268,32 +266,6 @@ def support_head(
 # --------------------------------------------------------------------------- variants
 
 
-def _check_unrelated_solution(arm) -> None:
-    if arm.contrast_context == arm.teacher_context:
-        raise ValueError(f"contrast_context must differ from teacher_context ({arm.teacher_context!r}), "
-                         "or the contrast is zero")
-
-
-# The teacher contexts that show a solution in the reference-solution block: the incorrect sibling is
-# shown in that same block, so that both teachers read an identical template.
-SOLUTION_CONTEXTS = ("sibling", "solution")
-
-
-def _check_rlcsd_plugin(arm) -> None:
-    if arm.rollouts_per_prompt < 2:
-        raise ValueError("contrast_variant rlcsd_plugin contrasts sibling rollouts of a problem; it needs "
-                         "rollouts_per_prompt >= 2")
-    if arm.teacher_context not in SOLUTION_CONTEXTS:
-        raise ValueError(f"contrast_variant rlcsd_plugin shows the incorrect sibling in the reference-solution "
-                         f"block; teacher_context must be one of {list(SOLUTION_CONTEXTS)}, got {arm.teacher_context!r}")
-    if arm.top_k is not None:
-        raise ValueError("contrast_variant rlcsd_plugin brings its own support (contrast_top_k tokens plus a tail); "
-                         "top_k must be null")
-    if arm.divergence == "sampled_reverse_kl":
-        raise ValueError("contrast_variant rlcsd_plugin compares distributions on a support; divergence "
-                         "sampled_reverse_kl has none")
-
-
 @dataclass(frozen=True)
 class Variant:
     """One way to build the contrastive teacher signal (`contrast_variant`).
@@ -301,15 +273,12 @@ class Variant:
     `negative` names what the subtracted teacher reads (the trainer's `opsd.CONTRAST_NEGATIVES`):
     "contrast_context" (a teacher context rendered for every row) or "incorrect_sibling". `head`
     builds the teacher head from the tempered student and teacher heads, the packed width and the
-    arm's settings. `defaults` are arm settings it sets (the arm's own keys override them); `check`
-    raises a ValueError for arm settings it cannot run with.
+    arm's settings. What a variant sets and needs of an arm's settings is `config.methods.CONTRAST_VARIANTS`.
     """
 
     summary: str
     negative: str
     head: Callable
-    check: Callable
-    defaults: dict = field(default_factory=dict)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -320,7 +289,6 @@ VARIANTS: dict[str, Variant] = {
         head=lambda student_head, teacher_head, width, arm: contrastive_head(
             student_head, teacher_head, width, arm.contrast_weight, anchor=arm.contrast_anchor,
             negative_floor=arm.contrast_floor),
-        check=_check_unrelated_solution,
     ),
     "rlcsd_plugin": Variant(
         "the RLCSD authors' OPSD plug-in (opsd_ectr): a correct sibling against an incorrect sibling, "
@@ -329,9 +297,5 @@ VARIANTS: dict[str, Variant] = {
         head=lambda student_head, teacher_head, width, arm: support_head(
             student_head, teacher_head, width, arm.contrast_weight, anchor=arm.contrast_anchor,
             negative_floor=arm.contrast_floor, top_k=arm.contrast_top_k, token_tau=arm.contrast_token_tau),
-        check=_check_rlcsd_plugin,
-        # The released opsd_ectr configuration: a verified sibling as the correct hint (self_rollout),
-        # every rollout distilled, forward KL (its generalized JSD at beta 0) clipped at 0.05 per entry.
-        defaults={"teacher_context": "sibling", "gate": "all", "divergence": "forward_kl", "clip_tau": 0.05},
     ),
 }

@@ -39,6 +39,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from opsdlab.config.choices import DTYPES
 from opsdlab.tasks.templates import THINK_CLOSE, THINK_OPEN, count_thinking_tokens
 
 PAD_TOKEN = "<|endoftext|>"
@@ -288,9 +289,6 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> PreTr
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-DTYPES = ("float32", "bfloat16", "float16")  # the weights' dtype when a model is loaded
 
 
 def load_model(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:

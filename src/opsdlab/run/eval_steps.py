@@ -1,7 +1,6 @@
 """The steps that evaluate: a checkpoint on every evaluation set (sampled, greedy, and the teacher
-prompt if asked), each evaluation cached by its `summary.json`; the teacher check of the OPSD start
-checkpoint; and `evaluate_sharded`, which splits one evaluation's problems over the processes of a
-multi-process launch.
+prompt if asked), each evaluation cached by its `summary.json`, its problems split over the processes
+of a launch (`evaluate.evaluate_sharded`); and the teacher check of the OPSD start checkpoint.
 """
 
 from __future__ import annotations
@@ -12,17 +11,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from opsdlab.config import PipelineConfig
-from opsdlab.evaluation.evaluate import SamplingConfig, evaluate, load_for_eval, one_line, write_eval
-from opsdlab.evaluation.metrics.samples import Sample
-from opsdlab.evaluation.metrics.summary import summarize
-from opsdlab.modeling.runtime import is_main_process, main_decides, shard_and_gather, wait_for_everyone
+from opsdlab.config.choices import CONTEXT_READS
+from opsdlab.evaluation.evaluate import evaluate_sharded, load_for_eval, one_line, write_eval
+from opsdlab.modeling.runtime import is_main_process, main_decides, wait_for_everyone
 from opsdlab.run.outputs import run_outputs
 from opsdlab.run.plan import Run, Step, eval_folder, eval_runs
 from opsdlab.run.problems import verifier_of
 from opsdlab.run.provenance import write_record
 from opsdlab.run.rundir import log
-from opsdlab.tasks.data import Example
-from opsdlab.tasks.prompts import CONTEXT_READS, CONTROL_CONTEXTS
+from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 
 
 def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: PipelineConfig, task, sets: dict,
@@ -79,31 +76,6 @@ def evaluate_checkpoint(run_dir: Path, name: str, model_dir: Path, config: Pipel
 def shared_budgets(config: PipelineConfig) -> dict:
     """`evaluate`'s budgets argument when the config sets eval.budgets (else each set's own ladder)."""
     return {"budgets": list(config.eval.budgets)} if config.eval.budgets else {}
-
-
-def evaluate_sharded(model, tokenizer, examples: list[Example], verifier, sampling: SamplingConfig, **kwargs
-                     ) -> tuple[list[Sample], dict]:
-    """`evaluate` with the problems split over the processes of the launch; the merged result on every process.
-
-    Each process evaluates a contiguous share of the problems (all k samples of a problem stay in
-    one share), so the merged samples hold the same problems and sample indices in the same order
-    as a single process writes, and the summary's metrics are computed over all of them; its other
-    fields (verifier, sampling, prompt role) are the first share's. Share i samples with seed
-    `sampling.seed + i`, so shares do not reuse one random stream. With more than one process the
-    sampled *texts* differ from a single-process run: the generator's random draws depend on which
-    rows are batched together, and a share batches other rows. On one process this is `evaluate`.
-    """
-    def work(share: list[Example], index: int):
-        return evaluate(model, tokenizer, share, verifier, replace(sampling, seed=sampling.seed + index), **kwargs)
-
-    shards = [shard for shard in shard_and_gather(examples, work) if shard is not None]
-    if len(shards) == 1:
-        return shards[0]
-    samples = [sample for shard_samples, _ in shards for sample in shard_samples]
-    merged = {**shards[0][1], **summarize(samples, k=sampling.k, budgets=kwargs.get("budgets"))}
-    if "forced_samples" in merged:  # budget forcing: every share's count
-        merged["forced_samples"] = sum(summary["forced_samples"] for _, summary in shards)
-    return samples, merged
 
 
 def _evaluate(run: Run, step: Step) -> None:

@@ -6,18 +6,16 @@ directory (`rundir.check_run_dir`).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from opsdlab.config import PipelineConfig
-from opsdlab.evaluation.evaluate import SamplingConfig
+from opsdlab.config.sections import SamplingConfig, VLLMSettings
+from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig, SFTStageConfig
+from opsdlab.config.tasks import OPTIONS
 from opsdlab.run.plan import (Step, arm_settings, base_dir, budget_lengths_folder, eval_folder, eval_runs,
                               lengths_problems, pipeline_steps)
 from opsdlab.run.problems import is_task_set, set_label
 from opsdlab.run.provenance import Output, flatten, make_record, path_fingerprint
-from opsdlab.stages.opsd import OPSDStageConfig
-from opsdlab.stages.rlvr import RLVRStageConfig
-from opsdlab.stages.sft import SFTStageConfig
 from opsdlab.tasks import build_task
 
 # How a generated task's held-out problems are drawn, in the record of every output that reads them (an
@@ -55,16 +53,13 @@ def sets_inputs(config: PipelineConfig, settings: dict) -> dict:
 def setting_defaults(config: PipelineConfig) -> dict:
     """Each setting's default (its dataclass's), by dotted key: a record notes which settings hold
     theirs, so that an option added later is no difference while it holds its default."""
-    from opsdlab.tasks import OPTIONS
-    from opsdlab.evaluation.vllm_backend import VLLMSettings
 
     defaults = {}
     for prefix, section in (("sft", SFTStageConfig()), ("rlvr", RLVRStageConfig()), ("opsd", OPSDStageConfig()),
                             ("eval.sampling", SamplingConfig()), ("eval.vllm", VLLMSettings())):
         defaults.update(flatten(prefix, section))
-    spec = OPTIONS.get(config.task.name)
-    if dataclasses.is_dataclass(spec):
-        defaults.update(flatten("task.options", spec()))
+    if config.task.name != "file":  # the file task's options count as given (as in the records written so far)
+        defaults.update(flatten("task.options", OPTIONS[config.task.name]()))
     return defaults
 
 

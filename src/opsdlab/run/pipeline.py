@@ -9,7 +9,7 @@ A run directory holds everything a report needs and is how a run resumes:
     sft/probe.jsonl             with sft.probe_every: student and teacher accuracy per probed step
     opsd/<arm>-s<seed>/         model/, checkpoints/, metrics.jsonl, token_stats.jsonl, updates.json
                                 (its steps, and those skipped: `runtime.skipped_note`) (each arm's
-                                compaction method: `methods.METHODS`; a `budget` arm trains nothing)
+                                compaction method: `config.methods.METHODS`; a `budget` arm trains nothing)
     eval/<checkpoint>/<set>/    summary.json, samples.jsonl (also <set>-greedy, <set>-teacher-<context>)
     budget/<arm>/               a budget arm with quantile budgets: the starting checkpoint's sampled
                                 responses to training problems, whose lengths set its budgets
@@ -19,7 +19,7 @@ both, and a stage killed midway resumes from its last checkpoint; nothing finish
 
 Under a multi-process launch (`accelerate launch`, torchrun) every process runs this function:
 every process trains each stage (the Trainer splits the batch), and each evaluates a share of the
-problems (`eval_steps.evaluate_sharded`). The main process alone builds the base model and writes the run
+problems (`evaluate.evaluate_sharded`). The main process alone builds the base model and writes the run
 directory's files; whether a stage or evaluation is finished is decided on the main process and
 shared (`runtime.main_decides`), so every process skips the same work. A process group is started
 only under such a launch; a plain `python` run stays a single process.
@@ -53,7 +53,7 @@ from opsdlab.run.rundir import check_seed_dirs, log, prepare_run_dir, seed_confi
 from opsdlab.run.steps import STEP_KINDS, open_run
 from opsdlab.run.train_steps import prepare_base
 from opsdlab.run.workers import run_in_workers
-from opsdlab.stages.progress import progress_drawn_as
+from opsdlab.modeling.console import progress_drawn_as
 
 
 def run_pipeline(config: PipelineConfig, redo=()) -> Path:

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opsdlab.config import PipelineConfig
-from opsdlab.evaluation.evaluate import SamplingConfig
+from opsdlab.config.sections import SamplingConfig
 from opsdlab.modeling.models import model_folder
-from opsdlab.stages.methods import METHODS
-from opsdlab.stages.opsd import OPSDStageConfig
+from opsdlab.config.methods import METHODS
+from opsdlab.config.stages import OPSDStageConfig
+from opsdlab.stages.methods import TRAINING
 from opsdlab.stages.rlvr import LENGTH_TARGET_PROBLEMS
 from opsdlab.tasks.verifier import VerifierConfig
 
@@ -110,7 +111,7 @@ def pipeline_steps(config: PipelineConfig, base: Path) -> list[Step]:
                           context=context if config.eval.teacher_check else None))
         previous = (name,)
     for arm in config.arms:
-        if METHODS[arms[arm.name].method].train is None:  # budget forcing: evaluations of the start only
+        if TRAINING[arms[arm.name].method] is None:  # budget forcing: evaluations of the start only
             points, reads = budget_points(arms[arm.name]), made_by
             if any(kind == "quantile" for _, (kind, _) in points):  # measured on training problems first
                 steps.append(Step(f"lengths {arm.name}", "lengths", start, str(start_dir), after=made_by,

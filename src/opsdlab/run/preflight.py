@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 from opsdlab.config import ConfigError, PipelineConfig
+from opsdlab.config.choices import CONTEXT_READS
+from opsdlab.config.methods import solution_keys
 from opsdlab.tasks.data import LOCAL_FORMATS, ColumnMap, DataError, load_examples, parse_column_map
-from opsdlab.stages.methods import solution_keys
-from opsdlab.tasks.prompts import CONTEXT_READS
 
 # What each `report_to` value needs installed (`pip install -e ".[wandb]"` installs wandb).
 TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow",
@@ -128,7 +128,7 @@ SFT_READER = "sft (its targets are the solutions)"
 
 def solution_readers(config: PipelineConfig) -> list[str]:
     """What in `config`'s run reads each training problem's reference solution: SFT (its targets are
-    the solutions) and every OPSD arm whose teacher prompt shows one (`methods.solution_keys`). RLVR
+    the solutions) and every OPSD arm whose teacher prompt shows one (`config.methods.solution_keys`). RLVR
     reads only the answer."""
     readers = [SFT_READER] if "sft" in config.stages else []
     if "opsd" in config.stages:

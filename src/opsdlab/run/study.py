@@ -6,7 +6,7 @@ gates and the `none` control over the trace-length ladder's rungs (`ladder.py`).
 
 `run_study` runs, for each preset (a shipped config name or a YAML file), the whole pipeline over
 `STUDY_SEEDS` (`pipeline.run_seeds`) with the `STUDY_ARMS`, into `<run_dir>/<preset>/`, and writes
-that task's report over seeds. Every part resumes: rerunning the same command skips what finished.
+that task's report over seeds (with the report writer it is given: `report.write_report`). Every part resumes: rerunning the same command skips what finished.
 With `jobs` > 1 each (preset, seed) part runs as its own single-seed `opsdlab pipeline` process in
 its `seed-<n>/` directory, that many at a time, each with its share of the CPU threads
 (`run_parts`); the reports over all seeds are then written here, once every part has finished.
@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from opsdlab.config import ConfigError, load_config
 from opsdlab.run.pipeline import run_seeds
 from opsdlab.run.preflight import check_inputs
 from opsdlab.run.rundir import check_seed_dirs, seed_config, write_config
-from opsdlab.report import write_report
 
 STUDY_PRESETS = ("tiny", "tiny-search")
 STUDY_SEEDS = (0, 1, 2)
@@ -129,10 +129,12 @@ def _threads_per_job(jobs: int) -> str:
 
 
 def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
-              overrides: list[str] | None = None, jobs: int = 1, redo=(), arms: str = "gates") -> dict[str, dict]:
-    """Run (or resume) every preset of the study and write its report; per preset, the report path
-    and the wall time of this call in seconds (with `jobs` > 1: the time to resume it and write its
-    report after every part ran; the parts' wall time is printed)."""
+              overrides: list[str] | None = None, jobs: int = 1, redo=(), arms: str = "gates", *,
+              write_report: Callable[[Path], Path]) -> dict[str, dict]:
+    """Run (or resume) every preset of the study and write its report (`write_report(run_dir)` -> the
+    report's path; the report layer's, which the caller passes); per preset, the report path and the
+    wall time of this call in seconds (with `jobs` > 1: the time to resume it and write its report
+    after every part ran; the parts' wall time is printed)."""
     names = [Path(preset).stem for preset in presets]
     if not presets or len(set(names)) != len(names):
         raise ConfigError(f"presets: expected distinct preset names (each gets <run_dir>/<name>), got {list(presets)}")

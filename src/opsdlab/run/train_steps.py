@@ -17,8 +17,8 @@ from opsdlab.run.plan import Run, Step, arm_settings, base_dir
 from opsdlab.run.problems import check_problems
 from opsdlab.run.provenance import write_record
 from opsdlab.run.rundir import finish_stage, stage_done
-from opsdlab.stages.methods import METHODS
-from opsdlab.stages.progress import done_line, say_started, stage_label, stage_line
+from opsdlab.stages.methods import TRAINING
+from opsdlab.modeling.console import done_line, say_started, stage_label, stage_line
 from opsdlab.stages.rlvr import run_rlvr
 from opsdlab.stages.sft import TeacherProbe, run_sft
 
@@ -105,7 +105,7 @@ def _train_rlvr(run: Run, step: Step) -> None:
 
 
 def _train_arm(run: Run, step: Step) -> None:
-    """Train one arm with its compaction method (`methods.METHODS`) from the starting checkpoint."""
+    """Train one arm with its compaction method (`stages.methods.TRAINING`) from the starting checkpoint."""
     config = run.config
     stage_dir = run.run_dir / "opsd" / f"{step.arm}-s{step.opsd_seed}"
     arm_config = arm_settings(config, step.arm)
@@ -114,7 +114,7 @@ def _train_arm(run: Run, step: Step) -> None:
     def train():
         examples = run.task.examples("train", arm_config.train_problems)
         model, tokenizer = load_policy(step.model_dir, config.model.dtype, config.model.trust_remote_code)
-        METHODS[arm_config.method].train(model, tokenizer, examples, run.verifier, arm_config, stage_dir,
+        TRAINING[arm_config.method](model, tokenizer, examples, run.verifier, arm_config, stage_dir,
                                          thinking=config.task.thinking, seed=step.opsd_seed,
                                          check_examples=check_problems(config, arm_config), rlvr=config.rlvr,
                                          label=label)

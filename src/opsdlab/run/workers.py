@@ -16,7 +16,7 @@ import torch
 from opsdlab.config import PipelineConfig
 from opsdlab.run.plan import Step
 from opsdlab.run.steps import STEP_KINDS, open_run
-from opsdlab.stages.progress import close_bars, progress_drawn_as
+from opsdlab.modeling.console import close_bars, progress_drawn_as
 
 
 class StepError(RuntimeError):

@@ -28,7 +28,7 @@ never holds two lines for one step. A stage that a rule stopped is not trained f
 it goes straight to the selection.
 
 Under several processes (DDP, DeepSpeed ZeRO-1/2) every process checks its share of the problems
-with its own whole copy of the weights, as the pipeline's evaluations do (`pipeline.evaluate_sharded`),
+with its own whole copy of the weights, as the pipeline's evaluations do (`evaluate.evaluate_sharded`),
 and every process receives the merged result, so all take the same stop and selection decisions
 without another exchange. Weights sharded over processes (FSDP, ZeRO-3) are refused.
 """
@@ -47,8 +47,10 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
+from opsdlab.config.stages import CheckSettings
 from opsdlab.tasks.data import Example
-from opsdlab.evaluation.evaluate import SamplingConfig
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import evaluate_sharded
 from opsdlab.evaluation.metrics.comparison import accuracy_efficiency_score
 from opsdlab.modeling.runtime import checkpoint_step, is_main_process, main_decides, read_jsonl
 from opsdlab.tasks.verifier import VerifierConfig
@@ -62,50 +64,6 @@ START = "start"  # checkpoints/start: the weights before the first step
 # PLATEAU_FRACTION, than the shortest check before them.
 PLATEAU_CHECKS = 3
 PLATEAU_FRACTION = 0.01
-
-
-@dataclass(frozen=True)
-class CheckSettings:
-    """Held-out checks, stopping and checkpoint selection: fields shared by the RLVR and OPSD stage configs."""
-
-    check_every: int = 0  # grade held-out problems before the first step and every N steps (0: no checks)
-    check_problems: int = 32  # held-out problems per check (the first ones of those the stage is given)
-    check_k: int = 2  # samples per problem at a check (avg@k)
-    check_temperature: float = 0.6  # sampling temperature of a check (0: greedy, then check_k must be 1)
-    check_max_new_tokens: int | None = None  # response cap of a check; null: the stage's max_completion_length
-    stop: str = "none"  # when a check ends training: none, accuracy_drop or length_plateau (checks.STOP_RULES)
-    stop_tolerance: float = 0.05  # accuracy_drop: the absolute avg@k drop below the start that stops training
-    select: str = "last"  # which check's weights the stage saves: last, shortest_within_tolerance or best_aes
-    select_tolerance: float = 0.02  # shortest_within_tolerance: absolute avg@k a pick may lose against the start
-    keep_checkpoints: int = 3  # checked checkpoints kept besides the newest and the selected one
-
-
-def check_settings(stage: str, config: CheckSettings) -> None:
-    """Validate the `CheckSettings` fields of a stage config; errors name the stage's key."""
-    if config.check_every < 0:
-        raise ValueError(f"{stage}: check_every must be >= 0 (0: no checks), got {config.check_every}")
-    if config.check_problems < 1 or config.check_k < 1:
-        raise ValueError(f"{stage}: check_problems and check_k must be >= 1, got {config.check_problems} and "
-                         f"{config.check_k}")
-    if config.check_temperature < 0:
-        raise ValueError(f"{stage}: check_temperature must be >= 0, got {config.check_temperature}")
-    if config.check_temperature == 0 and config.check_k != 1:
-        raise ValueError(f"{stage}: check_temperature 0 is greedy, whose samples are identical; set check_k=1")
-    if config.check_max_new_tokens is not None and config.check_max_new_tokens < 1:
-        raise ValueError(f"{stage}: check_max_new_tokens must be >= 1 or null, got {config.check_max_new_tokens}")
-    for name, value, valid in (("stop", config.stop, STOP_RULES), ("select", config.select, SELECT_RULES)):
-        if value not in valid:
-            raise ValueError(f"{stage}: {name} must be one of {sorted(valid)}, got {value!r}")
-    for name in ("stop_tolerance", "select_tolerance"):
-        if not 0 <= getattr(config, name) <= 1:
-            raise ValueError(f"{stage}: {name} is an absolute accuracy, in [0, 1]; got {getattr(config, name)}")
-    if config.keep_checkpoints < 0:
-        raise ValueError(f"{stage}: keep_checkpoints must be >= 0, got {config.keep_checkpoints}")
-    if config.check_every == 0:
-        for name, value, off in (("stop", config.stop, "none"), ("select", config.select, "last")):
-            if value != off:
-                raise ValueError(f"{stage}: {name}: {value} reads held-out checks; set check_every > 0 "
-                                 f"(or {name}: {off})")
 
 
 # ---------------------------------------------------------------- stopping rules
@@ -219,8 +177,6 @@ def evaluate_held_out(model, tokenizer, examples: list[Example], verifier: Verif
                       *, thinking: bool, desc: str) -> dict:
     """The summary of `evaluate` on `examples`, split over the processes of the launch as the pipeline's
     evaluations are (every process gets the merged summary)."""
-    from opsdlab.run.eval_steps import evaluate_sharded  # imported here: the pipeline imports the stages
-
     return evaluate_sharded(model, tokenizer, examples, verifier, sampling, thinking=thinking, desc=desc)[1]
 
 

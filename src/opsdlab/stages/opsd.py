@@ -29,176 +29,39 @@ from trl import GRPOTrainer
 from trl.trainer.utils import pad
 from transformers import TrainerCallback
 
-from opsdlab.stages.checks import CheckSettings, attach_checks, check_settings, train_checked
-from opsdlab.loss.contrastive import ANCHORS, VARIANTS, pack
+from opsdlab.config.divergence import DivergenceOptions
+from opsdlab.config.stages import OPSDStageConfig
+from opsdlab.stages.checks import attach_checks, train_checked
+from opsdlab.loss.contrastive import VARIANTS, pack
 from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
 from opsdlab.loss.chunked import chunked_divergence
-from opsdlab.loss.divergences import DIVERGENCES, DivergenceOptions
 from opsdlab.loss.targets import SupportTarget
-from opsdlab.loss.gates import GATES, route
+from opsdlab.loss.gates import route
 from opsdlab.modeling.models import end_token_ids, head_dtype, output_head, save_policy
 from opsdlab.stages.progress import OPSD_POSTFIX, train_stage
-from opsdlab.tasks.prompts import TEACHER_CONTEXTS, render_prompt
+from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import VerifierReward
-from opsdlab.stages.rlvr import (VLLM_FIELDS, RefillSampler, RLVRStageConfig, VLLMGeneration, check_vllm_fields,
-                          concat_batches, global_sum, grpo_args, rl_dataset, rollouts_per_device, select_rows)
-from opsdlab.modeling.runtime import (JsonlMetrics, check_ranges, is_main_process, save_trained, warn_if_updates_vanish,
-                             write_updates)
-from opsdlab.stages.teacher import (TEACHER_WEIGHTS, build_teacher, is_zero3, load_teacher_state, save_teacher_state,
-                             student_adapter_saved_alone)
+from opsdlab.stages.rlvr import RefillSampler, concat_batches, global_sum, grpo_args, rl_dataset, select_rows
+from opsdlab.modeling.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish, write_updates
+from opsdlab.stages.teacher import (build_teacher, is_zero3, load_teacher_state, save_teacher_state,
+                                    student_adapter_saved_alone)
 from opsdlab.tasks.verifier import VerifierConfig
 from opsdlab.evaluation.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
 
-@dataclass(frozen=True)
-class OPSDStageConfig(VLLMGeneration, CheckSettings):
-    """OPSD settings; `CheckSettings` adds held-out checks, stopping and checkpoint selection.
+def divergence_options(config: OPSDStageConfig) -> DivergenceOptions:
+    """The divergence knobs of an OPSD stage config."""
+    return DivergenceOptions(beta=config.jsd_beta, clip_tau=config.clip_tau, top_k=config.top_k)
 
-    Batch: `prompts_per_step` distinct prompts, each with `rollouts_per_prompt` rollouts, make one
-    optimizer step, summed over all processes and gradient-accumulation steps (the paper's "32
-    prompts per step"); the per-device micro-batch is prompts_per_step x rollouts_per_prompt /
-    (num_processes x gradient_accumulation_steps) rollouts, and each process takes
-    prompts_per_step / num_processes prompts; both must divide evenly (`opsd_args`).
-    `rollouts_per_prompt: 1` is the paper's setting: OPSD has no group advantage, so no group is
-    needed; the `sibling` teacher context then always falls back to the reference solution.
-    """
 
-    # The compaction method of an arm (`methods.METHODS`): "opsd", "crisp", "contrastive", "length_rl"
-    # or "budget"; a method may set other defaults of this section (crisp: concise teacher, all rollouts).
-    method: str = "opsd"
-    gate: str = "correct"
-    divergence: str = "reverse_kl"
-    jsd_beta: float = 0.5
-    clip_tau: float | None = None
-    top_k: int | None = None
-    teacher_weights: str = "frozen"
-    ema_rate: float = 0.05
-    teacher_refresh_steps: int = 50  # teacher_weights "periodic": the teacher is re-copied from the student this often
-    # method "contrastive" (`contrastive`): the target contrasts the teacher under `teacher_context` with
-    # the same teacher under a negative context; `contrast_variant` (`contrastive.VARIANTS`) says which:
-    # "unrelated_solution" (`contrast_context`, full vocabulary) or "rlcsd_plugin" (an incorrect sibling
-    # rollout, the support and token weights of the RLCSD authors' OPSD plug-in; it sets its own defaults).
-    contrast_variant: str = "unrelated_solution"
-    contrast_context: str = "unrelated"  # unrelated_solution: the negative context (no privileged information)
-    contrast_weight: float = 0.5
-    contrast_anchor: str = "reference"  # or "student": the target is the student tilted by the contrast
-    contrast_floor: float | None = -5.0  # lower bound of the negative teacher's log-probabilities; null: none
-    contrast_top_k: int = 100  # rlcsd_plugin: the support, the reference teacher's top k tokens plus a tail bucket
-    contrast_token_tau: float | None = 1.0  # rlcsd_plugin: token loss x KL(p_c || p_w) / (KL + tau); null: x 1
-    # method "length_rl": RLVR continued with a length-aware reward (`rewards.LENGTH_REWARDS`); the
-    # target length is given, or the length_target_quantile of the starting checkpoint's rollout lengths.
-    length_reward: str = "truncation"
-    length_target: int | None = None
-    length_target_quantile: float = 0.5
-    # method "budget": no training; the starting checkpoint evaluated with its response cut at each
-    # budget and the answer forced. Budgets in tokens, or quantiles of its sampled lengths on training
-    # problems (never on the problems it is scored on).
-    budgets: tuple = ()
-    budget_quantiles: tuple = (0.25, 0.5, 0.75)
-    budget_answer_tokens: int = 32
-    teacher_context: str = "solution"
-    teacher_thinking: bool | None = None  # None: same as the student (the run's thinking setting)
-    max_steps: int = 20
-    prompts_per_step: int = 16
-    rollouts_per_prompt: int = 4
-    learning_rate: float = 2e-5
-    lr_scheduler_type: str = "constant"
-    max_completion_length: int = 192
-    temperature: float = 1.0
-    chunk_size: int = 1024
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    save_steps: int = 10
-    logging_steps: int = 5
-    report_to: str = "none"
-    token_stats_rows: int = 8  # rollouts per step whose per-token teacher/student numbers are kept
-    lora_r: int = 0  # > 0: train LoRA adapters of this rank (the frozen teacher is then the base, adapters off)
-    lora_alpha: int = 128
-    lora_target_modules: str = "all-linear"
-    train_problems: int = 4000
-    # A step whose gate keeps fewer rollouts (over all processes) is refilled with fresh prompts, up
-    # to refill_max_rounds generation rounds; a step that still keeps nothing skips its optimizer step.
-    min_kept_rollouts: int = 1
-    refill_max_rounds: int = 4
+def peft_config(config: OPSDStageConfig):
+    """A PEFT LoraConfig when `config.lora_r` > 0, else None (full fine-tuning)."""
+    if config.lora_r == 0:
+        return None
+    from peft import LoraConfig
 
-    def __post_init__(self):
-        for name, value, valid in (("gate", self.gate, GATES), ("divergence", self.divergence, DIVERGENCES),
-                                   ("teacher_weights", self.teacher_weights, TEACHER_WEIGHTS),
-                                   ("teacher_context", self.teacher_context, TEACHER_CONTEXTS)):
-            if value not in valid:
-                raise ValueError(f"opsd: {name} must be one of {sorted(valid)}, got {value!r}")
-        if self.contrast_context not in TEACHER_CONTEXTS:
-            raise ValueError(f"opsd: contrast_context must be one of {sorted(TEACHER_CONTEXTS)}, "
-                             f"got {self.contrast_context!r}")
-        if self.contrast_anchor not in ANCHORS:
-            raise ValueError(f"opsd: contrast_anchor must be one of {list(ANCHORS)}, got {self.contrast_anchor!r}")
-        if self.contrast_weight < 0:
-            raise ValueError(f"opsd: contrast_weight must be >= 0, got {self.contrast_weight}")
-        if self.contrast_variant not in VARIANTS:
-            raise ValueError(f"opsd: contrast_variant must be one of {sorted(VARIANTS)}, got {self.contrast_variant!r}")
-        if self.contrast_top_k < 1:
-            raise ValueError(f"opsd: contrast_top_k must be >= 1, got {self.contrast_top_k}")
-        if self.contrast_token_tau is not None and not 0 < self.contrast_token_tau < float("inf"):
-            raise ValueError(f"opsd: contrast_token_tau must be a number > 0 or null, got {self.contrast_token_tau}")
-        if self.teacher_refresh_steps < 1:
-            raise ValueError(f"opsd: teacher_refresh_steps must be >= 1, got {self.teacher_refresh_steps}")
-        if self.length_target is not None and self.length_target < 1:
-            raise ValueError(f"opsd: length_target must be a positive number of tokens or null, got {self.length_target}")
-        if not 0 < self.length_target_quantile <= 1:
-            raise ValueError(f"opsd: length_target_quantile must be in (0, 1], got {self.length_target_quantile}")
-        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.budgets):
-            raise ValueError(f"opsd: budgets must be positive token counts, got {list(self.budgets)}")
-        if not self.budgets and (not self.budget_quantiles or any(not 0 < q <= 1 for q in self.budget_quantiles)):
-            raise ValueError(f"opsd: budget_quantiles must be in (0, 1], got {list(self.budget_quantiles)}")
-        if self.budget_answer_tokens < 1:
-            raise ValueError(f"opsd: budget_answer_tokens must be >= 1, got {self.budget_answer_tokens}")
-        if self.rollouts_per_prompt < 1:
-            raise ValueError(f"opsd: rollouts_per_prompt must be >= 1, got {self.rollouts_per_prompt}")
-        if self.rollouts_per_prompt == 1 and self.prompts_per_step < 2:
-            raise ValueError("opsd: one rollout per prompt needs prompts_per_step >= 2 (TRL validates its "
-                             "generation batch against a group of at least 2)")
-        if self.lora_r < 0:
-            raise ValueError(f"opsd: lora_r must be >= 0, got {self.lora_r}")
-        if self.min_kept_rollouts < 0 or self.refill_max_rounds < 1:
-            raise ValueError("opsd: min_kept_rollouts must be >= 0 and refill_max_rounds >= 1")
-        if min(self.chunk_size, self.max_steps, self.prompts_per_step, self.gradient_accumulation_steps) < 1:
-            raise ValueError("opsd: chunk_size, max_steps, prompts_per_step and gradient_accumulation_steps "
-                             "must be >= 1")
-        check_ranges("opsd", self)  # learning rate, temperature (both sides' logits are divided by it) ...
-        self.divergence_options()  # validates beta, clip_tau, top_k
-        check_vllm_fields("opsd", self)
-        check_settings("opsd", self)
-
-    def divergence_options(self) -> DivergenceOptions:
-        return DivergenceOptions(beta=self.jsd_beta, clip_tau=self.clip_tau, top_k=self.top_k)
-
-    def peft_config(self):
-        """A PEFT LoraConfig when lora_r > 0, else None (full fine-tuning)."""
-        if self.lora_r == 0:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=self.lora_target_modules,
-                          task_type="CAUSAL_LM")
-
-    def per_device_batch(self, num_processes: int) -> int:
-        """Rollouts per device per micro-batch on `num_processes` processes (an error if uneven)."""
-        return rollouts_per_device("opsd", self.prompts_per_step, self.rollouts_per_prompt, num_processes,
-                                   self.gradient_accumulation_steps)
-
-    def as_rlvr(self) -> RLVRStageConfig:
-        """The generation/optimizer settings expressed for TRL's GRPOConfig builder.
-
-        Not the rollouts per prompt, which may be 1 here but not in RLVR: `opsd_args` passes them.
-        """
-        return RLVRStageConfig(
-            max_steps=self.max_steps, prompts_per_step=self.prompts_per_step,
-            learning_rate=self.learning_rate, lr_scheduler_type=self.lr_scheduler_type,
-            max_completion_length=self.max_completion_length, temperature=self.temperature,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            gradient_checkpointing=self.gradient_checkpointing, **{name: getattr(self, name) for name in VLLM_FIELDS},
-            save_steps=self.save_steps, logging_steps=self.logging_steps, report_to=self.report_to,
-        )
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.lora_target_modules,
+                      task_type="CAUSAL_LM")
 
 
 def opsd_args(config: OPSDStageConfig, stage_dir: Path, seed: int, *, num_processes: int | None = None):
@@ -429,7 +292,7 @@ class OPSDTrainer(GRPOTrainer):
         self.teacher = build_teacher(opsd.teacher_weights, self.accelerator.unwrap_model(self.model),
                                      self.accelerator, rate=opsd.ema_rate, refresh_steps=opsd.teacher_refresh_steps,
                                      pretrained_adapter=pretrained_adapter)
-        self.divergence_options = opsd.divergence_options()
+        self.divergence_options = divergence_options(opsd)
         self.scoring = SCORINGS[scoring_for(self.accelerator)]
         self.head_dtype = head_dtype(self.accelerator)  # bf16 operands, float32 logits under bf16 mixed precision
         self.token_stats_path = token_stats_path
@@ -789,7 +652,7 @@ def run_opsd(model, tokenizer, examples, verifier: VerifierConfig, config: OPSDS
             train_dataset=opsd_dataset(examples, tokenizer, thinking),
             processing_class=tokenizer,
             callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
-            peft_config=config.peft_config(),
+            peft_config=peft_config(config),
             opsd=config,
             student_thinking=thinking,
             token_stats_path=stage_dir / "token_stats.jsonl",

@@ -16,163 +16,41 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from opsdlab.stages.checks import CheckSettings, attach_checks, check_settings, train_checked
+from opsdlab.config.ranges import rollouts_per_device
+from opsdlab.config.stages import VLLM_FIELDS, RLVRStageConfig, VLLMGeneration
+from opsdlab.stages.checks import attach_checks, train_checked
 from opsdlab.tasks.data import Example
-from opsdlab.evaluation.evaluate import Generation, SamplingConfig, generate, response_length
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import Generation, generate, response_length
 from opsdlab.modeling.models import end_token_ids
 from opsdlab.stages.progress import RLVR_POSTFIX, train_stage
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward, format_reward
-from opsdlab.modeling.runtime import (JsonlMetrics, check_ranges, check_world_size, common_training_args, launch_processes,
-                             main_decides, per_device_rows, precision_kwargs, process_device, save_trained,
-                             warn_if_updates_vanish)
+from opsdlab.modeling.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, main_decides,
+                                      precision_kwargs, process_device, save_trained, warn_if_updates_vanish)
 from opsdlab.tasks.verifier import VerifierConfig
 from opsdlab.evaluation.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo")
-REWARD_SCALINGS = ("group", "batch", "none")
 # Per-row tensors padded on the left (prompt side); every other 2-D per-row tensor is right-padded.
 LEFT_PADDED = ("prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask", "contrast_prompt_ids",
                "contrast_prompt_mask")
 
 
-VLLM_MODES = ("colocate", "server")
-# How TRL's trainer generates rollouts: `model.generate` on padded batches, transformers' continuous
-# batching over a paged KV cache (`generate_batch`), or vLLM.
-GENERATION_BACKENDS = ("transformers", "paged", "vllm")
 # Continuous batching on CPU: TRL sizes the paged cache as a share of the device's memory, which on
 # CPU is all of the machine's RAM; grpo_args sizes it for the generation batch instead.
 PAGED_CPU_PAGE_SIZE = 32
 PAGED_CPU_PROMPT_TOKENS = 512
 
 
-@dataclass(frozen=True)
-class VLLMGeneration:
-    """How rollouts are generated, shared by the RLVR and OPSD stage configs (`VLLM_FIELDS`).
-
-    `generation_backend` names the generator (`GENERATION_BACKENDS`); `use_vllm: true`, the older
-    switch, still means "vllm". With vLLM, "colocate" builds an engine in each training process,
-    "server" asks a running `trl vllm-serve` (`vllm_server_base_url`). The other fields are
-    GRPOConfig's, passed through; `grpo_args` maps the backend onto GRPOConfig's switches.
-    """
-
-    # how rollouts are generated: transformers (model.generate), paged (transformers continuous batching) or vllm
-    generation_backend: str = "transformers"
-    use_vllm: bool = False
-    vllm_mode: str = "colocate"
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_tensor_parallel_size: int = 1
-    vllm_max_model_length: int | None = None
-    vllm_enable_sleep_mode: bool = False
-    vllm_server_base_url: str | None = None
-
-
-VLLM_FIELDS = tuple(f.name for f in fields(VLLMGeneration))
-
-
-@dataclass(frozen=True)
-class RLVRStageConfig(VLLMGeneration, CheckSettings):
-    """GRPO-family RL settings; `CheckSettings` adds held-out checks, stopping and checkpoint selection.
-
-    Batch: `prompts_per_step` prompts, each with `group_size` rollouts, make one optimizer step,
-    summed over all processes and gradient-accumulation steps (the paper's "32 prompts per step").
-    Each process generates prompts_per_step / num_processes whole groups, and the per-device
-    micro-batch is prompts_per_step x group_size / (num_processes x gradient_accumulation_steps)
-    rollouts (`grpo_args`); both must divide evenly.
-    """
-
-    max_steps: int = 50
-    prompts_per_step: int = 8
-    group_size: int = 8
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
-    epsilon: float = 0.2
-    epsilon_high: float | None = 0.28
-    beta: float = 0.0
-    mask_truncated_completions: bool = False
-    learning_rate: float = 4e-5
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    max_completion_length: int = 192
-    temperature: float = 1.0
-    top_p: float = 1.0
-    format_reward_weight: float = 0.0
-    dynamic_sampling: bool = False
-    dynamic_sampling_max_rounds: int = 4
-    num_iterations: int = 1
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    save_steps: int = 25
-    logging_steps: int = 5
-    report_to: str = "none"
-    train_problems: int = 4000
-
-    def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"rlvr: loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.scale_rewards not in REWARD_SCALINGS:
-            raise ValueError(f"rlvr: scale_rewards must be one of {REWARD_SCALINGS}, got {self.scale_rewards!r}")
-        if self.group_size < 2:
-            raise ValueError(f"rlvr: group_size must be >= 2 (group-centred advantages), got {self.group_size}")
-        if min(self.prompts_per_step, self.max_steps, self.gradient_accumulation_steps) < 1:
-            raise ValueError("rlvr: prompts_per_step, max_steps and gradient_accumulation_steps must be >= 1")
-        if self.dynamic_sampling_max_rounds < 1:
-            raise ValueError("rlvr: dynamic_sampling_max_rounds must be >= 1")
-        check_ranges("rlvr", self)
-        check_vllm_fields("rlvr", self)
-        check_settings("rlvr", self)
-
-    def per_device_batch(self, num_processes: int) -> int:
-        """Rollouts per device per micro-batch on `num_processes` processes (an error if uneven)."""
-        return rollouts_per_device("rlvr", self.prompts_per_step, self.group_size, num_processes,
-                                   self.gradient_accumulation_steps)
-
-
 def generation_backend(config: VLLMGeneration) -> str:
     """The backend a stage config asks for: its `generation_backend`, or "vllm" under `use_vllm`."""
     return "vllm" if config.use_vllm else config.generation_backend
-
-
-def check_vllm_fields(stage: str, config) -> None:
-    """The generation fields of a stage config (RLVR or OPSD), checked before TRL sees them."""
-    if config.generation_backend not in GENERATION_BACKENDS:
-        raise ValueError(f"{stage}: generation_backend must be one of {GENERATION_BACKENDS}, "
-                         f"got {config.generation_backend!r}")
-    if config.use_vllm and config.generation_backend not in ("transformers", "vllm"):
-        raise ValueError(f"{stage}: use_vllm asks for vLLM but generation_backend is {config.generation_backend!r}; "
-                         f"set one of them (generation_backend=vllm replaces use_vllm=true)")
-    if config.vllm_mode not in VLLM_MODES:
-        raise ValueError(f"{stage}: vllm_mode must be one of {VLLM_MODES}, got {config.vllm_mode!r}")
-    if not 0 < config.vllm_gpu_memory_utilization <= 1:
-        raise ValueError(f"{stage}: vllm_gpu_memory_utilization must be in (0, 1], "
-                         f"got {config.vllm_gpu_memory_utilization}")
-    if config.vllm_tensor_parallel_size < 1:
-        raise ValueError(f"{stage}: vllm_tensor_parallel_size must be >= 1, got {config.vllm_tensor_parallel_size}")
-
-
-def rollouts_per_device(stage: str, prompts_per_step: int, rollouts_per_prompt: int, num_processes: int,
-                        accumulation_steps: int) -> int:
-    """Rollouts per device per micro-batch for one optimizer step of `prompts_per_step` prompts.
-
-    The step's prompts x rollouts are summed over all processes and accumulation steps. Each
-    process generates whole groups (dynamic sampling, refill and the sibling teacher context read
-    groups locally), so the prompts must also divide evenly over the processes.
-    """
-    if prompts_per_step % num_processes:
-        raise ValueError(
-            f"{stage}: prompts_per_step ({prompts_per_step}) must be a multiple of the number of processes "
-            f"({num_processes}): each process generates whole groups of rollouts"
-        )
-    return per_device_rows(stage, prompts_per_step * rollouts_per_prompt,
-                           f"prompts_per_step ({prompts_per_step}) x rollouts per prompt ({rollouts_per_prompt})",
-                           num_processes, accumulation_steps)
 
 
 def grpo_args(config: RLVRStageConfig, stage_dir: Path, seed: int, *, rollouts_per_prompt: int | None = None,

@@ -9,7 +9,6 @@ learns to use a reference solution; a real model is fine-tuned on problem + solu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,73 +16,15 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from opsdlab.config.choices import BATCHING
+from opsdlab.config.stages import SFTStageConfig
 from opsdlab.tasks.data import Example
-from opsdlab.evaluation.evaluate import SamplingConfig, evaluate
+from opsdlab.config.sections import SamplingConfig
+from opsdlab.evaluation.evaluate import evaluate
 from opsdlab.stages.progress import SFT_POSTFIX, train_stage
-from opsdlab.modeling.runtime import (JsonlMetrics, check_ranges, check_world_size, common_training_args, launch_processes,
-                             per_device_rows, read_jsonl, save_trained, warn_if_updates_vanish)
+from opsdlab.modeling.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, read_jsonl,
+                                      save_trained, warn_if_updates_vanish)
 from opsdlab.tasks.verifier import VerifierConfig
-
-# How rows are drawn into batches: named choice -> the Trainer's `train_sampling_strategy`.
-# `random`: each micro-batch is rows drawn at random, padded to its longest row.
-# `length_grouped` puts rows of similar length together (less padding, cheaper steps on a CPU;
-# benchmarks/sft_step_time.py) at the cost of batches that are less random: where length tells the
-# kind of row apart (the tiny task's privileged rows are the long ones) it trains a much worse model.
-# `rebalanced` (transformers' BatchRebalanceSampler) keeps each optimizer step a random draw of
-# `batch_size` rows and splits only that step's rows by length into its gradient-accumulation
-# micro-batches; the loss is normalised over the whole step, so the step's gradient is the one of its
-# rows in a single batch, with less padding. It needs gradient_accumulation_steps > 1 (or several
-# processes) to split anything. Its shuffle is transformers' own (seed 42 + epoch), over rows drawn
-# from the run's seed.
-BATCHING = {"random": "random", "length_grouped": "group_by_length", "rebalanced": "batch_rebalance"}
-
-
-@dataclass(frozen=True)
-class SFTStageConfig:
-    """SFT settings. `batch_size` counts rows per optimizer step over all processes and
-    gradient-accumulation steps; the per-device micro-batch is batch_size / (num_processes x
-    gradient_accumulation_steps), which must divide evenly."""
-
-    rows: int = 8000
-    max_steps: int = 800
-    batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-3
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_length: int = 512
-    save_steps: int = 100
-    logging_steps: int = 10
-    gradient_checkpointing: bool = False
-    report_to: str = "none"
-    batching: str = "random"
-    # Every `probe_every` steps (0: never) the pipeline grades answers to `probe_problems` held-out
-    # problems from the student prompt and from the OPSD teacher's prompt (`TeacherProbe`): when,
-    # during SFT, the model learns to use the privileged context. Greedy by default; `probe_k`
-    # samples at `probe_temperature` show what greedy hides once the student's greedy answers are
-    # good (a reading teacher stays accurate under sampling, a student does not).
-    probe_every: int = 0
-    probe_problems: int = 100
-    probe_k: int = 1
-    probe_temperature: float = 0.0
-
-    def __post_init__(self):
-        if self.batching not in BATCHING:
-            raise ValueError(f"sft: batching must be one of {sorted(BATCHING)}, got {self.batching!r}")
-        if min(self.rows, self.max_steps, self.batch_size, self.gradient_accumulation_steps) < 1:
-            raise ValueError("sft: rows, max_steps, batch_size and gradient_accumulation_steps must be >= 1")
-        if self.probe_every < 0 or self.probe_problems < 1 or self.probe_k < 1 or self.probe_temperature < 0:
-            raise ValueError(f"sft: need probe_every >= 0, probe_problems >= 1, probe_k >= 1 and "
-                             f"probe_temperature >= 0, got {self.probe_every}, {self.probe_problems}, "
-                             f"{self.probe_k} and {self.probe_temperature}")
-        check_ranges("sft", self)
-
-    def per_device_batch(self, num_processes: int) -> int:
-        """Rows per device per micro-batch on `num_processes` processes (an error if uneven)."""
-        return per_device_rows("sft", self.batch_size, f"batch_size ({self.batch_size})", num_processes,
-                               self.gradient_accumulation_steps)
-
 
 def sft_args(config: SFTStageConfig, stage_dir: Path, seed: int, eos_token: str, *,
              num_processes: int | None = None) -> SFTConfig:
@@ -99,7 +40,7 @@ def sft_args(config: SFTStageConfig, stage_dir: Path, seed: int, eos_token: str,
         weight_decay=config.weight_decay,
         max_length=config.max_length,
         completion_only_loss=True,
-        train_sampling_strategy=BATCHING[config.batching],
+        train_sampling_strategy=BATCHING[config.batching],  # `choices.BATCHING`
         gradient_checkpointing=config.gradient_checkpointing,
         eos_token=eos_token,
         dataset_num_proc=None,

@@ -1,6 +1,7 @@
 """Tasks: where examples come from, how SFT targets look, and how answers are graded.
 
-`TASKS` maps a task name to its builder; the name is what configs accept. A task yields
+`TASKS` maps a task name to its builder; the name is what configs accept (their options are
+`config.tasks.OPTIONS`, checked when a config loads). A task yields
 `Example`s (id, problem, reference solution, answer) per split, SFT rows rendered through the one
 prompt renderer, and names its default verifier settings.
 """
@@ -8,13 +9,12 @@ prompt renderer, and names its default verifier settings.
 from __future__ import annotations
 
 import random
-from dataclasses import fields
-
+from opsdlab.config.tasks import OPTIONS, SearchConfig, SyntheticConfig, check_options, option_names
 from opsdlab.tasks.data import ColumnMap, Example, load_examples, parse_column_map
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.tasks.rows import HELD_OUT
-from opsdlab.tasks.search import SearchConfig, SearchTask
-from opsdlab.tasks.synthetic import SyntheticConfig, SyntheticTask
+from opsdlab.tasks.search import SearchTask
+from opsdlab.tasks.synthetic import SyntheticTask
 from opsdlab.tasks.templates import completion_for_prompt
 
 
@@ -83,34 +83,6 @@ def build_task(name: str, options: dict | None = None, seed: int = 0):
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     check_options(name, options, where=f"task {name!r}")
     return TASKS[name](options, seed)
-
-
-# The options each task takes: its config dataclass, or (the file task) the names of its keyword arguments.
-OPTIONS = {"synthetic": SyntheticConfig, "search": SearchConfig, "file": ("train", "columns", "split")}
-
-
-def option_names(name: str) -> list[str]:
-    """The option names task `name` accepts (`task.options` keys)."""
-    spec = OPTIONS[name]
-    return list(spec) if isinstance(spec, tuple) else [f.name for f in fields(spec)]
-
-
-def check_options(name: str, options: dict, where: str = "task.options") -> None:
-    """Raise a ValueError, naming `where`, for an option task `name` does not have (listing the valid
-    ones) or a value its config refuses. Cheap: builds the option dataclass, draws no problem."""
-    valid = option_names(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"{where}: unknown option(s) {unknown} for task {name!r}; valid options: {valid}")
-    spec = OPTIONS[name]
-    try:
-        if isinstance(spec, tuple):
-            if options.get("columns"):
-                parse_column_map(options["columns"])
-        else:
-            spec(**options)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from error
 
 
 def _synthetic(options: dict, seed: int) -> SyntheticTask:

@@ -4,7 +4,7 @@ A prompt is the problem, the task's instruction and, for the OPSD teacher, a pri
 rendered through the model's own chat template with the role's thinking switch. Student and teacher
 prompts therefore differ only by the privileged block (a test proves it). Teacher contexts are
 named choices in `TEACHER_CONTEXTS`; adding one is one function and an entry there and in
-`CONTEXT_READS` (the field of a problem it shows).
+`config.choices.CONTEXT_READS` (the field of a problem it shows, which a config checks the name against).
 
 A template that cannot render the asked thinking mode is an error, not a silent switch
 (`templates.check_thinking`), and the rendered text never starts with the BOS that the tokenizer
@@ -75,15 +75,6 @@ TEACHER_CONTEXTS: dict[str, Callable[[Example, str | None], str | None]] = {
 
 # The controls: no teacher check expects them to be more accurate than the student prompt.
 CONTROL_CONTEXTS = ("unrelated", "concise", "none")
-
-# What each context's block reads of a problem besides its text: the `Example` field that every
-# problem it is rendered for must have, or None. `unrelated` shows another problem's solution, so
-# every problem needs one; `sibling` falls back to the problem's own solution when its group has no
-# correct rollout (always, with one rollout per prompt). RL data of problems and answers alone
-# therefore serves `answer`, `concise` and `none`; every problem has an answer.
-CONTEXT_READS: dict[str, str | None] = {"solution": "solution", "answer": "answer", "sibling": "solution",
-                                        "unrelated": "solution", "concise": None, "none": None}
-
 
 def _ends_with(text: str, suffix: str) -> bool:
     """Whether `text` ends with `suffix`, ignoring differences in whitespace."""

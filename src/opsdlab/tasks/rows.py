@@ -1,6 +1,6 @@
 """What every generated task shares: how a split's problems are drawn, SFT rows with a privileged
-share, the prompt text of every teacher context for the tiny vocabulary, and the check of its
-probability options.
+share and the prompt text of every teacher context for the tiny vocabulary (the checks of their
+options: `config.tasks`).
 
 A task supplies `response(example, context, thinking, rng)`, the SFT target a solver writes after
 reading the prompt of one role; these functions render the prompts through the one renderer.
@@ -52,23 +52,6 @@ def draw_split(draw: Callable[[int], Example], split: str, count: int, task: str
         out.append(example)
     raise ValueError(f"{task} task: could not draw {count} {'distinct ' if held_out else ''}{split} problems; the "
                      f"problem space ({space}) is too small for that many: widen it, or ask for fewer")
-
-
-def check_unit_interval(task: str, config, names: tuple[str, ...]) -> None:
-    """Raise a ValueError naming the task and the field if any of `config`'s `names` is outside [0, 1]."""
-    for name in names:
-        value = getattr(config, name)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{task} task: {name} must be in [0, 1], got {value}")
-
-
-def checked_instruction(task: str, config) -> None:
-    """Normalise `config.instruction`: None (an empty value in YAML or on the command line) means no
-    instruction; anything but text is an error naming the task."""
-    if config.instruction is None:
-        object.__setattr__(config, "instruction", "")
-    elif not isinstance(config.instruction, str):
-        raise ValueError(f"{task} task: instruction must be text (\"\" for none), got {config.instruction!r}")
 
 
 def sft_rows_with_contexts(examples: list[Example], tokenizer, response: Callable, *, thinking: bool,

@@ -47,12 +47,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example
-from opsdlab.tasks.rows import (check_unit_interval, checked_instruction, context_messages, draw_split,
-                                sft_rows_with_contexts)
-
-ORDERS = ("listed", "random")
-CHECKS = ("add", "code")
+from opsdlab.config.tasks import SearchConfig
+from opsdlab.tasks.data import Example
+from opsdlab.tasks.rows import context_messages, draw_split, sft_rows_with_contexts
 
 # SFT rows by teacher context (the rest of the rows use the plain student prompt), as in the
 # synthetic task. "solution" and "answer" inform the solver; "concise" is an instruction without
@@ -66,36 +63,6 @@ PROBLEM_RES = {"add": re.compile(r"Which of (\d+(?:, \d+)*) added to (\d+) makes
 TRY_RE = re.compile(r"(?:(\d+) \+ (\d+) = (\d+)|code of (\d+) is (\d+))(?:, not (\d+)\.|\. found it\.)")
 GIVE_UP_TEXT = "too many tries, I will guess"
 EXHAUSTED_TEXT = "none of them fit, I will guess"
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Problem sizes and the plain solver's imperfections (see the module docstring)."""
-
-    min_numbers: int = 4
-    max_numbers: int = 8
-    max_number: int = 19
-    give_up_rate: float = 0.25
-    mischeck_rate: float = 0.03
-    order: str = "listed"
-    privileged_fraction: float = 0.5
-    check: str = "add"
-    code_seed: int = 0
-    instruction: str = DEFAULT_INSTRUCTION  # follows the problem in every prompt; "" for none
-
-    def __post_init__(self):
-        if not 2 <= self.min_numbers <= self.max_numbers:
-            raise ValueError(f"search task: need 2 <= min_numbers <= max_numbers, got {self.min_numbers}, "
-                             f"{self.max_numbers}")
-        if not self.max_numbers <= self.max_number <= 99:
-            raise ValueError(f"search task: max_number must be in {self.max_numbers}..99 (the listed numbers "
-                             f"are distinct), got {self.max_number}")
-        check_unit_interval("search", self, ("give_up_rate", "mischeck_rate", "privileged_fraction"))
-        if self.order not in ORDERS:
-            raise ValueError(f"search task: order must be one of {ORDERS}, got {self.order!r}")
-        if self.check not in CHECKS:
-            raise ValueError(f"search task: check must be one of {CHECKS}, got {self.check!r}")
-        checked_instruction("search", self)
 
 
 def code_table(config: SearchConfig) -> dict[int, int]:

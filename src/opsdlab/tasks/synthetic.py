@@ -34,11 +34,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example
-from opsdlab.tasks.rows import (check_unit_interval, checked_instruction, context_messages, draw_split,
-                                sft_rows_with_contexts)
-
-PRIVILEGED_STYLES = ("concise", "same")
+from opsdlab.config.tasks import SyntheticConfig
+from opsdlab.tasks.data import Example
+from opsdlab.tasks.rows import context_messages, draw_split, sft_rows_with_contexts
 
 # SFT rows by teacher context (the rest of the rows use the plain student prompt). Contexts with
 # information make the solver exact; "concise" is an instruction without information.
@@ -48,34 +46,6 @@ PRIVILEGED_STYLES = ("concise", "same")
 # computed its totals itself (README, "The tiny task"). The answer and concise contexts keep a
 # small share so that the teacher prompts of those arms are not unseen.
 CONTEXT_MIX = {"solution": 0.9, "answer": 0.05, "concise": 0.05}
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    min_terms: int = 4
-    max_terms: int = 6
-    max_term: int = 13
-    slip_rate: float = 0.1
-    recheck_rate: float = 0.25
-    filler_rate: float = 0.1
-    restart_rate: float = 0.15
-    privileged_style: str = "concise"
-    privileged_redundancy: float = 0.2
-    privileged_fraction: float = 0.5
-    # Follows the problem in every prompt; "" for none ("What is 6 + 8?" asks for itself).
-    instruction: str = DEFAULT_INSTRUCTION
-
-    def __post_init__(self):
-        if not 2 <= self.min_terms <= self.max_terms:
-            raise ValueError(f"synthetic task: need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
-        if not 1 <= self.max_term <= 99:
-            raise ValueError(f"synthetic task: max_term must be in 1..99, got {self.max_term}")
-        check_unit_interval("synthetic", self, ("slip_rate", "recheck_rate", "filler_rate", "restart_rate",
-                                                "privileged_redundancy", "privileged_fraction"))
-        if self.privileged_style not in PRIVILEGED_STYLES:
-            raise ValueError(f"synthetic task: privileged_style must be one of {PRIVILEGED_STYLES}, "
-                             f"got {self.privileged_style!r}")
-        checked_instruction("synthetic", self)
 
 
 @dataclass(frozen=True)
