@@ -6,9 +6,13 @@ changes with scale). Command-line `key=value` overrides use dotted paths (`opsd.
 YAML values. Unknown keys, values of the wrong type, bad choices and impossible sizes are errors
 naming the key (and, for a wrong type, the type expected).
 
-The modules, lowest first: `choices` (the names of choices implemented in higher layers), `values`
-(the error type, type checks, building a dataclass from YAML data), `sections` (every section and
-`PipelineConfig`), `load` (files, presets, overrides), `meanings` (`opsdlab config show`).
+This layer is pure data: it imports no torch, transformers, TRL or vLLM, so a config is loaded,
+checked and shown at once; the layers above read their settings from here. The modules, lowest
+first: `choices` (the names of choices implemented in higher layers, and their plain data), `values`
+(the error type, type checks, building a dataclass from YAML data), `ranges` (numeric ranges, batch
+splits), `divergence`, `methods` (what a compaction method sets and needs of an arm), `stages` (SFT,
+RLVR, OPSD), `columns` and `tasks` (task options), `sections` (every section and `PipelineConfig`),
+`load` (files, presets, overrides), `meanings` (`opsdlab config show`).
 """
 
 from opsdlab.config.choices import STAGES
