@@ -156,3 +156,21 @@ def test_a_launch_that_does_not_match_the_batch_split_is_a_clear_error(tmp_path,
     assert code == 2
     assert err.startswith("opsdlab sft: error: the batch was split for 2 process(es) (launch environment), but the "
                           "trainer runs on 1")
+
+
+def test_an_input_error_is_one_line_and_a_library_value_error_says_how_to_see_its_traceback(capsys, monkeypatch):
+    """opsdlab's own input errors (a bad config value) are one line on stderr; a plain ValueError, which
+    may be a bug, adds how to get its traceback."""
+    assert main(["pipeline", "--config", "tiny", "opsd.max_steps=abc"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("opsdlab pipeline: error: opsd.max_steps")
+
+    from opsdlab import cli
+
+    def fails(args):
+        raise ValueError("a value no check of ours caught")
+
+    monkeypatch.setattr(cli, "cmd_report", fails)
+    assert main(["report", "somewhere"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["opsdlab report: error: a value no check of ours caught",
+                                                    "(set OPSDLAB_DEBUG=1 for the full traceback)"]

@@ -21,16 +21,25 @@ from pathlib import Path
 from opsdlab import __version__
 from opsdlab.config.choices import DTYPES as WEIGHT_DTYPES
 
-# Errors a command reports in one line (with ValueError, which ConfigError, DataError and
-# ModelFolderError are), by module and name: a module not imported yet cannot have raised its own,
-# so matching one never imports the training stack.
-USER_ERRORS = (("opsdlab.modeling.runtime", "LaunchError"), ("opsdlab.run.study", "StudyError"))
+# opsdlab's own input errors, by module and name: a command reports each in one line. A module not
+# imported yet cannot have raised its own, so matching one never imports the training stack.
+USER_ERRORS = (("opsdlab.config.values", "ConfigError"), ("opsdlab.config.columns", "DataError"),
+               ("opsdlab.modeling.models", "ModelFolderError"), ("opsdlab.tasks.templates", "ThinkingSwitchError"),
+               ("opsdlab.modeling.runtime", "LaunchError"), ("opsdlab.modeling.runtime", "NothingTrained"),
+               ("opsdlab.run.study", "StudyError"))
+
+
+def named_error(error: BaseException) -> bool:
+    """Whether `error` is one of opsdlab's own input errors (`USER_ERRORS`), whose line says all there is."""
+    kinds = [getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules]
+    return isinstance(error, tuple(kinds))
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Whether `error` is a mistake in the input that one line explains (`USER_ERRORS`), not a bug."""
-    kinds = [ValueError] + [getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules]
-    return isinstance(error, tuple(kinds))
+    """Whether `error` is a mistake in the input that one line explains: a named input error, or a
+    ValueError a library raised about a value given (which may also be a bug: its line says how to
+    see the traceback)."""
+    return named_error(error) or isinstance(error, ValueError)
 
 # What a Ctrl-C leaves, by command: training commands keep their checkpoints and finished outputs.
 RESUME = "rerun the same command to resume from the last checkpoint"
@@ -783,7 +792,8 @@ def _run_command(args) -> int:
         if message.startswith(f"{args.command}: "):  # a stage's own label: already said by the prefix
             message = message[len(args.command) + 2:]
         print(f"opsdlab {args.command}: error: {message}", file=sys.stderr)
-        print("(set OPSDLAB_DEBUG=1 for the full traceback)", file=sys.stderr)
+        if not named_error(error):
+            print("(set OPSDLAB_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
 
 
