@@ -151,9 +151,11 @@ assert len(format_keys(describe_config(load_config("qwen3-1.7b")))) > 100
     (["config", "show", "qwen3-1.7b"], 0),
     (["--help"], 0),
     (["sft", "--model", "tiny", "--out", "out", "--set", "learning_rate=abc"], 2),
+    (["eval", "--model", "tiny", "--data", "synthetic", "--out", "a_file/out"], 2),
 ])
 def test_the_command_line_answers_a_bad_value_help_and_config_show_without_the_training_stack(tmp_path, argv,
                                                                                               exit_code):
+    (tmp_path / "a_file").write_text("")  # an --out below a file cannot be written
     code = f"""
 import contextlib, io
 from opsdlab.cli import main

@@ -326,7 +326,11 @@ def _eval_plan(args) -> dict:
 
 
 def cmd_eval(args) -> int:
-    """Evaluate one model folder: every setting and the problems are checked before the model loads."""
+    """Evaluate one model folder: every setting and the problems are checked before the model loads,
+    and an unwritable --out before the training stack is imported."""
+    from opsdlab.run.preflight import check_writable
+
+    check_writable(args.out, "--out")
     from opsdlab.evaluation.evaluate import evaluate, load_for_eval, one_line, write_eval
 
     plan = _eval_plan(args)

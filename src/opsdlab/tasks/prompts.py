@@ -14,9 +14,10 @@ adds itself: every stage tokenizes prompts with special tokens, as TRL does.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # a type only: importing transformers here would load it for every problem read
+    from transformers import PreTrainedTokenizerBase
 
 from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example  # noqa: F401  (DEFAULT_INSTRUCTION re-exported)
 from opsdlab.tasks.templates import check_thinking, strip_bos
