@@ -7,6 +7,11 @@ writable before any model loads, and a Ctrl-C ends with one line saying how to r
 
 A command checks its arguments and config with the config layer alone and imports the training
 stack (torch, transformers, TRL, vLLM) only once they are valid: a typo is reported at once.
+
+Why one file of ~800 lines: it is the argument parser of nine commands and each command's function,
+read top to bottom as the list of what a user can type. The longest part is `eval`'s planning (which
+settings come from a run, a file or a flag); it is the first to move out, to the run layer, when this
+file grows again.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ tests. `output_head(model)` maps hidden states to logits as the model's forward 
 soft-capping included). Weights are read from safetensors only, and remote code stays off unless
 asked for. Wherever a model folder is given, a Hugging Face Hub model id names one too
 (`model_folder`: its snapshot in the Hugging Face cache).
+
+Why one file of ~530 lines: building the tiny models and tokenizers of four families for the tests is
+half of it; it can move to its own module (`modeling/tiny.py`) without touching the loading half.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ kept token of an optimizer step, whatever the split into micro-batches and proce
 keeps nothing anywhere skips its optimizer step. One rollout per prompt (the paper's setting) runs on
 TRL's trainer with groups of one (`rlvr.grpo_args`): prompts are not repeated, and the advantages
 that TRL computes from groups are unused here.
+
+Why one file of ~670 lines: the trainer subclass overrides TRL's generation-and-score and loss hooks,
+and the pieces (gating and refill, teacher prompts and their siblings, the packed scoring of both
+sides, the loss normaliser) share the trainer's state; split apart they would pass that state around.
+The pure parts already live in `loss/` (divergences, gates, contrastive targets).
 """
 
 from __future__ import annotations
