@@ -29,8 +29,9 @@ from pathlib import Path
 RECORD = "settings.json"
 
 # Bump a kind's version when a code change alters what that kind of step produces from the same
-# settings: every output of that kind made before then is stale.
-CODE_VERSIONS = {"base": 1, "sft": 1, "rlvr": 1, "opsd": 1, "evaluate": 1}
+# settings: every output of that kind made before then is stale. evaluate 2: answers in scientific
+# notation are compared as numbers, and a budget-forced response of exactly its budget is kept.
+CODE_VERSIONS = {"base": 1, "sft": 1, "rlvr": 1, "opsd": 1, "evaluate": 2}
 
 # Stage options that never reach an output file (where logs are sent); leaving them out lets a
 # rerun turn tracking on without redoing anything.
