@@ -17,22 +17,22 @@ SMALL = {"max_steps": 1, "prompts_per_step": 2, "max_completion_length": 8, "tra
          "save_steps": 100, "logging_steps": 1}
 
 
+def _problems_file(path, examples):
+    """A JSONL of problems and answers alone, as the usual RL math sets come: no solution, no id."""
+    path.write_text("".join(json.dumps({"problem": e.problem, "answer": e.answer}) + "\n" for e in examples))
+    return path
+
+
 @pytest.fixture
 def problems_and_answers(tmp_path, task):
-    """An RL math file as they come: problem and answer, no solution, no id."""
-    path = tmp_path / "rl.jsonl"
-    path.write_text("".join(json.dumps({"problem": e.problem, "answer": e.answer}) + "\n"
-                            for e in task.examples("train", 12)))
-    return path
+    """An RL training file: 12 training problems."""
+    return _problems_file(tmp_path / "rl.jsonl", task.examples("train", 12))
 
 
 @pytest.fixture
 def held_out(tmp_path, task):
-    """An evaluation file of problems and answers that are not training problems (sets differ by text)."""
-    path = tmp_path / "held_out.jsonl"
-    path.write_text("".join(json.dumps({"problem": e.problem, "answer": e.answer}) + "\n"
-                            for e in task.examples("test", 4)))
-    return path
+    """An evaluation file of problems that are not training problems (sets differ by text)."""
+    return _problems_file(tmp_path / "held_out.jsonl", task.examples("test", 4))
 
 
 @pytest.fixture
