@@ -1,3 +1,4 @@
-"""The modeling layer: building, loading and saving models and tokenizers (`models`), and the
-process, device and checkpoint helpers every stage shares (`runtime`). Imports only lower layers.
+"""The modeling layer: building, loading and saving models and tokenizers (`models`), the process,
+device and checkpoint helpers every stage shares (`runtime`), and what every command prints: the
+words a stage says and how progress is drawn (`console`). Imports only lower layers.
 """
