@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from opsdlab.cli import main
 from opsdlab.config import load_config
 from opsdlab.run.rundir import check_run_dir
+from test_run_dir import SMALL_RUN
 
 
 def _rows(count: int, start: int = 0) -> str:
@@ -73,15 +74,6 @@ def test_a_record_written_before_content_inputs_is_judged_by_the_path_it_names()
         "its input eval_sets changed"]
 
 
-SMALL_RUN = {
-    "sft": {"rows": 32, "max_steps": 2, "batch_size": 8, "save_steps": 100, "logging_steps": 1},
-    "rlvr": {"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 12,
-             "train_problems": 8, "save_steps": 100, "logging_steps": 1},
-    "opsd": {"max_steps": 1, "prompts_per_step": 2, "rollouts_per_prompt": 2, "max_completion_length": 12,
-             "train_problems": 8, "save_steps": 100, "logging_steps": 1, "learning_rate": 1e-3},
-    "arms": [{"name": "all", "gate": "all"}],
-    "eval": {"problems": 3, "sampling": {"k": 2, "max_new_tokens": 12}, "greedy": False, "teacher_check": False},
-}
 
 
 @pytest.fixture(scope="module")

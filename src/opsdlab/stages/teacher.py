@@ -50,6 +50,8 @@ from transformers import AutoModelForCausalLM
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, use_adapter
 
+from opsdlab.modeling.runtime import untied_missing_keys
+
 FROZEN_ADAPTER = "opsd_frozen"
 EMA_ADAPTER = "opsd_ema"
 PERIODIC_ADAPTER = "opsd_periodic"
@@ -109,8 +111,7 @@ def separate_copy(student, accelerator) -> torch.nn.Module:
             teacher = AutoModelForCausalLM.from_config(config, dtype=student.dtype,
                                                        attn_implementation=config._attn_implementation)
         missing, unexpected = teacher.load_state_dict(student.state_dict(), strict=False)
-        tied = set(getattr(teacher, "_tied_weights_keys", None) or {})
-        missing = [key for key in missing if key not in tied]
+        missing = untied_missing_keys(teacher, missing)
         if missing or unexpected:
             raise RuntimeError(f"teacher: the copy does not match the student (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
