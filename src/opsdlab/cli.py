@@ -70,10 +70,6 @@ class IntermixedParser(argparse.ArgumentParser):
             self._intermixing = False
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
 def _task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic' (the offline task) or a jsonl/json/parquet/csv path or datasets name")

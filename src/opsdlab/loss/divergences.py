@@ -33,7 +33,6 @@ vocabulary (or the top-k support), ``D`` hidden size, ``K`` top-k support.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
