@@ -30,6 +30,8 @@ def fixed_batch(device="cpu") -> dict:
         "completion_ids": t(COMPLETION), "completion_mask": completion_mask,
         "route": list(ROUTES), "correct": t([True, False, True]), "truncated": t([False, False, False]),
         "opsd_step_tokens": torch.tensor(9.0, device=device),
+        # every response token of a kept row has weight 1 (`positions.token_weights`, default settings)
+        "opsd_token_weights": (completion_mask * t([[1], [0], [1]])).float(),
     }
 
 

@@ -23,6 +23,8 @@ BACKENDS = ("transformers", "vllm")
 GATES = ("all", "correct", "incorrect", "correct_or_truncated", "split")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "sampled_reverse_kl")
 TEACHER_WEIGHTS = ("frozen", "ema", "periodic", "live")
+# How much each supervised response token's loss counts, by its position (`loss.positions.POSITION_WEIGHTINGS`).
+POSITION_WEIGHTINGS = ("none", "linear", "margin_cut")
 # What the contrastive target tilts (`loss.contrastive`): the reference teacher's signal or the student's.
 ANCHORS = ("student", "reference")
 # The length-aware rewards of the `length_rl` method (`loss.rewards.LENGTH_REWARDS`).

@@ -67,6 +67,12 @@ RANGES: dict[str, tuple[Callable[[float], bool], str, str]] = {
     "lora_alpha": (_at_least(1), ">= 1", "LoRA's scale alpha / r; 0 leaves the adapters without effect"),
     "vllm_max_model_length": (_at_least(1), ">= 1 or null", "vLLM's context length in tokens"),
     "contrast_floor": (_below(0), "< 0 or null", "a floor of log-probabilities"),
+    "supervised_tokens": (_at_least(1), ">= 1 or null", "response tokens of each rollout that carry the loss"),
+    "position_floor": (_within(0, 1), "in [0, 1]", "the linear weight of a rollout's last supervised token"),
+    "margin_threshold": (_within(-100, 100), "in [-100, 100]",
+                         "a difference of log-probabilities; beyond it every token or none is cut"),
+    "margin_window": (_at_least(1), ">= 1", "response tokens in the margin's trailing mean"),
+    "anchor_beta": (_at_least(0), ">= 0", "the weight of the KL to the starting model (0: none)"),
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from opsdlab.config.choices import (ANCHORS, BATCHING, CONTEXT_READS, DIVERGENCES, GATES, GENERATION_BACKENDS,
-                                    LOSS_TYPES, REWARD_SCALINGS, SELECT_RULES, STOP_RULES, TEACHER_WEIGHTS, VLLM_MODES)
+                                    LOSS_TYPES, POSITION_WEIGHTINGS, REWARD_SCALINGS, SELECT_RULES, STOP_RULES, TEACHER_WEIGHTS, VLLM_MODES)
 from opsdlab.config.divergence import DivergenceOptions
 from opsdlab.config.methods import CONTRAST_VARIANTS
 from opsdlab.config.ranges import check_ranges, per_device_rows, rollouts_per_device
@@ -207,6 +207,19 @@ class RLVRStageConfig(VLLMGeneration, CheckSettings):
                                    self.gradient_accumulation_steps)
 
 
+def check_supervision(config) -> None:
+    """Refuse supervision settings that would silently do nothing: a `supervised_tokens` that covers every
+    token a rollout can have, and a `margin_cut` window longer than the tokens it may cut."""
+    cap = config.max_completion_length
+    if config.supervised_tokens is not None and config.supervised_tokens >= cap:
+        raise ValueError(f"opsd: supervised_tokens ({config.supervised_tokens}) >= max_completion_length ({cap}) "
+                         "supervises every token; set it below max_completion_length, or null")
+    span = cap if config.supervised_tokens is None else config.supervised_tokens
+    if config.position_weighting == "margin_cut" and config.margin_window > span:
+        raise ValueError(f"opsd: margin_window ({config.margin_window}) exceeds the {span} supervised tokens of a "
+                         "rollout, so margin_cut never cuts; make it smaller")
+
+
 @dataclass(frozen=True)
 class OPSDStageConfig(VLLMGeneration, CheckSettings):
     """OPSD settings; `CheckSettings` adds held-out checks, stopping and checkpoint selection.
@@ -231,6 +244,18 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     teacher_weights: str = "frozen"
     ema_rate: float = 0.05
     teacher_refresh_steps: int = 50  # teacher_weights "periodic": the teacher is re-copied from the student this often
+    # only the first N response tokens of each rollout carry the loss (null: every token; loss.positions)
+    supervised_tokens: int | None = None
+    # each supervised token's weight by position: none (1), linear (1 down to position_floor) or margin_cut
+    position_weighting: str = "none"
+    position_floor: float = 0.0  # linear: the weight of a rollout's last supervised token (its first has 1)
+    # margin_cut: weight 0 from the first token where the trailing mean of the teacher-minus-student log-prob
+    # of the sampled token falls below this
+    margin_threshold: float = 0.0
+    margin_window: int = 8  # margin_cut: response tokens in the trailing mean of the margin (1: no smoothing)
+    # > 0: each supervised token's loss adds anchor_beta x KL(student || the stage's starting model reading the
+    # student's prompt), a guard against collapse
+    anchor_beta: float = 0.0
     # method "contrastive" (`contrastive`): the target contrasts the teacher under `teacher_context` with
     # the same teacher under a negative context; `contrast_variant` (`contrastive.VARIANTS`) says which:
     # "unrelated_solution" (`contrast_context`, full vocabulary) or "rlcsd_plugin" (an incorrect sibling
@@ -281,7 +306,8 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     def __post_init__(self):
         for name, value, valid in (("gate", self.gate, GATES), ("divergence", self.divergence, DIVERGENCES),
                                    ("teacher_weights", self.teacher_weights, TEACHER_WEIGHTS),
-                                   ("teacher_context", self.teacher_context, CONTEXT_READS)):
+                                   ("teacher_context", self.teacher_context, CONTEXT_READS),
+                                   ("position_weighting", self.position_weighting, POSITION_WEIGHTINGS)):
             if value not in valid:
                 raise ValueError(f"opsd: {name} must be one of {sorted(valid)}, got {value!r}")
         if self.contrast_context not in CONTEXT_READS:
@@ -323,6 +349,7 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
             raise ValueError("opsd: chunk_size, max_steps, prompts_per_step and gradient_accumulation_steps "
                              "must be >= 1")
         check_ranges("opsd", self)  # learning rate, temperature (both sides' logits are divided by it) ...
+        check_supervision(self)
         DivergenceOptions(beta=self.jsd_beta, clip_tau=self.clip_tau, top_k=self.top_k)  # checks their ranges
         check_vllm_fields("opsd", self)
         check_settings("opsd", self)

@@ -9,7 +9,10 @@ logits of 4,096 tokens are 2.5 GB per float32 copy, and a divergence needs sever
 :func:`naive_divergence` is the same computation done in one shot; it is the reference for tests
 and the memory benchmark.
 
-The per-token divergences themselves, their options and the precision rules are in
+Each token's loss may be weighted (``token_weight_N``, `positions`) and may add a KL to an anchor model
+(:class:`Anchor`); :func:`sampled_log_probs` gives each side's log-probability of the sampled tokens
+alone, chunk by chunk, without gradient. The per-token divergences themselves, their options and the
+precision rules are in
 :mod:`opsdlab.loss.divergences`; a teacher head may return a
 :class:`~opsdlab.loss.targets.SupportTarget` instead of logits. Tensor names carry their axes
 as a suffix: ``N`` kept response tokens (``n`` within a chunk), ``V`` vocabulary, ``D`` hidden size.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -26,13 +30,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from opsdlab.loss.divergences import _DEFAULT_OPTIONS, DivergenceFn, DivergenceOptions, _lookup, _rowdot, _upcast
+from opsdlab.loss.divergences import (_DEFAULT_OPTIONS, DivergenceFn, DivergenceOptions, _lookup, _rowdot, _upcast,
+                                      reverse_kl)
 from opsdlab.loss.targets import SupportTarget, _from_log_probs
 
-__all__ = ["chunked_divergence", "naive_divergence"]
+__all__ = ["Anchor", "chunked_divergence", "naive_divergence", "sampled_log_probs"]
 
 
-_STAT_KEYS = ("loss_N", "student_entropy_N", "teacher_entropy_N", "student_logp_N", "teacher_logp_N", "weight_N")
+_STAT_KEYS = ("loss_N", "student_entropy_N", "teacher_entropy_N", "student_logp_N", "teacher_logp_N", "weight_N",
+              "anchor_kl_N")
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A model the student is held near: each token's loss adds ``beta x KL(p_S || p_A)`` (full vocabulary,
+    at the same temperature, no clip or top-k), p_A from ``head(hidden_ND)`` at the student's own
+    positions (StableOPD's guard against collapse, arXiv 2604.08527). No gradient reaches the anchor."""
+
+    hidden_ND: Tensor
+    head: Callable[[Tensor], Tensor]
+    beta: float
 
 # One chunk's per-name row groups: (divergence fn, row indices within the chunk
 # or None meaning "all rows").
@@ -77,16 +94,22 @@ def _loss_and_stats(
     teacher_hidden_nD: Tensor,
     sampled_ids_n: Tensor,
     groups: _Groups,
+    token_weight_n: Tensor | None = None,
+    anchor_hidden_nD: Tensor | None = None,
     *,
     student_head: Callable[[Tensor], Tensor],
     teacher_head: Callable[[Tensor], Tensor],
     options: DivergenceOptions,
     temperature: float = 1.0,
+    anchor_head: Callable[[Tensor], Tensor] | None = None,
+    anchor_beta: float = 0.0,
 ) -> tuple[Tensor, ...]:
     """Logits, per-token losses and detached stats for one block of rows.
 
     Returns ``(loss_sum, loss_n, student_entropy_n, teacher_entropy_n,
-    student_logp_n, teacher_logp_n, weight_n)``; only ``loss_sum`` carries grad. Each
+    student_logp_n, teacher_logp_n, weight_n, anchor_kl_n)``; only ``loss_sum`` carries grad.
+    ``loss_sum`` is ``sum_n w_n (D_n + beta KL_n)``: the divergence ``loss_n`` plus the anchor's
+    ``beta x anchor_kl_n`` when an anchor is given, times ``token_weight_n`` when given. Each
     side's logits are normalized once (one log-softmax) for both the loss and
     the stats. The loss is computed first and the stats last, under
     ``no_grad``: with non-reentrant checkpointing (early stop) the backward
@@ -123,7 +146,18 @@ def _loss_and_stats(
                 options,
             )
             loss_n = loss_n.index_copy(0, rows, part)
-    loss_sum = loss_n.sum()
+    token_loss_n = loss_n
+    if anchor_hidden_nD is not None:
+        with torch.no_grad():
+            a_nV = _upcast(anchor_head(anchor_hidden_nD))
+            logp_a_nV = F.log_softmax(a_nV / temperature if temperature != 1.0 else a_nV, dim=-1)
+            del a_nV
+        anchor_kl_n = _from_log_probs(reverse_kl, logp_s_nV, logp_a_nV, sampled_ids_n, _DEFAULT_OPTIONS)
+        del logp_a_nV
+        token_loss_n = loss_n + anchor_beta * anchor_kl_n
+    else:
+        anchor_kl_n = loss_n.new_zeros(loss_n.shape)
+    loss_sum = (token_loss_n if token_weight_n is None else token_loss_n * token_weight_n).sum()
 
     with torch.no_grad():
         ids_n1 = sampled_ids_n.unsqueeze(-1)
@@ -134,7 +168,7 @@ def _loss_and_stats(
         student_logp_n = logp_s_nV.gather(-1, ids_n1).squeeze(-1)
         student_entropy_n = -_rowdot(logp_s_nV.exp(), logp_s_nV)
     return (loss_sum, loss_n.detach(), student_entropy_n, teacher_entropy_n, student_logp_n, teacher_logp_n,
-            weight_n.detach())
+            weight_n.detach(), anchor_kl_n.detach())
 
 
 def _check_hidden(
@@ -205,6 +239,8 @@ def chunked_divergence(
     chunk_size: int = 256,
     temperature: float = 1.0,
     head_params: Sequence[Tensor] | None = None,
+    token_weight_N: Tensor | None = None,
+    anchor: Anchor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Summed per-token divergence from hidden states, one row chunk at a time.
 
@@ -245,6 +281,12 @@ def chunked_divergence(
             would sum them into ``.grad``). None: activation checkpointing,
             as below, for a head whose parameters cannot be named (nothing
             extra is held between forward and backward).
+        token_weight_N: Each token's loss weight (``[N]``, no gradient), or
+            None for 1: the sum is ``sum_n w_n l_n``.
+        anchor: An :class:`Anchor` (hidden states at the same ``N``
+            positions): each token's loss ``l_n`` is the divergence plus
+            ``beta x KL(p_S || p_A)``, scored in the same chunks (one more head
+            product per chunk, without gradient).
 
     Returns:
         ``(loss_sum, stats)``: the *sum* of per-token losses as a float32
@@ -252,8 +294,10 @@ def chunked_divergence(
         token count), and detached ``[N]`` tensors ``loss_N``,
         ``student_entropy_N``, ``teacher_entropy_N``, ``student_logp_N`` and
         ``teacher_logp_N`` (full-vocabulary quantities, independent of
-        ``top_k``), and ``weight_N``, each token's loss weight (1 unless
-        a :class:`SupportTarget` sets it).
+        ``top_k``), ``weight_N``, each token's loss weight (1 unless
+        a :class:`SupportTarget` sets it; ``token_weight_N`` is apart), and
+        ``anchor_kl_N`` (0 without an anchor). ``loss_N`` is the divergence
+        alone: unweighted, without the anchor's term.
 
     Memory, without ``head_params``: each chunk runs under ``torch.utils.checkpoint.checkpoint(...,
     use_reentrant=False)``. The forward keeps only the chunk's inputs (hidden
@@ -270,17 +314,15 @@ def chunked_divergence(
     _check_temperature(temperature)
     n_tokens = _check_hidden(student_hidden_ND, teacher_hidden_ND, sampled_ids_N)
     resolved = _resolve_names(names, n_tokens)
+    extras = _check_extras(token_weight_N, anchor, n_tokens)
     if n_tokens == 0:
         return _empty_result(student_hidden_ND)
     teacher_hidden_ND = teacher_hidden_ND.detach()
-    block = functools.partial(
-        _loss_and_stats, student_head=student_head, teacher_head=teacher_head, options=options,
-        temperature=float(temperature),
-    )
+    block = _block(student_head, teacher_head, options, temperature, anchor)
 
     if head_params is not None and torch.is_grad_enabled() and student_hidden_ND.requires_grad:
         return _chunked_gradient_in_forward(block, student_hidden_ND, teacher_hidden_ND, sampled_ids_N,
-                                            resolved, chunk_size, list(head_params))
+                                            resolved, chunk_size, list(head_params), extras)
     loss_sums: list[Tensor] = []
     stat_parts: list[tuple[Tensor, ...]] = []
     for start, end, groups in _chunks(resolved, n_tokens, chunk_size, sampled_ids_N.device):
@@ -290,11 +332,41 @@ def chunked_divergence(
             teacher_hidden_ND[start:end],
             sampled_ids_N[start:end],
             groups,
+            *_rows(extras, start, end),
             use_reentrant=False,
         )
         loss_sums.append(loss_sum)
         stat_parts.append(tuple(stats))
     return _summed(loss_sums), _stats_by_key(stat_parts)
+
+
+def _check_extras(token_weight_N: Tensor | None, anchor: Anchor | None, n_tokens: int) -> tuple:
+    """``(token weights or None, anchor hidden states or None)``, checked against the ``n_tokens`` rows."""
+    if token_weight_N is not None:
+        if token_weight_N.shape != (n_tokens,) or not token_weight_N.is_floating_point():
+            raise ValueError(f"token_weight_N must be a float [{n_tokens}], got {token_weight_N.dtype} "
+                             f"{tuple(token_weight_N.shape)}")
+        token_weight_N = token_weight_N.detach()
+    anchor_hidden_ND = None
+    if anchor is not None:
+        anchor_hidden_ND = anchor.hidden_ND.detach()
+        if anchor_hidden_ND.dim() != 2 or anchor_hidden_ND.shape[0] != n_tokens:
+            raise ValueError(f"anchor hidden states must be [{n_tokens}, D], got {tuple(anchor_hidden_ND.shape)}")
+    return token_weight_N, anchor_hidden_ND
+
+
+def _rows(extras: tuple, start: int, end: int) -> tuple:
+    """Rows ``[start, end)`` of each of `_check_extras`' tensors (None stays None)."""
+    return tuple(None if t is None else t[start:end] for t in extras)
+
+
+def _block(student_head, teacher_head, options, temperature, anchor: Anchor | None):
+    """`_loss_and_stats` with the heads, options and anchor settings bound."""
+    return functools.partial(
+        _loss_and_stats, student_head=student_head, teacher_head=teacher_head, options=options,
+        temperature=float(temperature), anchor_head=None if anchor is None else anchor.head,
+        anchor_beta=0.0 if anchor is None else float(anchor.beta),
+    )
 
 
 def _chunks(resolved, n_tokens: int, chunk_size: int, device: torch.device):
@@ -314,7 +386,8 @@ def _stats_by_key(stat_parts: list[tuple[Tensor, ...]]) -> dict[str, Tensor]:
 
 
 def _chunked_gradient_in_forward(block, student_hidden_ND: Tensor, teacher_hidden_ND: Tensor, sampled_ids_N: Tensor,
-                                 resolved, chunk_size: int, head_params: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+                                 resolved, chunk_size: int, head_params: list[Tensor],
+                                 extras: tuple) -> tuple[Tensor, dict[str, Tensor]]:
     """`chunked_divergence` with each chunk's gradient taken in the forward (`_GradientInForward`)."""
     n_tokens = student_hidden_ND.shape[0]
     stat_parts: list[tuple[Tensor, ...]] = []
@@ -330,7 +403,7 @@ def _chunked_gradient_in_forward(block, student_hidden_ND: Tensor, teacher_hidde
                 # gradients (`register_multi_grad_hook`, e.g. FlopCounterMode's module tracker) cannot
                 # be given a leaf inside `autograd.grad`.
                 loss_sum, *stats = block(rows.view_as(rows), teacher_hidden_ND[start:end], sampled_ids_N[start:end],
-                                         groups)
+                                         groups, *_rows(extras, start, end))
                 grads = torch.autograd.grad(loss_sum, (rows, *params), allow_unused=True)
             grad_hidden[start:end] = 0.0 if grads[0] is None else grads[0]
             for i, g in enumerate(grads[1:]):
@@ -354,6 +427,8 @@ def naive_divergence(
     options: DivergenceOptions | None = None,
     chunk_size: int = 256,
     temperature: float = 1.0,
+    token_weight_N: Tensor | None = None,
+    anchor: Anchor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Same contract as :func:`chunked_divergence`, computed in one shot.
 
@@ -369,17 +444,29 @@ def naive_divergence(
     _check_temperature(temperature)
     n_tokens = _check_hidden(student_hidden_ND, teacher_hidden_ND, sampled_ids_N)
     resolved = _resolve_names(names, n_tokens)
+    extras = _check_extras(token_weight_N, anchor, n_tokens)
     if n_tokens == 0:
         return _empty_result(student_hidden_ND)
     groups = _groups_for_range(resolved, 0, n_tokens, sampled_ids_N.device)
-    total, *stats = _loss_and_stats(
-        student_hidden_ND,
-        teacher_hidden_ND.detach(),
-        sampled_ids_N,
-        groups,
-        student_head=student_head,
-        teacher_head=teacher_head,
-        options=options,
-        temperature=float(temperature),
-    )
+    total, *stats = _block(student_head, teacher_head, options, temperature, anchor)(
+        student_hidden_ND, teacher_hidden_ND.detach(), sampled_ids_N, groups, *extras)
     return total, dict(zip(_STAT_KEYS, stats))
+
+
+@torch.no_grad()
+def sampled_log_probs(hidden_ND: Tensor, head: Callable[[Tensor], Tensor], sampled_ids_N: Tensor,
+                      chunk_size: int = 256, temperature: float = 1.0) -> Tensor:
+    """``log p(y_n)`` of each sampled token at the temperature (float32 ``[N]``, no gradient), from hidden
+    states through ``head`` one row chunk at a time: the same log-probabilities as the stats of
+    :func:`chunked_divergence`, without a ``[N, V]`` tensor or the divergence."""
+    _check_temperature(temperature)
+    parts = []
+    for start in range(0, hidden_ND.shape[0], chunk_size):
+        logits_nV = _upcast(head(hidden_ND[start:start + chunk_size]))
+        if temperature != 1.0:
+            logits_nV = logits_nV / temperature
+        ids_n1 = sampled_ids_N[start:start + chunk_size].unsqueeze(-1)
+        parts.append((logits_nV.gather(-1, ids_n1) - torch.logsumexp(logits_nV, dim=-1, keepdim=True)).squeeze(-1))
+    if not parts:
+        return hidden_ND.new_zeros(0, dtype=torch.promote_types(hidden_ND.dtype, torch.float32))
+    return torch.cat(parts)

@@ -39,7 +39,8 @@ from opsdlab.config.stages import OPSDStageConfig
 from opsdlab.stages.checks import attach_checks, train_checked
 from opsdlab.loss.contrastive import VARIANTS, pack
 from opsdlab.tasks.data import DEFAULT_INSTRUCTION, Example, pair_unrelated
-from opsdlab.loss.chunked import chunked_divergence
+from opsdlab.loss.chunked import Anchor, chunked_divergence, sampled_log_probs
+from opsdlab.loss.positions import POSITION_WEIGHTINGS, supervised, token_weights
 from opsdlab.loss.targets import SupportTarget
 from opsdlab.loss.gates import route
 from opsdlab.modeling.models import end_token_ids, head_dtype, output_head, save_policy
@@ -48,7 +49,7 @@ from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import VerifierReward
 from opsdlab.stages.rlvr import RefillSampler, concat_batches, global_sum, grpo_args, rl_dataset, select_rows
 from opsdlab.modeling.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish, write_updates
-from opsdlab.stages.teacher import (build_teacher, is_zero3, load_teacher_state, save_teacher_state,
+from opsdlab.stages.teacher import (build_teacher, is_zero3, load_teacher_state, save_teacher_state, start_weights,
                                     student_adapter_saved_alone)
 from opsdlab.tasks.verifier import VerifierConfig
 from opsdlab.evaluation.vllm_backend import colocated_engine_released, keep_cpu_weights_syncable
@@ -116,6 +117,40 @@ def check_alignment(student_ids, student_attn, student_positions: slice, teacher
         if not ok:
             raise RuntimeError(f"OPSD alignment: the {role}'s scored positions do not predict the response tokens; "
                                "check prompt padding and the chat template")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One forward pass's input: a prompt followed by the response, and the positions that score the response."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    positions: slice
+
+
+# The batch key of each role's left-padded prompt ids (`<key>_ids`) and mask (`<key>_mask`).
+_PROMPT_KEYS = {"student": "prompt", "teacher": "teacher_prompt", "contrast": "contrast_prompt"}
+
+
+def aligned_sequences(inputs: dict, rows: torch.Tensor, width: int,
+                      roles: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Side]]:
+    """The response ids and mask of `rows` (tool tokens masked out), cut to their first `width` columns, and
+    each role's `Side` reading them, every other role checked against the student (`check_alignment`)."""
+    response_ids = inputs["completion_ids"][rows, :width]
+    response_attn = inputs["completion_mask"][rows, :width]
+    response_mask = response_attn * inputs["tool_mask"][rows, :width] if "tool_mask" in inputs else response_attn
+    sides = {}
+    for role in roles:
+        prompt_ids, prompt_mask = (inputs[f"{_PROMPT_KEYS[role]}_{part}"][rows] for part in ("ids", "mask"))
+        sides[role] = Side(torch.cat([prompt_ids, response_ids], dim=1), torch.cat([prompt_mask, response_attn], dim=1),
+                           response_positions(prompt_ids.shape[1], width))
+    student = sides["student"]
+    for role in roles:
+        if role != "student":
+            other = sides[role]
+            check_alignment(student.ids, student.attn, student.positions, other.ids, other.attn, other.positions,
+                            response_ids, response_mask)
+    return response_ids, response_mask, sides
 
 
 def _backbone(model) -> torch.nn.Module | None:
@@ -297,6 +332,9 @@ class OPSDTrainer(GRPOTrainer):
         self.teacher = build_teacher(opsd.teacher_weights, self.accelerator.unwrap_model(self.model),
                                      self.accelerator, rate=opsd.ema_rate, refresh_steps=opsd.teacher_refresh_steps,
                                      pretrained_adapter=pretrained_adapter)
+        # The stage's starting weights, which the loss's anchor term reads (`start_weights`): None without one.
+        self.anchor = (start_weights(self.teacher, self.accelerator.unwrap_model(self.model), self.accelerator,
+                                     pretrained_adapter=pretrained_adapter) if opsd.anchor_beta > 0 else None)
         self.divergence_options = divergence_options(opsd)
         self.scoring = SCORINGS[scoring_for(self.accelerator)]
         self.head_dtype = head_dtype(self.accelerator)  # bf16 operands, float32 logits under bf16 mixed precision
@@ -366,13 +404,81 @@ class OPSDTrainer(GRPOTrainer):
                                                              self.accelerator.process_index)))
         merged = rounds[0] if len(rounds) == 1 else self._kept_first(rounds, size)
         kept_rows = [i for i, r in enumerate(merged["route"]) if r is not None]
-        local_tokens = float(merged["completion_mask"][kept_rows].sum()) if kept_rows else 0.0
-        merged["opsd_step_tokens"] = torch.tensor(global_sum(self.accelerator, local_tokens),
+        merged["opsd_token_weights"] = weights = self._token_weights(merged, kept_rows, mode)
+        merged["opsd_step_tokens"] = torch.tensor(global_sum(self.accelerator, float(weights.sum())),
                                                   device=merged["prompt_ids"].device)
         metrics = self._metrics[mode]
         metrics["opsd/kept_fraction"].append(len(kept_rows) / size)
         metrics["opsd/refill_rounds"].append(len(rounds) - 1)
         return merged
+
+    def _token_weights(self, batch: dict, kept_rows: list[int], mode: str) -> torch.Tensor:
+        """Each response token's loss weight (`positions.token_weights`; 0 on gated-out rollouts), decided here,
+        before the step's loss, so that the step's summed weight normalises it over every micro-batch and
+        process (`loss_normalizer`). The margins that `margin_cut` reads are scored now (`_margins`), with
+        the weights the loss will read: one generation batch feeds one optimizer step."""
+        response = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
+        kept = torch.zeros(response.shape[0], device=response.device)
+        kept[kept_rows] = 1.0
+        response = response.float() * kept[:, None]
+        reads_margin = POSITION_WEIGHTINGS[self.opsd.position_weighting].reads_margin
+        margin = self._margins(batch, supervised(response, self.opsd.supervised_tokens)) if reads_margin else None
+        weights = token_weights(response, self.opsd, margin)
+        if self.opsd.supervised_tokens is not None or self.opsd.position_weighting != "none":
+            in_scope = supervised(response, self.opsd.supervised_tokens)
+            totals = torch.stack([response.sum(), (weights > 0).sum(), in_scope.sum(), weights.sum(),
+                                  (margin * in_scope).sum() if margin is not None else weights.new_zeros(())]).tolist()
+            metrics = self._metrics[mode]
+            if totals[0]:  # (a round that kept nothing has no tokens to describe)
+                # the share of the kept rollouts' response tokens that carry a loss, and the mean weight of
+                # the supervised tokens (those within supervised_tokens)
+                metrics["opsd/supervised_fraction"].append(totals[1] / totals[0])
+                metrics["opsd/mean_weight"].append(totals[3] / totals[2])
+                if margin is not None:
+                    metrics["opsd/margin"].append(totals[4] / totals[2])
+        return weights
+
+    @torch.no_grad()
+    def _margins(self, batch: dict, scope: torch.Tensor) -> torch.Tensor:
+        """The teacher-minus-student log-probability of each sampled token within `scope` (a [B, C] mask; 0
+        elsewhere), scored a micro-batch of rows at a time.
+
+        Every process runs the same number of forward passes (sharded launches gather weights in each):
+        a process with fewer rows to score scores a placeholder row and discards it.
+        """
+        margin = torch.zeros(scope.shape, device=scope.device)
+        width = scope.shape[1] if self.opsd.supervised_tokens is None else min(scope.shape[1],
+                                                                                self.opsd.supervised_tokens)
+        rows = [i for i, any_token in enumerate(scope.any(dim=1).tolist()) if any_token]
+        step = self.args.per_device_train_batch_size
+        parts = [rows[i:i + step] for i in range(0, len(rows), step)]
+        count = len(parts)
+        if self.accelerator.num_processes > 1:
+            count = int(self.accelerator.gather(torch.tensor([count], device=scope.device)).max())
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        for k in range(count):
+            part = parts[k] if k < len(parts) else [0]
+            index = torch.tensor(part, device=scope.device)
+            response_ids, _, sides = aligned_sequences(batch, index, width, ("student", "teacher"))
+            student, teacher = sides["student"], sides["teacher"]
+            student_scores = self.scoring.scores(self.model, student.ids, student.attn, student.positions)
+            with self.teacher.use(unwrapped) as teacher_model:
+                teacher_scores = self.scoring.scores(teacher_model, teacher.ids, teacher.attn, teacher.positions)
+                teacher_head = self.scoring.head(self.accelerator.unwrap_model(teacher_model), self.head_dtype)
+            if k >= len(parts):
+                continue
+            flat = scope[index, :width].reshape(-1).nonzero().squeeze(1)
+            ids = response_ids.reshape(-1).index_select(0, flat)
+
+            def log_probs(scores, head):
+                hidden = scores.reshape(-1, scores.shape[-1]).index_select(0, flat)
+                return sampled_log_probs(hidden, head, ids, self.opsd.chunk_size, self.temperature)
+
+            block = torch.zeros(len(part) * width, device=scope.device)
+            block[flat] = (log_probs(teacher_scores, teacher_head)
+                           - log_probs(student_scores, self.scoring.head(unwrapped, self.head_dtype)))
+            margin[index, :width] = block.view(len(part), width)
+        return margin
 
     def _kept_first(self, rounds: list[dict], size: int) -> dict:
         """`size` rows of several gated rounds: every kept rollout first, then gated-out ones."""
@@ -389,43 +495,42 @@ class OPSDTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         keep = [i for i, r in enumerate(inputs["route"]) if r is not None]
-        # With nothing kept here, one row still goes through both forwards with zero weight: every
-        # process must run the same forward/backward collectives (DDP's gradient all-reduce).
         rows_list = keep or [0]
         rows = torch.tensor(rows_list, device=inputs["prompt_ids"].device)
-        completion_ids = inputs["completion_ids"][rows]
-        completion_mask = inputs["completion_mask"][rows]
-        if "tool_mask" in inputs:
-            completion_mask = completion_mask * inputs["tool_mask"][rows]
-        student_ids = torch.cat([inputs["prompt_ids"][rows], completion_ids], dim=1)
-        student_attn = torch.cat([inputs["prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
-        teacher_ids = torch.cat([inputs["teacher_prompt_ids"][rows], completion_ids], dim=1)
-        teacher_attn = torch.cat([inputs["teacher_prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
-        c_width = completion_ids.shape[1]
-        student_positions = response_positions(inputs["prompt_ids"].shape[1], c_width)
-        teacher_positions = response_positions(inputs["teacher_prompt_ids"].shape[1], c_width)
-        check_alignment(student_ids, student_attn, student_positions, teacher_ids, teacher_attn, teacher_positions,
-                        completion_ids, completion_mask)
+        weights = inputs["opsd_token_weights"][rows]  # 0 on gated-out rows, padding and unsupervised tokens
+        carried = weights > 0
+        # The tokens scored are those of weight > 0. Where this micro-batch has none, its rows' response
+        # tokens still go through every pass with weight 0: every process must run the same forward/backward
+        # collectives (DDP's gradient all-reduce).
+        response = inputs["completion_mask"][rows].bool()
+        scored = torch.where(carried.any(), carried, response)
+        columns = torch.arange(1, scored.shape[1] + 1, device=scored.device)
+        # One read back from the device: tokens scored per row, the columns that hold them, the summed weight.
+        *lengths, width, weight_sum = torch.cat([scored.sum(dim=1), (scored.any(dim=0) * columns).max().view(1),
+                                                 weights.sum().view(1)]).float().tolist()
+        lengths = [int(n) for n in lengths]
+        width = max(int(width), 1)  # later columns carry no loss: the forwards stop there (causal attention)
         contrast = "contrast_prompt_ids" in inputs
-        if contrast:
-            contrast_ids = torch.cat([inputs["contrast_prompt_ids"][rows], completion_ids], dim=1)
-            contrast_attn = torch.cat([inputs["contrast_prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
-            contrast_positions = response_positions(inputs["contrast_prompt_ids"].shape[1], c_width)
-            check_alignment(student_ids, student_attn, student_positions, contrast_ids, contrast_attn,
-                            contrast_positions, completion_ids, completion_mask)
+        response_ids, _, sides = aligned_sequences(inputs, rows, width,
+                                                   ("student", "teacher", "contrast") if contrast else ("student", "teacher"))
+        student, teacher = sides["student"], sides["teacher"]
 
-        student_scores = self.scoring.scores(model, student_ids, student_attn, student_positions)
+        student_scores = self.scoring.scores(model, student.ids, student.attn, student.positions)
         unwrapped = self.accelerator.unwrap_model(model)
         with torch.no_grad(), self.teacher.use(unwrapped) as teacher_model:
-            teacher_scores = self.scoring.scores(teacher_model, teacher_ids, teacher_attn, teacher_positions)
+            teacher_scores = self.scoring.scores(teacher_model, teacher.ids, teacher.attn, teacher.positions)
             if contrast:
-                contrast_scores = self.scoring.scores(teacher_model, contrast_ids, contrast_attn, contrast_positions)
+                contrast_scores = self.scoring.scores(teacher_model, sides["contrast"].ids, sides["contrast"].attn,
+                                                      sides["contrast"].positions)
             teacher_head = self.scoring.head(self.accelerator.unwrap_model(teacher_model), self.head_dtype)
-        mask = completion_mask.bool()
+        if self.anchor is not None:  # the starting model reads the student's own (checked) sequence
+            with torch.no_grad(), self.anchor.use(unwrapped) as start_model:
+                anchor_scores = self.scoring.scores(start_model, student.ids, student.attn, student.positions)
+                anchor_head = self.scoring.head(self.accelerator.unwrap_model(start_model), self.head_dtype)
+        mask = scored[:, :width]
         names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
-        # Kept tokens, row-major, as one index: no boolean-mask indexing (each one a device read-back).
+        # Scored tokens, row-major, as one index: no boolean-mask indexing (each one a device read-back).
         flat = mask.reshape(-1).nonzero().squeeze(1)
-        lengths = mask.sum(dim=1).tolist()
         token_names = [names[r] for r, n in enumerate(lengths) for _ in range(n)]
 
         def kept(scores):
@@ -436,27 +541,31 @@ class OPSDTrainer(GRPOTrainer):
         if contrast:  # the "teacher" is the contrastive target: [student | teacher | negative teacher] -> target
             teacher_kept = pack(kept(student_scores), teacher_kept, kept(contrast_scores))
             teacher_head = self._contrast_head(student_head, teacher_head, student_scores.shape[-1])
+        token_weights_n = weights[:, :width].reshape(-1).index_select(0, flat)
+        anchor = None if self.anchor is None else Anchor(kept(anchor_scores), anchor_head, self.opsd.anchor_beta)
         loss_sum, stats = chunked_divergence(
-            kept(student_scores), teacher_kept, student_head, teacher_head, completion_ids.reshape(-1).index_select(0, flat), token_names, self.divergence_options,
+            kept(student_scores), teacher_kept, student_head, teacher_head, response_ids.reshape(-1).index_select(0, flat), token_names, self.divergence_options,
             chunk_size=self.opsd.chunk_size, temperature=self.temperature, head_params=self.scoring.head_params(unwrapped),
+            token_weight_N=token_weights_n, anchor=anchor,
         )
-        tokens = sum(lengths) if keep else 0
+        tokens = sum(lengths) if weight_sum > 0 else 0  # tokens that carry a loss
         if mode == "train":
+            # `opsd_step_tokens`: the step's summed token weight (its supervised tokens when every weight is 1)
             normalizer = loss_normalizer(float(inputs["opsd_step_tokens"]), self.accelerator.num_processes,
                                          self.current_gradient_accumulation_steps, self.args.steps_per_generation)
             self._step_kept_tokens += tokens
             self._step_undecided = True
         else:
-            normalizer = max(tokens, 1)
-        loss = loss_sum * (1.0 if keep else 0.0) / normalizer
+            normalizer = weight_sum or 1.0
+        loss = loss_sum * (1.0 if tokens else 0.0) / normalizer
 
         metrics = self._metrics[mode]
-        if keep:
+        if tokens:
             with torch.no_grad():  # the logged numbers in one read-back
-                logged = torch.stack([loss_sum.detach() / tokens, stats["student_entropy_N"].mean(),
+                logged = torch.stack([loss_sum.detach() / weight_sum, stats["student_entropy_N"].mean(),
                                       stats["teacher_entropy_N"].mean(),
                                       (stats["teacher_logp_N"] - stats["student_logp_N"]).mean(),
-                                      stats["weight_N"].mean()]).tolist()
+                                      stats["weight_N"].mean(), stats["anchor_kl_N"].mean()]).tolist()
             metrics["opsd/loss"].append(logged[0])
             metrics["opsd/kept_tokens"].append(float(tokens))
             metrics["opsd/student_entropy"].append(logged[1])
@@ -464,8 +573,10 @@ class OPSDTrainer(GRPOTrainer):
             metrics["opsd/teacher_minus_student_logp"].append(logged[3])
             if contrast:
                 metrics["opsd/contrast_token_weight"].append(logged[4])
+            if self.anchor is not None:
+                metrics["opsd/anchor_kl"].append(logged[5])
             if mode == "train":
-                self._write_token_stats(completion_ids, mask, stats, names, inputs["correct"][rows])
+                self._write_token_stats(response_ids, mask, stats, names, inputs["correct"][rows], token_weights_n)
         return loss
 
     def _contrast_head(self, student_head, teacher_head, width: int):
@@ -549,8 +660,12 @@ class OPSDTrainer(GRPOTrainer):
             if skipped.is_file():  # (checkpoints written before it was kept have none: counted from here)
                 self.skipped_steps = json.loads(skipped.read_text())["skipped_steps"]
 
-    def _write_token_stats(self, completion_ids, mask, stats, names, correct) -> None:
-        """Per-token numbers of a few rollouts: the report ranks tokens and draws KL by position."""
+    def _write_token_stats(self, completion_ids, mask, stats, names, correct, weights) -> None:
+        """Per-token numbers of a few rollouts: the report ranks tokens and draws KL by position.
+
+        The tokens are those scored (the supervised ones of weight > 0); `loss` is each one's divergence to
+        the teacher, unweighted. With a position weighting each row also has each token's `weight`, with an
+        anchor each token's `anchor_kl`."""
         if self.token_stats_path is None or not self.accelerator.is_main_process or self.opsd.token_stats_rows == 0:
             return
         lengths = mask.sum(dim=1).tolist()
@@ -567,6 +682,10 @@ class OPSDTrainer(GRPOTrainer):
                     "token_ids": completion_ids[r][mask[r]].tolist(),
                     "loss": [round(x, 5) for x in stats["loss_N"][a:b].tolist()],
                     "logp_shift": [round(x, 5) for x in (stats["teacher_logp_N"][a:b] - stats["student_logp_N"][a:b]).tolist()],
+                    **({"weight": [round(x, 5) for x in weights[a:b].tolist()]}
+                       if self.opsd.position_weighting != "none" else {}),
+                    **({"anchor_kl": [round(x, 5) for x in stats["anchor_kl_N"][a:b].tolist()]}
+                       if self.anchor is not None else {}),
                 }) + "\n")
 
 

@@ -6,6 +6,9 @@
   `refresh_steps`-th optimizer step that updated the student (CRISP, arXiv 2603.05433); frozen between.
 - `live`: the current student itself.
 
+The OPSD loss's anchor (`opsd.anchor_beta`) reads the stage's starting weights too (`start_weights`): the
+frozen teacher's own, or a frozen teacher of its own beside any other.
+
 A separate teacher network is built the way TRL builds its reference model, never by deep-copying
 the student: TRL patches the student's `forward` on the instance (its fused LM head) with a closure
 over the student's own bound method, so a deep copy would run the *student's* backbone. The copy is
@@ -335,6 +338,20 @@ def build_teacher(kind: str, student, accelerator, *, rate: float = 0.05, refres
     with _rng_untouched(accelerator):
         return TEACHER_WEIGHTS[kind](student, accelerator, rate=rate, refresh_steps=refresh_steps,
                                      pretrained_adapter=pretrained_adapter)
+
+
+def start_weights(teacher, student, accelerator, *, pretrained_adapter: bool = False):
+    """The stage's starting weights, for the anchor of the OPSD loss (`opsd.anchor_beta`): used like a
+    teacher (`use(student)` yields the module to run).
+
+    A frozen teacher already holds them and is returned itself: no second copy. Otherwise a frozen teacher
+    is built: a separate copy of the student, or with PEFT the base with adapters disabled (a copy of a
+    pretrained adapter when the student arrived with one). Rebuilt from the starting weights on resume,
+    like any frozen teacher.
+    """
+    if isinstance(teacher, FrozenTeacher):
+        return teacher
+    return build_teacher("frozen", student, accelerator, pretrained_adapter=pretrained_adapter)
 
 
 def save_teacher_state(teacher, student, folder: str | Path) -> None:
