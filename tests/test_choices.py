@@ -13,6 +13,7 @@ REGISTRIES = {
     "gates": (choices.GATES, "opsdlab.loss.gates", "GATES"),
     "divergences": (choices.DIVERGENCES, "opsdlab.loss.divergences", "DIVERGENCES"),
     "teacher weights": (choices.TEACHER_WEIGHTS, "opsdlab.stages.teacher", "TEACHER_WEIGHTS"),
+    "position weightings": (choices.POSITION_WEIGHTINGS, "opsdlab.loss.positions", "POSITION_WEIGHTINGS"),
     "teacher contexts": (choices.CONTEXT_READS, "opsdlab.tasks.prompts", "TEACHER_CONTEXTS"),
     "length rewards": (choices.LENGTH_REWARDS, "opsdlab.loss.rewards", "LENGTH_REWARDS"),
     "stop rules": (choices.STOP_RULES, "opsdlab.stages.checks", "STOP_RULES"),

@@ -56,6 +56,16 @@ def test_a_negative_learning_rate_stops_the_demo_at_once(tmp_path, capsys, no_mo
     ("opsd.learning_rate=.inf", "opsd: learning_rate must be a finite number, got inf"),
     ("opsd.contrast_weight=.nan", "opsd: contrast_weight must be a finite number, got nan"),
     ("arms=[{name: x, learning_rate: -1}]", "arms.x: learning_rate must be > 0"),
+    ("opsd.supervised_tokens=0", "opsd: supervised_tokens must be >= 1 or null"),
+    ("opsd.position_floor=1.5", "opsd: position_floor must be in [0, 1]"),
+    ("opsd.margin_window=0", "opsd: margin_window must be >= 1"),
+    ("opsd.anchor_beta=-0.1", "opsd: anchor_beta must be >= 0"),
+    ("opsd.position_weighting=cosine", "opsd: position_weighting must be one of ['linear', 'margin_cut', 'none']"),
+    # Combinations that would silently do nothing.
+    ("opsd.supervised_tokens=192", "opsd: supervised_tokens (192) >= max_completion_length (192) supervises every "
+                                   "token"),
+    ("arms=[{name: x, position_weighting: margin_cut, supervised_tokens: 4}]",
+     "arms.x: margin_window (8) exceeds the 4 supervised tokens of a rollout, so margin_cut never cuts"),
 ])
 def test_a_value_a_stage_would_refuse_is_refused_by_the_config(override, message):
     with pytest.raises(ConfigError) as error:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opsdlab.config.divergence import DivergenceOptions
-from opsdlab.loss.chunked import chunked_divergence, naive_divergence
+from opsdlab.loss.chunked import Anchor, chunked_divergence, naive_divergence, sampled_log_probs
 from opsdlab.loss.divergences import (
     DIVERGENCES,
     per_token_divergence,
@@ -308,7 +308,8 @@ def test_chunked_matches_naive(name_case, opt_key, chunk_size):
     torch.testing.assert_close(got[0], ref[0], **tol)
     assert got[0].dtype == torch.float32 and got[0].dim() == 0
     assert set(got[1]) == set(ref[1]) == {
-        "loss_N", "student_entropy_N", "teacher_entropy_N", "student_logp_N", "teacher_logp_N", "weight_N"
+        "loss_N", "student_entropy_N", "teacher_entropy_N", "student_logp_N", "teacher_logp_N", "weight_N",
+        "anchor_kl_N",
     }
     for key in ref[1]:
         assert got[1][key].shape == (N_TOK,) and not got[1][key].requires_grad
@@ -331,6 +332,85 @@ def test_chunked_per_row_names_match_per_token_calls():
     torch.testing.assert_close(stats["student_entropy_N"], token_entropy(s))
     teacher_logp = t.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
     torch.testing.assert_close(stats["teacher_logp_N"], teacher_logp)
+
+
+# --------------------------------------------------------------------------- #
+# Token weights and the anchor
+# --------------------------------------------------------------------------- #
+
+# Identity heads: the "hidden states" are the logits. Token 0: pS = [0.5, 0.5], pT = [0.75, 0.25],
+# anchor pA = [0.25, 0.75]; token 1: pS = [0.8, 0.2], pT = [0.5, 0.5], pA = pS.
+def _two_tokens():
+    student = torch.cat([logits_of(0.5, 0.5), logits_of(0.8, 0.2)])
+    teacher = torch.cat([logits_of(0.75, 0.25), logits_of(0.5, 0.5)])
+    anchor = torch.cat([logits_of(0.25, 0.75), logits_of(0.8, 0.2)])
+    return student, teacher, anchor, torch.tensor([0, 1])
+
+
+def identity(h):
+    return h
+
+
+@pytest.mark.parametrize("path", ["naive", "checkpointed", "gradient_in_forward"])
+def test_weighted_anchored_loss_hand_computed(path):
+    # KL(pS || pT): 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.143841; 0.8 ln 1.6 + 0.2 ln 0.4 = 0.192745.
+    # KL(pS || pA): token 0 is the mirror of token 0 above, 0.143841; token 1: 0.
+    # Weights [1, 0.5], beta 0.3: 1 x (0.143841 + 0.3 x 0.143841) + 0.5 x 0.192745 = 0.283366.
+    student, teacher, anchor, ids = _two_tokens()
+    student.requires_grad_()
+    fn = naive_divergence if path == "naive" else chunked_divergence
+    extra = {"head_params": []} if path == "gradient_in_forward" else {}
+    total, stats = fn(student, teacher, identity, identity, ids, "reverse_kl", chunk_size=1,
+                      token_weight_N=torch.tensor([1.0, 0.5]), anchor=Anchor(anchor, identity, 0.3), **extra)
+    assert total.item() == pytest.approx(0.283366, abs=1e-5)
+    assert stats["loss_N"].tolist() == pytest.approx([0.143841, 0.192745], abs=1e-5)  # the divergence alone
+    assert stats["anchor_kl_N"].tolist() == pytest.approx([0.143841, 0.0], abs=1e-5)
+    total.backward()
+    # The gradient of the same sum written with the per-token divergence itself.
+    reference = student.detach().clone().requires_grad_()
+    expected = (torch.tensor([1.0, 0.5]) * (reverse_kl(reference, teacher, ids)
+                                            + 0.3 * reverse_kl(reference, anchor, ids))).sum()
+    expected.backward()
+    torch.testing.assert_close(student.grad, reference.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64])
+@pytest.mark.parametrize("name_case", ["reverse_kl", "mixed"])
+def test_weighted_anchored_chunked_matches_naive(name_case, chunk_size):
+    names = {"mixed": MIXED}.get(name_case, name_case)
+    g = torch.Generator().manual_seed(9)
+    weights = torch.rand(N_TOK, generator=g)
+    results = []
+    for fn in (naive_divergence, chunked_divergence):
+        head, teacher_head, hs, ht, ids = make_problem(3)
+        anchor = Anchor(hs + 0.3 * torch.randn(N_TOK, HID, generator=torch.Generator().manual_seed(1)), head, 0.7)
+        hs.requires_grad_()
+        total, stats = fn(hs, ht, head, teacher_head, ids, names, DivergenceOptions(top_k=7), chunk_size=chunk_size,
+                          token_weight_N=weights, anchor=anchor)
+        total.backward()
+        results.append((total.detach(), stats, hs.grad, head.weight.grad))
+        torch.testing.assert_close(total.detach(), ((stats["loss_N"] + 0.7 * stats["anchor_kl_N"]) * weights).sum(),
+                                   atol=1e-5, rtol=1e-5)
+    (ref, ref_stats, *ref_grads), (got, got_stats, *got_grads) = results
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_stats["anchor_kl_N"], ref_stats["anchor_kl_N"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_log_probs_are_the_stats_log_probs():
+    head, _, hs, ht, ids = make_problem(6)
+    _, stats = chunked_divergence(hs, ht, head, head, ids, "reverse_kl", chunk_size=8, temperature=0.7)
+    got = sampled_log_probs(hs, head, ids, chunk_size=8, temperature=0.7)
+    torch.testing.assert_close(got, stats["student_logp_N"])
+
+
+def test_bad_token_weights_and_anchor_raise():
+    head, _, hs, ht, ids = make_problem(7)
+    with pytest.raises(ValueError, match="token_weight_N must be a float"):
+        chunked_divergence(hs, ht, head, head, ids, "reverse_kl", token_weight_N=torch.ones(3))
+    with pytest.raises(ValueError, match="anchor hidden states"):
+        chunked_divergence(hs, ht, head, head, ids, "reverse_kl", anchor=Anchor(hs[:3], head, 1.0))
 
 
 def test_chunked_teacher_side_gets_no_gradient():
