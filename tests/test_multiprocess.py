@@ -1,5 +1,6 @@
-"""Two CPU processes (torchrun, gloo): OPSD with a rank whose gate keeps nothing, OPSD with one rollout
-per prompt, RLVR with dynamic sampling. Each run must finish (no hang) with identical weights on both ranks."""
+"""Two CPU processes (torchrun, gloo): OPSD with a rank whose gate keeps nothing (plain, and with
+supervised tokens, margin_cut weights and an anchor), OPSD with one rollout per prompt, RLVR with dynamic
+sampling. Each run must finish (no hang) with identical weights on both ranks."""
 
 import json
 import os
@@ -32,7 +33,7 @@ def _ranks(out: Path):
     return weights, infos
 
 
-@pytest.mark.parametrize("mode", ["opsd", "opsd-single", "rlvr"])
+@pytest.mark.parametrize("mode", ["opsd", "opsd-weighted", "opsd-single", "rlvr"])
 def test_two_processes_finish_with_identical_weights(tmp_path, tiny_folder, mode):
     _launch(mode, tiny_folder, tmp_path)
     (w0, w1), (i0, i1) = _ranks(tmp_path)
@@ -52,7 +53,7 @@ def test_two_processes_finish_with_identical_weights(tmp_path, tiny_folder, mode
         assert torch.equal(w0[name], w1[name]), name
     start = dict(load_model(tiny_folder).named_parameters())
     assert max((w0[n] - start[n]).abs().max().item() for n in w0) > 0  # training happened
-    if mode == "opsd":
+    if mode in ("opsd", "opsd-weighted"):
         assert i0["skipped_steps"] == i1["skipped_steps"] == 1  # step 2 kept nothing on any rank
         assert i0["global_step"] == 3
 

@@ -1,9 +1,10 @@
 """Run OPSD or RLVR for a few steps under torchrun (2 CPU processes, gloo); save each rank's weights.
 
 Launched by tests/test_multiprocess.py:
-    torchrun --nproc_per_node 2 two_process_train.py {opsd|opsd-single|opsd-checks|rlvr} MODEL_FOLDER OUT_DIR
+    torchrun --nproc_per_node 2 two_process_train.py {opsd|opsd-weighted|opsd-single|opsd-checks|rlvr} MODEL_FOLDER OUT_DIR
 OPSD is scripted so that step 1 keeps rollouts on rank 0 only (rank 1's gate keeps nothing) and
-step 2 keeps nothing on any rank; `opsd-single` runs OPSD with one rollout per prompt and records
+step 2 keeps nothing on any rank; `opsd-weighted` is the same with supervised_tokens, the margin_cut
+weighting (scored on rank 0 alone in step 1) and an anchor beside an EMA teacher; `opsd-single` runs OPSD with one rollout per prompt and records
 each rank's prompts; RLVR runs dynamic sampling with groups that carry no reward variance, so that
 ranks refill.
 """
@@ -46,10 +47,12 @@ def main(mode: str, folder: str, out: str) -> None:
     out_dir = Path(out)
     task = build_task("synthetic", {})
     prompts_seen = []  # problem ids of each generation batch on this rank (opsd-single)
-    if mode == "opsd":
+    if mode in ("opsd", "opsd-weighted"):
         # prompts_per_step counts both processes: each process gets 2 prompts x 2 rollouts.
+        weighted = dict(supervised_tokens=6, position_weighting="margin_cut", margin_window=2, anchor_beta=0.1,
+                        teacher_weights="ema") if mode == "opsd-weighted" else {}
         trainer = make_trainer(out_dir / "stage", folder, task, reward=ScriptedReward(opsd_script), gate="correct",
-                               max_steps=3, refill_max_rounds=1, problems=32, prompts_per_step=4)
+                               max_steps=3, refill_max_rounds=1, problems=32, prompts_per_step=4, **weighted)
     elif mode == "opsd-single":
         # 4 distinct prompts x 1 rollout per optimizer step over both processes: 2 on each.
         trainer = make_trainer(out_dir / "stage", folder, task, gate="all", max_steps=2, problems=32,
