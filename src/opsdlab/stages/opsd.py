@@ -1,24 +1,27 @@
 """OPSD stage: on-policy self-distillation toward a privileged self-teacher, gated by rollout outcome.
 
 Objective: for each kept response token t, D(p_S(.|x, y<t) || p_T(.|x, c, y<t)) (reverse KL by
-default; see `divergences.DIVERGENCES`), averaged over kept response tokens, gradient through the
-student only. The student samples y from the problem x alone; the teacher is the same network
+default; see `divergences.DIVERGENCES`), plus, with `anchor_beta` > 0, anchor_beta x KL(p_S || p_0), p_0
+the stage's starting model reading the student's prompt (`teacher.start_weights`); weighted per token
+by position (`positions.token_weights`: only the first `supervised_tokens`, and `position_weighting`)
+and averaged over the weighted tokens, sum(w x loss) / sum(w); gradient through the student only. The student samples y from the problem x alone; the teacher is the same network
 (`teacher.TEACHER_WEIGHTS`) reading the privileged context c (`prompts.TEACHER_CONTEXTS`); both
 score the same response token ids. Rollouts are graded by the one verifier and gated
 (`gates.GATES`) before any forward pass.
 
 Generation, reward bookkeeping, accelerate, PEFT, vLLM and logging are TRL's GRPOTrainer; this
-subclass replaces the policy-gradient loss by the distillation loss. The loss is the mean over every
-kept token of an optimizer step, whatever the split into micro-batches and processes
-(`loss_normalizer`). A step whose gate keeps too little is refilled with fresh prompts; one that
+subclass replaces the policy-gradient loss by the distillation loss. The loss is the weighted mean over
+every kept token of an optimizer step, whatever the split into micro-batches and processes
+(`loss_normalizer`): the token weights, and the margins `margin_cut` reads, are decided when the step's
+rollouts are made, so the step's summed weight is known before its first micro-batch. A step whose gate keeps too little is refilled with fresh prompts; one that
 keeps nothing anywhere skips its optimizer step. One rollout per prompt (the paper's setting) runs on
 TRL's trainer with groups of one (`rlvr.grpo_args`): prompts are not repeated, and the advantages
 that TRL computes from groups are unused here.
 
-Why one file of ~670 lines: the trainer subclass overrides TRL's generation-and-score and loss hooks,
+Why one file of ~800 lines: the trainer subclass overrides TRL's generation-and-score and loss hooks,
 and the pieces (gating and refill, teacher prompts and their siblings, the packed scoring of both
 sides, the loss normaliser) share the trainer's state; split apart they would pass that state around.
-The pure parts already live in `loss/` (divergences, gates, contrastive targets).
+The pure parts already live in `loss/` (divergences, gates, contrastive targets, position weights).
 """
 
 from __future__ import annotations
@@ -268,12 +271,13 @@ def scoring_for(accelerator) -> str:
 
 def loss_normalizer(step_tokens: float, num_processes: int, accumulation_steps: int,
                     steps_per_generation: int) -> float:
-    """What one micro-batch divides its summed per-token divergence by.
+    """What one micro-batch divides its summed (weighted) per-token loss by.
 
     The processes' gradients are averaged and the micro-batches of an optimizer step are summed,
     so dividing each process's sum by step_tokens / num_processes gives the mean over every kept
-    token of the optimizer step, however the step is split. `step_tokens` counts the kept tokens
-    of a whole generation batch over all processes; when a generation batch feeds several optimizer
+    token of the optimizer step, however the step is split. `step_tokens` is the summed token weight
+    (`positions.token_weights`) of a whole generation batch over all processes: its kept, supervised
+    tokens when every weight is 1, so that the loss is sum(w x loss) / sum(w) over the step; when a generation batch feeds several optimizer
     steps it is rescaled to one step, as TRL does for its token-level losses.
     """
     normalizer = max(step_tokens, 1.0) / num_processes
