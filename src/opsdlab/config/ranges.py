@@ -67,6 +67,9 @@ RANGES: dict[str, tuple[Callable[[float], bool], str, str]] = {
     "lora_alpha": (_at_least(1), ">= 1", "LoRA's scale alpha / r; 0 leaves the adapters without effect"),
     "vllm_max_model_length": (_at_least(1), ">= 1 or null", "vLLM's context length in tokens"),
     "contrast_floor": (_below(0), "< 0 or null", "a floor of log-probabilities"),
+    "stop_length_ratio": (_at_least(1), ">= 1 or null", "a check's mean length against the start's"),
+    "stop_truncation": (_within(0, 1), "in [0, 1] or null", "a rise of the truncation rate, a share"),
+    "stop_repetition": (_within(0, 1), "in [0, 1] or null", "a rise of the share of looping responses"),
 }
 
 
