@@ -378,3 +378,79 @@ def test_the_pipeline_grades_held_out_problems_disjoint_from_the_evaluation(tmp_
     assert json.loads((arm / "selection.json").read_text())["rule"] == "shortest_within_tolerance"
     record = json.loads((arm / "settings.json").read_text())
     assert record["settings"]["opsd.check_every"] == 1 and record["settings"]["eval.problems"] == 2
+
+
+# ---------------------------------------------------------------- a real collapse
+
+
+@pytest.fixture(scope="module")
+def terse_folder(tmp_path_factory, tokenizer):
+    """The tiny model made to end its responses after about 3 tokens: every token embedding (tied to the
+    output head) gets one shared direction s, and EOS's embedding is 6 s, so EOS outscores every token
+    wherever the final hidden state keeps s. The random tiny model itself runs most responses to the cap,
+    which leaves no room for them to grow."""
+    from opsdlab.modeling.models import build_tiny_model, save_policy
+
+    model = build_tiny_model(tokenizer, seed=0)
+    embeddings = model.get_input_embeddings().weight
+    direction = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(1))
+    direction *= embeddings.norm(dim=1).mean() / direction.norm()
+    with torch.no_grad():
+        embeddings += direction
+        embeddings[tokenizer.eos_token_id] = 6 * direction
+    folder = tmp_path_factory.mktemp("terse") / "model"
+    save_policy(model, tokenizer, folder)
+    return folder
+
+
+# Learning rate 1 for a few OPSD steps: responses of about 3 tokens run to the 96-token cap after one step
+# and loop after two (the tiny model's collapse; 1e-2 ... 1e-4 inflate them too, without loops).
+COLLAPSING = dict(learning_rate=1.0, max_completion_length=96, max_steps=4, check_problems=8, check_k=2,
+                  select="last")
+
+
+def test_a_real_collapse_fires_its_rule_and_the_checkpoint_before_it_is_selected(tmp_path, terse_folder, task):
+    stage = tmp_path / "opsd"
+    out = opsd_run(terse_folder, task, stage, stop="repetition", **COLLAPSING)
+
+    records = read_lines(stage / "checks.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]  # stopped at step 2 of 4
+    start, inflated, looping = records
+    assert start["mean_response_tokens"] < 5 and start["truncation_rate"] == 0 and start["repetition_rate"] == 0
+    assert inflated["length_ratio"] > 5 and inflated["repetition_rate"] == 0  # long, not yet looping
+    assert looping["truncation_rate"] == 1 and looping["repetition_rate"] > 0.5
+    assert looping["mean_token_entropy"] < start["mean_token_entropy"] / 2  # entropy collapses with the loops
+    assert json.loads((stage / "stop.json").read_text())["rule"] == "repetition"
+    assert json.loads((stage / "stop.json").read_text())["step"] == 2
+    assert max(r["step"] for r in read_lines(stage / "metrics.jsonl")) == 2  # no step after the stop
+
+    # Step 1 already shows length inflation: `last` picks the start, whatever the stop rule.
+    selection = json.loads((stage / "selection.json").read_text())
+    assert (selection["step"], selection["checkpoint"]) == (0, "checkpoints/start")
+    assert [(e["step"], sorted(e["signs"])) for e in selection["excluded"]] == [
+        (1, ["length_inflation"]), (2, ["length_inflation", "repetition", "truncation"])]
+    start_model, _ = load_policy(terse_folder)
+    assert same_weights(weights(out), {k: v for k, v in start_model.state_dict().items() if k in weights(out)})
+
+
+def test_a_check_records_the_models_own_token_entropy_over_its_responses(terse_folder, task):
+    """`evaluate(entropy=True)`: per response, the mean entropy of softmax(logits) at the positions that
+    predicted its tokens, as a plain forward pass over prompt and response computes it."""
+    from opsdlab.config.sections import SamplingConfig
+    from opsdlab.evaluation import evaluate as evaluation
+    from opsdlab.tasks.prompts import render_prompt
+
+    model, tokenizer = load_policy(terse_folder)
+    examples = task.examples("test", 3)
+    sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=16, seed=0)
+    samples, summary = evaluation.evaluate(model, tokenizer, examples, EXACT, sampling, entropy=True)
+    prompts = [render_prompt(tokenizer, e, thinking=True) for e in examples for _ in range(2)]
+    generations = evaluation.generate(model, tokenizer, prompts, sampling)  # the same seed: the same responses
+    for prompt, generation, sample in zip(prompts, generations, samples):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        logits = model(torch.tensor([prompt_ids + generation.token_ids])).logits[0].float()
+        scored = logits[len(prompt_ids) - 1:-1]
+        expected = -(scored.log_softmax(-1).exp() * scored.log_softmax(-1)).sum(-1).mean().item()
+        assert sample.token_entropy == pytest.approx(expected, rel=1e-4)
+    assert summary["mean_token_entropy"] is not None
+    assert evaluation.evaluate(model, tokenizer, examples, EXACT, sampling)[1]["mean_token_entropy"] is None
