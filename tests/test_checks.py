@@ -403,32 +403,39 @@ def terse_folder(tmp_path_factory, tokenizer):
     return folder
 
 
-# Learning rate 1 for a few OPSD steps: responses of about 3 tokens run to the 96-token cap after one step
+# Learning rate 1 for a few OPSD steps: responses of about 2 tokens run to the 96-token cap after one step
 # and loop after two (the tiny model's collapse; 1e-2 ... 1e-4 inflate them too, without loops).
-COLLAPSING = dict(learning_rate=1.0, max_completion_length=96, max_steps=4, check_problems=8, check_k=2,
+COLLAPSING = dict(learning_rate=1.0, max_completion_length=96, max_steps=4, check_problems=4, check_k=2,
                   select="last")
 
 
-def test_a_real_collapse_fires_its_rule_and_the_checkpoint_before_it_is_selected(tmp_path, terse_folder, task):
+@pytest.mark.parametrize("stop, rule, step", [("repetition", "repetition", 2), ("collapse", "length_inflation", 1)])
+def test_a_real_collapse_fires_its_rule_and_the_checkpoint_before_it_is_selected(tmp_path, terse_folder, task, stop,
+                                                                                 rule, step):
     stage = tmp_path / "opsd"
-    out = opsd_run(terse_folder, task, stage, stop="repetition", **COLLAPSING)
+    out = opsd_run(terse_folder, task, stage, stop=stop, **COLLAPSING)
 
     records = read_lines(stage / "checks.jsonl")
-    assert [r["step"] for r in records] == [0, 1, 2]  # stopped at step 2 of 4
-    start, inflated, looping = records
+    assert [r["step"] for r in records] == list(range(step + 1))  # stopped before step 4
+    start, inflated = records[:2]
     assert start["mean_response_tokens"] < 5 and start["truncation_rate"] == 0 and start["repetition_rate"] == 0
-    assert inflated["length_ratio"] > 5 and inflated["repetition_rate"] == 0  # long, not yet looping
-    assert looping["truncation_rate"] == 1 and looping["repetition_rate"] > 0.5
-    assert looping["mean_token_entropy"] < start["mean_token_entropy"] / 2  # entropy collapses with the loops
-    assert json.loads((stage / "stop.json").read_text())["rule"] == "repetition"
-    assert json.loads((stage / "stop.json").read_text())["step"] == 2
-    assert max(r["step"] for r in read_lines(stage / "metrics.jsonl")) == 2  # no step after the stop
+    # Step 1: 17x as long, one response in 8 cut at the cap, none looping yet.
+    assert inflated["length_ratio"] > 5 and inflated["truncation_rate"] < 0.2 and inflated["repetition_rate"] == 0
+    if step == 2:
+        looping = records[2]
+        assert looping["mean_response_tokens"] == 96 and looping["truncation_rate"] == 1  # every response at the cap
+        assert looping["repetition_rate"] > 0.5
+        assert looping["mean_token_entropy"] < start["mean_token_entropy"] / 2  # entropy collapses with the loops
+    assert json.loads((stage / "stop.json").read_text())["rule"] == rule
+    assert json.loads((stage / "stop.json").read_text())["step"] == step
+    assert records[-1]["stop"] == rule
+    assert max(r["step"] for r in read_lines(stage / "metrics.jsonl")) == step  # no step after the stop
 
     # Step 1 already shows length inflation: `last` picks the start, whatever the stop rule.
     selection = json.loads((stage / "selection.json").read_text())
     assert (selection["step"], selection["checkpoint"]) == (0, "checkpoints/start")
     assert [(e["step"], sorted(e["signs"])) for e in selection["excluded"]] == [
-        (1, ["length_inflation"]), (2, ["length_inflation", "repetition", "truncation"])]
+        (1, ["length_inflation"]), (2, ["length_inflation", "repetition", "truncation"])][:step]
     start_model, _ = load_policy(terse_folder)
     assert same_weights(weights(out), {k: v for k, v in start_model.state_dict().items() if k in weights(out)})
 

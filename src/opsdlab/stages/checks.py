@@ -370,7 +370,7 @@ class HeldOutCheck(TrainerCallback):
 
     # -------------------------------------------------------------- one check
     def check(self, step: int, control) -> dict:
-        """Grade the training model at `step`, append its line, save the step, apply the stopping rule."""
+        """Grade the training model at `step`, append its line, save the step, apply the stopping rules."""
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         if step == 0 and may_pick_start(self.config):  # keep the start's weights
             self.trainer.save_model(str(_check_folder(self.stage_dir, 0)))
