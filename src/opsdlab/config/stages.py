@@ -33,8 +33,8 @@ class CheckSettings:
     stop_tolerance: float = 0.05  # accuracy_drop: the absolute avg@k drop below the start that stops training
     # The collapse signs (null: not a sign). A check past one is never selected, whatever `stop` is.
     stop_length_ratio: float | None = 1.5  # length_inflation sign: mean tokens above this times the start's (null: off)
-    stop_truncation: float | None = 0.2  # truncation sign: truncation rate over the start's by more (null: off)
-    stop_repetition: float | None = 0.2  # repetition sign: share of looping responses over the start's by more (null: off)
+    stop_truncation: float | None = 0.2  # truncation sign: truncated share over the start's by more (null: off)
+    stop_repetition: float | None = 0.2  # repetition sign: looping share over the start's by more than this (null: off)
     select: str = "last"  # which check's weights the stage saves: last, shortest_within_tolerance or best_aes
     select_tolerance: float = 0.02  # shortest_within_tolerance: absolute avg@k a pick may lose against the start
     keep_checkpoints: int = 3  # checked checkpoints kept besides the newest and the selected one

@@ -179,7 +179,8 @@ def checks_section(run_dir: Path, config: dict, names: list[str], out_dir: Path)
             "the first step); *length: selected vs last* is the selected check's mean tokens against the last "
             "check's; *truncated · looping · entropy* are the shares of responses cut at the cap and caught in a "
             "loop, and the mean token entropy (nats), signs of a collapse: no rule selects a check at or after "
-            "one that shows a sign.", "", *checks_table(checks), "", *stops, *[""] * bool(stops), "![held-out checks](checks.png)",
+            "one that shows a sign.", "", *checks_table(checks), "", *stops, *[""] * bool(stops),
+            "![held-out checks](checks.png)",
             ""]
 
 
