@@ -5,8 +5,9 @@ response and thinking tokens, lengths of correct and incorrect responses, trunca
 rates (`metrics.collapse`), accuracy within token budgets, tokens spent after the correct answer
 first appears, the verifier and sampling settings) and `samples.jsonl` (one line per sample) into an
 output folder. The same function evaluates the student prompt and, for the teacher check, the
-privileged prompt. Thinking tokens are counted with the rendered prompt (`templates.count_thinking_tokens`), so a template that
-opens the think block itself gives the same count as one that leaves it to the model.
+privileged prompt. Thinking tokens are counted with the rendered prompt
+(`templates.count_thinking_tokens`), so a template that opens the think block itself gives the same
+count as one that leaves it to the model.
 
 Responses come from a named backend (`BACKENDS`): `transformers` (`model.generate`, in left-padded
 batches) or `vllm` (`vllm_backend`, vLLM's engine). Both receive the same prompt token ids and return
