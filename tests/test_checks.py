@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from opsdlab.stages import checks
 from opsdlab.config.stages import CheckSettings, OPSDStageConfig, RLVRStageConfig
-from opsdlab.stages.checks import SELECT_RULES, STOP_RULES, HeldOutCheck, best_aes, shortest_within_tolerance
+from opsdlab.stages.checks import (SELECT_RULES, STOP_RULES, HeldOutCheck, best_aes, pick, shortest_within_tolerance,
+                                   stop_reason, usable_records)
 from opsdlab.modeling.models import load_policy
 from opsdlab.stages.opsd import run_opsd
 from opsdlab.stages.rlvr import run_rlvr
@@ -21,10 +22,10 @@ OPSD_SMALL = dict(max_steps=5, prompts_per_step=2, rollouts_per_prompt=2, max_co
                   save_steps=100, logging_steps=1, gate="all", check_every=1)
 
 
-def rec(step, acc, length, ci=None):
+def rec(step, acc, length, ci=None, truncated=0.0, looping=0.0):
     """A check record as `HeldOutCheck` writes it (CI: +-0.05 unless given)."""
     return {"step": step, "avg_at_k": acc, "avg_at_k_ci": list(ci or (acc - 0.05, acc + 0.05)),
-            "mean_response_tokens": length}
+            "mean_response_tokens": length, "truncation_rate": truncated, "repetition_rate": looping}
 
 
 def first_stop(rule, records, **config):
@@ -60,7 +61,60 @@ def test_length_plateau_stops_when_three_checks_gain_no_more_than_one_percent():
     assert first_stop("length_plateau", [rec(s, 0.5, n) for s, n in enumerate([100, 80, 90, 85, 79.1])]) is None
 
 
+def test_length_inflation_stops_above_the_ratio_to_the_start():
+    records = [rec(0, 0.5, 100), rec(1, 0.5, 120), rec(2, 0.5, 150), rec(3, 0.5, 151), rec(4, 0.5, 300)]
+    assert first_stop("length_inflation", records) == 3  # 150 is 1.5x, not above it; 151 is
+    assert first_stop("length_inflation", records, stop_length_ratio=2.0) == 4
+    assert first_stop("length_inflation", records, stop_length_ratio=None) is None  # the sign turned off
+    assert first_stop("length_inflation", [rec(0, 0.5, 0), rec(1, 0.5, 50)]) is None  # no ratio to a start of 0
+
+
+def test_truncation_and_repetition_stop_at_an_absolute_rise_over_the_start():
+    truncated = [rec(s, 0.5, 100, truncated=t) for s, t in enumerate([0.25, 0.375, 0.4375, 0.5, 0.0])]
+    # Rises 0.125, 0.1875, 0.25: the first above 0.2 is step 3.
+    assert first_stop("truncation", truncated) == 3
+    assert first_stop("truncation", truncated, stop_truncation=0.1) == 1
+    assert first_stop("truncation", truncated, stop_truncation=0.25) is None  # 0.25 is not above 0.25
+    looping = [rec(s, 0.5, 100, looping=r) for s, r in enumerate([0.0, 0.125, 0.25, 0.0])]
+    assert first_stop("repetition", looping) == 2 and first_stop("repetition", looping, stop_repetition=0.25) is None
+    # A record without the field (a file from before it, a measure without it) shows no sign.
+    assert first_stop("repetition", [rec(0, 0.5, 100), {**rec(1, 0.5, 100), "repetition_rate": None}]) is None
+
+
+def test_stop_takes_a_list_and_the_collapse_shorthand_and_names_the_rule_that_fired():
+    records = [rec(0, 0.8, 100, (0.7, 0.9)), rec(1, 0.8, 200, truncated=0.5)]
+    settings = CheckSettings(check_every=1, stop=("repetition", "truncation", "length_inflation"))
+    assert stop_reason(records, settings)[0] == "truncation"  # the first listed that fires
+    assert stop_reason(records, CheckSettings(check_every=1, stop="collapse"))[0] == "length_inflation"
+    assert stop_reason(records, CheckSettings(check_every=1, stop="accuracy_drop")) is None
+    dropped = [rec(0, 0.8, 100, (0.7, 0.9)), rec(1, 0.5, 100, (0.4, 0.6))]
+    assert stop_reason(dropped, CheckSettings(check_every=1, stop="collapse"))[0] == "accuracy_drop"
+    # From a config: a YAML list, or a comma-separated override; a single name as before.
+    from opsdlab.config import load_config
+
+    config = load_config("tiny", ["opsd.check_every=2", "opsd.stop=truncation,repetition", "rlvr.check_every=1",
+                                  "rlvr.stop=[accuracy_drop, length_inflation]"])
+    assert config.opsd.stop == ("truncation", "repetition") and config.rlvr.stop == ("accuracy_drop",
+                                                                                   "length_inflation")
+    assert load_config("tiny", ["opsd.check_every=2", "opsd.stop=accuracy_drop"]).opsd.stop == "accuracy_drop"
+
+
 # ---------------------------------------------------------------- selection rules
+
+
+def test_no_rule_selects_a_check_at_or_after_the_first_collapse_sign():
+    records = [rec(0, 0.5, 100), rec(1, 0.5, 90), rec(2, 0.6, 40, truncated=0.25), rec(3, 0.6, 30), rec(4, 0.6, 20)]
+    usable, excluded = usable_records(records, CheckSettings())
+    assert [r["step"] for r in usable] == [0, 1]
+    # Step 3 shows no sign itself but comes after the collapse: excluded, with no sign of its own.
+    assert [(e["step"], sorted(e["signs"])) for e in excluded] == [(2, ["truncation"]), (3, []), (4, [])]
+    for rule in SELECT_RULES:  # each would pick a later, shorter or more accurate check
+        assert pick(records, CheckSettings(select=rule))[0] == 1
+    assert pick(records, CheckSettings(select="last", stop_truncation=None))[0] == 4  # the sign turned off
+    inflated = [rec(0, 0.5, 100), rec(1, 0.5, 160), rec(2, 0.5, 90)]
+    assert [e["step"] for e in usable_records(inflated, CheckSettings())[1]] == [1, 2]
+    looping = [rec(0, 0.5, 100, looping=0.1), rec(1, 0.5, 90, looping=0.2), rec(2, 0.5, 80, looping=0.35)]
+    assert [e["step"] for e in usable_records(looping, CheckSettings())[1]] == [2]
 
 
 def test_shortest_within_tolerance_picks_the_shortest_accurate_enough_check_earliest_on_ties():
@@ -92,19 +146,29 @@ def test_last_picks_the_last_check():
 
 @pytest.mark.parametrize("rule", sorted(SELECT_RULES))
 def test_one_more_check_keeps_the_previous_pick_or_picks_the_new_check(rule):
-    """What pruning relies on: a checkpoint that is not the pick now is never picked later."""
+    """What pruning relies on: a checkpoint that is not the pick now is never picked later, with the
+    collapse exclusion (lengths up to 2x the start's, truncation and repetition rises) in play."""
     generator = random.Random(0)
-    for _ in range(200):
-        records = [rec(s, generator.choice([0.0, 0.25, 0.5, 0.75]), generator.choice([40, 60, 80, 100]))
+    settings = CheckSettings(select=rule)
+    excluded = 0
+    for _ in range(300):
+        records = [rec(s, generator.choice([0.0, 0.25, 0.5, 0.75]), generator.choice([40, 60, 80, 100, 160]),
+                       truncated=generator.choice([0.0, 0.0, 0.0, 0.25]), looping=generator.choice([0.0] * 5 + [0.5]))
                    for s in range(8)]
+        excluded += bool(usable_records(records, settings)[1])
         for n in range(1, len(records)):
-            before = SELECT_RULES[rule](records[:n], CheckSettings()).index
-            assert SELECT_RULES[rule](records[:n + 1], CheckSettings()).index in (before, n)
+            before = pick(records[:n], settings)[0]
+            assert pick(records[:n + 1], settings)[0] in (before, n)
+    assert 0 < excluded < 300  # both cases were exercised
 
 
 @pytest.mark.parametrize("cls, stage", [(OPSDStageConfig, "opsd"), (RLVRStageConfig, "rlvr")])
 @pytest.mark.parametrize("fields, message", [
-    ({"stop": "early"}, "stop must be one of ['accuracy_drop', 'length_plateau', 'none'], got 'early'"),
+    ({"stop": "early"}, "stop must be one of ['accuracy_drop', 'length_inflation', 'length_plateau', 'none', "
+                        "'repetition', 'truncation'], a list of them or collapse, got 'early'"),
+    ({"check_every": 2, "stop": ("truncation", "early")}, "got 'early'"),
+    ({"check_every": 2, "stop": ()}, "stop names no rule"),
+    ({"stop": ("none", "truncation")}, "stop: truncation reads held-out checks"),
     ({"check_every": 2, "select": "best"}, "select must be one of"),
     ({"select": "best_aes"}, "select: best_aes reads held-out checks; set check_every > 0"),
     ({"stop": "accuracy_drop"}, "stop: accuracy_drop reads held-out checks"),
@@ -314,3 +378,86 @@ def test_the_pipeline_grades_held_out_problems_disjoint_from_the_evaluation(tmp_
     assert json.loads((arm / "selection.json").read_text())["rule"] == "shortest_within_tolerance"
     record = json.loads((arm / "settings.json").read_text())
     assert record["settings"]["opsd.check_every"] == 1 and record["settings"]["eval.problems"] == 2
+
+
+# ---------------------------------------------------------------- a real collapse
+
+
+@pytest.fixture(scope="module")
+def terse_folder(tmp_path_factory, tokenizer):
+    """The tiny model made to end its responses after about 3 tokens: every token embedding (tied to the
+    output head) gets one shared direction s, and EOS's embedding is 6 s, so EOS outscores every token
+    wherever the final hidden state keeps s. The random tiny model itself runs most responses to the cap,
+    which leaves no room for them to grow."""
+    from opsdlab.modeling.models import build_tiny_model, save_policy
+
+    model = build_tiny_model(tokenizer, seed=0)
+    embeddings = model.get_input_embeddings().weight
+    direction = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(1))
+    direction *= embeddings.norm(dim=1).mean() / direction.norm()
+    with torch.no_grad():
+        embeddings += direction
+        embeddings[tokenizer.eos_token_id] = 6 * direction
+    folder = tmp_path_factory.mktemp("terse") / "model"
+    save_policy(model, tokenizer, folder)
+    return folder
+
+
+# Learning rate 1 for a few OPSD steps: responses of about 2 tokens run to the 96-token cap after one step
+# and loop after two (the tiny model's collapse; 1e-2 ... 1e-4 inflate them too, without loops).
+COLLAPSING = dict(learning_rate=1.0, max_completion_length=96, max_steps=4, check_problems=4, check_k=2,
+                  select="last")
+
+
+@pytest.mark.parametrize("stop, rule, step", [("repetition", "repetition", 2), ("collapse", "length_inflation", 1)])
+def test_a_real_collapse_fires_its_rule_and_the_checkpoint_before_it_is_selected(tmp_path, terse_folder, task, stop,
+                                                                                 rule, step):
+    stage = tmp_path / "opsd"
+    out = opsd_run(terse_folder, task, stage, stop=stop, **COLLAPSING)
+
+    records = read_lines(stage / "checks.jsonl")
+    assert [r["step"] for r in records] == list(range(step + 1))  # stopped before step 4
+    start, inflated = records[:2]
+    assert start["mean_response_tokens"] < 5 and start["truncation_rate"] == 0 and start["repetition_rate"] == 0
+    # Step 1: 17x as long, one response in 8 cut at the cap, none looping yet.
+    assert inflated["length_ratio"] > 5 and inflated["truncation_rate"] < 0.2 and inflated["repetition_rate"] == 0
+    if step == 2:
+        looping = records[2]
+        assert looping["mean_response_tokens"] == 96 and looping["truncation_rate"] == 1  # every response at the cap
+        assert looping["repetition_rate"] > 0.5
+        assert looping["mean_token_entropy"] < start["mean_token_entropy"] / 2  # entropy collapses with the loops
+    assert json.loads((stage / "stop.json").read_text())["rule"] == rule
+    assert json.loads((stage / "stop.json").read_text())["step"] == step
+    assert records[-1]["stop"] == rule
+    assert max(r["step"] for r in read_lines(stage / "metrics.jsonl")) == step  # no step after the stop
+
+    # Step 1 already shows length inflation: `last` picks the start, whatever the stop rule.
+    selection = json.loads((stage / "selection.json").read_text())
+    assert (selection["step"], selection["checkpoint"]) == (0, "checkpoints/start")
+    assert [(e["step"], sorted(e["signs"])) for e in selection["excluded"]] == [
+        (1, ["length_inflation"]), (2, ["length_inflation", "repetition", "truncation"])][:step]
+    start_model, _ = load_policy(terse_folder)
+    assert same_weights(weights(out), {k: v for k, v in start_model.state_dict().items() if k in weights(out)})
+
+
+def test_a_check_records_the_models_own_token_entropy_over_its_responses(terse_folder, task):
+    """`evaluate(entropy=True)`: per response, the mean entropy of softmax(logits) at the positions that
+    predicted its tokens, as a plain forward pass over prompt and response computes it."""
+    from opsdlab.config.sections import SamplingConfig
+    from opsdlab.evaluation import evaluate as evaluation
+    from opsdlab.tasks.prompts import render_prompt
+
+    model, tokenizer = load_policy(terse_folder)
+    examples = task.examples("test", 3)
+    sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=16, seed=0)
+    samples, summary = evaluation.evaluate(model, tokenizer, examples, EXACT, sampling, entropy=True)
+    prompts = [render_prompt(tokenizer, e, thinking=True) for e in examples for _ in range(2)]
+    generations = evaluation.generate(model, tokenizer, prompts, sampling)  # the same seed: the same responses
+    for prompt, generation, sample in zip(prompts, generations, samples):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        logits = model(torch.tensor([prompt_ids + generation.token_ids])).logits[0].float()
+        scored = logits[len(prompt_ids) - 1:-1]
+        expected = -(scored.log_softmax(-1).exp() * scored.log_softmax(-1)).sum(-1).mean().item()
+        assert sample.token_entropy == pytest.approx(expected, rel=1e-4)
+    assert summary["mean_token_entropy"] is not None
+    assert evaluation.evaluate(model, tokenizer, examples, EXACT, sampling)[1]["mean_token_entropy"] is None

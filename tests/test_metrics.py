@@ -417,3 +417,45 @@ def test_accuracy_efficiency_score_hand_computed():
     assert aes(0.40, 0.40, 50, 55) == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="reference"):
         aes(0.0, 0.1, 100, 80)
+
+
+# ---------------------------------------------------------------- collapse signs
+
+
+def test_longest_run_counts_the_tokens_of_a_periodic_stretch():
+    from opsdlab.evaluation.metrics.collapse import longest_run
+
+    # 7 8 9 | 1 2 1 2 1 2 1 | 5: with period 2 tokens 4..9 (0-based 3..9) repeat: 1 2 1 2 1 2 1 = 7 tokens.
+    ids = [7, 8, 9, 1, 2, 1, 2, 1, 2, 1, 5]
+    assert longest_run(ids, 2) == 7
+    assert longest_run(ids, 1) == 0 and longest_run(ids, 3) == 0  # no token equals the one 1 or 3 before it
+    assert longest_run([4, 4, 4], 1) == 3 and longest_run([4], 1) == 0 and longest_run([], 1) == 0
+
+
+def test_repeats_needs_three_copies_and_thirty_two_tokens():
+    from opsdlab.evaluation.metrics.collapse import MIN_RUN, repeats
+
+    assert MIN_RUN == 32
+    block = list(range(100, 111))  # 11 tokens: 3 copies span 33 >= 32
+    assert repeats([1, 2] + block * 3 + [3])
+    assert not repeats(block * 2 + block[:9])  # 31 tokens of period 11: under 32
+    assert not repeats(list(range(10, 20)) * 3)  # 3 copies of 10 tokens span 30 < 32
+    assert repeats(list(range(10, 20)) * 3 + list(range(10, 12)))  # the run goes on into a 4th copy: 32
+    assert repeats([5] * 32) and not repeats([5] * 31)  # one token: 32 copies
+    assert not repeats([5, 6] * 15 + [5])  # period 2: 31 tokens
+    assert repeats([5, 6] * 16)
+    # A 128-token block repeated three times (384 tokens) counts; a 129-token one is past MAX_PERIOD.
+    assert repeats(list(range(128)) * 3) and not repeats(list(range(129)) * 3)
+    assert not repeats(list(range(1000)))  # no token repeats at all
+
+
+def test_summaries_report_the_repetition_rate_and_token_weighted_entropy():
+    samples = [Sample("a", 0, True, "1", 3, 0, False, repeats=True, token_entropy=2.0),  # 4 positions (EOS)
+               Sample("a", 1, False, None, 4, 0, True, repeats=False, token_entropy=0.5),  # 4 positions (cut)
+               Sample("b", 0, False, None, 10, 0, True, repeats=False, token_entropy=None),
+               Sample("b", 1, False, None, 2, 0, False, repeats=None, token_entropy=None)]
+    summary = summarize(samples)
+    assert summary["repetition_rate"] == pytest.approx(1 / 3)  # of the three samples that record it
+    assert summary["mean_token_entropy"] == pytest.approx((2.0 * 4 + 0.5 * 4) / 8)
+    old = summarize([S("a", 0, True), S("a", 1, False)])  # samples saved before the fields existed
+    assert old["repetition_rate"] is None and old["mean_token_entropy"] is None

@@ -23,13 +23,17 @@ def add_checks(run_dir: Path) -> None:
     stopped it; shortest_within_tolerance kept step 20. RLVR: 0.40 at 50 -> 0.45 at 45, kept its last."""
     arm = run_dir / "opsd" / "all-s0"
     arm.mkdir(parents=True)
-    records = [_check(0, 0.5, 40.0), _check(10, 0.55, 30.0), _check(20, 0.45, 24.0),
-               _check(30, 0.3, 20.0, stop="accuracy_drop")]
+    looping = dict(repetition_rate=0.0, mean_token_entropy=1.5)
+    records = [_check(0, 0.5, 40.0, **looping), _check(10, 0.55, 30.0, **looping), _check(20, 0.45, 24.0, **looping),
+               _check(30, 0.3, 20.0, stop="accuracy_drop", truncation_rate=0.25, repetition_rate=0.5,
+                      mean_token_entropy=0.25)]
     (arm / "checks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (arm / "stop.json").write_text(json.dumps({"rule": "accuracy_drop", "step": 30, "why": "avg@k 0.300 is low"}))
     (arm / "selection.json").write_text(json.dumps({"rule": "shortest_within_tolerance", "step": 20, "why": WHY,
                                                     "checkpoint": "checkpoints/checkpoint-20",
-                                                    "candidates": records}))
+                                                    "candidates": records,
+                                                    "excluded": [{"step": 30, "signs": {"truncation": "...",
+                                                                                        "repetition": "..."}}]}))
     rlvr = run_dir / "rlvr"
     rlvr.mkdir(parents=True)
     (rlvr / "checks.jsonl").write_text(json.dumps(_check(0, 0.4, 50.0)) + "\n" + json.dumps(_check(5, 0.45, 45.0)))
@@ -44,10 +48,12 @@ def test_each_checked_stage_gets_its_selection_stop_and_length_change(tmp_path):
     assert "avg@2 on 4 held-out problems" in text
     # Selected 24 tokens against the last check's 20: 24 / 20 − 1 = +20%.
     assert (f"| opsd-all-s0 | shortest_within_tolerance | 20 | {WHY} | accuracy_drop at step 30 | "
-            "0.500 · 0.450 · 0.300 | 40.0 · 24.0 · 20.0 | +20.0% |") in text
+            "0.500 · 0.450 · 0.300 | 40.0 · 24.0 · 20.0 | +20.0% | 0% → 25% · 0% → 50% · 1.50 → 0.25 |") in text
+    # RLVR's checks predate the repetition and entropy fields.
     assert ("| rlvr | last | 5 | the last check | ran to max_steps | 0.400 · 0.450 · 0.450 | 50.0 · 45.0 · 45.0 | "
-            "+0.0% |") in text
+            "+0.0% | 0% → 0% · – → – · – → – |") in text
     assert "- `opsd-all-s0` stopped at step 30 (accuracy_drop): avg@k 0.300 is low" in text
+    assert "- `opsd-all-s0`: no selection rule may pick step 30 or later (collapse sign: truncation, repetition)" in text
     assert "![held-out checks](checks.png)" in text
     assert (tmp_path / "report" / "checks.png").stat().st_size > 10_000
 
@@ -57,8 +63,8 @@ def test_a_stage_still_training_has_no_selection_yet(tmp_path):
     add_checks(tmp_path)
     (tmp_path / "rlvr" / "selection.json").unlink()
     text = write_report(tmp_path).read_text()
-    assert ("| rlvr | – | – | – | – (no selection yet: still training?) | 0.400 · – · 0.450 | 50.0 · – · 45.0 | – |"
-            in text)
+    assert ("| rlvr | – | – | – | – (no selection yet: still training?) | 0.400 · – · 0.450 | 50.0 · – · 45.0 | – | "
+            "0% → 0% · – → – · – → – |" in text)
 
 
 def test_a_run_without_checks_has_no_checks_section(tmp_path):

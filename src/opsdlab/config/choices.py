@@ -41,7 +41,9 @@ CONTEXT_READS: dict[str, str | None] = {"solution": "solution", "answer": "answe
 
 # Held-out checks during RLVR and OPSD: when a check ends training (`stages.checks.STOP_RULES`) and
 # which check's weights a stage hands on (`stages.checks.SELECT_RULES`).
-STOP_RULES = ("none", "accuracy_drop", "length_plateau")
+# `stop` takes one name or a list (any rule that fires stops); a shorthand stands for its list.
+STOP_RULES = ("none", "accuracy_drop", "length_plateau", "length_inflation", "truncation", "repetition")
+STOP_SHORTHANDS = {"collapse": ("accuracy_drop", "length_inflation", "truncation", "repetition")}
 SELECT_RULES = ("last", "shortest_within_tolerance", "best_aes")
 
 # How SFT rows are drawn into batches: named choice -> the Trainer's `train_sampling_strategy`.

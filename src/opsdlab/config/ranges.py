@@ -73,6 +73,9 @@ RANGES: dict[str, tuple[Callable[[float], bool], str, str]] = {
                          "a difference of log-probabilities; beyond it every token or none is cut"),
     "margin_window": (_at_least(1), ">= 1", "response tokens in the margin's trailing mean"),
     "anchor_beta": (_at_least(0), ">= 0", "the weight of the KL to the starting model (0: none)"),
+    "stop_length_ratio": (_at_least(1), ">= 1 or null", "a check's mean length against the start's"),
+    "stop_truncation": (_within(0, 1), "in [0, 1] or null", "a rise of the truncation rate, a share"),
+    "stop_repetition": (_within(0, 1), "in [0, 1] or null", "a rise of the share of looping responses"),
 }
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from opsdlab.config.choices import (ANCHORS, BATCHING, CONTEXT_READS, DIVERGENCES, GATES, GENERATION_BACKENDS,
-                                    LOSS_TYPES, POSITION_WEIGHTINGS, REWARD_SCALINGS, SELECT_RULES, STOP_RULES, TEACHER_WEIGHTS, VLLM_MODES)
+                                    LOSS_TYPES, POSITION_WEIGHTINGS, REWARD_SCALINGS, SELECT_RULES, STOP_RULES,
+                                    STOP_SHORTHANDS, TEACHER_WEIGHTS, VLLM_MODES)
 from opsdlab.config.divergence import DivergenceOptions
 from opsdlab.config.methods import CONTRAST_VARIANTS
 from opsdlab.config.ranges import check_ranges, per_device_rows, rollouts_per_device
@@ -26,11 +27,24 @@ class CheckSettings:
     check_k: int = 2  # samples per problem at a check (avg@k)
     check_temperature: float = 0.6  # sampling temperature of a check (0: greedy, then check_k must be 1)
     check_max_new_tokens: int | None = None  # response cap of a check; null: the stage's max_completion_length
-    stop: str = "none"  # when a check ends training: none, accuracy_drop or length_plateau (checks.STOP_RULES)
+    # when a check ends training (checks.STOP_RULES): none, accuracy_drop, length_plateau, length_inflation,
+    # truncation, repetition, a list of them (any one stops) or collapse (accuracy_drop and the three collapse rules)
+    stop: tuple | str = "none"
     stop_tolerance: float = 0.05  # accuracy_drop: the absolute avg@k drop below the start that stops training
+    # The collapse signs (null: not a sign). A check past one is never selected, whatever `stop` is.
+    stop_length_ratio: float | None = 1.5  # length_inflation sign: mean tokens above this times the start's (null: off)
+    stop_truncation: float | None = 0.2  # truncation sign: truncated share over the start's by more (null: off)
+    stop_repetition: float | None = 0.2  # repetition sign: looping share over the start's by more than this (null: off)
     select: str = "last"  # which check's weights the stage saves: last, shortest_within_tolerance or best_aes
     select_tolerance: float = 0.02  # shortest_within_tolerance: absolute avg@k a pick may lose against the start
     keep_checkpoints: int = 3  # checked checkpoints kept besides the newest and the selected one
+
+
+def stop_names(stop: tuple | str) -> tuple[str, ...]:
+    """The stopping rules a `stop` value names: one name, a list, or a comma-separated string of them,
+    with shorthands (`STOP_SHORTHANDS`) expanded and repeats dropped, in the order given."""
+    names = [n.strip() for n in stop.split(",")] if isinstance(stop, str) else [str(n) for n in stop]
+    return tuple(dict.fromkeys(m for n in names for m in STOP_SHORTHANDS.get(n, (n,))))
 
 
 def check_settings(stage: str, config: CheckSettings) -> None:
@@ -46,16 +60,23 @@ def check_settings(stage: str, config: CheckSettings) -> None:
         raise ValueError(f"{stage}: check_temperature 0 is greedy, whose samples are identical; set check_k=1")
     if config.check_max_new_tokens is not None and config.check_max_new_tokens < 1:
         raise ValueError(f"{stage}: check_max_new_tokens must be >= 1 or null, got {config.check_max_new_tokens}")
-    for name, value, valid in (("stop", config.stop, STOP_RULES), ("select", config.select, SELECT_RULES)):
-        if value not in valid:
-            raise ValueError(f"{stage}: {name} must be one of {sorted(valid)}, got {value!r}")
+    stops = stop_names(config.stop)
+    if not stops:
+        raise ValueError(f"{stage}: stop names no rule; give none or one of {sorted(STOP_RULES)}")
+    for name in stops:
+        if name not in STOP_RULES:
+            raise ValueError(f"{stage}: stop must be one of {sorted(STOP_RULES)}, a list of them or "
+                             f"{' or '.join(STOP_SHORTHANDS)}, got {name!r}")
+    if config.select not in SELECT_RULES:
+        raise ValueError(f"{stage}: select must be one of {sorted(SELECT_RULES)}, got {config.select!r}")
     for name in ("stop_tolerance", "select_tolerance"):
         if not 0 <= getattr(config, name) <= 1:
             raise ValueError(f"{stage}: {name} is an absolute accuracy, in [0, 1]; got {getattr(config, name)}")
     if config.keep_checkpoints < 0:
         raise ValueError(f"{stage}: keep_checkpoints must be >= 0, got {config.keep_checkpoints}")
     if config.check_every == 0:
-        for name, value, off in (("stop", config.stop, "none"), ("select", config.select, "last")):
+        stopping = ",".join(n for n in stops if n != "none") or "none"
+        for name, value, off in (("stop", stopping, "none"), ("select", config.select, "last")):
             if value != off:
                 raise ValueError(f"{stage}: {name}: {value} reads held-out checks; set check_every > 0 "
                                  f"(or {name}: {off})")
@@ -160,6 +181,8 @@ class RLVRStageConfig(VLLMGeneration, CheckSettings):
     rollouts (`grpo_args`); both must divide evenly.
     """
 
+    # RL may lengthen responses on purpose: no length_inflation sign unless asked for (`CheckSettings`)
+    stop_length_ratio: float | None = None
     max_steps: int = 50
     prompts_per_step: int = 8
     group_size: int = 8

@@ -31,8 +31,12 @@ class Backend:
     extend(engine, tokenizer, token_ids, sampling, rows, desc) -> one Generation per row of prompt ids
     (`sampling.k` is ignored), where `rows` numbers each row among the evaluation's samples (vLLM seeds
     each row by it). Budget forcing continues cut responses with `extend`.
+    entropy(engine, tokenizer, prompts, generations) -> per generation, the model's mean next-token
+    entropy over the positions that predicted its ids (None for an empty one); None where the backend
+    cannot compute it (vLLM returns only the top logprobs, not the whole distribution).
     """
 
     load: Callable
     generate: Callable
     extend: Callable
+    entropy: Callable | None = None

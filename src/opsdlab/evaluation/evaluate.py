@@ -1,12 +1,13 @@
 """Evaluation: k samples per problem, graded by the one verifier, with response lengths.
 
 Writes `summary.json` (avg@k with a bootstrap CI over problems, pass@k, maj@k, mean/median
-response and thinking tokens, lengths of correct and incorrect responses, truncation rate, accuracy
-within token budgets, tokens spent after the correct answer first appears, the verifier and
-sampling settings) and `samples.jsonl` (one line per sample) into an output folder. The same
-function evaluates the student prompt and, for the teacher check, the privileged prompt. Thinking
-tokens are counted with the rendered prompt (`templates.count_thinking_tokens`), so a template that
-opens the think block itself gives the same count as one that leaves it to the model.
+response and thinking tokens, lengths of correct and incorrect responses, truncation and repetition
+rates (`metrics.collapse`), accuracy within token budgets, tokens spent after the correct answer
+first appears, the verifier and sampling settings) and `samples.jsonl` (one line per sample) into an
+output folder. The same function evaluates the student prompt and, for the teacher check, the
+privileged prompt. Thinking tokens are counted with the rendered prompt
+(`templates.count_thinking_tokens`), so a template that opens the think block itself gives the same
+count as one that leaves it to the model.
 
 Responses come from a named backend (`BACKENDS`): `transformers` (`model.generate`, in left-padded
 batches) or `vllm` (`vllm_backend`, vLLM's engine). Both receive the same prompt token ids and return
@@ -31,10 +32,12 @@ from typing import Callable
 import torch
 
 from opsdlab.tasks.data import Example
+from opsdlab.evaluation.metrics.collapse import repeats
 from opsdlab.evaluation.metrics.efficiency import find_answer
 from opsdlab.evaluation.metrics.samples import Sample
 from opsdlab.evaluation.metrics.summary import summarize
-from opsdlab.modeling.models import end_token_ids, stop_token_ids, thinking_token_count
+from opsdlab.loss.divergences import token_entropy
+from opsdlab.modeling.models import end_token_ids, output_head, stop_token_ids, thinking_token_count
 from opsdlab.modeling.console import progress_bar
 from opsdlab.modeling.runtime import shard_and_gather
 from opsdlab.config.choices import CONTEXT_READS
@@ -109,6 +112,38 @@ def _extend_transformers(model, tokenizer, token_ids: list[list[int]], sampling:
     return generate_ids(model, tokenizer, token_ids, sampling, desc=desc)  # one random stream: rows not needed
 
 
+# Response positions whose logits one entropy chunk holds (a 150k vocabulary: 0.6 GB of float32 logits).
+ENTROPY_CHUNK = 1024
+
+
+@torch.no_grad()
+def _entropy_transformers(model, tokenizer, prompts: list[str], generations: list[Generation]) -> list[float | None]:
+    """Per response, the mean entropy of the model's next-token distribution (temperature 1: the model's own,
+    whatever the sampling temperature) over the positions that predicted its ids.
+
+    One forward pass per response over its prompt and ids, after the sampling; the LM head runs on
+    the final hidden states ENTROPY_CHUNK positions at a time (`models.output_head`), so no
+    full-vocabulary logits of a long response are held at once.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    head = output_head(model)
+    out: list[float | None] = []
+    for prompt_ids, generation in zip(tokenizer(prompts, add_special_tokens=True)["input_ids"], generations):
+        if not generation.token_ids:
+            out.append(None)
+            continue
+        ids = torch.tensor([prompt_ids + generation.token_ids], device=device)
+        hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states[-1][0]
+        scored = hidden[len(prompt_ids) - 1:-1]  # position i predicts token i + 1
+        total = sum(token_entropy(head(scored[i:i + ENTROPY_CHUNK])).sum().item()
+                    for i in range(0, len(scored), ENTROPY_CHUNK))
+        out.append(total / len(scored))
+    model.train(was_training)
+    return out
+
+
 def _load_vllm(*args, **kwargs):
     from opsdlab.evaluation import vllm_backend
 
@@ -128,7 +163,7 @@ def _extend_vllm(*args, **kwargs):
 
 
 BACKENDS = {
-    "transformers": Backend(_load_transformers, _generate_transformers, _extend_transformers),
+    "transformers": Backend(_load_transformers, _generate_transformers, _extend_transformers, _entropy_transformers),
     "vllm": Backend(_load_vllm, _generate_vllm, _extend_vllm),
 }
 
@@ -342,6 +377,7 @@ def evaluate(
     budget: int | None = None,
     answer_tokens: int = 32,
     budgets: list[int] | None = None,
+    entropy: bool = False,
 ) -> tuple[list[Sample], dict]:
     """Sample k responses per problem from the prompt of one role and grade them.
 
@@ -350,6 +386,9 @@ def evaluate(
     `budget`, `answer_tokens` and `forced_samples` (how many responses were cut and forced).
     `budgets` are the token budgets of the summary's `accuracy_at_budget` (None: a ladder from the
     evaluated lengths, `metrics.efficiency.budget_ladder`).
+    With `entropy`, each sample records the model's mean token entropy over its response
+    (`Backend.entropy`: one more forward pass per response; None under vLLM and for budget-forced
+    responses, whose forced text the model did not sample), and the summary its `mean_token_entropy`.
     """
     check_budget(budget, answer_tokens)
     prompts = [render_prompt(tokenizer, ex, thinking=thinking, context=context) for ex in examples]
@@ -360,6 +399,8 @@ def evaluate(
         generations = budget_forced_generate(backend, model, tokenizer, prompts, sampling, budget, answer_tokens,
                                              desc=desc)
     eos_ids = end_token_ids(tokenizer, model)  # a vllm.LLM has no generation_config: the tokenizer's ids
+    scorer = BACKENDS[check_backend(backend)].entropy if entropy and budget is None else None
+    entropies = scorer(model, tokenizer, repeated, generations) if scorer else [None] * len(generations)
     samples = []
     for index, generation in enumerate(generations):
         example = examples[index // sampling.k]
@@ -376,6 +417,8 @@ def evaluate(
             text=generation.text,
             first_correct_token=(answer_token(generation.token_ids[:length], tokenizer, example.answer)
                                  if correct else None),
+            repeats=repeats(generation.token_ids[:length]),
+            token_entropy=entropies[index],
         ))
     summary = summarize(samples, k=sampling.k, budgets=budgets)
     summary.update(verifier=describe(verifier), sampling=asdict(sampling), thinking=thinking, context=context,

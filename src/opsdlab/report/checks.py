@@ -96,13 +96,25 @@ def _check_measure(checks: dict[str, dict]) -> str:
     return f"avg@{first.get('k', 'k')}{problems}"
 
 
+def _collapse_cell(stage: dict) -> str:
+    """The collapse signs the checks record (`checks.COLLAPSE_SIGNS`), start → last: truncation and
+    looping rates and mean token entropy; – where the checks predate a field."""
+    start, last = stage["records"][0], stage["records"][-1]
+    cells = []
+    for key, form in (("truncation_rate", "{:.0%}"), ("repetition_rate", "{:.0%}"), ("mean_token_entropy", "{:.2f}")):
+        cells.append(f"{_fmt(start.get(key), form)} → {_fmt(last.get(key), form)}")
+    return " · ".join(cells)
+
+
 def checks_table(checks: dict[str, dict]) -> list[str]:
-    """Per stage with checks: its selection and stop, and avg@k and mean tokens at the start, the
-    selected check and the last check, with the selected check's length change against the last."""
+    """Per stage with checks: its selection and stop, avg@k and mean tokens at the start, the selected
+    check and the last check, the selected check's length change against the last, and the collapse
+    signs from the start to the last check."""
     k = next(iter(checks.values()))["records"][0].get("k", "k")
     lines = ["| stage | selection rule | selected step | why | stop | "
-             f"avg@{k}: start · selected · last | mean tokens: start · selected · last | length: selected vs last |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"avg@{k}: start · selected · last | mean tokens: start · selected · last | length: selected vs last | "
+             "truncated · looping · entropy: start → last |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, stage in checks.items():
         c, selection = check_changes(stage), stage["selection"] or {}
         points = [c["start"], c["selected"], c["last"]]
@@ -110,7 +122,7 @@ def checks_table(checks: dict[str, dict]) -> list[str]:
         tokens = " · ".join(_fmt(p and p["mean_response_tokens"], "{:.1f}") for p in points)
         lines.append(f"| {name} | {selection.get('rule', '–')} | {_fmt(selection.get('step'), '{}')} | "
                      f"{selection.get('why', '–')} | {_stop_cell(stage)} | {acc} | {tokens} | "
-                     f"{_fmt(c['length_vs_last'], '{:+.1%}')} |")
+                     f"{_fmt(c['length_vs_last'], '{:+.1%}')} | {_collapse_cell(stage)} |")
     return lines
 
 
@@ -157,12 +169,18 @@ def checks_section(run_dir: Path, config: dict, names: list[str], out_dir: Path)
     plot_checks(checks, palette(config, [*names, *checks]), out_dir / "checks.png")
     stops = [f"- `{name}` stopped at step {s['stop']['step']} ({s['stop']['rule']}): {s['stop'].get('why', '')}"
              for name, s in checks.items() if s["stop"]]
+    stops += [f"- `{name}`: no selection rule may pick step {excluded[0]['step']} or later (collapse sign: "
+              f"{', '.join(excluded[0]['signs'])})" for name, s in checks.items()
+              if (excluded := (s["selection"] or {}).get("excluded"))]
     return ["## Held-out checks during training", "",
             f"During training a stage graded its model on held-out problems ({_check_measure(checks)}) every few "
             "steps; a stopping rule may have ended it early, and a selection rule chose which check's weights the "
             "stage's `model/` holds (and the later stages and evaluations use). *Start* is the first check (before "
             "the first step); *length: selected vs last* is the selected check's mean tokens against the last "
-            "check's.", "", *checks_table(checks), "", *stops, *[""] * bool(stops), "![held-out checks](checks.png)",
+            "check's; *truncated · looping · entropy* are the shares of responses cut at the cap and caught in a "
+            "loop, and the mean token entropy (nats), signs of a collapse: no rule selects a check at or after "
+            "one that shows a sign.", "", *checks_table(checks), "", *stops, *[""] * bool(stops),
+            "![held-out checks](checks.png)",
             ""]
 
 

@@ -10,17 +10,31 @@ tolerance of the start.
 
 Files in the stage folder (only with `check_every > 0`):
 
-    checks.jsonl            one line per check: step, avg@k with its CI, mean response tokens, seconds
-    stop.json               {rule, step, why} when a stopping rule ended training
-    selection.json          {rule, step, why, checkpoint, candidates}: which check's weights model/ holds
+    checks.jsonl            one line per check: step, avg@k with its CI, mean response tokens and their
+                            ratio to the start's, truncation and repetition rates, mean token entropy, seconds
+    stop.json               {rule, step, why} when a stopping rule ended training (rule: the one that fired)
+    selection.json          {rule, step, why, checkpoint, candidates, excluded}: which check's weights model/
+                            holds, and the checks no rule may pick (a collapse sign, below)
     checkpoints/start/      the weights before the first step, when the selection rule may pick them
+
+Collapse signs. Training can end in truncation collapse (StableOPD, arXiv 2604.08527): responses
+suddenly grow, loop, and run into the length cap. Each check therefore records, beside avg@k, the
+three signs of it measured against the start (`COLLAPSE_SIGNS`): mean length more than
+`stop_length_ratio` times the start's, a truncation rate or a share of looping responses
+(`metrics.collapse.repeats`) more than `stop_truncation` or `stop_repetition` above the start's; and
+the model's mean token entropy over its responses (entropy drift, TRACE arXiv 2605.10194), recorded
+only. Each sign is a stopping rule of its own name, and `stop` may list several (`collapse`: all
+three and accuracy_drop). Whatever `stop` is, a check that shows a sign and every check after it are
+never selected (`usable_records`): a collapsed model's accuracy may still look fine on a few problems,
+and its length, inflated or cut at the cap, says nothing about a compression.
 
 Every check step is saved as a checkpoint (the Trainer's own rotation is turned off); after each
 save, the checkpoints kept are the newest (what a resume needs), the one the selection rule picks
 among the checks so far, and the `keep_checkpoints` most recent other checked ones; the others are
 deleted. Keeping the current pick is enough: every selection rule picks, among one more check,
 either its previous pick or the new check (`test_checks`), so a checkpoint deleted once is never
-picked later.
+picked later. The collapse exclusion keeps this: the checks a rule sees grow by the new one until
+the first sign, and never change after it.
 
 A resumed stage reads `checks.jsonl` and drops the lines after the step it resumes from (their
 weights died with the interrupted run; those steps are trained and checked again), so the file
@@ -47,7 +61,7 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
-from opsdlab.config.stages import CheckSettings
+from opsdlab.config.stages import CheckSettings, stop_names
 from opsdlab.tasks.data import Example
 from opsdlab.config.sections import SamplingConfig
 from opsdlab.evaluation.evaluate import evaluate_sharded
@@ -103,11 +117,85 @@ def length_plateau(records: list[dict], config: CheckSettings) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- collapse signs
+# A collapse sign reads the start's record and one later record and says why that record shows the
+# sign, or None; a threshold of null turns the sign off. Records without the field (written before it
+# existed, or a measure that has no such number) show no sign.
+
+
+def _rise(start: dict, record: dict, key: str) -> float | None:
+    before, after = start.get(key), record.get(key)
+    return None if before is None or after is None else after - before
+
+
+def length_inflated(start: dict, record: dict, config: CheckSettings) -> str | None:
+    """Mean response tokens more than stop_length_ratio times the start's."""
+    ratio, before = config.stop_length_ratio, start["mean_response_tokens"]
+    if ratio is None or before <= 0 or record["mean_response_tokens"] <= ratio * before:
+        return None
+    return (f"mean length {record['mean_response_tokens']:.1f} tokens at step {record['step']} is "
+            f"{record['mean_response_tokens'] / before:.2f}x the start's {before:.1f}, above stop_length_ratio "
+            f"{ratio:g}")
+
+
+def truncation_rose(start: dict, record: dict, config: CheckSettings) -> str | None:
+    """A truncation rate more than stop_truncation above the start's (an absolute rise of a share)."""
+    rise = _rise(start, record, "truncation_rate")
+    if config.stop_truncation is None or rise is None or rise <= config.stop_truncation:
+        return None
+    return (f"truncation rate {record['truncation_rate']:.3f} at step {record['step']} is {rise:.3f} above the "
+            f"start's {start['truncation_rate']:.3f}, more than stop_truncation {config.stop_truncation:g}")
+
+
+def repetition_rose(start: dict, record: dict, config: CheckSettings) -> str | None:
+    """A share of looping responses (`metrics.collapse.repeats`) more than stop_repetition above the start's."""
+    rise = _rise(start, record, "repetition_rate")
+    if config.stop_repetition is None or rise is None or rise <= config.stop_repetition:
+        return None
+    return (f"repetition rate {record['repetition_rate']:.3f} at step {record['step']} is {rise:.3f} above the "
+            f"start's {start['repetition_rate']:.3f}, more than stop_repetition {config.stop_repetition:g}")
+
+
+COLLAPSE_SIGNS: dict[str, Callable[[dict, dict, CheckSettings], str | None]] = {
+    "length_inflation": length_inflated,
+    "truncation": truncation_rose,
+    "repetition": repetition_rose,
+}
+
+
+def collapse_signs(start: dict, record: dict, config: CheckSettings) -> dict[str, str]:
+    """Sign name -> why, for every collapse sign `record` shows against `start` (empty: none)."""
+    signs = {name: sign(start, record, config) for name, sign in COLLAPSE_SIGNS.items()}
+    return {name: why for name, why in signs.items() if why is not None}
+
+
+def _sign_rule(name: str) -> Callable[[list[dict], CheckSettings], str | None]:
+    """The stopping rule of one collapse sign: stop at the first check that shows it."""
+
+    def rule(records: list[dict], config: CheckSettings) -> str | None:
+        return COLLAPSE_SIGNS[name](records[0], records[-1], config) if len(records) > 1 else None
+
+    rule.__name__ = rule.__qualname__ = name
+    rule.__doc__ = f"Stop at the first check that shows the {name} collapse sign ({COLLAPSE_SIGNS[name].__doc__})"
+    return rule
+
+
 STOP_RULES: dict[str, Callable[[list[dict], CheckSettings], str | None]] = {
     "none": _no_stop,
     "accuracy_drop": accuracy_drop,
     "length_plateau": length_plateau,
+    **{name: _sign_rule(name) for name in COLLAPSE_SIGNS},
 }
+
+
+def stop_reason(records: list[dict], config: CheckSettings) -> tuple[str, str] | None:
+    """(rule, why) for the first of the configured stopping rules (`stop`, one name or several) that
+    fires after the latest check, or None to go on."""
+    for name in stop_names(config.stop):
+        why = STOP_RULES[name](records, config)
+        if why is not None:
+            return name, why
+    return None
 
 
 # ---------------------------------------------------------------- selection rules
@@ -126,8 +214,8 @@ class Choice:
 
 
 def select_last(records: list[dict], config: CheckSettings) -> Choice:
-    """The last check: the weights training ended with."""
-    return Choice(len(records) - 1, "the last check: the weights training ended with")
+    """The last check it is given: the weights training ended with, unless a collapse sign excluded them."""
+    return Choice(len(records) - 1, "the last check")
 
 
 def shortest_within_tolerance(records: list[dict], config: CheckSettings) -> Choice:
@@ -170,14 +258,55 @@ SELECT_RULES: dict[str, Callable[[list[dict], CheckSettings], Choice]] = {
 }
 
 
+def usable_records(records: list[dict], config: CheckSettings) -> tuple[list[dict], list[dict]]:
+    """The records a selection rule may pick from, the ones before the first that shows a collapse sign
+    (`collapse_signs` against the start; the start never shows one), and the excluded ones, each
+    {step, signs: {sign: why}} (a check after the first collapsed one is excluded with the signs it
+    shows itself, possibly none)."""
+    first = next((i for i, r in enumerate(records[1:], 1) if collapse_signs(records[0], r, config)), len(records))
+    excluded = [{"step": r["step"], "signs": collapse_signs(records[0], r, config)} for r in records[first:]]
+    return records[:first], excluded
+
+
+def pick(records: list[dict], config: CheckSettings) -> tuple[int, Choice, list[dict]]:
+    """The index in `records` of the check the configured selection rule picks among the usable records,
+    its `Choice` and the excluded records (`usable_records`)."""
+    usable, excluded = usable_records(records, config)
+    choice = SELECT_RULES[config.select](usable, config)
+    return choice.index, choice, excluded
+
+
 # ---------------------------------------------------------------- the callback
 
 
 def evaluate_held_out(model, tokenizer, examples: list[Example], verifier: VerifierConfig, sampling: SamplingConfig,
-                      *, thinking: bool, desc: str) -> dict:
+                      *, thinking: bool, desc: str, entropy: bool = False) -> dict:
     """The summary of `evaluate` on `examples`, split over the processes of the launch as the pipeline's
-    evaluations are (every process gets the merged summary)."""
-    return evaluate_sharded(model, tokenizer, examples, verifier, sampling, thinking=thinking, desc=desc)[1]
+    evaluations are (every process gets the merged summary). Checks sample with the transformers backend
+    (the training model itself), so `entropy` is always computed there."""
+    return evaluate_sharded(model, tokenizer, examples, verifier, sampling, thinking=thinking, desc=desc,
+                            entropy=entropy)[1]
+
+
+def check_line(record: dict) -> str:
+    """A check record as one console line: avg@k with its CI, mean tokens (x the start's), the truncation and
+    repetition rates and the mean token entropy (nats), each shown where the record has it."""
+    lo, hi = record["avg_at_k_ci"]
+    parts = [f"check @{record['step']}: avg@{record['k']} {record['avg_at_k']:.3f} [{lo:.3f}, {hi:.3f}]",
+             f"mean tokens {record['mean_response_tokens']:.1f}"
+             + (f" ({record['length_ratio']:.2f}x start)" if record.get("length_ratio") is not None else "")]
+    for key, label, form in (("truncation_rate", "truncated", "{:.0%}"), ("repetition_rate", "looping", "{:.0%}"),
+                             ("mean_token_entropy", "entropy", "{:.2f}")):
+        if record.get(key) is not None:
+            parts.append(f"{label} {form.format(record[key])}")
+    return ", ".join(parts) + f" ({record['seconds']:.1f}s)"
+
+
+def may_pick_start(config: CheckSettings) -> bool:
+    """Whether a selection may pick the start, so its weights must be saved: any rule but `last`, and `last`
+    too while a collapse sign may exclude every later check."""
+    thresholds = (config.stop_length_ratio, config.stop_truncation, config.stop_repetition)
+    return config.select != "last" or any(t is not None for t in thresholds)
 
 
 def _check_folder(stage_dir: Path, step: int) -> Path:
@@ -241,9 +370,9 @@ class HeldOutCheck(TrainerCallback):
 
     # -------------------------------------------------------------- one check
     def check(self, step: int, control) -> dict:
-        """Grade the training model at `step`, append its line, save the step, apply the stopping rule."""
+        """Grade the training model at `step`, append its line, save the step, apply the stopping rules."""
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        if step == 0 and self.config.select != "last":  # the start may be picked: keep its weights
+        if step == 0 and may_pick_start(self.config):  # keep the start's weights
             self.trainer.save_model(str(_check_folder(self.stage_dir, 0)))
         start = time.perf_counter()
         was_training = model.training
@@ -255,40 +384,43 @@ class HeldOutCheck(TrainerCallback):
                 summary = self.measure(model, self.trainer.processing_class, step)
             finally:
                 model.train(was_training)
+        tokens = summary["mean_response_tokens"]
+        first = (self.records or [{"mean_response_tokens": tokens}])[0]["mean_response_tokens"]
         record = {"step": step, "avg_at_k": summary["avg_at_k"], "avg_at_k_ci": list(summary["avg_at_k_ci"]),
-                  "mean_response_tokens": summary["mean_response_tokens"],
-                  "truncation_rate": summary.get("truncation_rate"), "problems": len(self.examples),
+                  "mean_response_tokens": tokens, "length_ratio": tokens / first if first > 0 else None,
+                  "truncation_rate": summary.get("truncation_rate"), "repetition_rate": summary.get("repetition_rate"),
+                  "mean_token_entropy": summary.get("mean_token_entropy"), "problems": len(self.examples),
                   "k": self.sampling.k, "seconds": round(time.perf_counter() - start, 3)}
         self.records.append(record)
-        why = STOP_RULES[self.config.stop](self.records, self.config)
-        if why is not None:
-            record["stop"] = self.config.stop
+        stop = stop_reason(self.records, self.config)
+        if stop is not None:
+            record["stop"] = stop[0]
         if is_main_process():
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            lo, hi = record["avg_at_k_ci"]
-            print(f"[{self.label}] check @{step}: avg@{record['k']} {record['avg_at_k']:.3f} [{lo:.3f}, {hi:.3f}], "
-                  f"mean tokens {record['mean_response_tokens']:.1f} ({record['seconds']:.1f}s)", flush=True)
+            print(f"[{self.label}] {check_line(record)}", flush=True)
         if step > 0:
             control.should_save = True  # a check step may be selected: its weights must be on disk
-        if why is not None:
+        if stop is not None:
+            rule, why = stop
             if is_main_process():
-                (self.stage_dir / STOP).write_text(json.dumps({"rule": self.config.stop, "step": step, "why": why},
-                                                              indent=2))
-                print(f"[{self.label}] stopping at step {step} ({self.config.stop}): {why}", flush=True)
+                (self.stage_dir / STOP).write_text(json.dumps({"rule": rule, "step": step, "why": why}, indent=2))
+                print(f"[{self.label}] stopping at step {step} ({rule}): {why}", flush=True)
             control.should_training_stop = True
             self.stopped = True
         return record
 
     def measure(self, model, tokenizer, step: int) -> dict:
-        """The held-out summary (avg@k, its CI, mean response tokens) of `model` as it is at `step`."""
+        """The held-out summary (avg@k, its CI, mean response tokens, truncation and repetition rates, mean
+        token entropy) of `model` as it is at `step`."""
         return evaluate_held_out(model, tokenizer, self.examples, self.verifier, self.sampling,
-                                 thinking=self.thinking, desc=f"{self.label} check @{step}")
+                                 thinking=self.thinking, desc=f"{self.label} check @{step}", entropy=True)
 
     # -------------------------------------------------------------- selection and disk
-    def choice(self) -> tuple[dict, Choice]:
-        choice = SELECT_RULES[self.config.select](self.records, self.config)
-        return self.records[choice.index], choice
+    def choice(self) -> tuple[dict, Choice, list[dict]]:
+        """The selected record, the rule's choice among the usable records, and the excluded records."""
+        index, choice, excluded = pick(self.records, self.config)
+        return self.records[index], choice, excluded
 
     def prune(self) -> None:
         """Delete the checkpoints nothing needs (module docstring): keep the newest, the current pick and
@@ -309,7 +441,7 @@ class HeldOutCheck(TrainerCallback):
 
     def select(self) -> dict:
         """Put the selected check's weights into the trainer's model and write selection.json; returns it."""
-        record, choice = self.choice()
+        record, choice, excluded = self.choice()
         step = record["step"]
         folder = _check_folder(self.stage_dir, step)
         # The trainer's model holds the weights of its own last step (a stopped stage rerun holds the start's).
@@ -319,16 +451,21 @@ class HeldOutCheck(TrainerCallback):
                                         f"{folder} was deleted; were select or keep_checkpoints changed since the "
                                         "stage started?")
             self.trainer._load_from_checkpoint(str(folder), model=self.trainer.accelerator.unwrap_model(self.trainer.model))
+        why = choice.why
+        if excluded:
+            signs = ", ".join(excluded[0]["signs"])
+            why += f"; steps from {excluded[0]['step']} on are excluded (collapse sign: {signs})"
         selection = {
-            "rule": self.config.select, "step": step, "why": choice.why,
+            "rule": self.config.select, "step": step, "why": why,
             "checkpoint": str(folder.relative_to(self.stage_dir)),
             "candidates": [{"step": r["step"], "avg_at_k": r["avg_at_k"], "avg_at_k_ci": r["avg_at_k_ci"],
                             "mean_response_tokens": r["mean_response_tokens"],
-                            **(choice.notes[i] if choice.notes else {})} for i, r in enumerate(self.records)],
+                            **(choice.notes[i] if i < len(choice.notes) else {})} for i, r in enumerate(self.records)],
+            "excluded": excluded,
         }
         if is_main_process():
             (self.stage_dir / SELECTION).write_text(json.dumps(selection, indent=2))
-            print(f"[{self.label}] model/ holds step {step} ({self.config.select}): {choice.why}", flush=True)
+            print(f"[{self.label}] model/ holds step {step} ({self.config.select}): {why}", flush=True)
         self.trainer.accelerator.wait_for_everyone()
         return selection
 

@@ -18,6 +18,8 @@ provides, one concept per module:
 * ``comparison``: paired comparisons between two evaluations of the same
   problems (accuracy flips, paired bootstrap of accuracy and length change,
   the accuracy-efficiency score);
+* ``collapse``: signs of a collapse (a response caught in a loop, token
+  entropy over responses);
 * ``diagnostics``: diagnostics for *how* responses got shorter
   (hesitation-marker density, per-position KL, tokens whose probability the
   teacher moves most).

@@ -45,6 +45,13 @@ class Sample:
             ``None`` for an incorrect response, when the gold answer is not
             written out verbatim, and in samples saved before this field
             existed.
+        repeats: Whether the response holds a loop of back-to-back copies
+            of one block of tokens (:func:`~.collapse.repeats`); ``None``
+            in samples saved before this field existed.
+        token_entropy: The model's mean next-token entropy (nats, at
+            temperature 1) over the positions that predicted the
+            response's tokens, its closing EOS included; ``None`` unless the
+            evaluation asked for it and its backend can compute it.
     """
 
     problem_id: str
@@ -56,6 +63,8 @@ class Sample:
     truncated: bool
     text: str = ""
     first_correct_token: int | None = None
+    repeats: bool | None = None
+    token_entropy: float | None = None
 
 
 def _name_few(ids: Iterable[str]) -> str:

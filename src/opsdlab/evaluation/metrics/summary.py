@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from opsdlab.evaluation.metrics.bootstrap import _bootstrap_mean
+from opsdlab.evaluation.metrics.collapse import mean_token_entropy
 from opsdlab.evaluation.metrics.efficiency import accuracy_at_budget, tokens_after_first_correct
 from opsdlab.evaluation.metrics.samples import _MAX_NAMED, Sample, _group_by_problem
 
@@ -117,6 +118,13 @@ def summarize(
       (see ``_majority_correct``); voting uses all ``n`` samples.
     * ``mean_response_tokens``, ``median_response_tokens``,
       ``mean_thinking_tokens``, ``truncation_rate``: over all samples.
+    * ``repetition_rate``: the share of samples that repeat themselves
+      (``Sample.repeats``, :func:`~.collapse.repeats`), over the samples that
+      record it; ``None`` when none does.
+    * ``mean_token_entropy``: the mean next-token entropy per scored token
+      (``Sample.token_entropy``, weighted by each sample's scored positions:
+      its response tokens and, unless truncated, its closing EOS); ``None``
+      when no sample has one.
     * ``mean_tokens_correct``, ``mean_tokens_incorrect``: mean response
       length of correct / incorrect samples, ``None`` if there are none.
     * ``accuracy_at_budget``: ``{"<budget>": accuracy}`` from
@@ -182,6 +190,9 @@ def summarize(
         "median_response_tokens": float(np.median(resp)),
         "mean_thinking_tokens": float(think.mean()),
         "truncation_rate": float(np.mean([bool(s.truncated) for s in samples])),
+        "repetition_rate": _mean_or_none(np.array([s.repeats for s in samples if s.repeats is not None], dtype=float)),
+        "mean_token_entropy": mean_token_entropy([s.token_entropy for s in samples],
+                                                 [s.response_tokens + (not s.truncated) for s in samples]),
         "mean_tokens_correct": _mean_or_none(resp[correct_mask]),
         "mean_tokens_incorrect": _mean_or_none(resp[~correct_mask]),
         "accuracy_at_budget": accuracy_at_budget(samples, budgets),
