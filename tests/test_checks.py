@@ -461,3 +461,12 @@ def test_a_check_records_the_models_own_token_entropy_over_its_responses(terse_f
         assert sample.token_entropy == pytest.approx(expected, rel=1e-4)
     assert summary["mean_token_entropy"] is not None
     assert evaluation.evaluate(model, tokenizer, examples, EXACT, sampling)[1]["mean_token_entropy"] is None
+
+
+def test_rlvr_has_no_length_sign_unless_asked():
+    """RL may lengthen responses on purpose: the length_inflation sign is OPSD's default, not RLVR's."""
+    from opsdlab.config.stages import OPSDStageConfig, RLVRStageConfig
+
+    assert RLVRStageConfig().stop_length_ratio is None
+    assert OPSDStageConfig().stop_length_ratio == 1.5
+    assert RLVRStageConfig(stop_length_ratio=2.0).stop_length_ratio == 2.0
