@@ -85,6 +85,8 @@ def test_length_rl_runs_rl_with_the_arms_budget_and_dlers_settings():
     config = load_config("tiny", [ARMS, "opsd.max_steps=7", "opsd.rollouts_per_prompt=4", "rlvr.epsilon_high=0.3"])
     rl = length_rl_config(arms_of(config)["dler"], config.rlvr)
     assert (rl.max_steps, rl.group_size, rl.prompts_per_step) == (7, 4, config.opsd.prompts_per_step)
+    assert length_rl_config(arms_of(load_config("tiny", [ARMS, "opsd.max_rollout_tokens=900"]))["dler"],
+                            config.rlvr).max_rollout_tokens == 900
     assert (rl.scale_rewards, rl.dynamic_sampling, rl.epsilon_high) == ("batch", True, 0.3)
     assert rl.learning_rate == config.opsd.learning_rate and rl.loss_type == config.rlvr.loss_type
 
@@ -162,6 +164,28 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
     assert {config.arm_config(arm).method for arm in config.arms} == set(METHODS)
     with pytest.raises(ConfigError, match="--arms: expected one of gates, methods, .*got 'all'"):
         study_config("tiny", tmp_path, arms="all")
+
+
+@pytest.mark.parametrize("preset, steps, per_rollout", [("tiny", 20, 42), ("tiny-search", 25, 38)])
+def test_the_methods_study_runs_every_arm_at_one_rollout_token_budget(tmp_path, preset, steps, per_rollout):
+    """The budget is what the default OPSD arm spends (its steps x 8 prompts x 4 rollouts of the preset's
+    mean rollout length); max_steps is only a bound, 3x the preset's; CRISP refreshes at least twice even
+    where its rollouts are twice that length, and an arm whose rollouts shorten to a third still reaches
+    the budget within max_steps."""
+    from opsdlab.run.study import study_config
+
+    config = study_config(preset, tmp_path, seeds=(0,), arms="methods")
+    budget = steps * 8 * 4 * per_rollout
+    arms = {arm.name: config.arm_config(arm) for arm in config.arms}
+    assert {(a.max_rollout_tokens, a.max_steps) for a in arms.values()} == {(budget, 3 * steps)}
+    crisp = arms["crisp"]
+    rollouts = crisp.prompts_per_step * crisp.rollouts_per_prompt
+    assert crisp.teacher_weights == "periodic"
+    assert budget // (rollouts * 2 * per_rollout) >= 2 * crisp.teacher_refresh_steps
+    assert budget / (rollouts * per_rollout / 3) <= crisp.max_steps
+    assert study_config(preset, tmp_path, seeds=(0,)).opsd.max_rollout_tokens is None  # the gates study: none
+    own = study_config(preset, tmp_path, seeds=(0,), arms="methods", overrides=["opsd.max_rollout_tokens=1000"])
+    assert own.arm_config(own.arms[0]).max_rollout_tokens == 1000
 
 
 def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
