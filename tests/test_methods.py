@@ -206,9 +206,11 @@ def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkey
     assert summary["accuracy_at_budget"] == {"15": 2 / 3}  # a (10) and c (10) within 15, b (20) not
 
 
-def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_by_side(tmp_path):
-    """The five methods from one RLVR checkpoint, at the smallest sizes: each arm (each budget of the
-    budget arm) has its evaluation with the budget metrics, and the report compares them."""
+def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_by_side(tmp_path, capsys):
+    """The five methods from one RLVR checkpoint, at the smallest sizes and a rollout-token budget that
+    the first step reaches: each arm (each budget of the budget arm) has its evaluation with the budget
+    metrics, each trained arm ends at step 1 of 2 and says so, and the report compares them with what
+    each spent."""
     import yaml
 
     from opsdlab.run.pipeline import run_pipeline
@@ -216,7 +218,7 @@ def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_
     from test_pipeline import TINY_RUN
 
     run = {**TINY_RUN, "run_dir": str(tmp_path / "run"), "workers": 1,
-           "opsd": {**TINY_RUN["opsd"], "max_steps": 2, "save_steps": 100},
+           "opsd": {**TINY_RUN["opsd"], "max_steps": 2, "save_steps": 100, "max_rollout_tokens": 1},
            "eval": {**TINY_RUN["eval"], "greedy": False},
            "arms": [{"name": "opsd", "gate": "all"}, {"name": "crisp", "method": "crisp"},
                     {"name": "dler", "method": "length_rl", "length_target": 8},
@@ -231,11 +233,20 @@ def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_
     forced = json.loads((run_dir / "eval" / "opsd-forced-b6-s0" / "synthetic" / "summary.json").read_text())
     assert forced["budget"] == 6 and not (run_dir / "opsd" / "forced-s0").exists()
     assert json.loads((run_dir / "opsd" / "dler-s0" / "length_target.json").read_text())["target"] == 8
+    printed = capsys.readouterr().out
     report = write_report(run_dir).read_text()
     assert "### Compaction methods against the start" in report
     for row in ("| opsd | opsd |", "| crisp | crisp |", "| dler | length_rl |", "| contrast | contrastive |",
                 "| forced-b6 (B=6) | budget |"):
         assert row in report
+    for arm in ("opsd", "crisp", "dler", "contrast"):
+        spent = json.loads((run_dir / "opsd" / f"{arm}-s0" / "rollout_tokens.json").read_text())
+        assert (spent["steps"], spent["max_steps"], spent["ended"]) == (1, 2, "budget"), arm
+        assert f"ended at the rollout-token budget: {spent['rollout_tokens']:,} rollout tokens (budget 1) at step 1" \
+            in next(line for line in printed.splitlines() if f"[opsd {arm} s0] done" in line), arm
+        cells = [c.strip() for c in next(line for line in report.splitlines()
+                                         if line.startswith(f"| {arm} |")).split("|")]
+        assert cells[-4:-2] == [f"{spent['rollout_tokens']:,}", "1"], arm  # rollout tokens, steps
     assert (run_dir / "report" / "budgets_synthetic.png").exists()
 
 
