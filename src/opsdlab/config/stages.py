@@ -161,7 +161,6 @@ class RLVRStageConfig(VLLMGeneration, CheckSettings):
     """
 
     max_steps: int = 50
-    # The stage ends after the optimizer step at which its rollout tokens reach this (`rollout_budget`); null: none
     max_rollout_tokens: int | None = None
     prompts_per_step: int = 8
     group_size: int = 8
@@ -258,7 +257,6 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     teacher_context: str = "solution"
     teacher_thinking: bool | None = None  # None: same as the student (the run's thinking setting)
     max_steps: int = 20
-    # The stage ends after the optimizer step at which its rollout tokens reach this (`rollout_budget`); null: none
     max_rollout_tokens: int | None = None
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
