@@ -146,3 +146,29 @@ def test_a_periodic_teacher_refreshes_under_the_budget(tmp_path, tiny_folder, ta
     assert trainer.teacher.steps // trainer.teacher.refresh_steps == 2
     teacher = snapshot(trainer.teacher.copy)
     assert all(torch.equal(teacher[name], students[4][name]) for name in teacher)
+
+
+def test_the_budgets_step_is_the_stages_last_for_its_held_out_checks(tmp_path, tiny_folder, task, full_length,
+                                                                    monkeypatch):
+    """Checks every 5 steps, the budget reached at step 3: step 3 is checked and saved like a last step, and
+    `select: last` hands on its weights (not those of the check at step 0)."""
+    from safetensors.torch import load_file
+
+    from opsd_helpers import EXACT
+    from opsdlab.config.stages import OPSDStageConfig
+    from opsdlab.modeling.models import load_policy
+    from opsdlab.stages.checks import HeldOutCheck
+
+    monkeypatch.setattr(HeldOutCheck, "measure", lambda self, model, tokenizer, step: {
+        "avg_at_k": 0.5, "avg_at_k_ci": [0.4, 0.6], "mean_response_tokens": 8.0, "truncation_rate": 1.0})
+    config = OPSDStageConfig(gate="all", max_steps=10, prompts_per_step=2, rollouts_per_prompt=2,
+                             max_completion_length=LENGTH, learning_rate=1e-2, save_steps=100, logging_steps=1,
+                             check_every=5, max_rollout_tokens=70)
+    model, tokenizer = load_policy(tiny_folder)
+    out = opsd.run_opsd(model, tokenizer, task.examples("train", 8), EXACT, config, tmp_path, thinking=True,
+                        check_examples=task.examples("test", 4))
+    assert [r["step"] for r in read_jsonl(tmp_path / "checks.jsonl")] == [0, 3]
+    assert json.loads((tmp_path / "selection.json").read_text())["step"] == 3
+    saved = load_file(str(tmp_path / "checkpoints" / "checkpoint-3" / "model.safetensors"))
+    final = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[name], final[name]) for name in saved)
