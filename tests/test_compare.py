@@ -2,8 +2,8 @@
 
 import json
 
-from opsdlab.report.compare import (arm_and_method, arm_methods, budget_curves, budget_grid, pareto_front, plane_points,
-                             training_cost)
+from opsdlab.report.compare import (arm_and_method, arm_methods, budget_curves, budget_grid, method_table, pareto_front,
+                                    plane_points, seeds_methods_section, training_cost)
 from opsdlab.evaluation.metrics.samples import Sample
 
 
@@ -44,16 +44,40 @@ def test_budget_curves_share_one_grid():
     assert curves["short"]["10"] == 0.5 and curves["short"]["40"] == 0.5
 
 
-def test_training_cost_reads_the_stage_line_and_trls_token_count(tmp_path):
+def test_training_cost_reads_the_stage_line_and_the_stages_rollout_tokens(tmp_path):
     (tmp_path / "summary.jsonl").write_text(
         json.dumps({"kind": "stage", "stage": "opsd-a-s0", "seconds": 14.0}) + "\n"
         + json.dumps({"kind": "eval", "checkpoint": "opsd-a-s0", "seconds": 3.0}) + "\n")
     folder = tmp_path / "opsd" / "a-s0"
     folder.mkdir(parents=True)
-    folder.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
-        {"step": 5, "num_tokens": 100.0}, {"step": 10, "num_tokens": 230.0}, {"step": 10, "train_runtime": 1.0})))
-    assert training_cost(tmp_path, "opsd-a-s0") == {"seconds": 14.0, "tokens": 230.0}
-    assert training_cost(tmp_path, "opsd-b-s0") == {"seconds": None, "tokens": None}
+    # TRL's num_tokens (prompts and responses) is not what the arm's generation cost
+    folder.joinpath("metrics.jsonl").write_text(json.dumps({"step": 10, "num_tokens": 230.0}) + "\n")
+    folder.joinpath("rollout_tokens.json").write_text(json.dumps(
+        {"rollout_tokens": 96, "steps": 3, "max_rollout_tokens": 70, "max_steps": 10, "ended": "budget"}))
+    assert training_cost(tmp_path, "opsd-a-s0") == {"seconds": 14.0, "tokens": 96, "steps": 3}
+    assert training_cost(tmp_path, "opsd-b-s0") == {"seconds": None, "tokens": None, "steps": None}
+
+
+def test_the_method_tables_say_what_each_arm_spent_in_tokens_and_steps():
+    change = {"accuracy_diff": 0.01, "accuracy_diff_ci": [-0.02, 0.04], "length_change": -0.1,
+              "length_change_ci": [-0.15, -0.05], "aes": 0.2, "accuracy_before": 0.3, "mean_length_before": 40.0,
+              "accuracy_after": 0.31, "mean_length_after": 36.0}
+    rows = [{"label": "opsd", "checkpoint": "opsd-opsd-s0", "method": "opsd", "change": change, "overthinking": None, "overthinking_share": None,
+             "tokens": 27012, "steps": 19, "seconds": 40.0},
+            {"label": "dler", "checkpoint": "opsd-dler-s0", "method": "length_rl", "change": change, "overthinking": None, "overthinking_share": None,
+             "tokens": 27100, "steps": 8, "seconds": 30.0},
+            {"label": "forced-q50", "checkpoint": "opsd-forced-q50-s0", "method": "budget", "budget": 20, "change": change, "overthinking": None,
+             "overthinking_share": None, "tokens": None, "steps": None, "seconds": None}]
+    lines = method_table(rows, "rlvr")
+    assert lines[0].endswith("| AES | rollout tokens | steps | train seconds |") and lines[1].count("---") == 9
+    assert lines[2].endswith("| +0.200 | 27,012 | 19 | 40 |") and lines[3].endswith("| 27,100 | 8 | 30 |")
+    assert lines[4].endswith("| 0 | 0 | 0 |")
+    _, md = seeds_methods_section({0: rows[:2], 1: [{**rows[0], "tokens": 26990, "steps": 21}, rows[1]]},
+                                  {0: "rlvr", 1: "rlvr"}, lambda seed, name: None, [0, 1], {}, "synthetic", None)
+    header = next(line for line in md if line.startswith("| arm |"))
+    assert header.endswith("| AES | rollout tokens | steps | train seconds |")
+    opsd_row = next(line for line in md if line.startswith("| opsd |"))
+    assert opsd_row.endswith("| 27,001 ± 16 | 20.0 ± 1.4 | 40 ± 0 |")
 
 
 def test_the_plane_has_the_start_and_every_arm():

@@ -85,6 +85,8 @@ def test_length_rl_runs_rl_with_the_arms_budget_and_dlers_settings():
     config = load_config("tiny", [ARMS, "opsd.max_steps=7", "opsd.rollouts_per_prompt=4", "rlvr.epsilon_high=0.3"])
     rl = length_rl_config(arms_of(config)["dler"], config.rlvr)
     assert (rl.max_steps, rl.group_size, rl.prompts_per_step) == (7, 4, config.opsd.prompts_per_step)
+    assert length_rl_config(arms_of(load_config("tiny", [ARMS, "opsd.max_rollout_tokens=900"]))["dler"],
+                            config.rlvr).max_rollout_tokens == 900
     assert (rl.scale_rewards, rl.dynamic_sampling, rl.epsilon_high) == ("batch", True, 0.3)
     assert rl.learning_rate == config.opsd.learning_rate and rl.loss_type == config.rlvr.loss_type
 
@@ -164,6 +166,28 @@ def test_the_methods_study_runs_opsd_against_every_other_method(tmp_path):
         study_config("tiny", tmp_path, arms="all")
 
 
+@pytest.mark.parametrize("preset, steps, per_rollout", [("tiny", 20, 42), ("tiny-search", 25, 38)])
+def test_the_methods_study_runs_every_arm_at_one_rollout_token_budget(tmp_path, preset, steps, per_rollout):
+    """The budget is what the default OPSD arm spends (its steps x 8 prompts x 4 rollouts of the preset's
+    mean rollout length); max_steps is only a bound, 3x the preset's; CRISP refreshes at least twice even
+    where its rollouts are twice that length, and an arm whose rollouts shorten to a third still reaches
+    the budget within max_steps."""
+    from opsdlab.run.study import study_config
+
+    config = study_config(preset, tmp_path, seeds=(0,), arms="methods")
+    budget = steps * 8 * 4 * per_rollout
+    arms = {arm.name: config.arm_config(arm) for arm in config.arms}
+    assert {(a.max_rollout_tokens, a.max_steps) for a in arms.values()} == {(budget, 3 * steps)}
+    crisp = arms["crisp"]
+    rollouts = crisp.prompts_per_step * crisp.rollouts_per_prompt
+    assert crisp.teacher_weights == "periodic"
+    assert budget // (rollouts * 2 * per_rollout) >= 2 * crisp.teacher_refresh_steps
+    assert budget / (rollouts * per_rollout / 3) <= crisp.max_steps
+    assert study_config(preset, tmp_path, seeds=(0,)).opsd.max_rollout_tokens is None  # the gates study: none
+    own = study_config(preset, tmp_path, seeds=(0,), arms="methods", overrides=["opsd.max_rollout_tokens=1000"])
+    assert own.arm_config(own.arms[0]).max_rollout_tokens == 1000
+
+
 def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkeypatch):
     from opsdlab.config.sections import SamplingConfig
     from opsdlab.evaluation import evaluate as evaluation
@@ -182,9 +206,11 @@ def test_a_sharded_budget_evaluation_counts_every_shares_forced_responses(monkey
     assert summary["accuracy_at_budget"] == {"15": 2 / 3}  # a (10) and c (10) within 15, b (20) not
 
 
-def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_by_side(tmp_path):
-    """The five methods from one RLVR checkpoint, at the smallest sizes: each arm (each budget of the
-    budget arm) has its evaluation with the budget metrics, and the report compares them."""
+def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_by_side(tmp_path, capsys):
+    """The five methods from one RLVR checkpoint, at the smallest sizes and a rollout-token budget that
+    the first step reaches: each arm (each budget of the budget arm) has its evaluation with the budget
+    metrics, each trained arm ends at step 1 of 2 and says so, and the report compares them with what
+    each spent."""
     import yaml
 
     from opsdlab.run.pipeline import run_pipeline
@@ -192,7 +218,7 @@ def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_
     from test_pipeline import TINY_RUN
 
     run = {**TINY_RUN, "run_dir": str(tmp_path / "run"), "workers": 1,
-           "opsd": {**TINY_RUN["opsd"], "max_steps": 2, "save_steps": 100},
+           "opsd": {**TINY_RUN["opsd"], "max_steps": 2, "save_steps": 100, "max_rollout_tokens": 1},
            "eval": {**TINY_RUN["eval"], "greedy": False},
            "arms": [{"name": "opsd", "gate": "all"}, {"name": "crisp", "method": "crisp"},
                     {"name": "dler", "method": "length_rl", "length_target": 8},
@@ -207,11 +233,20 @@ def test_a_pipeline_with_every_method_evaluates_every_arm_and_reports_them_side_
     forced = json.loads((run_dir / "eval" / "opsd-forced-b6-s0" / "synthetic" / "summary.json").read_text())
     assert forced["budget"] == 6 and not (run_dir / "opsd" / "forced-s0").exists()
     assert json.loads((run_dir / "opsd" / "dler-s0" / "length_target.json").read_text())["target"] == 8
+    printed = capsys.readouterr().out
     report = write_report(run_dir).read_text()
     assert "### Compaction methods against the start" in report
     for row in ("| opsd | opsd |", "| crisp | crisp |", "| dler | length_rl |", "| contrast | contrastive |",
                 "| forced-b6 (B=6) | budget |"):
         assert row in report
+    for arm in ("opsd", "crisp", "dler", "contrast"):
+        spent = json.loads((run_dir / "opsd" / f"{arm}-s0" / "rollout_tokens.json").read_text())
+        assert (spent["steps"], spent["max_steps"], spent["ended"]) == (1, 2, "budget"), arm
+        assert f"ended at the rollout-token budget: {spent['rollout_tokens']:,} rollout tokens (budget 1) at step 1" \
+            in next(line for line in printed.splitlines() if f"[opsd {arm} s0] done" in line), arm
+        cells = [c.strip() for c in next(line for line in report.splitlines()
+                                         if line.startswith(f"| {arm} |")).split("|")]
+        assert cells[-4:-2] == [f"{spent['rollout_tokens']:,}", "1"], arm  # rollout tokens, steps
     assert (run_dir / "report" / "budgets_synthetic.png").exists()
 
 

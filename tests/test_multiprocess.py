@@ -48,6 +48,8 @@ def test_two_processes_finish_with_identical_weights(tmp_path, tiny_folder, mode
     else:
         # 4 prompts x 2 rollouts per optimizer step over both processes: 2 prompts x 2 rollouts on each.
         assert i0["per_device_batch"] == i1["per_device_batch"] == 4 and i0["generation_batch"] == 8
+    # The rollout tokens every rank counts are both ranks' together (a budget ends every rank at one step).
+    assert i0["rollout_tokens"] == i1["rollout_tokens"] == sum(i0["completion_lengths"] + i1["completion_lengths"])
     assert w0.keys() == w1.keys()
     for name in w0:
         assert torch.equal(w0[name], w1[name]), name

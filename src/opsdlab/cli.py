@@ -441,7 +441,7 @@ def cmd_rlvr(args) -> int:
 
     config = _overrides(RLVRStageConfig, args.set + args.overrides, stage="rlvr")
     _check_out(args)
-    from opsdlab.modeling.console import done_line, say_started, stage_label
+    from opsdlab.modeling.console import say_started, stage_label
     from opsdlab.modeling.models import load_policy
     from opsdlab.stages.rlvr import run_rlvr
 
@@ -453,7 +453,7 @@ def cmd_rlvr(args) -> int:
     model, tokenizer = load_policy(_stage_model(args), args.dtype)
     out = run_rlvr(model, tokenizer, examples, verifier, config, Path(args.out), thinking=not args.no_thinking,
                    seed=args.seed)
-    print(done_line(label, out, time.time() - start))
+    print(_done_line(label, out, Path(args.out), start))
     return 0
 
 
@@ -466,7 +466,7 @@ def cmd_opsd(args) -> int:
                         stage="opsd")
     _check_out(args)
     from opsdlab.evaluation.evaluate import evaluate, one_line
-    from opsdlab.modeling.console import done_line, say_started, stage_label
+    from opsdlab.modeling.console import say_started, stage_label
     from opsdlab.modeling.models import load_policy
     from opsdlab.stages.opsd import run_opsd
     from opsdlab.tasks.prompts import CONTROL_CONTEXTS
@@ -492,8 +492,17 @@ def cmd_opsd(args) -> int:
     out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed,
                    label=label)
     _check_updates(Path(args.out), "opsd")
-    print(done_line(label, out, time.time() - start))
+    print(_done_line(label, out, Path(args.out), start))
     return 0
+
+
+def _done_line(label: str, model_dir: Path, stage_dir: Path, start: float) -> str:
+    """An RLVR or OPSD stage command's done line, with the rollout-token budget when it ended the stage."""
+    from opsdlab.modeling.console import done_line
+    from opsdlab.stages.rollout_budget import budget_note, read_stage_tokens
+
+    note = budget_note(read_stage_tokens(stage_dir))
+    return done_line(label, model_dir, time.time() - start) + (f"; {note}" if note else "")
 
 
 def _check_updates(stage_dir: Path, stage: str) -> None:

@@ -94,13 +94,23 @@ def main(mode: str, folder: str, out: str) -> None:
         trainer = RLVRTrainer(model=model, reward_funcs=[half_constant], args=grpo_args(config, out_dir / "stage", 0),
                               train_dataset=rl_dataset(task.examples("train", 32), tokenizer, True),
                               processing_class=tokenizer, dynamic_sampling=True, dynamic_sampling_max_rounds=3)
+    lengths = []  # this rank's completion lengths of every training generation round
+    generate_round = trainer._generate
+
+    def counting(prompts):
+        generated = generate_round(prompts)
+        lengths.extend(len(ids) for ids in generated[1])
+        return generated
+
+    trainer._generate = counting
     trainer.train()
     weights = {n: p.detach().cpu() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
     torch.save(weights, out_dir / f"rank{RANK}.pt")
     info = {"processes": trainer.accelerator.num_processes, "distributed_type": str(trainer.accelerator.distributed_type),
             "teacher": type(getattr(getattr(trainer, "teacher", None), "copy", None)).__name__, "skipped_steps": getattr(trainer, "skipped_steps", 0),
             "global_step": trainer.state.global_step, "per_device_batch": trainer.args.per_device_train_batch_size,
-            "generation_batch": trainer.args.generation_batch_size, "prompts": prompts_seen}
+            "generation_batch": trainer.args.generation_batch_size, "prompts": prompts_seen,
+            "rollout_tokens": trainer.rollout_tokens, "completion_lengths": lengths}
     (out_dir / f"rank{RANK}.json").write_text(json.dumps(info))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # both ranks have written their results

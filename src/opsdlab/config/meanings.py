@@ -145,6 +145,9 @@ MEANINGS = {
     "SFTStageConfig.probe_k": "teacher probe: samples per problem",
     "SFTStageConfig.probe_temperature": "teacher probe: sampling temperature (0: greedy)",
     "RLVRStageConfig.max_steps": "optimizer steps of the stage",
+    "RLVRStageConfig.max_rollout_tokens": "rollout-token budget: training ends after the optimizer step at which the "
+                                          "response tokens generated (every round, over all processes) reach it; "
+                                          "null: max_steps alone",
     "RLVRStageConfig.prompts_per_step": "prompts per optimizer step, over all processes and gradient-accumulation "
                                         "steps",
     "RLVRStageConfig.group_size": "rollouts per prompt; advantages are centred within each prompt's group",
@@ -198,7 +201,10 @@ MEANINGS = {
                                        "teacher_refresh_steps)",
     "OPSDStageConfig.ema_rate": "ema teacher: teacher <- (1 - rate) * teacher + rate * student after each step",
     "OPSDStageConfig.teacher_context": "the privileged block in the teacher's prompt (prompts.TEACHER_CONTEXTS)",
-    "OPSDStageConfig.max_steps": "optimizer steps of each OPSD arm",
+    "OPSDStageConfig.max_steps": "optimizer steps of each OPSD arm (the upper bound under max_rollout_tokens)",
+    "OPSDStageConfig.max_rollout_tokens": "rollout-token budget of each arm: training ends after the optimizer step at "
+                                          "which the response tokens generated (refills and gated-out rollouts "
+                                          "included, over all processes) reach it; null: max_steps alone",
     "OPSDStageConfig.prompts_per_step": "prompts per optimizer step, over all processes and gradient-accumulation "
                                         "steps",
     "OPSDStageConfig.rollouts_per_prompt": "student rollouts per prompt",

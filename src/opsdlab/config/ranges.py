@@ -62,6 +62,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str, str]] = {
     "num_iterations": (_at_least(1), ">= 1", "optimizer passes over each generation batch"),
     "format_reward_weight": (_at_least(0), ">= 0", "the weight of the format reward (0: none)"),
     "train_problems": (_at_least(1), ">= 1", "training problems drawn from the task"),
+    "max_rollout_tokens": (_at_least(1), ">= 1 or null", "response tokens generated before the stage ends"),
     "ema_rate": (_share, "in (0, 1]", "the ema teacher's step toward the student"),
     "token_stats_rows": (_at_least(0), ">= 0", "rollouts per step whose per-token numbers are kept"),
     "lora_alpha": (_at_least(1), ">= 1", "LoRA's scale alpha / r; 0 leaves the adapters without effect"),

@@ -184,6 +184,7 @@ class RLVRStageConfig(VLLMGeneration, CheckSettings):
     # RL may lengthen responses on purpose: no length_inflation sign unless asked for (`CheckSettings`)
     stop_length_ratio: float | None = None
     max_steps: int = 50
+    max_rollout_tokens: int | None = None
     prompts_per_step: int = 8
     group_size: int = 8
     loss_type: str = "dapo"
@@ -304,6 +305,7 @@ class OPSDStageConfig(VLLMGeneration, CheckSettings):
     teacher_context: str = "solution"
     teacher_thinking: bool | None = None  # None: same as the student (the run's thinking setting)
     max_steps: int = 20
+    max_rollout_tokens: int | None = None
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
     learning_rate: float = 2e-5

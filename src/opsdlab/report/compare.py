@@ -4,8 +4,8 @@ A report section built from a run directory (or the seed directories of a run ov
 
 - the method table: per arm (a budget arm: per budget), its method, the paired change of accuracy
   and length against the start with 95% CIs, the tokens spent after the correct answer first
-  appeared (overthinking), the accuracy-efficiency score, and what its training cost (rollout
-  tokens through generation, wall seconds);
+  appeared (overthinking), the accuracy-efficiency score, and what its training cost (the rollout
+  tokens it generated, its optimizer steps, wall seconds);
 - budget curves: accuracy within a token budget B (correct, finished, at most B tokens) against B,
   on one grid of budgets shared by every checkpoint of the set;
 - the accuracy-length plane's Pareto front: the checkpoints (the start among them) that no other one
@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from opsdlab.evaluation.metrics.efficiency import accuracy_at_budget  # noqa: E402
 from opsdlab.modeling.runtime import read_jsonl  # noqa: E402
+from opsdlab.stages.rollout_budget import read_stage_tokens  # noqa: E402
 
 GRID_POINTS = 12
 
@@ -50,14 +51,15 @@ def arm_and_method(config: dict, label: str) -> tuple[str, str]:
 
 
 def training_cost(run_dir: Path, checkpoint: str) -> dict:
-    """What training a checkpoint's arm took: wall seconds (summary.jsonl's stage line) and the tokens
-    through generation (TRL's `num_tokens`, prompts and responses, at the last logged step). A budget
-    arm trains nothing: 0 and 0."""
+    """What training a checkpoint's arm took: wall seconds (summary.jsonl's stage line), and the rollout
+    tokens it generated and optimizer steps it took (its stage's `rollout_budget.ROLLOUT_TOKENS_FILE`:
+    response tokens of every generation round, refills and dropped rollouts included). None where not
+    recorded (a run from before the count was kept); a budget arm trains nothing (its rows show 0)."""
     stages = [r for r in read_jsonl(run_dir / "summary.jsonl")
               if r.get("kind") == "stage" and r.get("stage") == checkpoint]
-    counts = [r["num_tokens"] for r in read_jsonl(run_dir / "opsd" / checkpoint.removeprefix("opsd-") / "metrics.jsonl")
-              if r.get("num_tokens") is not None]
-    return {"seconds": stages[-1].get("seconds") if stages else None, "tokens": max(counts, default=None)}
+    spent = read_stage_tokens(run_dir / "opsd" / checkpoint.removeprefix("opsd-")) or {}
+    return {"seconds": stages[-1].get("seconds") if stages else None, "tokens": spent.get("rollout_tokens"),
+            "steps": spent.get("steps")}
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
@@ -99,9 +101,14 @@ def _cell(value, pattern: str) -> str:
     return "–" if value is None else pattern.format(value)
 
 
+def _spent(row: dict, key: str):
+    """A row's training cost `key` (`training_cost`): 0 for a budget arm, which trains nothing."""
+    return 0 if row["method"] == "budget" else row.get(key)
+
+
 def method_table(rows: list[dict], reference: str) -> list[str]:
     lines = [f"| arm | method | Δacc vs {reference} [95% CI] | length change [95% CI] | tokens after first correct "
-             "(share) | AES | rollout tokens | train seconds |", "|---|---|---|---|---|---|---|---|"]
+             "(share) | AES | rollout tokens | steps | train seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         d = row["change"]
         lo, hi = d["accuracy_diff_ci"]
@@ -112,8 +119,8 @@ def method_table(rows: list[dict], reference: str) -> list[str]:
         lines.append(f"| {row['label']}{budget} | {row['method']} | {100 * d['accuracy_diff']:+.1f} pp "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {d['length_change']:+.1%} [{llo:+.1%}, {lhi:+.1%}] | "
                      f"{over} | {_cell(d.get('aes'), '{:+.3f}')} | "
-                     f"{_cell(row['tokens'] if row['method'] != 'budget' else 0, '{:,.0f}')} | "
-                     f"{_cell(row['seconds'] if row['method'] != 'budget' else 0, '{:.0f}')} |")
+                     f"{_cell(_spent(row, 'tokens'), '{:,.0f}')} | {_cell(_spent(row, 'steps'), '{:.0f}')} | "
+                     f"{_cell(_spent(row, 'seconds'), '{:.0f}')} |")
     return lines
 
 
@@ -176,8 +183,11 @@ def methods_section(run_dir: Path, config: dict, changes: dict[str, dict], refer
     md = ["### Compaction methods against the start", "",
           "Each arm against the checkpoint it started from on the same problems. *Tokens after first correct*: in "
           "correct responses, the tokens that follow the first appearance of the correct answer (overthinking), "
-          "with its share of the response. *Rollout tokens*: prompt and response tokens through generation while "
-          "the arm trained (TRL's count); a budget arm trains nothing.", "", *method_table(rows, reference), "",
+          "with its share of the response. *Rollout tokens*: the response tokens the arm generated while it trained "
+          "(every generation round, refills and dropped rollouts included; prompts not counted) and *steps* its "
+          "optimizer steps: under a rollout-token budget (`max_rollout_tokens`) an arm ends at the step that "
+          "reaches it, so arms of equal budget show equal tokens and the steps each bought. A budget arm trains "
+          "nothing.", "", *method_table(rows, reference), "",
           f"On the accuracy–length Pareto front (avg@k, mean tokens; no other checkpoint as accurate and as short, "
           f"better in one): {front_line(pareto_front(points), points)}.", ""]
     if grid:
@@ -210,9 +220,9 @@ def seeds_methods_section(seed_rows: dict[int, list[dict]], references: dict[int
     md = ["### Compaction methods over seeds", "",
           f"Per arm: its change against its seed's `{reference}` (mean ± sd over seeds of the point estimates), "
           "how often it is on its seed's accuracy–length Pareto front, the overthinking tokens and the training "
-          "cost. Each seed's own report has the CIs.", "",
+          "cost (rollout tokens, optimizer steps, seconds). Each seed's own report has the CIs.", "",
           "| arm | method | Δacc (pp) | length change | on the front | tokens after first correct | AES | "
-          "rollout tokens | train seconds |", "|---|---|---|---|---|---|---|---|---|"]
+          "rollout tokens | steps | train seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label in labels:
         per_seed = {seed: next(r for r in rows if r["label"] == label) for seed, rows in seed_rows.items()
                     if any(r["label"] == label for r in rows)}
@@ -225,14 +235,15 @@ def seeds_methods_section(seed_rows: dict[int, list[dict]], references: dict[int
             sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
             return f"{pattern.format(np.mean(values))} ± {pattern.replace('+', '').format(sd)}"
 
-        cost = (lambda key: [0 if r["method"] == "budget" else r[key] for r in per_seed.values()])
+        cost = (lambda key: [_spent(r, key) for r in per_seed.values()])
         changes = [r["change"] for r in per_seed.values()]
         md.append(f"| {label} | {first['method']} | {stat([100 * d['accuracy_diff'] for d in changes], '{:+.1f}')} | "
                   f"{stat([100 * d['length_change'] for d in changes], '{:+.1f}')} % | "
                   f"{sum(label in fronts[s] for s in per_seed)}/{len(seeds)} | "
                   f"{stat([r['overthinking'] for r in per_seed.values()], '{:.1f}')} | "
                   f"{stat([d.get('aes') for d in changes], '{:+.3f}')} | "
-                  f"{stat(cost('tokens'), '{:,.0f}')} | {stat(cost('seconds'), '{:.0f}')} |")
+                  f"{stat(cost('tokens'), '{:,.0f}')} | {stat(cost('steps'), '{:.1f}')} | "
+                  f"{stat(cost('seconds'), '{:.0f}')} |")
     md.append("")
     samples = {(seed, name): found for seed, rows in seed_rows.items()
                for name in [references[seed], *[row["checkpoint"] for row in rows]]

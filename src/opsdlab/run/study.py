@@ -1,8 +1,9 @@
 """The study: every task preset × pipeline seeds × arms, one aggregate report per task.
 
 Three arm sets (`STUDY_ARM_SETS`): "gates", OPSD's gates and the controls without privileged
-information; "methods", OPSD against the other compaction methods (`methods.METHODS`); "ladder", the
-gates and the `none` control over the trace-length ladder's rungs (`ladder.py`).
+information; "methods", OPSD against the other compaction methods (`methods.METHODS`), every arm at
+one rollout-token budget (`methods_budget`); "ladder", the gates and the `none` control over the
+trace-length ladder's rungs (`ladder.py`).
 
 `run_study` runs, for each preset (a shipped config name or a YAML file), the whole pipeline over
 `STUDY_SEEDS` (`pipeline.run_seeds`) with the `STUDY_ARMS`, into `<run_dir>/<preset>/`, and writes
@@ -42,10 +43,12 @@ STUDY_ARMS = (
 )
 
 # Which compaction to pick: the paper's OPSD (correct rollouts only) against the alternatives, each from
-# the same RLVR checkpoint with the same rollout budget (`methods.METHODS`).
+# the same RLVR checkpoint at one rollout-token budget (`methods.METHODS`, `methods_budget`). CRISP's
+# teacher is re-copied every 5 updating steps, so that it refreshes at least twice within the budget
+# (`methods_budget`; the method's own default, 50, is for runs of hundreds of steps).
 METHOD_ARMS = (
     {"name": "opsd", "gate": "correct"},
-    {"name": "crisp", "method": "crisp"},
+    {"name": "crisp", "method": "crisp", "teacher_refresh_steps": 5},
     {"name": "contrast", "method": "contrastive"},
     {"name": "dler", "method": "length_rl"},
     {"name": "forced", "method": "budget"},
@@ -63,15 +66,45 @@ LADDER_ARMS = (
 STUDY_ARM_SETS = {"gates": STUDY_ARMS, "methods": METHOD_ARMS, "ladder": LADDER_ARMS}
 
 
+# The methods study's rollout-token budget (`methods_budget`), per preset: the mean response tokens per
+# rollout that the default OPSD arm generated in the methods study of docs/findings.md ("Which compaction
+# to pick"): TRL's num_tokens per rollout less the prompt's mean length, 49k / (20 x 8 x 4) - 34 = 42 on
+# tiny and 65k / (25 x 8 x 4) - 43 = 38 on tiny-search.
+METHOD_ROLLOUT_TOKENS = {"tiny": 42, "tiny-search": 38}
+# Under the budget, `opsd.max_steps` is only the upper bound: this many times the preset's, room for an
+# arm whose responses shorten to a third of the start's.
+BUDGET_STEP_BOUND = 3
+
+
+def methods_budget(preset: str, config) -> list[str]:
+    """The overrides that put every arm of a methods study of the shipped preset `preset` (`config`: it
+    loaded with the study's seeds and arms) at one rollout-token budget: `opsd.max_rollout_tokens` = what the default OPSD arm
+    spends, its opsd.max_steps x prompts_per_step x rollouts_per_prompt rollouts of the preset's
+    `METHOD_ROLLOUT_TOKENS` each, and `opsd.max_steps` = BUDGET_STEP_BOUND x the preset's. On tiny,
+    20 x 8 x 4 x 42 = 26,880 tokens within 60 steps; on tiny-search, 25 x 8 x 4 x 38 = 30,400 within 75.
+    CRISP's refresh every 5 steps (`METHOD_ARMS`) then comes at least twice unless its rollouts
+    average over twice the default arm's length (10 steps or fewer). None for another preset or a
+    config file (no known length): its arms train opsd.max_steps steps each."""
+    per_rollout = METHOD_ROLLOUT_TOKENS.get(preset)
+    if per_rollout is None:
+        return []
+    opsd = config.opsd
+    budget = opsd.max_steps * opsd.prompts_per_step * opsd.rollouts_per_prompt * per_rollout
+    return [f"opsd.max_rollout_tokens={budget}", f"opsd.max_steps={BUDGET_STEP_BOUND * opsd.max_steps}"]
+
+
 def study_config(preset: str, run_dir: str | Path, seeds=STUDY_SEEDS, overrides: list[str] | None = None,
                  arms: str = "gates"):
     """The pipeline config of one task of the study: the preset with the study's seeds, arm set
-    (`STUDY_ARM_SETS`) and run directory (`<run_dir>/<preset name>`), then `overrides` (`key=value`,
-    applied last)."""
+    (`STUDY_ARM_SETS`) and run directory (`<run_dir>/<preset name>`), for the methods its rollout-token
+    budget (`methods_budget`), then `overrides` (`key=value`, applied last: `opsd.max_rollout_tokens=N`
+    sets another budget, `null` none)."""
     if arms not in STUDY_ARM_SETS:
         raise ConfigError(f"--arms: expected one of {', '.join(STUDY_ARM_SETS)}, got {arms!r}")
     forced = [f"run_dir={Path(run_dir) / Path(preset).stem}", f"seeds={json.dumps(list(seeds))}",
               f"arms={json.dumps(list(STUDY_ARM_SETS[arms]))}"]
+    if arms == "methods":
+        forced += methods_budget(preset, load_config(preset, forced))
     return load_config(preset, forced + list(overrides or []))
 
 
@@ -141,6 +174,11 @@ def run_study(run_dir: str | Path, presets=STUDY_PRESETS, seeds=STUDY_SEEDS,
     if jobs < 1:
         raise ConfigError(f"jobs: expected a positive number of processes, got {jobs}")
     configs = [study_config(preset, run_dir, seeds, overrides, arms) for preset in presets]  # bad input fails first
+    for preset, config in zip(presets, configs):
+        if arms == "methods" and config.opsd.max_rollout_tokens is None:
+            print(f"[study] {preset}: its method arms have no rollout-token budget (methods_budget knows "
+                  f"{', '.join(METHOD_ROLLOUT_TOKENS)}); each trains opsd.max_steps steps; set "
+                  "opsd.max_rollout_tokens=N for one budget", flush=True)
     for config in configs:  # missing inputs, or a part made with other settings, fail now, before anything is written
         check_inputs(config)
         check_seed_dirs(config, redo)

@@ -20,6 +20,7 @@ from opsdlab.run.rundir import finish_stage, stage_done
 from opsdlab.stages.methods import TRAINING
 from opsdlab.modeling.console import done_line, say_started, stage_label, stage_line
 from opsdlab.stages.rlvr import run_rlvr
+from opsdlab.stages.rollout_budget import budget_note, read_stage_tokens
 from opsdlab.stages.sft import TeacherProbe, run_sft
 
 
@@ -55,7 +56,8 @@ def sft_probe(config: PipelineConfig, stage_dir: Path, sets: dict, verifier) -> 
 
 
 def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train, detail: str = "") -> None:
-    """Call `train()` unless the stage is complete, then mark it complete and log its seconds, with a
+    """Call `train()` unless the stage is complete, then mark it complete and log its seconds, with the
+    rollout-token budget when it ended the stage (`rollout_budget.budget_note`) and a
     warning when some of its optimizer steps were skipped (`runtime.skipped_note`); each in the stage
     commands' words (`progress.stage_line`), under the stage's `label` (`stage_label`).
 
@@ -73,6 +75,8 @@ def _train_stage(run: Run, stage_dir: Path, stage: str, label: str, train, detai
     train()
     seconds = time.time() - start
     message, record = done_line(label, stage_dir / "model", seconds), {}
+    if note := budget_note(main_decides(lambda: read_stage_tokens(stage_dir))):  # a stage its budget ended
+        message += f"; {note}"
     updates = main_decides(lambda: read_updates(stage_dir))
     if note := skipped_note(updates):  # an OPSD stage whose gate kept nothing in some steps
         message += f". WARNING: {note}" + (", so its model is the one it started from" * trained_nothing(updates))

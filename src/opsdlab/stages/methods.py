@@ -1,8 +1,9 @@
 """Compaction methods: what an arm does to the starting checkpoint, one named choice per arm (`method:`).
 
 Every method starts from the same checkpoint (the run's last stage, RLVR by default) with the arm's
-budget of generated rollouts (`max_steps` x `prompts_per_step` x `rollouts_per_prompt`), and is
-evaluated and reported like any other arm:
+budget of generated rollouts (`max_steps` x `prompts_per_step` x `rollouts_per_prompt`, or under
+`max_rollout_tokens` the response tokens they may generate, `rollout_budget`), and is evaluated and
+reported like any other arm:
 
 - `opsd`: on-policy self-distillation toward the model reading the reference solution, with the
   arm's gate, teacher context, divergence and teacher weights (the paper's method).
@@ -45,9 +46,9 @@ def train_opsd(model, tokenizer, examples, verifier, arm: OPSDStageConfig, stage
 
 # The arm settings a length-aware RL run takes over from the arm (its budget, optimizer and
 # generation settings); the loss settings (loss_type, clipping, KL beta) are the run's `rlvr` section's.
-_FROM_ARM = ("max_steps", "prompts_per_step", "learning_rate", "lr_scheduler_type", "max_completion_length",
-             "temperature", "gradient_accumulation_steps", "gradient_checkpointing", "save_steps", "logging_steps",
-             "report_to", "train_problems", *VLLM_FIELDS)
+_FROM_ARM = ("max_steps", "max_rollout_tokens", "prompts_per_step", "learning_rate", "lr_scheduler_type",
+             "max_completion_length", "temperature", "gradient_accumulation_steps", "gradient_checkpointing",
+             "save_steps", "logging_steps", "report_to", "train_problems", *VLLM_FIELDS)
 
 
 def length_rl_config(arm: OPSDStageConfig, rlvr: RLVRStageConfig) -> RLVRStageConfig:

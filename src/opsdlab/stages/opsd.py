@@ -50,7 +50,8 @@ from opsdlab.modeling.models import end_token_ids, head_dtype, output_head, save
 from opsdlab.stages.progress import OPSD_POSTFIX, train_stage
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import VerifierReward
-from opsdlab.stages.rlvr import RefillSampler, concat_batches, global_sum, grpo_args, rl_dataset, select_rows
+from opsdlab.stages.rlvr import (RefillSampler, RolloutTokens, concat_batches, global_sum, grpo_args, rl_dataset,
+                                 select_rows)
 from opsdlab.modeling.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish, write_updates
 from opsdlab.stages.teacher import (build_teacher, is_zero3, load_teacher_state, save_teacher_state, start_weights,
                                     student_adapter_saved_alone)
@@ -322,15 +323,16 @@ class _SkipAwareScheduler:
         return getattr(self.scheduler, name)
 
 
-class OPSDTrainer(GRPOTrainer):
-    """GRPOTrainer whose loss is outcome-gated self-distillation toward a privileged teacher."""
+class OPSDTrainer(RolloutTokens, GRPOTrainer):
+    """GRPOTrainer whose loss is outcome-gated self-distillation toward a privileged teacher (its rollout
+    tokens counted and budgeted by `RolloutTokens`)."""
 
     def __init__(self, *args, opsd: OPSDStageConfig, student_thinking: bool, token_stats_path: Path | None = None,
                  **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         pretrained_adapter = isinstance(model, torch.nn.Module) and is_peft_model(model)
         keep_cpu_weights_syncable(kwargs.get("args"))
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, max_rollout_tokens=opsd.max_rollout_tokens, **kwargs)
         self.opsd = opsd
         self.teacher_thinking = student_thinking if opsd.teacher_thinking is None else opsd.teacher_thinking
         self.teacher = build_teacher(opsd.teacher_weights, self.accelerator.unwrap_model(self.model),

@@ -19,6 +19,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from opsdlab.modeling.console import _style, progress_bar, stage_line
 from opsdlab.modeling.runtime import checkpoint_step, is_main_process, resume_point, warn_only_untied_missing_keys
+from opsdlab.stages.rollout_budget import checkpoint_tokens, reached, write_stage_tokens
 
 # Postfix name -> logged key, per stage. "loss" is the Trainer's mean training loss since the last
 # log; "reward" and "completions/mean_length" are GRPOTrainer's (mean total reward and mean
@@ -97,10 +98,24 @@ class _StopBeforeFirstStep(TrainerCallback):
         raise _Finished
 
 
+def _last_step(checkpoint: str, step: int, max_steps: int, budget: int | None) -> str | None:
+    """Why a checkpoint at `step` is its stage's last step (nothing left to train), or None: it is at
+    max_steps, or it has spent the stage's rollout-token budget (`rollout_budget`)."""
+    if step == max_steps:
+        return f"{Path(checkpoint).name} is the last step ({step} of {max_steps})"
+    tokens = checkpoint_tokens(checkpoint) if budget is not None else None
+    if reached(tokens, budget):
+        return (f"{Path(checkpoint).name} has spent the rollout-token budget ({tokens:,} of {budget:,} tokens, "
+                f"step {step} of at most {max_steps})")
+    return None
+
+
 def train_stage(trainer, stage_dir: Path, label: str, postfix: dict[str, str]):
     """Train with a `StageProgress` bar, from the stage's last complete checkpoint if one exists
     (saying so in one line on the main process). Returns the Trainer's TrainOutput, or None when that
-    checkpoint is at max_steps already (`finished_from`)."""
+    checkpoint is its stage's last step already (at max_steps, or at the rollout-token budget of a
+    trainer that has one: `finished_from`). A stage that generates rollouts then writes what it spent
+    (`rollout_budget.write_stage_tokens`)."""
     progress = show_stage_progress(trainer, label, postfix)
     warn_only_untied_missing_keys(trainer)
     checkpoint = resume_point(stage_dir)
@@ -109,14 +124,18 @@ def train_stage(trainer, stage_dir: Path, label: str, postfix: dict[str, str]):
     if step is not None and step > max_steps:
         raise ValueError(f"{label}: {Path(checkpoint).parent.parent} holds {Path(checkpoint).name}, past max_steps "
                          f"{max_steps}; give another output folder, or max_steps >= {step} to continue it")
-    if step is not None and step == max_steps:
+    budget = getattr(trainer, "max_rollout_tokens", None)
+    last = None if step is None else _last_step(checkpoint, step, max_steps, budget)
+    if last is not None:
         if is_main_process():
-            print(stage_line(label, "skipped", f"{Path(checkpoint).name} is the last step ({step} of {max_steps}): "
-                                               "nothing to train"), flush=True)
-        return finished_from(trainer, checkpoint, progress)
-    if checkpoint is not None and is_main_process():
-        print(resume_line(label, checkpoint, max_steps), flush=True)
-    return trainer.train(resume_from_checkpoint=checkpoint)
+            print(stage_line(label, "skipped", f"{last}: nothing to train"), flush=True)
+        output = finished_from(trainer, checkpoint, progress)
+    else:
+        if checkpoint is not None and is_main_process():
+            print(resume_line(label, checkpoint, max_steps), flush=True)
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    write_stage_tokens(trainer, stage_dir)
+    return output
 
 
 def finished_from(trainer, checkpoint: str, progress: StageProgress | None = None) -> None:

@@ -30,6 +30,7 @@ from opsdlab.config.sections import SamplingConfig
 from opsdlab.evaluation.evaluate import Generation, generate, response_length
 from opsdlab.modeling.models import end_token_ids
 from opsdlab.stages.progress import RLVR_POSTFIX, train_stage
+from opsdlab.stages.rollout_budget import RolloutBudget, checkpoint_tokens, save_checkpoint_tokens
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import LENGTH_REWARDS, LengthAwareReward, VerifierReward, format_reward
 from opsdlab.modeling.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, main_decides,
@@ -310,7 +311,42 @@ def global_sum(accelerator, value: float) -> float:
     return accelerator.reduce(torch.tensor(float(value), device=accelerator.device), reduction="sum").item()
 
 
-class RLVRTrainer(GRPOTrainer):
+class RolloutTokens:
+    """Base of the GRPO-family trainers (RLVR, OPSD), before GRPOTrainer: the running total of rollout
+    tokens (`rollout_budget`), counted at every generation round over all processes, kept in every
+    checkpoint and restored on resume, and the `RolloutBudget` that ends training once it reaches
+    `max_rollout_tokens` (None: no budget), added before any other stage callback."""
+
+    def __init__(self, *args, max_rollout_tokens: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rollout_tokens = 0
+        self.max_rollout_tokens = max_rollout_tokens
+        self.add_callback(RolloutBudget(self, max_rollout_tokens))
+
+    def _generate(self, prompts):
+        generated = super()._generate(prompts)
+        if self.model.training:  # (TRL's own test for a training round)
+            # (prompt_ids, completion_ids, tool_mask, ...): the tokens the model generated, as TRL counts them
+            completion_ids, tool_mask = generated[1], generated[2]
+            local = sum(map(sum, tool_mask)) if tool_mask is not None else sum(map(len, completion_ids))
+            self.rollout_tokens += int(global_sum(self.accelerator, local))
+        return generated
+
+    def _save_checkpoint(self, model, trial):
+        # Before the Trainer's own files: it writes trainer_state.json last, and a folder without it is
+        # discarded on resume (runtime.resume_point), so the count is in every checkpoint resumed from.
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            save_checkpoint_tokens(folder, self.rollout_tokens)
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:  # (a checkpoint written before the count was kept has none: counted from here)
+            self.rollout_tokens = checkpoint_tokens(checkpoint) or 0
+
+
+class RLVRTrainer(RolloutTokens, GRPOTrainer):
     """GRPOTrainer plus optional dynamic sampling (drop all-equal-reward groups, refill the batch)."""
 
     def __init__(self, *args, dynamic_sampling: bool = False, dynamic_sampling_max_rounds: int = 4, **kwargs):
@@ -389,6 +425,7 @@ def run_rlvr(model, tokenizer, examples, verifier: VerifierConfig, config: RLVRS
             callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl")],
             dynamic_sampling=config.dynamic_sampling,
             dynamic_sampling_max_rounds=config.dynamic_sampling_max_rounds,
+            max_rollout_tokens=config.max_rollout_tokens,
         ))
         warn_if_updates_vanish(trainer, "rlvr")
         check = attach_checks(trainer, config, stage_dir, check_examples, verifier, thinking=thinking, stage="rlvr",
