@@ -298,3 +298,15 @@ def test_a_pipelines_quantile_budget_comes_from_training_problems_not_the_evalua
     assert f"[budget] forced: budgets q50 {summary['budget']} tokens, quantiles of base's 12 response lengths on 6 " \
            "training problems" in out
     assert "forced; the 0.5 quantile of base's 12 response lengths on 6 training problems in budget/forced)" in out
+
+
+def test_study_preset_arms_keep_the_files_own_arms(tmp_path):
+    """`--arms preset` runs the arms a config file writes, not one of the study's arm sets."""
+    from opsdlab.run.study import study_config
+
+    preset = tmp_path / "variants.yaml"
+    preset.write_text("model: {init: tiny, size: tiny}\ntask: {name: synthetic}\n"
+                      "arms:\n  - {name: first8, gate: all, supervised_tokens: 8}\n  - {name: plain, gate: all}\n")
+    config = study_config(str(preset), tmp_path / "study", seeds=(0,), arms="preset")
+    assert [arm.name for arm in config.arms] == ["first8", "plain"]
+    assert [arm.name for arm in study_config(str(preset), tmp_path / "study", arms="gates").arms] != ["first8", "plain"]

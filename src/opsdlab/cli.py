@@ -649,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated pipeline seeds (default: 0,1,2)")
     p.add_argument("--run-dir", default="runs/study", help="one sub-directory per preset")
     p.add_argument("--arms", default="gates", help="the arm set: gates (OPSD's gates and the controls, default), "
-                                                   "methods (OPSD against the other compaction methods) or ladder "
-                                                   "(the gates and the none control)")
+                                                   "methods (OPSD against the other compaction methods), ladder "
+                                                   "(the gates and the none control) or preset (each preset's own "
+                                                   "arms, e.g. variants written in a config file)")
     p.add_argument("--ladder", action="store_true",
                    help="the presets are rungs of a trace-length ladder, shortest first (e.g. ladder-1-nothink,"
                         "ladder-2-short,ladder-3-medium,ladder-4-long): also write <run-dir>/ladder-report/ with "

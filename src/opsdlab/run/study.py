@@ -61,9 +61,9 @@ LADDER_ARMS = (
     {"name": "all", "gate": "all"},
     {"name": "none", "gate": "all", "teacher_context": "none"},
 )
-# The arm sets a study runs (`opsdlab study --arms`): the gates and their controls, the methods, or the
-# ladder's gates.
-STUDY_ARM_SETS = {"gates": STUDY_ARMS, "methods": METHOD_ARMS, "ladder": LADDER_ARMS}
+# The arm sets a study runs (`opsdlab study --arms`): the gates and their controls, the methods, the
+# ladder's gates, or (None) each preset's own `arms`, for a study of arms written in a config file.
+STUDY_ARM_SETS = {"gates": STUDY_ARMS, "methods": METHOD_ARMS, "ladder": LADDER_ARMS, "preset": None}
 
 
 # The methods study's rollout-token budget (`methods_budget`), per preset: the mean response tokens per
@@ -101,8 +101,9 @@ def study_config(preset: str, run_dir: str | Path, seeds=STUDY_SEEDS, overrides:
     sets another budget, `null` none)."""
     if arms not in STUDY_ARM_SETS:
         raise ConfigError(f"--arms: expected one of {', '.join(STUDY_ARM_SETS)}, got {arms!r}")
-    forced = [f"run_dir={Path(run_dir) / Path(preset).stem}", f"seeds={json.dumps(list(seeds))}",
-              f"arms={json.dumps(list(STUDY_ARM_SETS[arms]))}"]
+    forced = [f"run_dir={Path(run_dir) / Path(preset).stem}", f"seeds={json.dumps(list(seeds))}"]
+    if STUDY_ARM_SETS[arms] is not None:
+        forced.append(f"arms={json.dumps(list(STUDY_ARM_SETS[arms]))}")
     if arms == "methods":
         forced += methods_budget(preset, load_config(preset, forced))
     return load_config(preset, forced + list(overrides or []))
