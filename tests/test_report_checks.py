@@ -101,3 +101,18 @@ def test_the_report_over_seeds_shows_each_seeds_selected_and_stop_step(tmp_path)
                     "| opsd-all-s0 | 0 | 20 | 30 (accuracy_drop) | -40.0% | +20.0% | -5.0 pp |"]
     assert (tmp_path / "seed-0" / "report" / "checks.png").exists()
     assert "Held-out checks" not in (tmp_path / "seed-1" / "report" / "report.md").read_text()
+
+
+def test_the_report_over_seeds_draws_every_seeds_checks(tmp_path):
+    """The figure over seeds is drawn when a seed checked, and is absent from a study without checks."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"seeds": [0, 1], "opsd_seeds": [0]}))
+    fabricate(tmp_path / "seed-0")
+    fabricate(tmp_path / "seed-1")
+    report = tmp_path / "report"
+    write_report(tmp_path)
+    assert not (report / "checks_over_seeds.png").exists()
+    add_checks(tmp_path / "seed-0")
+    add_checks(tmp_path / "seed-1")
+    text = write_report(tmp_path).read_text()
+    assert (report / "checks_over_seeds.png").stat().st_size > 0
+    assert "![checks over seeds](checks_over_seeds.png)" in text

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from opsdlab.report.figures import _save, palette  # noqa: E402
-from opsdlab.report.rundir import _union_order  # noqa: E402
+from opsdlab.report.rundir import _union_order, arm_of  # noqa: E402
 from opsdlab.report.tables import _fmt  # noqa: E402
 from opsdlab.stages.checks import CHECKS, SELECTION, STOP  # noqa: E402  # the file names the stages write
 
@@ -201,3 +201,42 @@ def seed_checks_table(seeds: dict[int, Path]) -> list[str]:
                      f"{_fmt(c['length_vs_start'], '{:+.1%}')} | {_fmt(c['length_vs_last'], '{:+.1%}')} | "
                      f"{_fmt(acc, '{:+.1f} pp')} |")
     return lines
+
+
+# The collapse figure's panels: the check field each draws and its title.
+SEED_CHECK_PANELS = (("avg_at_k", "held-out avg@k"), ("mean_response_tokens", "mean response tokens"),
+                     ("truncation_rate", "share truncated at the cap"))
+
+
+def plot_seed_checks(seeds: dict[int, Path], colors: dict, out: Path) -> bool:
+    """Every seed's checks of every checked stage, one line per (stage, seed) in the stage's colour and a
+    line style per seed, panels from `SEED_CHECK_PANELS`: where a stopping rule ended training (x) and
+    which check the selection kept (star), so that a run that collapses can be read against its guard
+    over seeds. False (nothing drawn) when no stage checked."""
+    rows = [(name, seed, stage) for seed, d in seeds.items() for name, stage in stage_checks(d).items()]
+    if not rows:
+        return False
+    styles = ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(1, len(SEED_CHECK_PANELS), figsize=(5 * len(SEED_CHECK_PANELS), 4))
+    for index, (name, seed, stage) in enumerate(rows):
+        color = colors.get(name, colors.get(arm_of(name), "tab:gray"))
+        style = styles[list(seeds).index(seed) % len(styles)]
+        records = stage["records"]
+        for ax, (key, _) in zip(axes, SEED_CHECK_PANELS):
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if not points:
+                continue
+            ax.plot(*zip(*points), ls=style, lw=1.2, color=color, label=f"{name} s{seed}")
+            if stage["selection"] and (chosen := _check_at(stage, stage["selection"]["step"])) and chosen.get(key) is not None:
+                ax.plot(chosen["step"], chosen[key], marker="*", ms=13, color=color, mec="black", mew=0.7, zorder=5)
+            if stage["stop"] and (stopped := _check_at(stage, stage["stop"]["step"])) and stopped.get(key) is not None:
+                ax.plot(stopped["step"], stopped[key], marker="x", ms=10, mew=2, color=color, zorder=6)
+    for ax, (_, title) in zip(axes, SEED_CHECK_PANELS):
+        ax.set_title(f"{title} at each check", fontsize=9)
+        ax.set_xlabel("training step (of each stage)")
+        ax.grid(alpha=0.3)
+    markers = [plt.Line2D([], [], ls="", marker="*", ms=11, color="0.6", mec="black", label="selected check (model/)"),
+               plt.Line2D([], [], ls="", marker="x", ms=9, mew=2, color="0.4", label="a stop rule ended training")]
+    axes[0].legend(handles=axes[0].get_legend_handles_labels()[0] + markers, fontsize=6, ncol=2)
+    _save(fig, out)
+    return True

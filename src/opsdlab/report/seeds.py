@@ -13,7 +13,7 @@ from pathlib import Path
 
 from opsdlab.report.changes import (against_all_arm, lead_and_change, seed_changes, stage_changes, teacher_advantages,
                                     teacher_stage_changes)
-from opsdlab.report.checks import seed_checks_table
+from opsdlab.report.checks import plot_seed_checks, seed_checks_table
 from opsdlab.report.compare import method_rows, seeds_methods_section
 from opsdlab.report.figures import draw_changes, draw_lead_vs_change, palette
 from opsdlab.report.findings import findings, opsd_comparisons, reading_guide
@@ -119,6 +119,9 @@ def write_seeds_report(run_dir: Path, seeds: dict[int, Path]) -> Path:
                "stopping rule ended training at, and the kept check's held-out mean length against the stage's start "
                "and its last check, and its avg@k against the start. Each seed's own report shows every check.", "",
                *checked, ""]
+        if plot_seed_checks(seeds, colors, out_dir / "checks_over_seeds.png"):
+            md += ["Every check of every seed (line style: seed; x: a stopping rule ended training; star: the check "
+                   "`model/` holds):", "", "![checks over seeds](checks_over_seeds.png)", ""]
     if probe := probe_seed_table(seeds):
         md += ["## The teacher prompt during SFT", "", *probe, ""]
     md += ["## Settings", "", f"- pipeline seeds: {order}, present: {list(seeds)}",
