@@ -115,6 +115,12 @@ def test_no_rule_selects_a_check_at_or_after_the_first_collapse_sign():
     assert [e["step"] for e in usable_records(inflated, CheckSettings())[1]] == [1, 2]
     looping = [rec(0, 0.5, 100, looping=0.1), rec(1, 0.5, 90, looping=0.2), rec(2, 0.5, 80, looping=0.35)]
     assert [e["step"] for e in usable_records(looping, CheckSettings())[1]] == [2]
+    # An accuracy drop beyond stop_tolerance that its CI does not explain is a sign too: `last` never
+    # hands on the check an accuracy_drop stop fired at (0.40 < 0.80 - 0.05 and 0.45 < 0.80).
+    dropped = [rec(0, 0.8, 100), rec(1, 0.78, 90), rec(2, 0.4, 80), rec(3, 0.79, 70)]
+    assert [(e["step"], sorted(e["signs"])) for e in usable_records(dropped, CheckSettings())[1]] == [
+        (2, ["accuracy_drop"]), (3, [])]
+    assert pick(dropped, CheckSettings(select="last"))[0] == 1
 
 
 def test_shortest_within_tolerance_picks_the_shortest_accurate_enough_check_earliest_on_ties():

@@ -18,15 +18,17 @@ Files in the stage folder (only with `check_every > 0`):
     checkpoints/start/      the weights before the first step, when the selection rule may pick them
 
 Collapse signs. Training can end in truncation collapse (StableOPD, arXiv 2604.08527): responses
-suddenly grow, loop, and run into the length cap. Each check therefore records, beside avg@k, the
-three signs of it measured against the start (`COLLAPSE_SIGNS`): mean length more than
-`stop_length_ratio` times the start's, a truncation rate or a share of looping responses
-(`metrics.collapse.repeats`) more than `stop_truncation` or `stop_repetition` above the start's; and
-the model's mean token entropy over its responses (entropy drift, TRACE arXiv 2605.10194), recorded
-only. Each sign is a stopping rule of its own name, and `stop` may list several (`collapse`: all
-three and accuracy_drop). Whatever `stop` is, a check that shows a sign and every check after it are
-never selected (`usable_records`): a collapsed model's accuracy may still look fine on a few problems,
-and its length, inflated or cut at the cap, says nothing about a compression.
+suddenly grow, loop, and run into the length cap; or accuracy falls while lengths look normal. Each
+check therefore records, beside avg@k, the signs of damage measured against the start
+(`COLLAPSE_SIGNS`): avg@k below the start's by more than `stop_tolerance` with its CI below the
+start's (`accuracy_drop`), mean length more than `stop_length_ratio` times the start's, a truncation
+rate or a share of looping responses (`metrics.collapse.repeats`) more than `stop_truncation` or
+`stop_repetition` above the start's; and the model's mean token entropy over its responses (entropy
+drift, TRACE arXiv 2605.10194), recorded only. Each sign is a stopping rule of its own name, and
+`stop` may list several (`collapse`: all four). Whatever `stop` is, a check that shows a sign and
+every check after it are never selected (`usable_records`): the check a damage rule stopped at is
+never the model a stage hands on, a collapsed model's accuracy may still look fine on a few
+problems, and its length, inflated or cut at the cap, says nothing about a compression.
 
 Every check step is saved as a checkpoint (the Trainer's own rotation is turned off); after each
 save, the checkpoints kept are the newest (what a resume needs), the one the selection rule picks
@@ -89,21 +91,6 @@ def _no_stop(records: list[dict], config: CheckSettings) -> str | None:
     return None
 
 
-def accuracy_drop(records: list[dict], config: CheckSettings) -> str | None:
-    """Stop when the latest check's avg@k is below start - stop_tolerance and the upper end of its CI is
-    below the start's avg@k: a drop larger than the tolerance that the check's own uncertainty does not explain."""
-    if len(records) < 2:
-        return None
-    start, latest = records[0], records[-1]
-    floor = start["avg_at_k"] - config.stop_tolerance
-    upper = latest["avg_at_k_ci"][1]
-    if latest["avg_at_k"] < floor and upper < start["avg_at_k"]:
-        return (f"avg@k {latest['avg_at_k']:.3f} at step {latest['step']} is below the start's "
-                f"{start['avg_at_k']:.3f} - stop_tolerance {config.stop_tolerance:g}, and its CI's upper end "
-                f"{upper:.3f} is below the start's too")
-    return None
-
-
 def length_plateau(records: list[dict], config: CheckSettings) -> str | None:
     """Stop when none of the last 3 checks is more than 1% shorter (mean response tokens) than the
     shortest check before them: the length stopped falling, and more steps only risk accuracy."""
@@ -126,6 +113,17 @@ def length_plateau(records: list[dict], config: CheckSettings) -> str | None:
 def _rise(start: dict, record: dict, key: str) -> float | None:
     before, after = start.get(key), record.get(key)
     return None if before is None or after is None else after - before
+
+
+def accuracy_dropped(start: dict, record: dict, config: CheckSettings) -> str | None:
+    """avg@k below start - stop_tolerance with the upper end of its CI below the start's avg@k: a drop
+    larger than the tolerance that the check's own uncertainty does not explain."""
+    floor, upper = start["avg_at_k"] - config.stop_tolerance, record["avg_at_k_ci"][1]
+    if record["avg_at_k"] < floor and upper < start["avg_at_k"]:
+        return (f"avg@k {record['avg_at_k']:.3f} at step {record['step']} is below the start's "
+                f"{start['avg_at_k']:.3f} - stop_tolerance {config.stop_tolerance:g}, and its CI's upper end "
+                f"{upper:.3f} is below the start's too")
+    return None
 
 
 def length_inflated(start: dict, record: dict, config: CheckSettings) -> str | None:
@@ -157,6 +155,7 @@ def repetition_rose(start: dict, record: dict, config: CheckSettings) -> str | N
 
 
 COLLAPSE_SIGNS: dict[str, Callable[[dict, dict, CheckSettings], str | None]] = {
+    "accuracy_drop": accuracy_dropped,
     "length_inflation": length_inflated,
     "truncation": truncation_rose,
     "repetition": repetition_rose,
@@ -182,7 +181,6 @@ def _sign_rule(name: str) -> Callable[[list[dict], CheckSettings], str | None]:
 
 STOP_RULES: dict[str, Callable[[list[dict], CheckSettings], str | None]] = {
     "none": _no_stop,
-    "accuracy_drop": accuracy_drop,
     "length_plateau": length_plateau,
     **{name: _sign_rule(name) for name in COLLAPSE_SIGNS},
 }
