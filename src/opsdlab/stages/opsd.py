@@ -189,6 +189,13 @@ def response_logits(model, input_ids, attention_mask, positions: slice) -> torch
     return output.logits[:, :positions.stop - positions.start]
 
 
+def kept_tokens(mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The kept tokens of a [rows, width] response mask, row-major, as one index (no boolean-mask
+    indexing, each one a device read-back), and each row's count: the two values of the loss that
+    depend on the data, not on shapes (a memory trace with fake tensors supplies them)."""
+    return mask.reshape(-1).nonzero().squeeze(1), mask.sum(dim=1).tolist()
+
+
 def _identity_head(model, compute_dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda logits: logits
 
@@ -423,9 +430,7 @@ class OPSDTrainer(GRPOTrainer):
             teacher_head = self.scoring.head(self.accelerator.unwrap_model(teacher_model), self.head_dtype)
         mask = completion_mask.bool()
         names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
-        # Kept tokens, row-major, as one index: no boolean-mask indexing (each one a device read-back).
-        flat = mask.reshape(-1).nonzero().squeeze(1)
-        lengths = mask.sum(dim=1).tolist()
+        flat, lengths = kept_tokens(mask)
         token_names = [names[r] for r, n in enumerate(lengths) for _ in range(n)]
 
         def kept(scores):
