@@ -76,7 +76,7 @@ def test_the_plan_is_within_ten_percent_of_a_real_step_on_the_cpu(tmp_path):
     shape = ModelShape(hidden=128, intermediate=384, layers=1, heads=2, kv_heads=1, head_dim=64, vocab=151936,
                        tied=True)
     built = real_shapes.trainers(tmp_path, stages=("grpo",))
-    record = real_shapes.measure("grpo", shape, 1, 512, 1, torch.float32, False, built)
+    record = real_shapes.measure("grpo", shape, 1, 512, 1, torch.bfloat16, False, built)
     record["model"] = "small"
     planned = plan_stage(real_shapes.setting_of(record, shape))["total"]
     assert abs(planned / record["peak_bytes"] - 1) < 0.10, (planned, record["peak_bytes"])

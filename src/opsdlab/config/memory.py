@@ -70,12 +70,12 @@ TRL_TILE_ROWS, TRL_TILE_COLUMNS = 4096, 32768  # TRL's fused log-prob head: toke
 # benchmarks/results/real_shapes.json); docs/memory.md gives the fit and its residuals. On a GPU, the
 # two CPU-only buffers are left out (see `device_terms`).
 COEFFICIENTS = {
-    # checkpoints ~1: each layer's input; tile ~29 bytes per element: TRL's torch fold on the CPU (seven
-    # float32 buffers and the bf16 product per tile element; 2 on a GPU); head ~4.8 bytes per V x D: the
+    # checkpoints ~1: each layer's input; tile ~30 bytes per element: TRL's torch fold on the CPU (seven
+    # float32 buffers and the bf16 product per tile element; 2 on a GPU); head ~4.2 bytes per V x D: the
     # float32 gradient of the head and its cast; mask ~2.8 bytes per token pair: the bool mask and sdpa's
     # bf16 copy of it (one layer at a time).
-    "sft": {"checkpoints": 1.002, "token": 0.0, "head": 4.797, "tile": 29.38, "mask": 2.844},
-    "rlvr": {"checkpoints": 1.002, "token": 0.0, "head": 4.797, "tile": 29.38, "mask": 2.844},
+    "sft": {"checkpoints": 1.021, "token": 0.517, "head": 4.157, "tile": 30.54, "mask": 2.542},
+    "rlvr": {"checkpoints": 1.021, "token": 0.517, "head": 4.157, "tile": 30.54, "mask": 2.542},
     # head ~18 bytes per V x D on the CPU: float32 copies of the student's and teacher's head weight (8),
     # the head's float32 gradient and its bf16 casts; tile ~4.5 bytes per chunk x V: one chunk's logits.
     "opsd": {"checkpoints": 1.013, "token": 1.289, "head": 18.21, "tile": 4.519, "mask": 1.899},
@@ -165,7 +165,10 @@ def basis(s: Setting) -> dict[str, float]:
                 "mask": s.rows * (s.prompt + s.completion) ** 2}
     layer_bytes = shape.hidden * ab * (1 if s.checkpointing else NO_CHECKPOINT_FACTOR)
     scored = s.rows * s.completion
-    tile = (min(scored, TRL_TILE_ROWS) * TRL_TILE_COLUMNS if s.stage in ("sft", "rlvr")
+    # TRL's head scores only the completion's positions where Triton runs (a GPU); elsewhere every
+    # position of the sequence, so that its tile shapes do not change with each batch.
+    tile_rows = scored if s.device == "cuda" else tokens
+    tile = (min(tile_rows, TRL_TILE_ROWS) * TRL_TILE_COLUMNS if s.stage in ("sft", "rlvr")
             else min(s.chunk, scored) * shape.vocab)
     return {"checkpoints": shape.layers * tokens * layer_bytes,
             "token": tokens * (shape.hidden + shape.intermediate) * ab,
