@@ -94,7 +94,7 @@ def test_plan_prints_every_stage_and_a_verdict_for_80_and_141_gb_without_torch(c
 
 
 def test_plan_names_what_would_make_a_stage_fit(capsys):
-    assert main(["plan", "qwen3-8b", "opsd.max_completion_length=16384", "--gpu-memory", "80GB"]) == 0
+    assert main(["plan", "qwen3-8b", "--processes", "8", "--gpu-memory", "80GB"]) == 0
     out = capsys.readouterr().out
     assert "does not fit" in out and "would fit with" in out
 

@@ -163,7 +163,9 @@ def basis(s: Setting) -> dict[str, float]:
         return {"cache": s.shape.layers * 2 * shape.kv_heads * shape.head_dim * tokens * ab,
                 "token": tokens * (shape.hidden + shape.intermediate) * ab, "logits": s.rows * shape.vocab,
                 "mask": s.rows * (s.prompt + s.completion) ** 2}
-    layer_bytes = shape.hidden * ab * (1 if s.checkpointing else NO_CHECKPOINT_FACTOR)
+    # A checkpointed layer input is the residual stream, in the weights' dtype (float32 weights under
+    # bf16 mixed precision add float32 residuals); inside a layer activations are in the compute dtype.
+    layer_bytes = shape.hidden * (s.weight_bytes if s.checkpointing else ab * NO_CHECKPOINT_FACTOR)
     scored = s.rows * s.completion
     # TRL's head scores only the completion's positions where Triton runs (a GPU); elsewhere every
     # position of the sequence, so that its tile shapes do not change with each batch.
@@ -341,20 +343,28 @@ def remedies(label: str, s: Setting, gpu_bytes: float) -> list[str]:
     adapters (OPSD), a shorter completion."""
     section = label.split(" ")[0]
     candidates = []
-    if s.stage in ("sft", "rlvr", "opsd") and s.rows > 1:
-        rows = max(s.rows // 2, 1)
-        candidates.append((f"{section}.gradient_accumulation_steps={s.accumulation * s.rows // rows} "
-                           f"(micro-batch {rows})", replace(s, rows=rows, accumulation=s.accumulation * s.rows // rows)))
+    rows = s.rows
+    while s.stage in ("sft", "rlvr", "opsd") and rows > 1:  # the largest micro-batch that fits
+        rows //= 2
+        smaller = replace(s, rows=rows, accumulation=s.accumulation * s.rows // rows)
+        if verdict(smaller, gpu_bytes) != "does not fit" or rows == 1:
+            candidates.append((f"{section}.gradient_accumulation_steps={smaller.accumulation} (micro-batch {rows})",
+                               smaller))
+            break
     if s.stage in ("sft", "rlvr", "opsd") and not s.checkpointing:
         candidates.append((f"{section}.gradient_checkpointing=true", replace(s, checkpointing=True)))
     if s.stage in ("sft", "rlvr", "opsd") and s.zero < 3 and s.processes > 1:
         candidates.append(("accelerate --config_file zero3.yaml", replace(s, zero=3)))
     if s.stage == "opsd" and not s.lora_r:
         candidates.append(("opsd.lora_r=64", replace(s, lora_r=64)))
-    if s.completion > 1024:
-        key = "eval.sampling.max_new_tokens" if s.stage == "eval" else (
-            f"{section}.max_length" if s.stage == "sft" else f"{section}.max_completion_length")
-        candidates.append((f"{key}={s.completion // 2}", replace(s, completion=s.completion // 2)))
+    key = "eval.sampling.max_new_tokens" if s.stage == "eval" else (
+        f"{section}.max_length" if s.stage == "sft" else f"{section}.max_completion_length")
+    completion = s.completion
+    while completion > 1024:  # the longest completion that fits
+        completion //= 2
+        if verdict(replace(s, completion=completion), gpu_bytes) != "does not fit":
+            candidates.append((f"{key}={completion}", replace(s, completion=completion)))
+            break
     return [f"{change}: {process_total(changed, gpu_bytes) / GIB:.1f} GiB" for change, changed in candidates
             if verdict(changed, gpu_bytes) != "does not fit"]
 
