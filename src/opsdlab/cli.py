@@ -8,7 +8,7 @@ writable before any model loads, and a Ctrl-C ends with one line saying how to r
 A command checks its arguments and config with the config layer alone and imports the training
 stack (torch, transformers, TRL, vLLM) only once they are valid: a typo is reported at once.
 
-Why one file of ~800 lines: it is the argument parser of nine commands and each command's function,
+Why one file of ~850 lines: it is the argument parser of ten commands and each command's function,
 read top to bottom as the list of what a user can type. The longest part is `eval`'s planning (which
 settings come from a run, a file or a flag); it is the first to move out, to the run layer, when this
 file grows again.
@@ -757,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides with YAML values, as `opsdlab pipeline` takes them (default: none)")
     q.set_defaults(func=cmd_config_show)
 
-    p = sub.add_parser("plan", help="will it fit: each stage's predicted peak GPU memory, before any model loads",
+    p = sub.add_parser("plan", help="will each stage fit the GPU: its predicted peak memory",
                        description="Predict each stage's peak memory per process (weights, gradients, AdamW state, "
                                    "teacher or EMA shadow, activations, the LM head's buffers, vLLM's reserve) from "
                                    "the model's shape (its config.json, or the known Qwen3 shapes) and the config, "
