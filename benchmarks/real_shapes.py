@@ -18,7 +18,7 @@ then runs its backward, the trainer's AdamW step (`Trainer.get_optimizer_cls_and
 OPSD, the teacher's update. The trainers are built once on a tiny model; the measured model (real or
 fake) is handed to their methods. Evaluation is a prefill of the prompt and one decode step with a
 KV cache of the full length, under `no_grad`, as `generate` runs them. The held-out check is the
-same decode with the training state (weights, AdamW state, teacher) resident.
+same with the training state (weights, AdamW state, teacher) resident.
 
 Reported per model, stage and length: measured and planned peak bytes, the largest single tensor,
 seconds (real runs only), the per-layer and per-token terms fitted from several depths, the fitted
@@ -245,25 +245,26 @@ def step_function(stage: str, built: dict, model, micro: dict, accumulation: int
 
 
 def eval_function(model, rows: int, completion: int):
-    """Evaluation's prefill of a prompt, or one decode step over a KV cache of prompt + completion
-    tokens, as `generate` runs them (no gradients; logits of the last position only)."""
+    """Evaluation as `generate` runs it: the prefill of the prompt, then a decode step over a KV cache
+    of prompt + completion tokens (the cache allocated at that length; no gradients, the logits of the
+    last position only). The peak is the larger of the two."""
     from transformers import DynamicCache
 
     model.eval()
-    vocab = model.config.vocab_size
-
-    def prefill(tokens):
-        cache = DynamicCache(config=model.config)
-        ids = torch.randint(2, vocab, (rows, tokens))
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        return out.past_key_values
+    config = model.config
+    vocab = config.vocab_size
 
     def step():
         with torch.no_grad():
-            cache = prefill(PROMPT + completion)
+            ids = torch.randint(2, vocab, (rows, PROMPT))
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+            cache = DynamicCache(config=config)
+            length = PROMPT + completion
+            for layer in range(config.num_hidden_layers):
+                shape = (rows, config.num_key_value_heads, length, config.head_dim)
+                cache.update(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype), layer)
             ids = torch.randint(2, vocab, (rows, 1))
-            model(input_ids=ids, attention_mask=torch.ones(rows, PROMPT + completion + 1, dtype=torch.long),
+            model(input_ids=ids, attention_mask=torch.ones(rows, length + 1, dtype=torch.long),
                   past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     return step

@@ -159,10 +159,10 @@ def basis(s: Setting) -> dict[str, float]:
     """
     shape, ab = s.shape, s.compute_bytes
     tokens = s.rows * (s.prompt + s.completion)
-    if s.stage == "eval":
+    if s.stage == "eval":  # the prompt's prefill, then decoding over a cache of the whole length
         return {"cache": s.shape.layers * 2 * shape.kv_heads * shape.head_dim * tokens * ab,
-                "token": tokens * (shape.hidden + shape.intermediate) * ab, "logits": s.rows * shape.vocab,
-                "mask": s.rows * (s.prompt + s.completion) ** 2}
+                "token": s.rows * s.prompt * (shape.hidden + shape.intermediate) * ab, "logits": s.rows * shape.vocab,
+                "mask": s.rows * s.prompt ** 2}
     # A checkpointed layer input is the residual stream, in the weights' dtype (float32 weights under
     # bf16 mixed precision add float32 residuals); inside a layer activations are in the compute dtype.
     layer_bytes = shape.hidden * (s.weight_bytes if s.checkpointing else ab * NO_CHECKPOINT_FACTOR)
@@ -304,6 +304,17 @@ def settings_for(config, shape: ModelShape, *, processes: int = 1, zero: int = 0
                               teacher_prompt=PROMPT_TOKENS + SOLUTION_TOKENS)
             seen.setdefault(setting, []).append(arm.name)
         out += [(f"opsd ({', '.join(names)})", setting) for setting, names in seen.items()]
+    for label, setting in list(out):
+        section = config.rlvr if label == "rlvr" else None
+        if label.startswith("opsd"):
+            section = config.arm_config(next(arm for arm in config.arms if arm.name in label))
+        if section is not None and section.check_every > 0:
+            # A held-out check samples with the training model (transformers' generate, 128 sequences at
+            # a time) while the weights, AdamW state and teacher stay resident.
+            out.append((f"{label.split(' ')[0]} check", replace(
+                setting, stage="check", rows=min(128, section.check_problems * section.check_k),
+                teacher=setting.teacher if label.startswith("opsd") else "live",
+                completion=section.check_max_new_tokens or section.max_completion_length, vllm_fraction=0.0)))
     sampling = config.eval.sampling
     eval_bytes = DTYPE_BYTES[config.eval.dtype or config.model.dtype]
     vllm = config.eval.vllm.gpu_memory_utilization if config.eval.backend == "vllm" else 0.0
