@@ -529,6 +529,23 @@ def plot(records: list[dict], flops: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def recompare(source: Path, out: Path, plot_path: str | None) -> int:
+    """The comparison of an earlier result's traces with the current plan: refit, errors, exponents,
+    H200 figures, figure. The traces themselves are not repeated."""
+    result = json.loads(source.read_text())
+    records = result["records"]
+    result["fitted_coefficients"] = fit(records)
+    compare(records)
+    worst = max(records, key=lambda r: abs(r["plan_error"]))
+    result.update(worst_plan_error={k: worst[k] for k in ("model", "stage", "layers", "completion", "plan_error")},
+                  exponents=exponents(records), h200=h200(), recompared=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if plot_path:
+        plot(records, result.get("flops", {}), Path(plot_path))
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"worst plan error {worst['plan_error']:+.1%}; wrote {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="write the result here")
@@ -537,7 +554,12 @@ def main() -> int:
     parser.add_argument("--no-real", action="store_true", help="skip the real (computed) one-layer steps")
     parser.add_argument("--fit", action="store_true", help="print the fitted coefficients for config.memory")
     parser.add_argument("--plot", default=None, help="write the figure here (PNG)")
+    parser.add_argument("--from", dest="source", default=None,
+                        help="no tracing: take the traces of this earlier result and compare them with the plan "
+                             "as it is now (after its coefficients changed)")
     args = parser.parse_args()
+    if args.source:
+        return recompare(Path(args.source), Path(args.json), args.plot)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     start = time.perf_counter()
     built = trainers(Path(tempfile.mkdtemp(prefix="opsdlab-real-shapes-")))

@@ -74,14 +74,15 @@ COEFFICIENTS = {
     # float32 buffers and the bf16 product per tile element; 2 on a GPU); head ~4.2 bytes per V x D: the
     # float32 gradient of the head and its cast; mask ~2.8 bytes per token pair: the bool mask and sdpa's
     # bf16 copy of it (one layer at a time).
-    "sft": {"checkpoints": 1.021, "token": 0.517, "head": 4.157, "tile": 30.54, "mask": 2.542},
-    "rlvr": {"checkpoints": 1.021, "token": 0.517, "head": 4.157, "tile": 30.54, "mask": 2.542},
+    "sft": {"checkpoints": 1.02, "token": 0.647, "head": 4.145, "tile": 30.63, "mask": 2.442},
+    "rlvr": {"checkpoints": 1.02, "token": 0.647, "head": 4.145, "tile": 30.63, "mask": 2.442},
     # head ~18 bytes per V x D on the CPU: float32 copies of the student's and teacher's head weight (8),
     # the head's float32 gradient and its bf16 casts; tile ~4.5 bytes per chunk x V: one chunk's logits.
-    "opsd": {"checkpoints": 1.013, "token": 1.289, "head": 18.21, "tile": 4.519, "mask": 1.899},
-    # cache ~1: the KV cache; logits ~31 bytes per row x V: the last position's float32 logits and
-    # the sampling that reads them.
-    "eval": {"cache": 1.06, "token": 2.77, "logits": 31.23, "mask": 1.779},
+    "opsd": {"checkpoints": 1.012, "token": 1.362, "head": 18.2, "tile": 4.632, "mask": 1.853},
+    # cache ~1.1: the KV cache (with one more layer's worth as a decode step appends to it); token
+    # ~1.9: the prompt's prefill (the traces' prompts are all 256 tokens, so the prompt's mask and the
+    # last position's logits are not told apart from it and fit 0).
+    "eval": {"cache": 1.117, "token": 1.895, "logits": 0.0, "mask": 0.0},
 }
 
 
@@ -160,7 +161,8 @@ def basis(s: Setting) -> dict[str, float]:
     shape, ab = s.shape, s.compute_bytes
     tokens = s.rows * (s.prompt + s.completion)
     if s.stage == "eval":  # the prompt's prefill, then decoding over a cache of the whole length
-        return {"cache": s.shape.layers * 2 * shape.kv_heads * shape.head_dim * tokens * ab,
+        # Every layer's keys and values, and one layer's again while a decode step appends to it.
+        return {"cache": (s.shape.layers + 1) * 2 * shape.kv_heads * shape.head_dim * tokens * ab,
                 "token": s.rows * s.prompt * (shape.hidden + shape.intermediate) * ab, "logits": s.rows * shape.vocab,
                 "mask": s.rows * s.prompt ** 2}
     # A checkpointed layer input is the residual stream, in the weights' dtype (float32 weights under
@@ -177,21 +179,24 @@ def basis(s: Setting) -> dict[str, float]:
             "head": shape.vocab * shape.hidden, "tile": tile, "mask": s.rows * (s.prompt + s.completion) ** 2}
 
 
-NO_CHECKPOINT_FACTOR = 20  # activations of a layer without checkpointing, in hidden-size vectors per token
+# Activations a layer keeps without checkpointing, in hidden-size vectors per token: 30.7 measured at
+# Qwen3-1.7B's shape (intermediate = 3 x hidden), GRPO, 4k tokens, 2 layers less 1 (benchmarks/real_shapes.py).
+NO_CHECKPOINT_FACTOR = 31
 
 
 def coefficients(s: Setting) -> dict[str, float]:
     """`COEFFICIENTS` of a stage on its device. Two buffers of the CPU traces are CPU-only: TRL's
     head folds each tile in float32 torch operations there (a Triton kernel on a GPU holds only the
     tile, `compute_bytes` per element), and the OPSD head without a bf16 GEMM that writes float32
-    keeps a float32 copy of the student's and the teacher's head weight (`models.output_head`)."""
+    keeps a float32 copy of the student's and the teacher's head weight (`models.output_head`;
+    8 bytes per vocabulary x hidden, not held on a GPU)."""
     stage = "eval" if s.stage in ("eval", "check") else s.stage
     fitted = dict(COEFFICIENTS[stage])
     if s.device == "cpu" or stage == "eval":
         return fitted
     if stage in ("sft", "rlvr"):
         fitted["tile"] = s.compute_bytes
-    elif s.weight_bytes < 4:
+    else:
         fitted["head"] = max(fitted["head"] - 8, 0)
     return fitted
 
