@@ -161,7 +161,7 @@ def trainers(work: Path, stages=("grpo", "opsd_frozen", "opsd_ema")) -> dict:
     return built
 
 
-def batch(rows: int, completion: int, vocab: int, padding: int = int(os.environ.get("PADDING", 16))) -> dict:
+def batch(rows: int, completion: int, vocab: int, padding: int = 16) -> dict:
     """One micro-batch: left-padded prompts (the first row `padding` tokens shorter), completions of
     `completion` tokens, every token kept; teacher prompts carry TEACHER_EXTRA more tokens."""
     def prompts(width):
