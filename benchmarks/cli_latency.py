@@ -1,11 +1,11 @@
-"""Time what a user waits for before the first line: a config error and `config show`.
+"""Time what a user waits for before the first line: a config error, `config show` and `plan`.
 
     python benchmarks/cli_latency.py [--repeats 5] [--json out.json]
 
 Each command runs `--repeats` times in a fresh interpreter (`python -m opsdlab.cli ...`); the result
 is the median and the range of the wall times, and whether the command imported torch (read from
 `python -X importtime`'s log of one extra run). Validation and `config show` import only the config
-layer, so neither should wait for torch, transformers, TRL or vLLM. The load average before and
+layer, and so does `plan`, so none should wait for torch, transformers, TRL or vLLM. The load average before and
 after is recorded: timings under load are upper bounds.
 """
 
@@ -25,6 +25,7 @@ COMMANDS = {
     "pipeline_bad_value": ["pipeline", "--config", "tiny", "opsd.max_steps=abc"],
     "demo_bad_value": ["demo", "opsd.learning_rate=-1"],
     "config_show": ["config", "show", "qwen3-1.7b"],
+    "plan": ["plan", "qwen3-8b"],
     "help": ["--help"],
 }
 HEAVY = ("torch", "transformers", "trl", "vllm")

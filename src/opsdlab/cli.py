@@ -1,4 +1,4 @@
-"""The `opsdlab` command: demo, pipeline, study, eval, report, config, and the stages sft, rlvr, opsd.
+"""The `opsdlab` command: demo, pipeline, study, eval, report, config, plan, and the stages sft, rlvr, opsd.
 
 Every stage subcommand reads an HF model folder (or a Hub model id) and writes one (`OUT/model`), so
 stages can be run one by one on a user's own checkpoints; `pipeline` chains them from a config file
@@ -8,7 +8,7 @@ writable before any model loads, and a Ctrl-C ends with one line saying how to r
 A command checks its arguments and config with the config layer alone and imports the training
 stack (torch, transformers, TRL, vLLM) only once they are valid: a typo is reported at once.
 
-Why one file of ~800 lines: it is the argument parser of nine commands and each command's function,
+Why one file of ~850 lines: it is the argument parser of ten commands and each command's function,
 read top to bottom as the list of what a user can type. The longest part is `eval`'s planning (which
 settings come from a run, a file or a flag); it is the first to move out, to the run layer, when this
 file grows again.
@@ -50,7 +50,7 @@ def is_user_error(error: BaseException) -> bool:
 RESUME = "rerun the same command to resume from the last checkpoint"
 INTERRUPTED = {"eval": "nothing was written; rerun the same command to evaluate again",
                "report": "rerun the same command to write the report",
-               "config": "nothing was written"}
+               "config": "nothing was written", "plan": "nothing was written"}
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
@@ -358,6 +358,23 @@ def cmd_config_show(args) -> int:
     given = " ".join([args.config, *args.overrides])
     print(f"# {given}: every key; * marks a value that is not the default")
     print("\n".join(format_keys(describe_config(config))))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from opsdlab.config import ConfigError, load_config
+    from opsdlab.config.memory import DEFAULT_GPUS, describe, model_shape, parse_size, settings_for
+
+    config = load_config(args.config, args.overrides)
+    try:
+        shape, source = model_shape(config.model.init)
+        gpus = {args.gpu_memory: parse_size(args.gpu_memory)} if args.gpu_memory else DEFAULT_GPUS
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    print(f"# {' '.join([args.config, *args.overrides])}: peak GiB per process and stage ({shape.parameters / 1e9:.2f}B "
+          f"parameters, from {source}; {args.processes} process(es), ZeRO {args.zero or 'off'}; docs/memory.md)")
+    for label, setting in settings_for(config, shape, processes=args.processes, zero=args.zero):
+        print("\n".join(describe(label, setting, gpus)))
     return 0
 
 
@@ -749,6 +766,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides with YAML values, as `opsdlab pipeline` takes them (default: none)")
     q.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("plan", help="will each stage fit the GPU: its predicted peak memory",
+                       description="Predict each stage's peak memory per process (weights, gradients, AdamW state, "
+                                   "teacher or EMA shadow, activations, the LM head's buffers, vLLM's reserve) from "
+                                   "the model's shape (its config.json, or the known Qwen3 shapes) and the config, "
+                                   "and say whether it fits a GPU and which setting would make it fit.")
+    p.add_argument("config", metavar="PRESET_OR_FILE", help="a shipped preset (qwen3-1.7b, qwen3-8b, ...) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as `opsdlab pipeline` takes them")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="one GPU's memory, e.g. 80GiB or 141GB (default: verdicts for 80 GB and 141 GB)")
+    p.add_argument("--processes", type=int, default=1, help="training processes (GPUs) (default: 1)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
+                   help="DeepSpeed ZeRO stage of the launch, 0 for none (default: 0)")
+    p.set_defaults(func=cmd_plan)
 
     for name, func, helptext in (("sft", cmd_sft, "supervised fine-tuning through TRL's SFTTrainer"),
                                  ("rlvr", cmd_rlvr, "GRPO/DAPO/Dr.GRPO with the verifier reward"),

@@ -12,7 +12,8 @@ first: `choices` (the names of choices implemented in higher layers, and their p
 (the error type, type checks, building a dataclass from YAML data), `ranges` (numeric ranges, batch
 splits), `divergence`, `methods` (what a compaction method sets and needs of an arm), `stages` (SFT,
 RLVR, OPSD), `columns` and `tasks` (task options), `sections` (every section and `PipelineConfig`),
-`load` (files, presets, overrides), `meanings` (`opsdlab config show`).
+`load` (files, presets, overrides), `meanings` (`opsdlab config show`), `memory` (each stage's
+predicted peak memory from the model's shape and the settings: `opsdlab plan`).
 """
 
 from opsdlab.config.choices import STAGES

@@ -47,7 +47,7 @@ import torch
 from opsdlab.config import ConfigError, PipelineConfig
 from opsdlab.modeling.runtime import launch_processes
 from opsdlab.run.plan import pipeline_steps
-from opsdlab.run.preflight import check_inputs
+from opsdlab.run.preflight import check_inputs, memory_forecast
 from opsdlab.run.problems import check_problem_sets
 from opsdlab.run.rundir import check_seed_dirs, log, prepare_run_dir, seed_config, write_config
 from opsdlab.run.steps import STEP_KINDS, open_run
@@ -104,6 +104,9 @@ def run_seeds(config: PipelineConfig, redo=()) -> Path:
     """
     run_dir = Path(config.run_dir)
     check_inputs(config)
+    gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    for line in memory_forecast(config, gpu, launch_processes()):
+        print(line, flush=True)
     if not config.seeds:
         if any(p.is_dir() for p in run_dir.glob("seed-*")):
             raise ConfigError(f"seeds: {run_dir} holds a run over seeds; set seeds (see its config.yaml) or "

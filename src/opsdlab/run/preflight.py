@@ -6,7 +6,8 @@ an uninstalled tracker or a bad row of its training file wastes the time it ran;
 every missing piece at once, each with where to get it, in seconds. The training file is read whole
 here (`check_training_data`): a row that cannot be used is named by file, row and field before any
 model loads or worker starts, and a reference solution is asked of every row only where something
-reads it (`solution_readers`).
+reads it (`solution_readers`). On a GPU, `memory_forecast` says per stage whether its step will fit
+the GPU (`config.memory`), before any model loads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from opsdlab.config import ConfigError, PipelineConfig
 from opsdlab.config.choices import CONTEXT_READS
+from opsdlab.config.memory import gib, model_shape, process_total, settings_for, verdict
 from opsdlab.config.methods import solution_keys
 from opsdlab.tasks.data import LOCAL_FORMATS, ColumnMap, DataError, load_examples, parse_column_map
 
@@ -183,3 +185,33 @@ def missing_extras(config: PipelineConfig) -> list[str]:
         problems.append(f"{', '.join(keys)}={tracker}: {tracker} is not installed{extra}, or drop it "
                         f"with {' '.join(f'{key}=none' for key in keys)}")
     return problems
+
+
+def deepspeed_zero_stage() -> int:
+    """The ZeRO stage `accelerate launch` set for this process (0: no DeepSpeed)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
+        return 0
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+
+
+def memory_forecast(config: PipelineConfig, gpu_bytes: float | None, processes: int = 1) -> list[str]:
+    """One line per stage with its predicted peak on this GPU (`config.memory`), a warning for each
+    stage that will not fit, or nothing without a GPU (`gpu_bytes` None) or for the tiny model.
+
+    A stage that runs out of memory an hour into a run costs the hour; the plan reads only the
+    model's config.json and the settings, so it is known before any model loads.
+    """
+    if gpu_bytes is None or config.model.init == "tiny":
+        return []
+    try:
+        shape, _ = model_shape(config.model.init)
+    except (ValueError, OSError, KeyError) as error:
+        return [f"memory plan: none ({error})"]
+    lines = []
+    for label, setting in settings_for(config, shape, processes=processes, zero=deepspeed_zero_stage()):
+        need, outcome = process_total(setting, gpu_bytes), verdict(setting, gpu_bytes)
+        line = f"memory plan: {label}: {gib(need)} of {gib(gpu_bytes)} GiB, {outcome}"
+        if outcome == "does not fit":
+            line = f"warning: {line}; see `opsdlab plan` for what would make it fit (docs/memory.md)"
+        lines.append(line)
+    return lines

@@ -228,6 +228,32 @@ def response_logits(model, input_ids, attention_mask, positions: slice) -> torch
     return output.logits[:, :positions.stop - positions.start]
 
 
+@dataclass(frozen=True)
+class ScoredTokens:
+    """The response tokens one micro-batch scores: a [rows, width] mask (the columns after `width` hold none),
+    their row-major flat index, each row's count and their summed loss weight."""
+
+    mask: torch.Tensor
+    flat: torch.Tensor
+    lengths: list[int]
+    weight_sum: float
+
+
+def kept_tokens(weights: torch.Tensor, response: torch.Tensor) -> ScoredTokens:
+    """The tokens of weight > 0 (`positions.token_weights`); where none has weight, every response token,
+    with weight 0: every process must run the same forward/backward collectives (DDP's gradient
+    all-reduce) even when its micro-batch carries no loss. One read-back from the device, no boolean-mask
+    indexing: the values of the loss that depend on the data, not on shapes (a memory trace with fake
+    tensors supplies them)."""
+    carried = weights > 0
+    scored = torch.where(carried.any(), carried, response.bool())
+    columns = torch.arange(1, scored.shape[1] + 1, device=scored.device)
+    *lengths, width, weight_sum = torch.cat([scored.sum(dim=1), (scored.any(dim=0) * columns).max().view(1),
+                                             weights.sum().view(1)]).float().tolist()
+    mask = scored[:, :max(int(width), 1)]  # later columns carry no loss: the forwards stop there (causal attention)
+    return ScoredTokens(mask, mask.reshape(-1).nonzero().squeeze(1), [int(n) for n in lengths], weight_sum)
+
+
 def _identity_head(model, compute_dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda logits: logits
 
@@ -504,18 +530,9 @@ class OPSDTrainer(RolloutTokens, GRPOTrainer):
         rows_list = keep or [0]
         rows = torch.tensor(rows_list, device=inputs["prompt_ids"].device)
         weights = inputs["opsd_token_weights"][rows]  # 0 on gated-out rows, padding and unsupervised tokens
-        carried = weights > 0
-        # The tokens scored are those of weight > 0. Where this micro-batch has none, its rows' response
-        # tokens still go through every pass with weight 0: every process must run the same forward/backward
-        # collectives (DDP's gradient all-reduce).
-        response = inputs["completion_mask"][rows].bool()
-        scored = torch.where(carried.any(), carried, response)
-        columns = torch.arange(1, scored.shape[1] + 1, device=scored.device)
-        # One read back from the device: tokens scored per row, the columns that hold them, the summed weight.
-        *lengths, width, weight_sum = torch.cat([scored.sum(dim=1), (scored.any(dim=0) * columns).max().view(1),
-                                                 weights.sum().view(1)]).float().tolist()
-        lengths = [int(n) for n in lengths]
-        width = max(int(width), 1)  # later columns carry no loss: the forwards stop there (causal attention)
+        scored = kept_tokens(weights, inputs["completion_mask"][rows])
+        mask, flat, lengths, weight_sum = scored.mask, scored.flat, scored.lengths, scored.weight_sum
+        width = mask.shape[1]
         contrast = "contrast_prompt_ids" in inputs
         response_ids, _, sides = aligned_sequences(inputs, rows, width,
                                                    ("student", "teacher", "contrast") if contrast else ("student", "teacher"))
@@ -533,10 +550,7 @@ class OPSDTrainer(RolloutTokens, GRPOTrainer):
             with torch.no_grad(), self.anchor.use(unwrapped) as start_model:
                 anchor_scores = self.scoring.scores(start_model, student.ids, student.attn, student.positions)
                 anchor_head = self.scoring.head(self.accelerator.unwrap_model(start_model), self.head_dtype)
-        mask = scored[:, :width]
         names = [inputs["route"][i] or self.opsd.divergence for i in rows_list]
-        # Scored tokens, row-major, as one index: no boolean-mask indexing (each one a device read-back).
-        flat = mask.reshape(-1).nonzero().squeeze(1)
         token_names = [names[r] for r, n in enumerate(lengths) for _ in range(n)]
 
         def kept(scores):
