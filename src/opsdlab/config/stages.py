@@ -181,8 +181,7 @@ class RLVRStageConfig(VLLMGeneration, CheckSettings):
     rollouts (`grpo_args`); both must divide evenly.
     """
 
-    # RL may lengthen responses on purpose: no length_inflation sign unless asked for (`CheckSettings`)
-    stop_length_ratio: float | None = None
+    stop_length_ratio: float | None = None  # length_inflation sign as in OPSD; null (off) here: RL may lengthen on purpose
     max_steps: int = 50
     max_rollout_tokens: int | None = None
     prompts_per_step: int = 8
