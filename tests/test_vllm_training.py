@@ -36,6 +36,16 @@ def _restore_launch_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture
+def released():
+    """`track(trainer)` for a trainer a test builds itself: its colocated engine is shut down when the test
+    ends, as a stage's is (`colocated_engine_released`), so no vLLM process group outlives the test."""
+    from opsdlab.evaluation.vllm_backend import colocated_engine_released
+
+    with colocated_engine_released() as track:
+        yield track
+
+
 def vllm_weights(trainer) -> dict[str, torch.Tensor]:
     """The engine's parameters, read where TRL writes them (`VLLMGeneration.sync_weights`)."""
     model = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
@@ -62,7 +72,7 @@ def test_stage_configs_pass_vllm_fields_to_trl_and_reject_a_bad_mode(tmp_path):
         RLVRStageConfig(vllm_gpu_memory_utilization=0)
 
 
-def test_opsd_scores_the_vllm_rollouts_and_vllm_gets_the_trained_weights(tmp_path, tiny_folder, task):
+def test_opsd_scores_the_vllm_rollouts_and_vllm_gets_the_trained_weights(tmp_path, tiny_folder, task, released):
     pytest.importorskip("vllm")
     steps = {}
 
@@ -70,8 +80,8 @@ def test_opsd_scores_the_vllm_rollouts_and_vllm_gets_the_trained_weights(tmp_pat
         def on_step_end(self, args, state, control, model=None, **kwargs):
             steps[state.global_step] = snapshot(model)
 
-    trainer = make_trainer(tmp_path, tiny_folder, task, callbacks=[Snapshot()], max_steps=2, learning_rate=0.1,
-                           **VLLM)
+    trainer = released(make_trainer(tmp_path, tiny_folder, task, callbacks=[Snapshot()], max_steps=2,
+                                    learning_rate=0.1, **VLLM))
     initial = snapshot(trainer.model)
     generated, scored, synced_at = [], [], []
     generate, compute_loss, sync = (trainer.vllm_generation.generate, trainer._compute_loss,
@@ -112,7 +122,7 @@ def test_opsd_scores_the_vllm_rollouts_and_vllm_gets_the_trained_weights(tmp_pat
         assert not torch.equal(engine[name], initial[name].to(dtype)), name
 
 
-def test_rlvr_trains_with_vllm_rollouts(tmp_path, tiny_folder, task):
+def test_rlvr_trains_with_vllm_rollouts(tmp_path, tiny_folder, task, released):
     pytest.importorskip("vllm")
     from opsdlab.modeling.models import load_policy
     from opsdlab.loss.rewards import VerifierReward
@@ -127,11 +137,11 @@ def test_rlvr_trains_with_vllm_rollouts(tmp_path, tiny_folder, task):
     def coin(completions, **_):
         return [float(torch.rand(()).item() < 0.5) for _ in completions]
 
-    trainer = RLVRTrainer(model=model, args=grpo_args(config, tmp_path, 0),
-                          reward_funcs=[VerifierReward(VerifierConfig(compare="exact"), {tokenizer.eos_token_id}),
-                                        coin],
-                          train_dataset=rl_dataset(task.examples("train", 8), tokenizer, True),
-                          processing_class=tokenizer)
+    trainer = released(RLVRTrainer(model=model, args=grpo_args(config, tmp_path, 0),
+                                   reward_funcs=[VerifierReward(VerifierConfig(compare="exact"),
+                                                                {tokenizer.eos_token_id}), coin],
+                                   train_dataset=rl_dataset(task.examples("train", 8), tokenizer, True),
+                                   processing_class=tokenizer))
     trainer.train()
     assert max((trainer.model.state_dict()[n] - p).abs().max().item() for n, p in before.items()) > 0
     assert trainer.state.log_history[0]["sampling/sampling_logp_difference/max"] < 0.05
