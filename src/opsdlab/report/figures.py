@@ -4,6 +4,7 @@ length, length histograms, training curves and the paired-change scatters with C
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def draw_ci_scatter(points: list[tuple[str, str, tuple, tuple]], xlabel: str, yl
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)  # a long title wraps instead of leaving the figure
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7)
