@@ -37,7 +37,7 @@ from opsdlab.evaluation.metrics.efficiency import find_answer
 from opsdlab.evaluation.metrics.samples import Sample
 from opsdlab.evaluation.metrics.summary import summarize
 from opsdlab.loss.divergences import token_entropy
-from opsdlab.modeling.models import end_token_ids, output_head, stop_token_ids, thinking_token_count
+from opsdlab.modeling.models import end_token_ids, final_hidden, output_head, stop_token_ids, thinking_token_count
 from opsdlab.modeling.console import progress_bar
 from opsdlab.modeling.runtime import shard_and_gather
 from opsdlab.config.choices import CONTEXT_READS
@@ -121,9 +121,10 @@ def _entropy_transformers(model, tokenizer, prompts: list[str], generations: lis
     """Per response, the mean entropy of the model's next-token distribution (temperature 1: the model's own,
     whatever the sampling temperature) over the positions that predicted its ids.
 
-    One forward pass per response over its prompt and ids, after the sampling; the LM head runs on
-    the final hidden states ENTROPY_CHUNK positions at a time (`models.output_head`), so no
-    full-vocabulary logits of a long response are held at once.
+    One forward pass per response over its prompt and ids, after the sampling, keeping only the final
+    hidden states (`models.final_hidden`, no per-layer copies); the LM head runs on them ENTROPY_CHUNK
+    positions at a time (`models.output_head`), so no full-vocabulary logits of a long response are
+    held at once.
     """
     was_training = model.training
     model.eval()
@@ -135,7 +136,7 @@ def _entropy_transformers(model, tokenizer, prompts: list[str], generations: lis
             out.append(None)
             continue
         ids = torch.tensor([prompt_ids + generation.token_ids], device=device)
-        hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states[-1][0]
+        hidden = final_hidden(model, ids, torch.ones_like(ids))[0]
         scored = hidden[len(prompt_ids) - 1:-1]  # position i predicts token i + 1
         total = sum(token_entropy(head(scored[i:i + ENTROPY_CHUNK])).sum().item()
                     for i in range(0, len(scored), ENTROPY_CHUNK))

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, extract_model_from_parallel, is_peft_model
+from accelerate.utils import DistributedType, is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import pad
 from transformers import TrainerCallback
@@ -46,7 +46,8 @@ from opsdlab.loss.chunked import Anchor, chunked_divergence, sampled_log_probs
 from opsdlab.loss.positions import POSITION_WEIGHTINGS, supervised, token_weights
 from opsdlab.loss.targets import SupportTarget
 from opsdlab.loss.gates import route
-from opsdlab.modeling.models import end_token_ids, head_dtype, output_head, save_policy
+from opsdlab.modeling.models import (_head_module, end_token_ids, final_hidden, head_dtype, output_head,
+                                     save_policy)
 from opsdlab.stages.progress import OPSD_POSTFIX, train_stage
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import VerifierReward
@@ -155,65 +156,6 @@ def aligned_sequences(inputs: dict, rows: torch.Tensor, width: int,
             check_alignment(student.ids, student.attn, student.positions, other.ids, other.attn, other.positions,
                             response_ids, response_mask)
     return response_ids, response_mask, sides
-
-
-def _backbone(model) -> torch.nn.Module | None:
-    """The decoder stack whose output's `last_hidden_state` is the final (post-norm) hidden state.
-
-    Looked up, as TRL's distillation trainer does, as the transformers model's `base_model` under any
-    DDP/DeepSpeed/compile and PEFT wrapper; None when the model has no separate backbone.
-    """
-    inner = extract_model_from_parallel(model)
-    if is_peft_model(inner):
-        inner = inner.get_base_model()
-    backbone = getattr(inner, "base_model", None)
-    return backbone if isinstance(backbone, torch.nn.Module) and backbone is not inner else None
-
-
-def _head_module(model) -> torch.nn.Module | None:
-    """The LM head module (`get_output_embeddings()`) under any DDP/DeepSpeed/compile and PEFT wrapper."""
-    inner = extract_model_from_parallel(model)
-    get = getattr(inner, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, torch.nn.Module) else None
-
-
-def final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
-    """Final (post-norm) hidden states without materializing full-vocabulary logits.
-
-    The model's own forward runs (so DDP's gradient hooks and accelerate's autocast apply) with the LM
-    head on no position (`logits_to_keep=1`, then a pre-hook empties the head's input), and the
-    backbone's `last_hidden_state` is taken from a forward hook: no per-layer hidden states are kept
-    or, under mixed precision, copied to float32. A model whose backbone is not found returns every layer's hidden states instead, and the last is used.
-    """
-    backbone = _backbone(model)
-    captured = []
-    handles = []
-    if backbone is not None:
-        handles.append(backbone.register_forward_hook(
-            lambda module, args, output: captured.append(
-                output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None))))
-        head = _head_module(model)
-        if head is not None:
-            # The forward's own logits are never read: the head gets zero positions. Its one kept position
-            # is a strided slice of the hidden states, and with gradients on torch's matmul multiplies such
-            # a slice by a batch-expanded copy of the head weight (rows x the whole vocabulary x hidden):
-            # at Qwen3's vocabulary that copy cost more CPU time than the rest of the OPSD step.
-            handles.append(head.register_forward_pre_hook(
-                lambda module, args: (args[0][..., :0, :], *args[1:]) if args and torch.is_tensor(args[0]) else None))
-    try:
-        output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False,
-                       output_hidden_states=backbone is None)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if backbone is None:
-        return output.hidden_states[-1]
-    if len(captured) != 1 or not torch.is_tensor(captured[0]) or captured[0].shape[:2] != input_ids.shape:
-        raise RuntimeError(f"final_hidden: the backbone ({type(backbone).__name__}) of {type(model).__name__} "
-                           "did not give one last_hidden_state of the input's shape during the forward; "
-                           "the OPSD loss cannot read this model's final hidden states")
-    return captured[0]
 
 
 def response_hidden(model, input_ids, attention_mask, positions: slice) -> torch.Tensor:
@@ -453,11 +395,11 @@ class OPSDTrainer(RolloutTokens, GRPOTrainer):
         kept = torch.zeros(response.shape[0], device=response.device)
         kept[kept_rows] = 1.0
         response = response.float() * kept[:, None]
+        in_scope = supervised(response, self.opsd.supervised_tokens)
         reads_margin = POSITION_WEIGHTINGS[self.opsd.position_weighting].reads_margin
-        margin = self._margins(batch, supervised(response, self.opsd.supervised_tokens)) if reads_margin else None
+        margin = self._margins(batch, in_scope) if reads_margin else None
         weights = token_weights(response, self.opsd, margin)
         if self.opsd.supervised_tokens is not None or self.opsd.position_weighting != "none":
-            in_scope = supervised(response, self.opsd.supervised_tokens)
             totals = torch.stack([response.sum(), (weights > 0).sum(), in_scope.sum(), weights.sum(),
                                   (margin * in_scope).sum() if margin is not None else weights.new_zeros(())]).tolist()
             metrics = self._metrics[mode]
