@@ -126,6 +126,19 @@ def checks_table(checks: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _mark_selected_and_stop(ax, stage: dict, key: str, color: str, *, star: float, cross: float) -> dict | None:
+    """A star at the selected check's `key` and an x at the check a stopping rule ended training at (where
+    the record has the field); returns that stop's record, or None."""
+    marked = None
+    for rule, marker in (("selection", dict(marker="*", ms=star, mec="black", mew=0.7, zorder=5)),
+                         ("stop", dict(marker="x", ms=cross, mew=2.2, zorder=6))):
+        record = _check_at(stage, stage[rule]["step"]) if stage[rule] else None
+        if record is not None and record.get(key) is not None:
+            ax.plot(record["step"], record[key], color=color, **marker)
+            marked = record if rule == "stop" else marked
+    return marked
+
+
 def plot_checks(checks: dict[str, dict], colors: dict, out: Path) -> None:
     """Held-out avg@k (95% CI band) and mean response tokens against step, one line per stage in its
     colour; an x where a stopping rule ended training, a star at the selected check."""
@@ -140,10 +153,8 @@ def plot_checks(checks: dict[str, dict], colors: dict, out: Path) -> None:
         axes[1].plot(steps, [r["mean_response_tokens"] for r in stage["records"]], marker=".", lw=1.3, color=color,
                      label=name)
         for ax, key in zip(axes, ("avg_at_k", "mean_response_tokens")):
-            if stage["selection"] and (chosen := _check_at(stage, stage["selection"]["step"])):
-                ax.plot(chosen["step"], chosen[key], marker="*", ms=15, color=color, mec="black", mew=0.7, zorder=5)
-            if stage["stop"] and (stopped := _check_at(stage, stage["stop"]["step"])):
-                ax.plot(stopped["step"], stopped[key], marker="x", ms=11, mew=2.2, color=color, zorder=6)
+            stopped = _mark_selected_and_stop(ax, stage, key, color, star=15, cross=11)
+            if stopped:
                 ax.annotate(f"stop: {stage['stop']['rule']}", (stopped["step"], stopped[key]), fontsize=7,
                             color=color, textcoords="offset points", xytext=(5, 6))
     measure = _check_measure(checks)
@@ -227,10 +238,7 @@ def plot_seed_checks(seeds: dict[int, Path], colors: dict, out: Path) -> bool:
             if not points:
                 continue
             ax.plot(*zip(*points), ls=style, lw=1.2, color=color, label=f"{name} s{seed}")
-            if stage["selection"] and (chosen := _check_at(stage, stage["selection"]["step"])) and chosen.get(key) is not None:
-                ax.plot(chosen["step"], chosen[key], marker="*", ms=13, color=color, mec="black", mew=0.7, zorder=5)
-            if stage["stop"] and (stopped := _check_at(stage, stage["stop"]["step"])) and stopped.get(key) is not None:
-                ax.plot(stopped["step"], stopped[key], marker="x", ms=10, mew=2, color=color, zorder=6)
+            _mark_selected_and_stop(ax, stage, key, color, star=13, cross=10)
     for ax, (_, title) in zip(axes, SEED_CHECK_PANELS):
         ax.set_title(f"{title} at each check", fontsize=9)
         ax.set_xlabel("training step (of each stage)")
