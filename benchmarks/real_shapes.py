@@ -227,11 +227,14 @@ def step_function(stage: str, built: dict, model, micro: dict, accumulation: int
     optimizer = optimizer_for(trainer, model)
 
     def loss():
-        if stage == "sft":
+        if stage == "sft":  # as `sft.SFTStageTrainer.compute_loss` runs TRL's SFT loss
+            from opsdlab.modeling.padding import left_aligned
+
             ids = torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1)
             attn = torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1)
             labels = ids.masked_fill(attn == 0, -100)
-            return model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).loss
+            with left_aligned(model):
+                return model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).loss
         return trainer._compute_loss(model, micro)
 
     def step():
@@ -280,6 +283,14 @@ def fake_kept_tokens(weights, response):
     return ScoredTokens(response.bool(), torch.arange(rows * width), [width] * rows, float(rows * width))
 
 
+def fake_row_shifts(attention_mask):
+    """`padding.row_shifts` for a fake trace: the batch's rows shifted (as `batch`'s first row is), so that
+    the trace holds the rolls of the left-aligned layout."""
+    from opsdlab.modeling.padding import RowShifts
+
+    return RowShifts(torch.zeros(attention_mask.shape[0], dtype=torch.long), True)
+
+
 def warm_optimizer(optimizer, model) -> None:
     """Create the optimizer's state (as its first step does) without a forward: a step on zero gradients."""
     for p in model.parameters():
@@ -297,6 +308,7 @@ def measure(stage: str, shape: ModelShape, layers: int, completion: int, rows: i
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch.utils.flop_counter import FlopCounterMode
 
+    import opsdlab.modeling.padding as padding_module
     import opsdlab.stages.opsd as opsd_module
 
     torch.manual_seed(0)
@@ -304,13 +316,14 @@ def measure(stage: str, shape: ModelShape, layers: int, completion: int, rows: i
     import trl.trainer.grpo_trainer as grpo_module
 
     # Where the step reads values, not shapes, a fake trace is given what the values would be: the kept
-    # tokens (every one), the alignment check of student and teacher tokens (which the real runs
+    # tokens (every one), the rows' leading padding (`padding.row_shifts`), the alignment check of student and teacher tokens (which the real runs
     # pass) and the NaN-skipping min/max of TRL's clip metrics (over a handful of numbers).
     # The teacher copy is placed by accelerate's prepare_model, which on one CPU process only moves it
     # to the CPU; fake parameters cannot always be swapped in place, and are on the CPU already.
     from accelerate import Accelerator
 
     patches = {(opsd_module, "kept_tokens"): fake_kept_tokens, (opsd_module, "check_alignment"): lambda *a: None,
+               (padding_module, "row_shifts"): fake_row_shifts,
                (Accelerator, "prepare_model"): lambda self, model, **kwargs: model,
                (grpo_module, "nanmin"): lambda t: t.min(),
                (grpo_module, "nanmax"): lambda t: t.max()} if fake else {}

@@ -205,7 +205,10 @@ def test_final_hidden_is_the_models_last_hidden_state(tiny_folder, wrapping):
         lambda module, args, output: head_inputs.append(tuple(args[0].shape)))
     got = final_hidden(model, ids, attn)
     handle.remove()
-    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+    # At the real tokens: a padding position's state is not used (and, with the padded batch scored without
+    # a mask, `padding.left_aligned`, not the masked forward's).
+    real = attn.bool()
+    assert got.shape == expected.shape and torch.allclose(got[real], expected[real], atol=1e-5)
     # The forward's own logits are never read: with a backbone the head computes none (the chunked
     # divergence applies it to the response positions later); the hook is gone afterwards.
     width = got.shape[-1]
@@ -253,8 +256,9 @@ def test_each_side_is_normalized_once_per_chunk(divergence):
 def test_a_micro_batch_synchronizes_with_the_host_a_few_times(tmp_path, tiny_folder, task, monkeypatch):
     """Reading values back from the device (.item(), .tolist(), int(), float(), bool(), torch.equal,
     boolean-mask indexing, nonzero) stalls a GPU until its queue drains: the OPSD loss of a micro-batch
-    and its backward do so a fixed few times (alignment, kept tokens, step total, logged numbers), not once
-    per row, chunk or logged number. (The model's own forward is not counted.)"""
+    and its backward do so a fixed few times (alignment, kept tokens, the padded layout of the student's
+    and the teacher's forward, step total, logged numbers), not once per row, chunk or logged number. (The
+    model's own forward is not counted.)"""
     import sys
 
     trainer = perturbed_trainer(tmp_path, tiny_folder, task)
@@ -289,7 +293,7 @@ def test_a_micro_batch_synchronizes_with_the_host_a_few_times(tmp_path, tiny_fol
     monkeypatch.setattr(torch, "equal", equal)
     loss_and_gradient(trainer)
     monkeypatch.undo()
-    assert len(reads) <= 5, reads
+    assert len(reads) <= 7, reads
 
 
 def _head_products(run, weight_shape) -> int:

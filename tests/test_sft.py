@@ -37,9 +37,7 @@ def _sft_trainer(batching: str, tmp_path, *, rows: int = 256, batch_size: int = 
                  gradient_accumulation_steps: int = 1, max_steps: int = 8, save_steps: int = 1000, seed: int = 0):
     """The pipeline's SFT trainer on synthetic rows, with the batching under test."""
     from datasets import Dataset
-    from trl import SFTTrainer
-
-    from opsdlab.stages.sft import sft_args
+    from opsdlab.stages.sft import SFTStageTrainer, sft_args
 
     task = build_task("synthetic")
     tokenizer = build_tiny_tokenizer(task.tokenizer_corpus())
@@ -48,7 +46,7 @@ def _sft_trainer(batching: str, tmp_path, *, rows: int = 256, batch_size: int = 
                             logging_steps=1000)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
                                  for r in task.sft_rows(tokenizer, config.rows)])
-    return SFTTrainer(model=build_tiny_model(tokenizer, seed=seed), processing_class=tokenizer,
+    return SFTStageTrainer(model=build_tiny_model(tokenizer, seed=seed), processing_class=tokenizer,
                       args=sft_args(config, tmp_path / batching, seed=0, eos_token=tokenizer.eos_token),
                       train_dataset=dataset)
 

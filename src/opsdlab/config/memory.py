@@ -154,9 +154,10 @@ def basis(s: Setting) -> dict[str, float]:
     token: one layer recomputed and differentiated at a time, and the final hidden states, per token
     (tokens x (hidden + intermediate) x bytes). head: vocabulary x hidden (the LM head's float32
     gradient and its cast). tile: TRL's head tile (at most 4096 tokens x 32768 columns) or the OPSD
-    loss chunk (chunk x vocabulary): the largest tensors of a step, bounded in length. mask: the
-    attention mask of a padded batch (rows x tokens^2 bytes), the one term that grows faster than the
-    tokens. cache: the KV cache of an evaluation (layers x 2 x kv heads x head dim x tokens x bytes).
+    loss chunk (chunk x vocabulary): the largest tensors of a step, bounded in length. No training term
+    grows faster than the tokens: a padded batch is scored without a tokens x tokens attention mask
+    (`modeling.padding`). mask: the prompts' attention mask in an evaluation's prefill (rows x prompt^2
+    bytes). cache: the KV cache of an evaluation (layers x 2 x kv heads x head dim x tokens x bytes).
     """
     shape, ab = s.shape, s.compute_bytes
     tokens = s.rows * (s.prompt + s.completion)
@@ -176,7 +177,7 @@ def basis(s: Setting) -> dict[str, float]:
             else min(s.chunk, scored) * shape.vocab)
     return {"checkpoints": shape.layers * tokens * layer_bytes,
             "token": tokens * (shape.hidden + shape.intermediate) * ab,
-            "head": shape.vocab * shape.hidden, "tile": tile, "mask": s.rows * (s.prompt + s.completion) ** 2}
+            "head": shape.vocab * shape.hidden, "tile": tile}
 
 
 # Activations a layer keeps without checkpointing, in hidden-size vectors per token: 30.7 measured at

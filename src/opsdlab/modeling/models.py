@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import extract_model_from_parallel, is_peft_model
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -44,6 +43,8 @@ from transformers import (
 )
 
 from opsdlab.config.choices import DTYPES
+from opsdlab.modeling.padding import left_aligned
+from opsdlab.modeling.parts import decoder_stack, head_module
 from opsdlab.tasks.templates import THINK_CLOSE, THINK_OPEN, count_thinking_tokens
 
 PAD_TOKEN = "<|endoftext|>"
@@ -537,43 +538,24 @@ def check_output_head(model, head: Callable[[torch.Tensor], torch.Tensor] | None
         )
 
 
-def _backbone(model) -> torch.nn.Module | None:
-    """The decoder stack whose output's `last_hidden_state` is the final (post-norm) hidden state.
-
-    Looked up, as TRL's distillation trainer does, as the transformers model's `base_model` under any
-    DDP/DeepSpeed/compile and PEFT wrapper; None when the model has no separate backbone.
-    """
-    inner = extract_model_from_parallel(model)
-    if is_peft_model(inner):
-        inner = inner.get_base_model()
-    backbone = getattr(inner, "base_model", None)
-    return backbone if isinstance(backbone, torch.nn.Module) and backbone is not inner else None
-
-
-def _head_module(model) -> torch.nn.Module | None:
-    """The LM head module (`get_output_embeddings()`) under any DDP/DeepSpeed/compile and PEFT wrapper."""
-    inner = extract_model_from_parallel(model)
-    get = getattr(inner, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, torch.nn.Module) else None
-
-
 def final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
     """Final (post-norm) hidden states without materializing full-vocabulary logits.
 
     The model's own forward runs (so DDP's gradient hooks and accelerate's autocast apply) with the LM
     head on no position (`logits_to_keep=1`, then a pre-hook empties the head's input), and the
     backbone's `last_hidden_state` is taken from a forward hook: no per-layer hidden states are kept
-    or, under mixed precision, copied to float32. A model whose backbone is not found returns every layer's hidden states instead, and the last is used.
+    or, under mixed precision, copied to float32. A padded batch runs without a tokens x tokens attention mask
+    (`padding.left_aligned`). A model whose backbone is not found returns every layer's hidden states instead,
+    and the last is used.
     """
-    backbone = _backbone(model)
+    backbone = decoder_stack(model)
     captured = []
     handles = []
     if backbone is not None:
         handles.append(backbone.register_forward_hook(
             lambda module, args, output: captured.append(
                 output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None))))
-        head = _head_module(model)
+        head = head_module(model)
         if head is not None:
             # The forward's own logits are never read: the head gets zero positions. Its one kept position
             # is a strided slice of the hidden states, and with gradients on torch's matmul multiplies such
@@ -582,8 +564,9 @@ def final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
             handles.append(head.register_forward_pre_hook(
                 lambda module, args: (args[0][..., :0, :], *args[1:]) if args and torch.is_tensor(args[0]) else None))
     try:
-        output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False,
-                       output_hidden_states=backbone is None)
+        with left_aligned(model):  # no tokens x tokens attention mask for a padded batch
+            output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False,
+                           output_hidden_states=backbone is None)
     finally:
         for handle in handles:
             handle.remove()

@@ -46,13 +46,14 @@ from opsdlab.loss.chunked import Anchor, chunked_divergence, sampled_log_probs
 from opsdlab.loss.positions import POSITION_WEIGHTINGS, supervised, token_weights
 from opsdlab.loss.targets import SupportTarget
 from opsdlab.loss.gates import route
-from opsdlab.modeling.models import (_head_module, end_token_ids, final_hidden, head_dtype, output_head,
-                                     save_policy)
+from opsdlab.modeling.models import end_token_ids, final_hidden, head_dtype, output_head, save_policy
+from opsdlab.modeling.padding import left_aligned
+from opsdlab.modeling.parts import head_module
 from opsdlab.stages.progress import OPSD_POSTFIX, train_stage
 from opsdlab.tasks.prompts import render_prompt
 from opsdlab.loss.rewards import VerifierReward
-from opsdlab.stages.rlvr import (RefillSampler, RolloutTokens, concat_batches, global_sum, grpo_args, rl_dataset,
-                                 select_rows)
+from opsdlab.stages.rlvr import (LeftAlignedScoring, RefillSampler, RolloutTokens, concat_batches, global_sum, grpo_args,
+                                 rl_dataset, select_rows)
 from opsdlab.modeling.runtime import JsonlMetrics, is_main_process, save_trained, warn_if_updates_vanish, write_updates
 from opsdlab.stages.teacher import (build_teacher, is_zero3, load_teacher_state, save_teacher_state, start_weights,
                                     student_adapter_saved_alone)
@@ -164,9 +165,11 @@ def response_hidden(model, input_ids, attention_mask, positions: slice) -> torch
 
 
 def response_logits(model, input_ids, attention_mask, positions: slice) -> torch.Tensor:
-    """Logits at the scored positions, computed inside the model's own forward (`logits_to_keep`)."""
+    """Logits at the scored positions, computed inside the model's own forward (`logits_to_keep`), with no
+    tokens x tokens attention mask (`padding.left_aligned`)."""
     keep = input_ids.shape[1] - positions.start
-    output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+    with left_aligned(model):
+        output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
     return output.logits[:, :positions.stop - positions.start]
 
 
@@ -212,7 +215,7 @@ class Scoring:
 
 
 def _head_params(model) -> list[torch.nn.Parameter]:
-    head = _head_module(model)
+    head = head_module(model)
     return [] if head is None else [p for p in head.parameters() if p.requires_grad]
 
 
@@ -291,7 +294,7 @@ class _SkipAwareScheduler:
         return getattr(self.scheduler, name)
 
 
-class OPSDTrainer(RolloutTokens, GRPOTrainer):
+class OPSDTrainer(RolloutTokens, LeftAlignedScoring, GRPOTrainer):
     """GRPOTrainer whose loss is outcome-gated self-distillation toward a privileged teacher (its rollout
     tokens counted and budgeted by `RolloutTokens`)."""
 

@@ -29,6 +29,7 @@ from opsdlab.tasks.data import Example
 from opsdlab.config.sections import SamplingConfig
 from opsdlab.evaluation.evaluate import Generation, generate, response_length
 from opsdlab.modeling.models import end_token_ids
+from opsdlab.modeling.padding import left_aligned
 from opsdlab.stages.progress import RLVR_POSTFIX, train_stage
 from opsdlab.stages.rollout_budget import RolloutBudget, checkpoint_tokens, save_checkpoint_tokens
 from opsdlab.tasks.prompts import render_prompt
@@ -346,7 +347,17 @@ class RolloutTokens:
             self.rollout_tokens = checkpoint_tokens(checkpoint) or 0
 
 
-class RLVRTrainer(RolloutTokens, GRPOTrainer):
+class LeftAlignedScoring:
+    """Base of the GRPO-family trainers, before GRPOTrainer: TRL's scoring forwards (the policy's, old and
+    reference log-probabilities) over a padded batch run without a tokens x tokens attention mask
+    (`padding.left_aligned`), so that their memory grows linearly with the completion length."""
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        with left_aligned(model):
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+
+class RLVRTrainer(RolloutTokens, LeftAlignedScoring, GRPOTrainer):
     """GRPOTrainer plus optional dynamic sampling (drop all-equal-reward groups, refill the batch)."""
 
     def __init__(self, *args, dynamic_sampling: bool = False, dynamic_sampling_max_rounds: int = 4, **kwargs):

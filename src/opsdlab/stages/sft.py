@@ -21,6 +21,7 @@ from opsdlab.config.stages import SFTStageConfig
 from opsdlab.tasks.data import Example
 from opsdlab.config.sections import SamplingConfig
 from opsdlab.evaluation.evaluate import evaluate
+from opsdlab.modeling.padding import left_aligned
 from opsdlab.stages.progress import SFT_POSTFIX, train_stage
 from opsdlab.modeling.runtime import (JsonlMetrics, check_world_size, common_training_args, launch_processes, read_jsonl,
                                       save_trained, warn_if_updates_vanish)
@@ -96,6 +97,15 @@ class TeacherProbe(TrainerCallback):
                 "k": self.sampling.k, "temperature": self.sampling.temperature}
 
 
+class SFTStageTrainer(SFTTrainer):
+    """TRL's SFTTrainer whose loss forward over a padded batch runs without a tokens x tokens attention
+    mask (`padding.left_aligned`): memory linear in `max_length`."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        with left_aligned(model):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+
 def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_dir: Path, seed: int = 0,
             callbacks: list[TrainerCallback] = ()) -> Path:
     """Train on `rows` (prompt, completion), resume from a checkpoint if one exists, save to stage_dir/model.
@@ -105,7 +115,7 @@ def run_sft(model, tokenizer, rows: list[dict], config: SFTStageConfig, stage_di
     stage_dir = Path(stage_dir)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     args = sft_args(config, stage_dir, seed, tokenizer.eos_token)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer = SFTStageTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[JsonlMetrics(stage_dir / "metrics.jsonl"), *callbacks])
     warn_if_updates_vanish(trainer, "sft")
     train_stage(trainer, stage_dir, "sft", SFT_POSTFIX)
