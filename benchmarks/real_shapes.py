@@ -313,10 +313,13 @@ def measure(stage: str, shape: ModelShape, layers: int, completion: int, rows: i
 
     torch.manual_seed(0)
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    import transformers.masking_utils as masking_utils
     import trl.trainer.grpo_trainer as grpo_module
 
     # Where the step reads values, not shapes, a fake trace is given what the values would be: the kept
-    # tokens (every one), the rows' leading padding (`padding.row_shifts`), the alignment check of student and teacher tokens (which the real runs
+    # tokens (every one), the rows' leading padding (`padding.row_shifts`), transformers' test of the
+    # position ids for packed sequences (none: without it a fake trace builds the tokens x tokens mask
+    # that a real step does not), the alignment check of student and teacher tokens (which the real runs
     # pass) and the NaN-skipping min/max of TRL's clip metrics (over a handful of numbers).
     # The teacher copy is placed by accelerate's prepare_model, which on one CPU process only moves it
     # to the CPU; fake parameters cannot always be swapped in place, and are on the CPU already.
@@ -324,6 +327,7 @@ def measure(stage: str, shape: ModelShape, layers: int, completion: int, rows: i
 
     patches = {(opsd_module, "kept_tokens"): fake_kept_tokens, (opsd_module, "check_alignment"): lambda *a: None,
                (padding_module, "row_shifts"): fake_row_shifts,
+               (masking_utils, "find_packed_sequence_indices"): lambda position_ids: None,
                (Accelerator, "prepare_model"): lambda self, model, **kwargs: model,
                (grpo_module, "nanmin"): lambda t: t.min(),
                (grpo_module, "nanmax"): lambda t: t.max()} if fake else {}

@@ -111,6 +111,9 @@ def test_generation_and_other_attention_are_left_alone():
         inside = model.generate(input_ids=ids, attention_mask=mask, **settings)
     assert torch.equal(inside, plain)
     assert calls[0][1]  # the prefill keeps its mask: the KV cache holds the original layout
+    with left_aligned(model), attention_calls() as calls:  # given positions: the caller's layout is kept
+        model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(6).expand(2, -1), use_cache=False)
+    assert calls and all(masked for _, masked, _, _ in calls)
     eager = small_model("eager")
     with left_aligned(eager):
         out = eager(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -17,8 +17,8 @@ vLLM never pads). Padding positions carry other (unused) values than before.
 
 It stays out of the way wherever it would not be exact or would not help: a forward with a KV cache
 (generation), another attention implementation (flash-attention-2 unpads by itself; eager builds a
-mask anyway), a mask with a hole in a row, per-token inputs it does not know how to move, or a batch
-with no padding (transformers then builds no mask).
+mask anyway), a mask with a hole in a row, given position ids or other per-token inputs it does not
+move, or a batch with no padding (transformers then builds no mask).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 from opsdlab.modeling.parts import decoder_stack
 
 # Inputs of the decoder stack with one entry per token, moved with the row; any other per-token input
-# (multimodal token types, say) leaves the forward as it is.
-ROLLED_INPUTS = ("input_ids", "inputs_embeds", "position_ids")
+# (given position ids, multimodal token types) leaves the forward as it is.
+ROLLED_INPUTS = ("input_ids", "inputs_embeds")
 MASK_FREE_ATTENTION = ("sdpa",)
 
 
@@ -96,11 +96,8 @@ def left_aligned(model) -> Iterator[None]:
         changed = {**kwargs, "attention_mask": None, "use_cache": False}
         if shifts.moved:
             for name in ROLLED_INPUTS:
-                value = kwargs.get(name)
-                if torch.is_tensor(value):
-                    if name == "position_ids" and value.shape[0] != shifts.shifts.shape[0]:
-                        value = value.expand(shifts.shifts.shape[0], -1)
-                    changed[name] = roll_rows(value, shifts.shifts)
+                if torch.is_tensor(kwargs.get(name)):
+                    changed[name] = roll_rows(kwargs[name], shifts.shifts)
         return args, changed
 
     def outward(module, args, kwargs, output):
@@ -129,14 +126,11 @@ def _applicable(args: tuple, kwargs: dict) -> RowShifts | None:
     """The row shifts of one forward of the decoder stack, or None where the forward stays as it is."""
     mask = kwargs.get("attention_mask")
     if (args or not torch.is_tensor(mask) or mask.dim() != 2 or kwargs.get("past_key_values") is not None
-            or kwargs.get("use_cache") is True):
+            or kwargs.get("use_cache") is True or kwargs.get("position_ids") is not None):
         return None
     rows, width = mask.shape
     for name, value in kwargs.items():
-        if name in ROLLED_INPUTS:
-            if torch.is_tensor(value) and not (value.dim() == (3 if name == "inputs_embeds" else 2)
-                                               and value.shape[1] == width and value.shape[0] in (1, rows)):
-                return None  # a layout it does not know (3-D rotary positions, say)
-        elif name != "attention_mask" and torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (rows, width):
+        if name not in ROLLED_INPUTS and name != "attention_mask" and torch.is_tensor(value) and value.dim() >= 2 \
+                and tuple(value.shape[:2]) == (rows, width):
             return None
     return row_shifts(mask)
