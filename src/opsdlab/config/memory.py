@@ -70,15 +70,17 @@ TRL_TILE_ROWS, TRL_TILE_COLUMNS = 4096, 32768  # TRL's fused log-prob head: toke
 # benchmarks/results/real_shapes.json); docs/memory.md gives the fit and its residuals. On a GPU, the
 # two CPU-only buffers are left out (see `device_terms`).
 COEFFICIENTS = {
-    # checkpoints ~1: each layer's input; tile ~30 bytes per element: TRL's torch fold on the CPU (seven
-    # float32 buffers and the bf16 product per tile element; 2 on a GPU); head ~4.2 bytes per V x D: the
-    # float32 gradient of the head and its cast; mask ~2.8 bytes per token pair: the bool mask and sdpa's
-    # bf16 copy of it (one layer at a time).
-    "sft": {"checkpoints": 1.02, "token": 0.647, "head": 4.145, "tile": 30.63, "mask": 2.442},
-    "rlvr": {"checkpoints": 1.02, "token": 0.647, "head": 4.145, "tile": 30.63, "mask": 2.442},
-    # head ~18 bytes per V x D on the CPU: float32 copies of the student's and teacher's head weight (8),
-    # the head's float32 gradient and its bf16 casts; tile ~4.5 bytes per chunk x V: one chunk's logits.
-    "opsd": {"checkpoints": 1.012, "token": 1.362, "head": 18.2, "tile": 4.632, "mask": 1.853},
+    # checkpoints ~1: each layer's input; token ~1.8 bytes per token x (hidden + intermediate) x compute
+    # bytes: one layer recomputed and differentiated at a time, and the final hidden states; tile ~31 bytes
+    # per element: TRL's torch fold on the CPU (seven float32 buffers and the bf16 product per tile element;
+    # 2 on a GPU); head ~4 bytes per V x D: the float32 gradient of the head and its cast. No term grows
+    # faster than the tokens (`modeling.padding`: no tokens x tokens attention mask).
+    "sft": {"checkpoints": 1.001, "token": 1.762, "head": 4.05, "tile": 30.85},
+    "rlvr": {"checkpoints": 1.001, "token": 1.763, "head": 4.05, "tile": 30.85},
+    # token ~2.3: the student's and the teacher's forward; head ~18 bytes per V x D on the CPU: float32
+    # copies of the student's and teacher's head weight (8), the head's float32 gradient and its bf16
+    # casts; tile ~6 bytes per chunk x V: one chunk's logits.
+    "opsd": {"checkpoints": 1.0, "token": 2.281, "head": 17.991, "tile": 6.118},
     # cache ~1.1: the KV cache (with one more layer's worth as a decode step appends to it); token
     # ~1.9: the prompt's prefill (the traces' prompts are all 256 tokens, so the prompt's mask and the
     # last position's logits are not told apart from it and fit 0).
