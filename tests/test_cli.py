@@ -174,3 +174,53 @@ def test_an_input_error_is_one_line_and_a_library_value_error_says_how_to_see_it
     assert main(["report", "somewhere"]) == 2
     assert capsys.readouterr().err.splitlines() == ["opsdlab report: error: a value no check of ours caught",
                                                     "(set OPSDLAB_DEBUG=1 for the full traceback)"]
+
+
+def _captured_training(monkeypatch, method: str) -> list:
+    """Replace how `method` trains with a recorder of the settings it was handed; no training runs."""
+    from opsdlab.stages import methods
+
+    seen = []
+
+    def record(model, tokenizer, examples, verifier, arm, stage_dir, **kwargs):
+        seen.append((arm, kwargs["rlvr"]))
+        from opsdlab.modeling.models import save_policy
+
+        return save_policy(model, tokenizer, Path(stage_dir) / "model")
+
+    monkeypatch.setitem(methods.TRAINING, method, record)
+    return seen
+
+
+@pytest.mark.parametrize("given, expected, said", [
+    # the method's defaults, as a pipeline arm gets them
+    ([], {"teacher_context": "concise", "divergence": "reverse_kl", "gate": "all", "teacher_weights": "periodic"},
+     "opsd: method crisp sets teacher_context=concise, divergence=reverse_kl, gate=all, teacher_weights=periodic"),
+    # the command's own options win, and are not reported as the method's
+    (["teacher_context=solution", "--gate=correct"], {"teacher_context": "solution", "gate": "correct",
+                                                         "divergence": "reverse_kl"},
+     "opsd: method crisp sets divergence=reverse_kl, teacher_weights=periodic (options given here win)"),
+])
+def test_the_opsd_stage_command_applies_its_methods_defaults(tmp_path, tiny_folder, monkeypatch, capsys, given,
+                                                             expected, said):
+    seen = _captured_training(monkeypatch, "crisp")
+    assert main(["opsd", "--model", str(tiny_folder), "--out", str(tmp_path / "opsd"), "--teacher-check", "0",
+                 *given, "method=crisp", "max_steps=1"]) == 0
+    arm = seen[0][0]
+    assert {key: getattr(arm, key) for key in expected} == expected
+    assert said in capsys.readouterr().out
+
+
+def test_the_opsd_stage_command_checks_and_dispatches_each_method(tmp_path, tiny_folder, monkeypatch, capsys):
+    seen = _captured_training(monkeypatch, "length_rl")
+    assert main(["opsd", "--model", str(tiny_folder), "--out", str(tmp_path / "dler"), "--teacher-check", "0",
+                 "method=length_rl", "max_steps=1"]) == 0
+    assert seen and seen[0][0].method == "length_rl"
+    assert "length_rl is RLVR with a length-aware reward" in capsys.readouterr().out
+    # what the method needs of the settings is checked before anything loads, as for an arm
+    assert main(["opsd", "--model", str(tiny_folder), "--out", str(tmp_path / "x"), "method=length_rl",
+                 "rollouts_per_prompt=1"]) == 2
+    assert "length_rl is group-relative RL; it needs rollouts_per_prompt >= 2" in capsys.readouterr().err
+    assert main(["opsd", "--model", str(tiny_folder), "--out", str(tmp_path / "y"), "method=budget"]) == 2
+    assert "method budget trains nothing" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -17,6 +17,7 @@ file grows again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -104,7 +105,12 @@ def _examples_and_verifier(args, split: str, count: int | None = None):
 
 
 def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None, stage: str | None = None):
-    """Build a stage config dataclass from KEY=VALUE pairs (YAML values) and named flags.
+    """Build a stage config dataclass from KEY=VALUE pairs (YAML values) and named flags (`_override_values`)."""
+    return cls(**_override_values(cls, pairs, flags, stage))
+
+
+def _override_values(cls, pairs: list[str], flags: dict[str, str] | None = None, stage: str | None = None) -> dict:
+    """The options of stage config dataclass `cls` that KEY=VALUE pairs (YAML values) and named flags set.
 
     A key may carry the stage's prefix, as in a pipeline config (`opsd.max_steps=50` or
     `max_steps=50`). `flags` maps a field to the value of its own command-line flag (e.g. `--gate`).
@@ -130,7 +136,7 @@ def _overrides(cls, pairs: list[str], flags: dict[str, str] | None = None, stage
         values[key] = check_value(yaml.safe_load(raw), hints[key], f"{stage}.{key}" if stage else key)
     for key, value in (flags or {}).items():
         values[key] = check_value(value, hints[key], f"--{key}")
-    return cls(**values)
+    return values
 
 
 def _eval_run(args):
@@ -475,27 +481,32 @@ def cmd_rlvr(args) -> int:
 
 
 def cmd_opsd(args) -> int:
-    from opsdlab.config.methods import solution_keys
+    from opsdlab.config.methods import METHODS, solution_keys
     from opsdlab.config.sections import SamplingConfig
     from opsdlab.config.stages import OPSDStageConfig
 
-    config = _overrides(OPSDStageConfig, args.set + args.overrides, {"gate": args.gate} if args.gate is not None else {},
-                        stage="opsd")
+    values = _override_values(OPSDStageConfig, args.set + args.overrides,
+                              {"gate": args.gate} if args.gate is not None else {}, stage="opsd")
+    OPSDStageConfig(**values)  # each value checked on its own first, so that an error names it alone
+    config = _method_config(values)
     _check_out(args)
+    from opsdlab.config.stages import RLVRStageConfig
     from opsdlab.evaluation.evaluate import evaluate, one_line
     from opsdlab.modeling.console import say_started, stage_label
     from opsdlab.modeling.models import load_policy
-    from opsdlab.stages.opsd import run_opsd
+    from opsdlab.stages.methods import TRAINING
     from opsdlab.tasks.prompts import CONTROL_CONTEXTS
 
     _check_stage_inputs(args, config, [f"opsd.{key}" for key in solution_keys(config)])
     examples, defaults = _train_examples(args, config.train_problems)
     verifier = _verifier(args, defaults)
-    label, start = stage_label("opsd", config.gate, args.seed), time.time()
+    # The arm name a pipeline would give it: the gate for plain OPSD, the method (and its gate) otherwise.
+    arm = {"opsd": config.gate, "length_rl": "length_rl"}.get(config.method, f"{config.method} {config.gate}")
+    label, start = stage_label("opsd", arm, args.seed), time.time()
     say_started(Path(args.out), label)
     model, tokenizer = load_policy(_stage_model(args), args.dtype)
     thinking = not args.no_thinking
-    if args.teacher_check > 0:
+    if args.teacher_check > 0 and METHODS[config.method].uses_teacher:
         held_out, _ = _examples_and_verifier(args, "test", args.teacher_check)
         sampling = SamplingConfig(k=2, temperature=0.6, max_new_tokens=config.max_completion_length)
         _, student = evaluate(model, tokenizer, held_out, verifier, sampling, thinking=thinking, desc="student prompt")
@@ -506,11 +517,35 @@ def cmd_opsd(args) -> int:
         if teacher["avg_at_k"] <= student["avg_at_k"] and config.teacher_context not in CONTROL_CONTEXTS:
             print("WARNING: the teacher prompt is not more accurate than the student prompt; OPSD then has "
                   "nothing to teach beyond style.", file=sys.stderr)
-    out = run_opsd(model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking, seed=args.seed,
-                   label=label)
+    out = TRAINING[config.method](model, tokenizer, examples, verifier, config, Path(args.out), thinking=thinking,
+                                  seed=args.seed, check_examples=None, rlvr=RLVRStageConfig(), label=label)
     _check_updates(Path(args.out), "opsd")
     print(_done_line(label, out, Path(args.out), start))
     return 0
+
+
+def _method_config(values: dict):
+    """The `opsdlab opsd` stage's settings as a pipeline arm's are built (`sections.method_config`): the
+    defaults, then those of the method it names, then the command's own options. What the method set is
+    said in one line; a method that does not train (budget) is refused with the command that runs it."""
+    from opsdlab.config import ConfigError
+    from opsdlab.config.methods import METHODS
+    from opsdlab.config.sections import method_config
+    from opsdlab.config.stages import OPSDStageConfig
+
+    config = method_config(OPSDStageConfig(), values, "opsd")
+    if config.method == "budget":
+        raise ConfigError("opsd: method budget trains nothing (budget forcing evaluates the starting model with each "
+                          "response cut at a token budget); run `opsdlab eval --model DIR --budget N` instead")
+    method = METHODS[config.method]
+    applied = {key: getattr(config, key) for key in method.defaults_for(dataclasses.asdict(config)) if key not in values}
+    if applied:
+        print(f"opsd: method {config.method} sets " + ", ".join(f"{key}={value}" for key, value in applied.items())
+              + " (options given here win)")
+    if config.method == "length_rl":
+        print("opsd: method length_rl is RLVR with a length-aware reward; its RL loss settings (loss_type, clipping, "
+              "beta) are the rlvr stage's defaults (`opsdlab config show tiny`), its budget and optimizer these options")
+    return config
 
 
 def _done_line(label: str, model_dir: Path, stage_dir: Path, start: float) -> str:

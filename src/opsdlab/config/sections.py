@@ -198,21 +198,28 @@ class PipelineConfig:
                 raise ConfigError(located(where, error)) from error
 
     def arm_config(self, arm: ArmSection) -> OPSDStageConfig:
-        """An arm's settings: the `opsd` section, then its method's defaults (`methods.METHODS`; for
-        `contrastive`, also its `contrast_variant`'s), then the arm's own overrides."""
-        where = f"arms.{arm.name}"
-        try:
-            method = method_of(arm.overrides, self.opsd, where)
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-        base = dataclasses.asdict(self.opsd)
-        defaults = method.defaults_for({**base, **method.defaults, **arm.overrides})
-        section = build(OPSDStageConfig, {**base, **defaults, **arm.overrides}, where)
-        try:
-            check_arm(section, where)
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-        return section
+        """An arm's settings: the `opsd` section, then its method's defaults, then the arm's own overrides
+        (`method_config`)."""
+        return method_config(self.opsd, arm.overrides, f"arms.{arm.name}")
+
+
+def method_config(base: OPSDStageConfig, overrides: dict, where: str) -> OPSDStageConfig:
+    """The settings of one compaction run: `base` (an `opsd` section), then the defaults of the method it
+    names (`methods.METHODS`; for `contrastive`, also its `contrast_variant`'s), then `overrides`, which
+    win; checked for what the method needs (`methods.check_arm`). A pipeline arm and the `opsdlab opsd`
+    stage command build theirs the same way."""
+    try:
+        method = method_of(overrides, base, where)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    values = dataclasses.asdict(base)
+    defaults = method.defaults_for({**values, **method.defaults, **overrides})
+    section = build(OPSDStageConfig, {**values, **defaults, **overrides}, where)
+    try:
+        check_arm(section, where)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    return section
 
 
 def _arm(value, where: str) -> ArmSection:
