@@ -208,3 +208,23 @@ def test_an_rlcsd_plugin_arm_contrasts_each_rollout_with_an_incorrect_sibling(tm
     assert [r["opsd/contrast_unpaired"] for r in records if "opsd/contrast_unpaired" in r] == [1 / 8, 1 / 8]
     assert all(0 < r["opsd/contrast_token_weight"] < 1 for r in records if "opsd/contrast_token_weight" in r)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_an_rlcsd_plugin_arm_trains_on_problems_and_answers_alone(tmp_path, tiny_folder, task):
+    """Problems without reference solutions (the usual RL math sets): the rows with a contrast pair train, the
+    row without one (its teacher prompt would show the missing reference) carries no loss."""
+    from dataclasses import replace
+
+    class NoSolutions:
+        def examples(self, split, count):
+            return [replace(e, solution="") for e in task.examples(split, count)]
+
+    trainer = make_trainer(tmp_path, tiny_folder, NoSolutions(), reward=ScriptedReward(lambda call, n: ROUND[:n]),
+                           method="contrastive", contrast_variant="rlcsd_plugin", teacher_context="sibling",
+                           gate="all", divergence="forward_kl", clip_tau=0.05, rollouts_per_prompt=4)
+    before = snapshot(trainer.model)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["opsd/loss"] for r in records if "opsd/loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) and x != 0 for x in losses)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())

@@ -150,3 +150,15 @@ def test_a_rerun_after_the_training_data_changed_names_the_change(tmp_path, tiny
     assert "holds results made with other settings (its input train_data changed)" in error
     assert "  its input train_data changed  (in train rlvr)" in error
     assert "a model they read was remade" not in error
+
+
+def test_an_rlcsd_plugin_arm_reads_no_reference_solution():
+    """Its teachers read sibling rollouts on both sides; a group with no correct rollout falls back to the
+    reference in the teacher prompt, but that row has no contrast pair and carries no loss."""
+    from opsdlab.run.preflight import solution_readers
+
+    arms = [{"name": "rlcsd", "method": "contrastive", "contrast_variant": "rlcsd_plugin"},
+            {"name": "sibling", "teacher_context": "sibling"}]
+    config = load_config("tiny", ["stages=[rlvr, opsd]", f"arms={json.dumps(arms)}"])
+    # a plain OPSD arm on the sibling context still trains the fallback rows against the reference
+    assert solution_readers(config) == ["arms.sibling.teacher_context=sibling"]

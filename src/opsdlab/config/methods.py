@@ -12,8 +12,9 @@ What an arm needs of its training data follows from the prompts its teacher read
 names the arm keys that choose them (`opsd` and `crisp`: teacher_context; `contrastive`: teacher_context
 and contrast_context; `length_rl` and `budget`: none), and `choices.CONTEXT_READS` what each context
 shows. `solution_keys` is the result: the default `opsd` arm (solution) and `contrastive` (its
-`unrelated` contrast) need a reference solution per problem; `crisp` (concise), `length_rl`, `budget`
-and an `answer`-context arm train on problems and answers alone.
+`unrelated` contrast) need a reference solution per problem; `crisp` (concise), `length_rl`, `budget`,
+an `answer`-context arm and the `rlcsd_plugin` contrast (sibling rollouts on both sides) train on
+problems and answers alone.
 """
 
 from __future__ import annotations
@@ -61,15 +62,22 @@ class ContrastVariant:
 
     check: Callable
     defaults: dict = field(default_factory=dict)
+    # The arm keys naming the contexts its teachers read (None: the method's, teacher_context and contrast_context).
+    contexts: tuple | None = None
+    # Contexts that read no reference solution under this variant: `sibling`, whose fallback to the reference
+    # (a group with no correct rollout to show) is a row with no contrast pair, which carries no loss.
+    solution_free: tuple = ()
 
 
 CONTRAST_VARIANTS: dict[str, ContrastVariant] = {
     "unrelated_solution": ContrastVariant(check=_check_unrelated_solution),
     # The released opsd_ectr configuration: a verified sibling as the correct hint (self_rollout),
     # every rollout distilled, forward KL (its generalized JSD at beta 0) clipped at 0.05 per entry.
+    # Its negative is an incorrect sibling rollout, not `contrast_context`: it trains on problems and answers.
     "rlcsd_plugin": ContrastVariant(
         check=_check_rlcsd_plugin,
-        defaults={"teacher_context": "sibling", "gate": "all", "divergence": "forward_kl", "clip_tau": 0.05}),
+        defaults={"teacher_context": "sibling", "gate": "all", "divergence": "forward_kl", "clip_tau": 0.05},
+        contexts=("teacher_context",), solution_free=("sibling",)),
 }
 
 
@@ -149,6 +157,10 @@ def check_arm(arm, where: str) -> None:
 def solution_keys(arm) -> list[str]:
     """The keys (`key=context`) of an arm's settings (an `OPSDStageConfig`) whose teacher prompt reads each
     training problem's reference solution (`choices.CONTEXT_READS`); empty when the arm trains on problem +
-    answer data."""
-    return [f"{key}={getattr(arm, key)}" for key in METHODS[arm.method].contexts
-            if CONTEXT_READS[getattr(arm, key)] == "solution"]
+    answer data. A contrastive arm reads what its `contrast_variant` reads (`ContrastVariant.contexts`)."""
+    keys, free = METHODS[arm.method].contexts, ()
+    if arm.method == "contrastive":
+        variant = CONTRAST_VARIANTS[arm.contrast_variant]
+        keys, free = variant.contexts or keys, variant.solution_free
+    return [f"{key}={getattr(arm, key)}" for key in keys
+            if CONTEXT_READS[getattr(arm, key)] == "solution" and getattr(arm, key) not in free]
