@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from opsdlab.modeling.models import final_hidden
+from opsdlab.modeling.models import TINY_ARCHITECTURES, build_tiny_model, final_hidden
 from opsdlab.modeling.padding import left_aligned, roll_rows, row_shifts
 
 # Left padding (row 0, 3 tokens), none (row 1), both sides (row 2), right only (row 3).
@@ -188,3 +188,14 @@ def test_sft_training_forwards_get_no_mask(tmp_path, tiny_folder, task, aligned,
         trainer.train()
     masked, unmasked = masked_training_calls(calls)
     assert (masked == 0 and unmasked > 0) if aligned else masked > 0
+
+
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_every_family_scores_padded_rows_as_the_masked_forward(tokenizer, architecture):
+    model = build_tiny_model(tokenizer, architecture=architecture).float()
+    ids = torch.randint(5, len(tokenizer), MASK.shape)
+    masked = model(input_ids=ids, attention_mask=MASK, use_cache=False).logits
+    with left_aligned(model), attention_calls() as calls:
+        aligned = model(input_ids=ids, attention_mask=MASK, use_cache=False).logits
+    assert calls and not any(mask for _, mask, _, _ in calls)
+    assert torch.allclose(aligned[MASK.bool()], masked[MASK.bool()], atol=1e-5)
