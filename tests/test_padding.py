@@ -162,10 +162,21 @@ def test_opsd_training_forwards_get_no_mask(tmp_path, tiny_folder, task, aligned
     if not aligned:
         monkeypatch.setattr(models, "left_aligned", lambda model: contextlib.nullcontext())
     trainer = make_trainer(tmp_path, tiny_folder, task, max_steps=1)
-    with attention_calls() as calls:
-        trainer.train()
-    masked, unmasked = masked_training_calls(calls)
-    assert (masked == 0 and unmasked > 0) if aligned else masked > 0
+    in_loss = []  # attention calls inside the loss: the student's forward and the frozen teacher's (no grad)
+    compute_loss = trainer._compute_loss
+
+    def loss_only(model, inputs):
+        with attention_calls() as calls:
+            out = compute_loss(model, inputs)
+        in_loss.extend(calls)
+        return out
+
+    monkeypatch.setattr(trainer, "_compute_loss", loss_only)
+    trainer.train()
+    with_grad = [masked for grad, masked, _, _ in in_loss if grad]
+    without_grad = [masked for grad, masked, _, _ in in_loss if not grad]
+    assert with_grad and without_grad  # the student's forward, then the teacher's
+    assert (not any(with_grad + without_grad)) if aligned else all(with_grad + without_grad)
 
 
 @pytest.mark.parametrize("aligned", [True, False])
