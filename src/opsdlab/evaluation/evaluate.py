@@ -114,6 +114,9 @@ def _extend_transformers(model, tokenizer, token_ids: list[list[int]], sampling:
 
 # Response positions whose logits one entropy chunk holds (a 150k vocabulary: 0.6 GB of float32 logits).
 ENTROPY_CHUNK = 1024
+# Tokens (rows x the longest row) of one entropy forward: responses are scored several at a time, right-padded,
+# the longest first; a padded batch costs memory linear in its tokens (`modeling.padding`, no attention mask).
+ENTROPY_BATCH_TOKENS = 16384
 
 
 @torch.no_grad()
@@ -121,26 +124,36 @@ def _entropy_transformers(model, tokenizer, prompts: list[str], generations: lis
     """Per response, the mean entropy of the model's next-token distribution (temperature 1: the model's own,
     whatever the sampling temperature) over the positions that predicted its ids.
 
-    One forward pass per response over its prompt and ids, after the sampling, keeping only the final
-    hidden states (`models.final_hidden`, no per-layer copies); the LM head runs on them ENTROPY_CHUNK
-    positions at a time (`models.output_head`), so no full-vocabulary logits of a long response are
-    held at once.
+    After the sampling, forward passes over prompt and ids, as many responses at a time as fit
+    ENTROPY_BATCH_TOKENS, keeping only the final hidden states (`models.final_hidden`, no per-layer copies);
+    the LM head runs on them ENTROPY_CHUNK positions at a time (`models.output_head`), so no
+    full-vocabulary logits of a long response are held at once.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     head = output_head(model)
-    out: list[float | None] = []
-    for prompt_ids, generation in zip(tokenizer(prompts, add_special_tokens=True)["input_ids"], generations):
-        if not generation.token_ids:
-            out.append(None)
-            continue
-        ids = torch.tensor([prompt_ids + generation.token_ids], device=device)
-        hidden = final_hidden(model, ids, torch.ones_like(ids))[0]
-        scored = hidden[len(prompt_ids) - 1:-1]  # position i predicts token i + 1
-        total = sum(token_entropy(head(scored[i:i + ENTROPY_CHUNK])).sum().item()
-                    for i in range(0, len(scored), ENTROPY_CHUNK))
-        out.append(total / len(scored))
+    out: list[float | None] = [None] * len(generations)
+    rows = [(index, prompt_ids + generation.token_ids, len(prompt_ids)) for index, (prompt_ids, generation)
+            in enumerate(zip(tokenizer(prompts, add_special_tokens=True)["input_ids"], generations))
+            if generation.token_ids]
+    rows.sort(key=lambda row: -len(row[1]))
+    start = 0
+    while start < len(rows):
+        width = len(rows[start][1])  # the batch's longest row (rows are sorted longest first)
+        batch = rows[start:start + max(ENTROPY_BATCH_TOKENS // width, 1)]
+        start += len(batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for r, (_, tokens, _) in enumerate(batch):
+            ids[r, :len(tokens)] = torch.tensor(tokens, device=device)
+            mask[r, :len(tokens)] = 1
+        hidden = final_hidden(model, ids, mask)
+        for r, (index, tokens, prompt_length) in enumerate(batch):
+            scored = hidden[r, prompt_length - 1:len(tokens) - 1]  # position i predicts token i + 1
+            total = sum(token_entropy(head(scored[i:i + ENTROPY_CHUNK])).sum().item()
+                        for i in range(0, len(scored), ENTROPY_CHUNK))
+            out[index] = total / len(scored)
     model.train(was_training)
     return out
 
