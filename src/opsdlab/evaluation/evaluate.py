@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from opsdlab.tasks.data import Example
 from opsdlab.evaluation.metrics.collapse import repeats
@@ -140,14 +141,12 @@ def _entropy_transformers(model, tokenizer, prompts: list[str], generations: lis
     rows.sort(key=lambda row: -len(row[1]))
     start = 0
     while start < len(rows):
-        width = len(rows[start][1])  # the batch's longest row (rows are sorted longest first)
-        batch = rows[start:start + max(ENTROPY_BATCH_TOKENS // width, 1)]
+        longest = len(rows[start][1])  # rows are sorted longest first
+        batch = rows[start:start + max(ENTROPY_BATCH_TOKENS // longest, 1)]
         start += len(batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for r, (_, tokens, _) in enumerate(batch):
-            ids[r, :len(tokens)] = torch.tensor(tokens, device=device)
-            mask[r, :len(tokens)] = 1
+        ids = pad_sequence([torch.tensor(tokens) for _, tokens, _ in batch], batch_first=True).to(device)
+        mask = pad_sequence([torch.ones(len(tokens), dtype=torch.long) for _, tokens, _ in batch],
+                            batch_first=True).to(device)
         hidden = final_hidden(model, ids, mask)
         for r, (index, tokens, prompt_length) in enumerate(batch):
             scored = hidden[r, prompt_length - 1:len(tokens) - 1]  # position i predicts token i + 1

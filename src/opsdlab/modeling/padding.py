@@ -54,10 +54,9 @@ def row_shifts(attention_mask: torch.Tensor) -> RowShifts | None:
     mask = attention_mask.bool()
     width = mask.shape[1]
     count = mask.sum(dim=1)
-    first = mask.int().argmax(dim=1)
+    shifts = mask.int().argmax(dim=1)  # each row's first real token (0 for a row of none)
     last = width - 1 - mask.flip(1).int().argmax(dim=1)
-    contiguous = (count == 0) | (count == last - first + 1)
-    shifts = torch.where(count > 0, first, torch.zeros_like(first))
+    contiguous = (count == 0) | (count == last - shifts + 1)
     whole, padded, moved = torch.stack([contiguous.all(), (count < width).any(), (shifts > 0).any()]).tolist()
     if not (whole and padded):
         return None
